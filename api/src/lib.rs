@@ -1,0 +1,9 @@
+//! Types shared by the basalt builder, basalt-init and the CLI.
+//!
+//! The boundary: anything both sides of the boot must agree on byte for byte lives here:
+//! the kernel command-line parameters the builder writes and stage 1 reads
+//! ([`bootparams`]), and the console line format of boot milestones that init prints
+//! and tests and benchmarks read ([`milestone`]).
+
+pub mod bootparams;
+pub mod milestone;

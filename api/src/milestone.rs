@@ -1,0 +1,90 @@
+//! The boot timeline's console format: one line per milestone,
+//! `[basalt] <milestone> t=<seconds since kernel start, 3 decimals>`.
+
+/// Prefix of every line basalt-init prints on the console.
+pub const PREFIX: &str = "[basalt]";
+
+/// Milestones of the boot, in the order they are reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Milestone {
+    /// Stage 1 started as `/init` in the initramfs.
+    InitStart,
+    /// The dm-verity device over the active slot exists.
+    RootVerified,
+    /// The verified root is mounted read-only.
+    RootMounted,
+    /// Stage 2 runs as PID1 of the real root.
+    Ready,
+}
+
+impl Milestone {
+    pub const ALL: [Milestone; 4] = [
+        Milestone::InitStart,
+        Milestone::RootVerified,
+        Milestone::RootMounted,
+        Milestone::Ready,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Milestone::InitStart => "init-start",
+            Milestone::RootVerified => "root-verified",
+            Milestone::RootMounted => "root-mounted",
+            Milestone::Ready => "ready",
+        }
+    }
+}
+
+/// Formats a milestone line; `seconds` is time since kernel start.
+pub fn format(milestone: Milestone, seconds: f64) -> String {
+    format!("{PREFIX} {} t={seconds:.3}", milestone.name())
+}
+
+/// Finds a milestone line in one line of console output (which may carry kernel
+/// noise before it) and returns its name and time.
+pub fn parse(line: &str) -> Option<(&str, f64)> {
+    let rest = &line[line.find(PREFIX)? + PREFIX.len()..];
+    let mut words = rest.split_whitespace();
+    let name = words.next()?;
+    let t = words.next()?.strip_prefix("t=")?;
+    let seconds: f64 = t.parse().ok()?;
+    if words.next().is_some() || !seconds.is_finite() || seconds < 0.0 {
+        return None;
+    }
+    Some((name, seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_then_parse_round_trips() {
+        for m in Milestone::ALL {
+            let line = format(m, 1.23456);
+            assert_eq!(parse(&line), Some((m.name(), 1.235)));
+        }
+    }
+
+    #[test]
+    fn parse_tolerates_console_noise_before_the_prefix() {
+        assert_eq!(
+            parse("\x1b[0m[    2.1] [basalt] ready t=2.500"),
+            Some(("ready", 2.5))
+        );
+    }
+
+    #[test]
+    fn parse_rejects_other_lines() {
+        for line in [
+            "[basalt] error: mount failed",
+            "[basalt] ready",
+            "[basalt] ready t=abc",
+            "[basalt] ready t=-1.000",
+            "ready t=1.000",
+            "[basalt] ready t=1.000 extra",
+        ] {
+            assert_eq!(parse(line), None, "{line}");
+        }
+    }
+}

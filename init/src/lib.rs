@@ -1,0 +1,34 @@
+//! basalt-init, the PID1 of a basalt node.
+//!
+//! One static binary plays two parts. As `/init` in the initramfs (stage 1, recognised by
+//! `/etc/initrd-release`) it mounts the kernel filesystems, loads the modules that reach
+//! the root disk, opens dm-verity over the active slot, mounts the verified root read-only
+//! and switches into it. As `/sbin/init` on that root (stage 2) it is PID1 for the node's
+//! life: it reaps zombies, never exits, and powers off in order on SIGTERM.
+//!
+//! Every syscall that changes the machine goes through [`sys::System`], so the boot plan
+//! is unit-tested with a recording fake and without root.
+
+pub mod console;
+pub mod dm;
+pub mod modules;
+pub mod mounts;
+pub mod partition;
+pub mod stage1;
+pub mod stage2;
+pub mod sys;
+
+use std::path::Path;
+
+/// Marker file present only in the initramfs.
+pub const INITRD_RELEASE: &str = "/etc/initrd-release";
+
+/// Entry point of the binary: never returns.
+pub fn main() -> ! {
+    console::install_panic_hook();
+    if Path::new(INITRD_RELEASE).exists() {
+        stage1::run()
+    } else {
+        stage2::run()
+    }
+}

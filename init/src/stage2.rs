@@ -1,0 +1,93 @@
+//! Stage 2: PID1 on the verified root. Reaps every zombie, never exits, and on SIGTERM
+//! stops everything and powers off in order.
+
+use crate::console;
+use crate::mounts;
+use crate::sys::Real;
+use basalt_api::milestone::Milestone;
+use nix::errno::Errno;
+use nix::sys::reboot::RebootMode;
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long processes get between SIGTERM and SIGKILL at shutdown.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs PID1's life; never returns.
+pub fn run() -> ! {
+    // Block everything first: signals are then taken one at a time with sigwait, and a
+    // SIGTERM that arrives during setup waits instead of killing PID1.
+    let all = SigSet::all();
+    if let Err(e) = all.thread_block() {
+        console::error("block signals", &e);
+    }
+    let mut sys = Real;
+    for table in [mounts::EARLY, mounts::LATE] {
+        if let Err(e) = mounts::apply(&mut sys, Path::new("/"), table) {
+            console::error("stage 2 mounts", &e);
+        }
+    }
+    // Ctrl-Alt-Del then arrives as SIGINT instead of an immediate reboot.
+    if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+        console::error("disable ctrl-alt-del", &e);
+    }
+    console::milestone(Milestone::Ready);
+    loop {
+        match all.wait() {
+            Ok(Signal::SIGCHLD) => {
+                reap();
+            }
+            Ok(Signal::SIGTERM) | Ok(Signal::SIGPWR) => shutdown(RebootMode::RB_POWER_OFF),
+            Ok(Signal::SIGINT) => shutdown(RebootMode::RB_AUTOBOOT),
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// Reaps every exited child; returns whether children remain. Never stops on an error
+/// other than "no children".
+pub fn reap() -> bool {
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => return true,
+            Ok(_) => continue,
+            Err(Errno::ECHILD) => return false,
+            Err(Errno::EINTR) => continue,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Stops all processes (SIGTERM, bounded wait, SIGKILL), syncs and powers off or reboots.
+fn shutdown(mode: RebootMode) -> ! {
+    let what = if mode == RebootMode::RB_AUTOBOOT {
+        "reboot"
+    } else {
+        "power-off"
+    };
+    console::info(&format!("shutdown ({what}): stopping processes"));
+    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    let deadline = Instant::now() + STOP_GRACE;
+    while reap() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if reap() {
+        console::info("shutdown: killing what is left");
+        let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while reap() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    console::info("shutdown: syncing filesystems");
+    nix::unistd::sync();
+    console::info(&format!("shutdown: {what}"));
+    loop {
+        let _ = nix::sys::reboot::reboot(mode);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
