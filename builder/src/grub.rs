@@ -1,0 +1,253 @@
+//! GRUB for both firmwares, from Debian's GRUB packages: `BOOTX64.EFI` for UEFI, and for
+//! BIOS a core image in the BIOS boot partition plus boot code in the MBR.
+//!
+//! The images are made by the host's `grub-mkimage` from the pinned packages' module
+//! directories. `grub-bios-setup` is not used: it wants a block device and root; the two
+//! fields it patches are written here instead (see `bios_boot_code` and `patch_core`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrubError {
+    #[error("run grub-mkimage for {target} (is grub-common installed?)")]
+    Spawn {
+        target: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("grub-mkimage for {target} failed: {stderr}")]
+    Mkimage {
+        target: &'static str,
+        stderr: String,
+    },
+    #[error("read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("GRUB core image is {size} bytes; the BIOS boot partition holds {room}")]
+    CoreTooLarge { size: usize, room: u64 },
+    #[error("{0} is not a 512-byte GRUB boot sector")]
+    BadBootImg(PathBuf),
+}
+
+const SECTOR: usize = 512;
+/// Offsets in boot.img, from GRUB's `include/grub/i386/pc/boot.h`.
+const KERNEL_SECTOR: usize = 0x5c;
+const BOOT_DRIVE: usize = 0x64;
+const DRIVE_CHECK: usize = 0x66;
+/// Where the MBR's disk signature and partition table start: boot code ends here.
+const BOOT_CODE_END: usize = 0x1b8;
+/// Blocklist entry at the end of core.img's first sector (`diskboot.S`): start (u64),
+/// length in sectors (u16), load segment (u16).
+const BLOCKLIST: usize = SECTOR - 12;
+const KERNEL_SEGMENT: u16 = 0x820;
+/// Reed-Solomon redundancy field of core.img's second sector; 0 means none.
+const RS_REDUNDANCY: usize = 0x210;
+
+const COMMON_MODULES: &[&str] = &[
+    "part_gpt",
+    "fat",
+    "normal",
+    "configfile",
+    "linux",
+    "echo",
+    "serial",
+    "terminal",
+    "test",
+    "gzio",
+];
+
+pub struct Firmware {
+    pub target: &'static str,
+    pub extra_modules: &'static [&'static str],
+}
+
+pub const BIOS: Firmware = Firmware {
+    target: "i386-pc",
+    extra_modules: &["biosdisk"],
+};
+pub const EFI: Firmware = Firmware {
+    target: "x86_64-efi",
+    extra_modules: &["efi_gop", "all_video"],
+};
+
+/// Directory of the target's modules inside an unpacked GRUB package.
+pub fn module_dir(unpacked: &Path, fw: &Firmware) -> PathBuf {
+    unpacked.join("usr/lib/grub").join(fw.target)
+}
+
+/// Runs `grub-mkimage` and returns the image.
+pub fn mkimage(
+    fw: &Firmware,
+    moddir: &Path,
+    prefix: &str,
+    out: &Path,
+) -> Result<Vec<u8>, GrubError> {
+    let mut cmd = Command::new("grub-mkimage");
+    cmd.arg("-O")
+        .arg(fw.target)
+        .arg("-d")
+        .arg(moddir)
+        .arg("-p")
+        .arg(prefix)
+        .arg("-o")
+        .arg(out);
+    cmd.args(COMMON_MODULES).args(fw.extra_modules);
+    let output = cmd.output().map_err(|source| GrubError::Spawn {
+        target: fw.target,
+        source,
+    })?;
+    if !output.status.success() {
+        return Err(GrubError::Mkimage {
+            target: fw.target,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().into(),
+        });
+    }
+    std::fs::read(out).map_err(|e| GrubError::Read(out.into(), e))
+}
+
+/// The MBR boot code: GRUB's boot.img told where core.img starts. Only the first 440
+/// bytes are returned; disk signature and partition table belong to the protective MBR.
+pub fn bios_boot_code(boot_img: &[u8], core_lba: u64, path: &Path) -> Result<[u8; 440], GrubError> {
+    if boot_img.len() != SECTOR || boot_img[510..] != [0x55, 0xaa] {
+        return Err(GrubError::BadBootImg(path.into()));
+    }
+    let mut code = [0u8; 440];
+    code.copy_from_slice(&boot_img[..BOOT_CODE_END]);
+    code[KERNEL_SECTOR..KERNEL_SECTOR + 8].copy_from_slice(&core_lba.to_le_bytes());
+    code[BOOT_DRIVE] = 0xff;
+    // Hard disk: skip the check that trusts the BIOS's boot drive number (what
+    // grub-bios-setup does for a non-floppy).
+    code[DRIVE_CHECK] = 0x90;
+    code[DRIVE_CHECK + 1] = 0x90;
+    Ok(code)
+}
+
+/// Pads core.img to whole sectors and points its blocklist at the sectors that follow
+/// its first one, stored contiguously from `core_lba`.
+pub fn patch_core(core: &mut Vec<u8>, core_lba: u64, room: u64) -> Result<(), GrubError> {
+    let sectors = core.len().div_ceil(SECTOR);
+    if (sectors * SECTOR) as u64 > room || sectors < 2 {
+        return Err(GrubError::CoreTooLarge {
+            size: core.len(),
+            room,
+        });
+    }
+    core.resize(sectors * SECTOR, 0);
+    core[BLOCKLIST..BLOCKLIST + 8].copy_from_slice(&(core_lba + 1).to_le_bytes());
+    core[BLOCKLIST + 8..BLOCKLIST + 10].copy_from_slice(&((sectors - 1) as u16).to_le_bytes());
+    core[BLOCKLIST + 10..BLOCKLIST + 12].copy_from_slice(&KERNEL_SEGMENT.to_le_bytes());
+    // The entry before it terminates the list.
+    core[BLOCKLIST - 12..BLOCKLIST].fill(0);
+    core[RS_REDUNDANCY..RS_REDUNDANCY + 4].fill(0);
+    Ok(())
+}
+
+/// One boot entry of grub.cfg.
+pub struct Entry<'a> {
+    pub id: &'a str,
+    pub title: &'a str,
+    pub kernel: &'a str,
+    pub initrd: &'a str,
+    pub cmdline: &'a str,
+}
+
+/// grub.cfg: serial and VGA/framebuffer consoles, no menu delay, the default entry first.
+pub fn config(default: &str, entries: &[Entry<'_>]) -> String {
+    let mut cfg = String::from(
+        "# Written by basalt. The default entry boots at once; the menu stays hidden.\n\
+         serial --unit=0 --speed=115200 --word=8 --parity=no --stop=1\n\
+         terminal_input serial console\n\
+         terminal_output serial console\n\
+         set timeout_style=hidden\n\
+         set timeout=0\n",
+    );
+    cfg.push_str(&format!("set default={default}\n"));
+    for e in entries {
+        cfg.push_str(&format!(
+            "\nmenuentry '{}' --id {} {{\n    linux {} {}\n    initrd {}\n}}\n",
+            e.title, e.id, e.kernel, e.cmdline, e.initrd
+        ));
+    }
+    cfg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_boot_img() -> Vec<u8> {
+        let mut b = vec![0xeb; SECTOR];
+        b[510] = 0x55;
+        b[511] = 0xaa;
+        b
+    }
+
+    #[test]
+    fn boot_code_points_at_the_core_and_skips_the_drive_check() {
+        let code = bios_boot_code(&fake_boot_img(), 2048, Path::new("boot.img")).expect("ok");
+        assert_eq!(
+            &code[KERNEL_SECTOR..KERNEL_SECTOR + 8],
+            &2048u64.to_le_bytes()
+        );
+        assert_eq!(code[BOOT_DRIVE], 0xff);
+        assert_eq!(&code[DRIVE_CHECK..DRIVE_CHECK + 2], &[0x90, 0x90]);
+        assert_eq!(code[0], 0xeb);
+    }
+
+    #[test]
+    fn a_bad_boot_img_is_named() {
+        let err = bios_boot_code(&[0; 100], 2048, Path::new("/x/boot.img")).unwrap_err();
+        assert!(err.to_string().contains("/x/boot.img"));
+    }
+
+    #[test]
+    fn core_blocklist_covers_the_rest_of_the_core() {
+        let mut core = vec![1u8; 3 * SECTOR + 10];
+        patch_core(&mut core, 2048, 1 << 20).expect("fits");
+        assert_eq!(core.len(), 4 * SECTOR);
+        assert_eq!(&core[BLOCKLIST..BLOCKLIST + 8], &2049u64.to_le_bytes());
+        assert_eq!(&core[BLOCKLIST + 8..BLOCKLIST + 10], &3u16.to_le_bytes());
+        assert_eq!(
+            &core[BLOCKLIST + 10..BLOCKLIST + 12],
+            &0x820u16.to_le_bytes()
+        );
+        assert!(core[BLOCKLIST - 12..BLOCKLIST].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_core_larger_than_the_partition_is_refused() {
+        let mut core = vec![0u8; 5000];
+        assert!(matches!(
+            patch_core(&mut core, 2048, 4096),
+            Err(GrubError::CoreTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn config_matches_golden_file() {
+        let cfg = config(
+            "a",
+            &[
+                Entry {
+                    id: "a",
+                    title: "basalt (slot A)",
+                    kernel: "/boot/a/vmlinuz",
+                    initrd: "/boot/a/initrd.img",
+                    cmdline: "console=ttyS0 basalt.slot=a",
+                },
+                Entry {
+                    id: "b",
+                    title: "basalt (slot B)",
+                    kernel: "/boot/b/vmlinuz",
+                    initrd: "/boot/b/initrd.img",
+                    cmdline: "console=ttyS0 basalt.slot=b",
+                },
+            ],
+        );
+        let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/grub.cfg");
+        if std::env::var_os("BASALT_BLESS").is_some() {
+            std::fs::write(&golden, &cfg).expect("bless");
+        }
+        assert_eq!(cfg, std::fs::read_to_string(&golden).expect("golden file"));
+    }
+}

@@ -1,0 +1,118 @@
+//! basalt-init for the image: built from this source tree as a static binary, or taken
+//! from `--input basalt-init=PATH`; either way it must be statically linked.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitBuildError {
+    #[error("cannot find the basalt source tree above {0} (set BASALT_SOURCE, or pass --input basalt-init=PATH)")]
+    NoWorkspace(PathBuf),
+    #[error("run cargo to build basalt-init")]
+    Spawn(#[source] std::io::Error),
+    #[error("cargo build of basalt-init failed (exit {0})")]
+    Cargo(std::process::ExitStatus),
+    #[error("read basalt-init {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("basalt-init {0} is not a static x86-64 ELF executable (it has an ELF interpreter or is not ELF)")]
+    NotStatic(PathBuf),
+}
+
+/// The workspace root: `BASALT_SOURCE`, else the first ancestor of `from` that holds
+/// `init/Cargo.toml` next to a `Cargo.toml`.
+pub fn find_workspace(from: &Path) -> Result<PathBuf, InitBuildError> {
+    if let Some(dir) = std::env::var_os("BASALT_SOURCE") {
+        return Ok(dir.into());
+    }
+    let start = std::path::absolute(from).unwrap_or_else(|_| from.into());
+    start
+        .ancestors()
+        .find(|d| d.join("Cargo.toml").is_file() && d.join("init/Cargo.toml").is_file())
+        .map(Path::to_path_buf)
+        .ok_or(InitBuildError::NoWorkspace(start))
+}
+
+/// Builds basalt-init (release, static) and returns the binary's path.
+pub fn build(workspace: &Path) -> Result<PathBuf, InitBuildError> {
+    let target_dir = workspace.join("target/init");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "basalt-init",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        )
+        .env_remove("RUSTFLAGS")
+        .status()
+        .map_err(InitBuildError::Spawn)?;
+    if !status.success() {
+        return Err(InitBuildError::Cargo(status));
+    }
+    let bin = target_dir.join("x86_64-unknown-linux-gnu/release/basalt-init");
+    check_static(&bin)?;
+    Ok(bin)
+}
+
+/// Refuses a binary that would need a dynamic loader: the initramfs has none.
+pub fn check_static(bin: &Path) -> Result<(), InitBuildError> {
+    use object::Object;
+    let data = std::fs::read(bin).map_err(|e| InitBuildError::Read(bin.into(), e))?;
+    let file = object::File::parse(&*data).map_err(|_| InitBuildError::NotStatic(bin.into()))?;
+    let static_exe = file.architecture() == object::Architecture::X86_64
+        && file.section_by_name(".interp").is_none()
+        && file.kind() == object::ObjectKind::Executable
+        || (file.kind() == object::ObjectKind::Dynamic
+            && file.section_by_name(".interp").is_none()
+            && file.entry() != 0);
+    if static_exe {
+        Ok(())
+    } else {
+        Err(InitBuildError::NotStatic(bin.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dynamically_linked_binary_is_refused() {
+        // The test binary itself links glibc dynamically.
+        let me = std::env::current_exe().expect("exe");
+        assert!(matches!(
+            check_static(&me),
+            Err(InitBuildError::NotStatic(_))
+        ));
+    }
+
+    #[test]
+    fn a_non_elf_file_is_refused() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = d.path().join("init");
+        std::fs::write(&f, b"#!/bin/sh\n").expect("write");
+        assert!(matches!(
+            check_static(&f),
+            Err(InitBuildError::NotStatic(_))
+        ));
+    }
+
+    #[test]
+    fn the_workspace_is_found_from_the_spec_folder() {
+        let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
+        if std::env::var_os("BASALT_SOURCE").is_none() {
+            let ws = find_workspace(&images).expect("found");
+            assert!(ws.join("init/Cargo.toml").is_file());
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The basalt image builder: from a pinned image spec to a bootable disk image.
+//!
+//! Data flows spec → inputs (cache) → kernel, modules, basalt-init → initramfs and root
+//! filesystem (squashfs + dm-verity) → ESP and GRUB → GPT disk → outputs and manifest.
+//! One module per step; `build` strings them together.
+
+pub mod build;
+pub mod cache;
+pub mod deb;
+pub mod disk;
+pub mod esp;
+pub mod grub;
+pub mod initbuild;
+pub mod initramfs;
+pub mod kmod;
+pub mod manifest;
+pub mod rootfs;
+pub mod spec;
+pub mod tree;
+pub mod verity;
