@@ -1,0 +1,170 @@
+//! End to end: the default image passes independent checks of every format it contains,
+//! boots under SeaBIOS and OVMF to `[basalt] ready`, and a damaged root is refused.
+
+mod common;
+
+use anyhow::Context;
+use basalt_qemu::{Firmware, VmBuilder};
+use common::{expect_line, extract, image, partition, tool};
+use std::time::Duration;
+
+/// Guest boot budget on KVM; the harness scales it for TCG.
+const BOOT: Duration = Duration::from_secs(60);
+
+#[test]
+fn sfdisk_sees_the_five_named_partitions() -> anyhow::Result<()> {
+    let img = image();
+    let json: serde_json::Value = serde_json::from_str(&tool(
+        "sfdisk",
+        &["--json", img.raw.to_str().context("path")?],
+    )?)?;
+    let table = &json["partitiontable"];
+    assert_eq!(table["label"], "gpt");
+    let names: Vec<_> = table["partitions"]
+        .as_array()
+        .context("partitions")?
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["BIOS", "EFI", "ROOT-A", "ROOT-B", "STATE"]);
+    assert_eq!(
+        table["partitions"][0]["type"],
+        "21686148-6449-6E6F-744E-656564454649"
+    );
+    assert_eq!(
+        table["partitions"][1]["type"],
+        "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+    );
+    Ok(())
+}
+
+#[test]
+fn esp_is_a_clean_fat_filesystem() -> anyhow::Result<()> {
+    let img = image();
+    let dir = tempfile::tempdir()?;
+    let esp = dir.path().join("esp.img");
+    extract(img, "EFI", &esp)?;
+    let out = tool("fsck.fat", &["-n", esp.to_str().context("path")?])?;
+    assert!(
+        !out.contains("Leaving filesystem unchanged"),
+        "fsck.fat found problems:\n{out}"
+    );
+    Ok(())
+}
+
+#[test]
+fn veritysetup_verifies_root_a_with_the_manifest_root_hash() -> anyhow::Result<()> {
+    let img = image();
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("root-a.img");
+    extract(img, "ROOT-A", &root)?;
+    let root = root.to_str().context("path")?;
+    let hash = img.manifest["root_hash"].as_str().context("root_hash")?;
+    let offset = format!("--hash-offset={}", img.manifest["verity"]["hash_offset"]);
+    tool("veritysetup", &["verify", root, root, hash, &offset])?;
+    // And the oracle can fail: a different root hash is refused.
+    let wrong = "0".repeat(64);
+    assert!(tool("veritysetup", &["verify", root, root, &wrong, &offset]).is_err());
+    Ok(())
+}
+
+#[test]
+fn qcow2_passes_qemu_img_check() -> anyhow::Result<()> {
+    let img = image();
+    tool("qemu-img", &["check", img.qcow2.to_str().context("path")?])?;
+    Ok(())
+}
+
+#[test]
+fn root_filesystem_holds_init_k3s_and_modules() -> anyhow::Result<()> {
+    let img = image();
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("root-a.img");
+    extract(img, "ROOT-A", &root)?;
+    let listing = tool("unsquashfs", &["-lln", root.to_str().context("path")?])?;
+    let kver = img.manifest["kernel_version"]
+        .as_str()
+        .context("kernel_version")?;
+    for want in [
+        "squashfs-root/sbin/init",
+        "squashfs-root/usr/local/bin/k3s",
+        "squashfs-root/etc/os-release",
+        "squashfs-root/etc/ssl/certs/ca-certificates.crt",
+    ] {
+        let line = listing
+            .lines()
+            .find(|l| l.ends_with(want))
+            .with_context(|| format!("{want} missing:\n{listing}"))?;
+        assert!(line.contains("root/root") || line.contains("0/0"), "{line}");
+    }
+    assert!(listing.contains(&format!("squashfs-root/lib/modules/{kver}/kernel")));
+    Ok(())
+}
+
+fn boot_to_ready(firmware: Firmware) -> anyhow::Result<()> {
+    let img = image();
+    let mut vm = VmBuilder::new(&img.qcow2).firmware(firmware).spawn()?;
+    let mut milestones = vec![];
+    for m in basalt_api::milestone::Milestone::ALL {
+        let line = expect_line(&mut vm, &format!("[basalt] {} t=", m.name()), BOOT)?;
+        let (name, t) = basalt_api::milestone::parse(&line)
+            .with_context(|| format!("unparsable milestone line {line:?}"))?;
+        milestones.push((name.to_string(), t));
+    }
+    // Guest times come in boot order.
+    assert!(
+        milestones.windows(2).all(|w| w[0].1 <= w[1].1),
+        "{milestones:?}\n{}",
+        vm.serial()
+    );
+    Ok(())
+}
+
+#[test]
+fn boots_with_seabios_to_ready() -> anyhow::Result<()> {
+    boot_to_ready(Firmware::Bios)
+}
+
+#[test]
+fn boots_with_ovmf_to_ready() -> anyhow::Result<()> {
+    boot_to_ready(Firmware::Uefi)
+}
+
+#[test]
+fn a_byte_flipped_in_root_a_stops_the_boot_with_a_verity_error() -> anyhow::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let img = image();
+    let dir = tempfile::tempdir()?;
+    let damaged = dir.path().join("damaged.raw");
+    tool(
+        "cp",
+        &[
+            "--sparse=always",
+            img.raw.to_str().context("path")?,
+            damaged.to_str().context("path")?,
+        ],
+    )?;
+    // Byte 100 of ROOT-A lies in the squashfs superblock, which the mount reads first.
+    let (offset, _) = partition(img, "ROOT-A")?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&damaged)?;
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(offset + 100))?;
+    f.read_exact(&mut b)?;
+    f.seek(SeekFrom::Start(offset + 100))?;
+    f.write_all(&[b[0] ^ 0xff])?;
+    f.sync_all()?;
+
+    let mut vm = VmBuilder::new(&damaged).firmware(Firmware::Bios).spawn()?;
+    let line = expect_line(&mut vm, "dm-verity rejected ROOT-A", BOOT)?;
+    assert!(line.contains("corrupted"), "{line}");
+    let serial = vm.serial();
+    assert!(!serial.contains("[basalt] root-mounted"), "{serial}");
+    assert!(!serial.contains("[basalt] ready"), "{serial}");
+    // The node powers itself off instead of booting on.
+    vm.wait_exit(vm.accel().scale(Duration::from_secs(30)))
+        .map_err(|e| common::dump(&vm, e))?;
+    Ok(())
+}
