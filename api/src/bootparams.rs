@@ -92,7 +92,7 @@ impl BootParams {
                 .filter_map(|w| w.split_once('='))
                 .filter(|(k, _)| *k == key)
                 .map(|(_, v)| v)
-                .last()
+                .next_back()
                 .ok_or(BootParamsError::Missing(key))
         };
         let bad = |key, value: &str, why| BootParamsError::Bad {
@@ -110,7 +110,7 @@ impl BootParams {
             return Err(bad(ROOT, root_hash, "expected 64 lowercase hex digits"));
         }
         let salt = get(SALT)?;
-        if salt.len() % 2 != 0 || salt.len() > 512 || !is_lower_hex(salt) {
+        if !salt.len().is_multiple_of(2) || salt.len() > 512 || !is_lower_hex(salt) {
             return Err(bad(SALT, salt, "expected up to 256 bytes as lowercase hex"));
         }
         let blocks = get(BLOCKS)?;

@@ -302,9 +302,11 @@ mod tests {
             + &format!("{:?}", ImageSpec::parse(&edited, Path::new("x.toml")).err())
     }
 
+    type Edit = Box<dyn Fn(String) -> String>;
+
     #[test]
     fn errors_name_the_key() {
-        let cases: Vec<(Box<dyn Fn(String) -> String>, &str)> = vec![
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|t| t.replace("esp_mib", "esp_mb")), "esp_mb"),
             (
                 Box::new(|t| t.replace("name = \"k3s-node\"", "name = \"../x\"")),

@@ -53,7 +53,7 @@ pub fn append<D: Read + Write + Seek>(
     uuid: [u8; 16],
 ) -> std::io::Result<VerityInfo> {
     assert!(salt.len() <= 256);
-    if data_len == 0 || data_len % VERITY_BLOCK_SIZE != 0 {
+    if data_len == 0 || !data_len.is_multiple_of(VERITY_BLOCK_SIZE) {
         return Err(std::io::Error::other(
             "verity data must be a non-zero number of blocks",
         ));
