@@ -405,33 +405,35 @@ fn append_verity(
 /// An empty ext4 for STATE, made rootless by `mkfs.ext4` into a file with fixed UUID,
 /// hash seed and time.
 fn make_state(out: &Path, mib: u64, uuid: uuid::Uuid) -> Result<(), BuildError> {
-    let output = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "STATE", "-U", &uuid.to_string(), "-E"])
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F", "-L", "STATE", "-U", &uuid.to_string(), "-E"])
         .arg(format!("root_owner=0:0,hash_seed={uuid}"))
         .arg(out)
         .arg(format!("{mib}M"))
-        .env("E2FSPROGS_FAKE_TIME", "1")
-        .output()
-        .map_err(|e| BuildError::State(format!("run mkfs.ext4 (is e2fsprogs installed?): {e}")))?;
-    if !output.status.success() {
-        return Err(BuildError::State(
-            String::from_utf8_lossy(&output.stderr).trim().into(),
-        ));
-    }
-    Ok(())
+        .env("E2FSPROGS_FAKE_TIME", "1");
+    host_tool(cmd, "e2fsprogs").map_err(BuildError::State)
 }
 
 fn to_qcow2(raw: &Path, out: &Path) -> Result<(), BuildError> {
-    let output = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
         .arg(raw)
-        .arg(out)
+        .arg(out);
+    host_tool(cmd, "qemu-utils").map_err(BuildError::Qcow2)
+}
+
+/// Runs a host tool from Debian package `package`; the error is its stderr.
+fn host_tool(mut cmd: Command, package: &str) -> Result<(), String> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let output = cmd
         .output()
-        .map_err(|e| BuildError::Qcow2(format!("run qemu-img (is qemu-utils installed?): {e}")))?;
-    if !output.status.success() {
-        return Err(BuildError::Qcow2(
-            String::from_utf8_lossy(&output.stderr).trim().into(),
-        ));
+        .map_err(|e| format!("run {program} (is {package} installed?): {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
     }
-    Ok(())
 }

@@ -214,6 +214,15 @@ mod tests {
         }
     }
 
+    fn run(root: &Path, sys: &mut Recording, dm: &mut FakeDm) -> Result<BootParams, Stage1Error> {
+        boot(&mut Env {
+            sys,
+            dm,
+            root: root.into(),
+            disk_timeout: Duration::from_millis(30),
+        })
+    }
+
     fn params() -> BootParams {
         BootParams {
             slot: Slot::A,
@@ -260,13 +269,7 @@ mod tests {
             opened: vec![],
             status: "V",
         };
-        let mut env = Env {
-            sys: &mut sys,
-            dm: &mut dm,
-            root: p.into(),
-            disk_timeout: Duration::from_millis(50),
-        };
-        assert_eq!(boot(&mut env).expect("boots"), params());
+        assert_eq!(run(p, &mut sys, &mut dm).expect("boots"), params());
 
         let modules: Vec<_> = sys
             .calls
@@ -316,13 +319,7 @@ mod tests {
             opened: vec![],
             status: "C",
         };
-        let mut env = Env {
-            sys: &mut sys,
-            dm: &mut dm,
-            root: p.into(),
-            disk_timeout: Duration::from_millis(50),
-        };
-        let err = boot(&mut env).unwrap_err();
+        let err = run(p, &mut sys, &mut dm).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -347,13 +344,7 @@ mod tests {
             opened: vec![],
             status: "V",
         };
-        let mut env = Env {
-            sys: &mut sys,
-            dm: &mut dm,
-            root: p.into(),
-            disk_timeout: Duration::from_millis(20),
-        };
-        let err = boot(&mut env).unwrap_err();
+        let err = run(p, &mut sys, &mut dm).unwrap_err();
         assert!(matches!(err, Stage1Error::Disk(_)), "{err:?}");
         assert!(dm.opened.is_empty());
     }
