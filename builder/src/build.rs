@@ -308,6 +308,10 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
             squashfs_bytes: squashfs_len,
         },
         cmdline: BTreeMap::from([("a".to_string(), cmd_a), ("b".to_string(), cmd_b)]),
+        esp_files: esp_files
+            .iter()
+            .map(|(path, bytes)| (path.to_string(), cache::sha256_hex(bytes)))
+            .collect(),
         layout,
         outputs,
         build_seconds: started.elapsed().as_secs_f64(),

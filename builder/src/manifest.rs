@@ -21,6 +21,8 @@ pub struct Manifest {
     pub verity: VerityManifest,
     /// Kernel command line per slot.
     pub cmdline: BTreeMap<String, String>,
+    /// sha256 of each file written into the ESP, by path.
+    pub esp_files: BTreeMap<String, String>,
     pub layout: Layout,
     pub outputs: Vec<Output>,
     pub build_seconds: f64,
