@@ -1,15 +1,21 @@
 //! `basalt build`: the pipeline from a spec to the disk outputs.
 //!
-//! Everything happens in a work folder inside the output folder; the outputs are renamed
+//! Everything is built in a work folder inside the output folder; the outputs are renamed
 //! into place only when all of them are complete, and the work folder is removed on every
-//! path out (it is a `TempDir`). Nothing under an output's final name is ever partial.
+//! way out (a `TempDir`, and the interrupt handler for Ctrl-C). Nothing under an
+//! output's final name is ever partial. Intermediates live in the cache's content-addressed
+//! store ([`Store`]) and are reused when nothing that feeds them changed.
 
 use crate::cache::{self, Cache, Resolved};
 use crate::disk::{self, Layout};
+use crate::lock::{self, Lock};
 use crate::manifest::{self, Manifest};
+use crate::progress::Progress;
 use crate::spec::{ImageSpec, INPUT_NAMES};
-use crate::{deb, esp, grub, initbuild, initramfs, kmod, rootfs, verity};
+use crate::store::{self, Store};
+use crate::{deb, esp, grub, initbuild, initramfs, interrupt, kmod, rootfs, sbom, verity, zst};
 use basalt_api::bootparams::{BootParams, Slot, Verity, VERITY_BLOCK_SIZE};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,12 +28,16 @@ pub struct BuildOptions {
     pub cache_dir: PathBuf,
     /// `--input NAME=PATH`
     pub overrides: Vec<(String, PathBuf)>,
+    /// `--locked`: the lock must exist and agree with the spec.
+    pub locked: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error(transparent)]
     Spec(#[from] crate::spec::SpecError),
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
     #[error("--input {0}: unknown input (known: {known}, basalt-init)", known = INPUT_NAMES.join(", "))]
     UnknownInput(String),
     #[error(transparent)]
@@ -50,8 +60,6 @@ pub enum BuildError {
     Certs(#[source] std::io::Error),
     #[error("root filesystem is {size} bytes with its hash tree; ROOT partitions hold {room} (raise disk.root_mib)")]
     RootTooLarge { size: u64, room: u64 },
-    #[error("dm-verity hash tree")]
-    Verity(#[source] std::io::Error),
     #[error(transparent)]
     Grub(#[from] grub::GrubError),
     #[error("EFI system partition")]
@@ -62,24 +70,41 @@ pub enum BuildError {
     Disk(#[from] disk::DiskError),
     #[error("qcow2 output: {0}")]
     Qcow2(String),
-    #[error("output folder {0}")]
-    Out(PathBuf, #[source] std::io::Error),
+    #[error("write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+    #[error("build files")]
+    Io(#[from] std::io::Error),
 }
 
-/// Prints one progress line on stderr.
-fn step(n: usize, what: &str) {
-    eprintln!("basalt: [{n}/9] {what}");
+/// Steps as the progress display counts them.
+const STEPS: usize = 9;
+
+/// What the root filesystem step leaves besides `root.img`.
+#[derive(Debug, Serialize, Deserialize)]
+struct RootInfo {
+    squashfs_bytes: u64,
+    data_blocks: u64,
+    root_hash: String,
+    salt: String,
+}
+
+pub fn install_interrupt_handler() {
+    interrupt::install();
 }
 
 pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     let started = Instant::now();
+    let mut progress = Progress::new(STEPS);
     let spec = ImageSpec::load(&opts.spec)?;
-    let spec_text = std::fs::read(&opts.spec).unwrap_or_default();
+    let spec_text =
+        std::fs::read(&opts.spec).map_err(|e| BuildError::Write(opts.spec.clone(), e))?;
+    let lock = load_lock(&spec, opts)?;
 
-    step(1, "inputs");
-    let inputs = resolve_inputs(&spec, opts)?;
+    progress.start("inputs");
+    let inputs = resolve_inputs(&spec, lock.as_ref().map(|(l, _)| l), opts, &progress)?;
+    progress.finish(inputs.values().all(|r| r.cached));
 
-    step(2, "basalt-init");
+    progress.start("basalt-init");
     let init_path = match opts.overrides.iter().find(|(n, _)| n == "basalt-init") {
         Some((_, p)) => {
             initbuild::check_static(p)?;
@@ -90,7 +115,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         )?)?,
     };
     let (init_sha, init_size) = cache::hash_file(&init_path)
-        .map_err(|e| BuildError::Init(initbuild::InitBuildError::Read(init_path.clone(), e)))?;
+        .map_err(|e| initbuild::InitBuildError::Read(init_path.clone(), e))?;
 
     // Everything below is derived from this seed: same inputs, same bytes.
     let seed = {
@@ -109,81 +134,112 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
             format!("basalt:{seed}:{what}").as_bytes(),
         )
     };
+    let store = Store::open(&opts.cache_dir)?;
 
-    std::fs::create_dir_all(&opts.out_dir).map_err(|e| BuildError::Out(opts.out_dir.clone(), e))?;
+    std::fs::create_dir_all(&opts.out_dir)
+        .map_err(|e| BuildError::Write(opts.out_dir.clone(), e))?;
     let work = tempfile::Builder::new()
         .prefix(&format!(".{}.build-", spec.name))
         .tempdir_in(&opts.out_dir)
-        .map_err(|e| BuildError::Out(opts.out_dir.clone(), e))?;
+        .map_err(|e| BuildError::Write(opts.out_dir.clone(), e))?;
+    let _partial = interrupt::register(work.path());
     let w = work.path();
 
-    step(3, "unpack packages");
-    let unpack = |name: &str| -> Result<PathBuf, BuildError> {
-        let dir = w.join("pkg").join(name);
-        std::fs::create_dir_all(&dir).map_err(|e| BuildError::Out(dir.clone(), e))?;
-        deb::unpack(&inputs[name].path, &dir)?;
-        Ok(dir)
-    };
-    let kernel_dir = unpack("kernel")?;
-    let grub_bios = unpack("grub-bios")?;
-    let grub_efi = unpack("grub-efi")?;
-    let ca_dir = unpack("ca-certificates")?;
-    let kver = kernel_version(&kernel_dir).map_err(BuildError::Kernel)?;
+    progress.start("unpack packages");
+    let mut all_reused = true;
+    let mut unpacked = BTreeMap::new();
+    for name in ["kernel", "grub-bios", "grub-efi", "ca-certificates"] {
+        let input = &inputs[name];
+        let (dir, reused) = store.get_or_make("unpacked", &input.sha256, |dir| {
+            deb::unpack(&input.path, dir).map_err(BuildError::from)
+        })?;
+        all_reused &= reused;
+        unpacked.insert(name, dir);
+    }
+    progress.finish(all_reused);
+    let kernel_dir = &unpacked["kernel"];
+    let kver = kernel_version(kernel_dir).map_err(BuildError::Kernel)?;
     let moddir = kernel_dir.join("lib/modules").join(&kver);
     let vmlinuz = kernel_dir.join("boot").join(format!("vmlinuz-{kver}"));
 
-    step(4, "initramfs");
+    progress.start("initramfs");
     let graph = kmod::ModuleGraph::load(&moddir)?;
     let closure = graph.closure(&spec.kernel.initramfs_modules)?;
-    let initrd = w.join("initrd.img");
-    initramfs::write(
-        &initramfs::tree(&init_path, &kver, &moddir, &closure),
-        &initrd,
-    )?;
-
-    step(5, "root filesystem (squashfs + dm-verity)");
-    let os_release = format!(
-        "NAME=basalt\nID=basalt\nPRETTY_NAME=\"basalt {v}\"\nVERSION_ID={v}\nBASALT_IMAGE={}\nBASALT_KERNEL={kver}\nBASALT_K3S={}\n",
-        spec.name,
-        spec.k3s.version,
-        v = env!("CARGO_PKG_VERSION")
+    let module_names: Vec<String> = closure.iter().map(|m| m.name.clone()).collect();
+    let key = store::key(
+        "initramfs",
+        &[
+            &inputs["kernel"].sha256,
+            &init_sha,
+            &module_names.join(","),
+            env!("CARGO_PKG_VERSION"),
+        ],
     );
-    let tree = rootfs::tree(&rootfs::RootContent {
-        init: &init_path,
-        k3s: &inputs["k3s"].path,
-        k3s_images: &inputs["k3s-images"].path,
-        ca_bundle: rootfs::ca_bundle(&ca_dir).map_err(BuildError::Certs)?,
-        os_release,
-        kver: &kver,
-        moddir: &moddir,
+    let (initrd_dir, reused) = store.get_or_make("initramfs", &key, |dir| {
+        initramfs::write(
+            &initramfs::tree(&init_path, &kver, &moddir, &closure),
+            &dir.join("initrd.img"),
+        )
+        .map_err(BuildError::from)
     })?;
-    let root_img = w.join("root.img");
-    let squashfs_len = rootfs::write(&tree, &root_img)?;
-    let salt: [u8; 32] = Sha256::digest(format!("basalt-verity-salt:{seed}")).into();
-    let vinfo = append_verity(
-        &root_img,
-        squashfs_len,
-        &salt,
-        *derive_uuid("verity").as_bytes(),
-    )?;
-    let root_room = disk::Sectors::from_mib(spec.disk.root_mib).bytes();
-    let root_size = std::fs::metadata(&root_img)
-        .map_err(BuildError::Verity)?
-        .len();
-    if root_size > root_room {
-        return Err(BuildError::RootTooLarge {
-            size: root_size,
-            room: root_room,
-        });
-    }
+    progress.finish(reused);
+    let initrd = initrd_dir.join("initrd.img");
+
+    progress.start("root filesystem (squashfs + dm-verity)");
+    let (root_dir, reused) =
+        store.get_or_make("rootfs", &store::key("rootfs", &[&seed]), |dir| {
+            make_root(
+                dir,
+                &spec,
+                &inputs,
+                &unpacked["ca-certificates"],
+                &init_path,
+                &kver,
+                &moddir,
+                &seed,
+                derive_uuid("verity"),
+            )
+        })?;
+    progress.finish(reused);
+    let root_img = root_dir.join("root.img");
+    let root_info: RootInfo =
+        serde_json::from_slice(&std::fs::read(root_dir.join("root.json"))?)
+            .map_err(|e| BuildError::Write(root_dir.join("root.json"), e.into()))?;
     let verity = Verity {
-        root_hash: hex::encode(vinfo.root_hash),
-        salt: hex::encode(salt),
-        data_blocks: vinfo.data_blocks,
+        root_hash: root_info.root_hash.clone(),
+        salt: root_info.salt.clone(),
+        data_blocks: root_info.data_blocks,
     };
 
-    step(6, "bootloader (GRUB for BIOS and UEFI)");
+    progress.start("bootloader (GRUB for BIOS and UEFI)");
     let layout = Layout::new(&spec.disk, derive_uuid);
+    let bios = layout
+        .get("BIOS")
+        .map(|p| (p.first_lba.0, p.size()))
+        .unwrap_or((2048, 1 << 20));
+    let grub_key = store::key(
+        "grub",
+        &[
+            &inputs["grub-bios"].sha256,
+            &inputs["grub-efi"].sha256,
+            &format!("{bios:?}"),
+            env!("CARGO_PKG_VERSION"),
+        ],
+    );
+    let (grub_dir, reused) = store.get_or_make("grub", &grub_key, |dir| {
+        make_grub(dir, &unpacked["grub-bios"], &unpacked["grub-efi"], bios)
+    })?;
+    progress.finish(reused);
+    let boot_code: [u8; 440] = std::fs::read(grub_dir.join("bootcode.bin"))?
+        .try_into()
+        .map_err(|_| {
+            BuildError::Write(
+                grub_dir.join("bootcode.bin"),
+                std::io::Error::other("not 440 bytes"),
+            )
+        })?;
+
+    progress.start("EFI system partition and STATE");
     let cmdline = |slot| {
         let mut words = spec.kernel.cmdline.clone();
         words.push(
@@ -196,146 +252,167 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         words.join(" ")
     };
     let (cmd_a, cmd_b) = (cmdline(Slot::A), cmdline(Slot::B));
-    let cfg = grub::config(
-        "a",
-        &[
-            grub::Entry {
-                id: "a",
-                title: "basalt (slot A)",
-                kernel: "/boot/a/vmlinuz",
-                initrd: "/boot/a/initrd.img",
-                cmdline: &cmd_a,
-            },
-            // Slot B's kernel and initramfs are written by the first A/B upgrade.
-            grub::Entry {
-                id: "b",
-                title: "basalt (slot B)",
-                kernel: "/boot/b/vmlinuz",
-                initrd: "/boot/b/initrd.img",
-                cmdline: &cmd_b,
-            },
-        ],
-    );
-    let efi_image = grub::mkimage(
-        &grub::EFI,
-        &grub::module_dir(&grub_efi, &grub::EFI),
-        "/EFI/BOOT",
-        &w.join("BOOTX64.EFI"),
-    )?;
-    let bios_part = layout
-        .get("BIOS")
-        .map(|p| (p.first_lba.0, p.size()))
-        .unwrap_or((2048, 1 << 20));
-    let mut core = grub::mkimage(
-        &grub::BIOS,
-        &grub::module_dir(&grub_bios, &grub::BIOS),
-        "(hd0,gpt2)/EFI/BOOT",
-        &w.join("core.img"),
-    )?;
-    grub::patch_core(&mut core, bios_part.0, bios_part.1)?;
-    let core_path = w.join("core.img");
-    std::fs::write(&core_path, &core).map_err(|e| BuildError::Out(core_path.clone(), e))?;
-    let boot_img_path = grub::module_dir(&grub_bios, &grub::BIOS).join("boot.img");
-    let boot_img = std::fs::read(&boot_img_path)
-        .map_err(|e| grub::GrubError::Read(boot_img_path.clone(), e))?;
-    let boot_code = grub::bios_boot_code(&boot_img, bios_part.0, &boot_img_path)?;
+    let (esp_dir, reused) = store.get_or_make("esp", &store::key("esp", &[&seed]), |dir| {
+        let files = esp_files(&grub_dir, &vmlinuz, &initrd, &cmd_a, &cmd_b)?;
+        let volume_id = u32::from_le_bytes(
+            derive_uuid("esp").as_bytes()[..4]
+                .try_into()
+                .unwrap_or_default(),
+        );
+        esp::write(
+            &dir.join("esp.img"),
+            disk::Sectors::from_mib(spec.disk.esp_mib).bytes(),
+            volume_id,
+            &files,
+        )?;
+        let sums: BTreeMap<String, String> = files
+            .iter()
+            .map(|(p, b)| (p.to_string(), cache::sha256_hex(b)))
+            .collect();
+        std::fs::write(
+            dir.join("esp.json"),
+            serde_json::to_vec_pretty(&sums).map_err(std::io::Error::other)?,
+        )?;
+        make_state(
+            &dir.join("state.img"),
+            spec.disk.state_mib,
+            derive_uuid("state-fs"),
+        )
+    })?;
+    progress.finish(reused);
+    let esp_sums: BTreeMap<String, String> =
+        serde_json::from_slice(&std::fs::read(esp_dir.join("esp.json"))?)
+            .map_err(|e| BuildError::Write(esp_dir.join("esp.json"), e.into()))?;
 
-    step(7, "EFI system partition and STATE");
-    let read = |p: &Path| std::fs::read(p).map_err(|e| BuildError::Out(p.into(), e));
-    let esp_files = vec![
-        ("EFI/BOOT/BOOTX64.EFI", efi_image),
-        ("EFI/BOOT/grub.cfg", cfg.clone().into_bytes()),
-        ("boot/a/vmlinuz", read(&vmlinuz)?),
-        ("boot/a/initrd.img", read(&initrd)?),
-    ];
-    let esp_img = w.join("esp.img");
-    let volume_id = u32::from_le_bytes(
-        derive_uuid("esp").as_bytes()[..4]
-            .try_into()
-            .unwrap_or_default(),
-    );
-    esp::write(
-        &esp_img,
-        disk::Sectors::from_mib(spec.disk.esp_mib).bytes(),
-        volume_id,
-        &esp_files,
-    )?;
-    let state_img = w.join("state.img");
-    make_state(&state_img, spec.disk.state_mib, derive_uuid("state-fs"))?;
-
-    step(8, "disk image");
+    progress.start("disk image");
     let raw_tmp = w.join("disk.raw");
+    let core = grub_dir.join("core.img");
+    let (esp_img, state_img) = (esp_dir.join("esp.img"), esp_dir.join("state.img"));
     disk::write(
         &raw_tmp,
         &layout,
         boot_code,
         &[
-            ("BIOS", &core_path),
+            ("BIOS", &core),
             ("EFI", &esp_img),
             ("ROOT-A", &root_img),
             ("STATE", &state_img),
         ],
     )?;
+
+    progress.start("qcow2 and raw.zst");
     let qcow_tmp = w.join("disk.qcow2");
     to_qcow2(&raw_tmp, &qcow_tmp)?;
+    let zst_tmp = w.join("disk.raw.zst");
+    zst::compress(&raw_tmp, &zst_tmp).map_err(|e| BuildError::Write(zst_tmp.clone(), e))?;
 
-    step(9, "manifest and outputs");
-    let raw_name = format!("{}.raw", spec.name);
-    let qcow_name = format!("{}.qcow2", spec.name);
+    progress.start("manifest, SBOM and outputs");
+    let names = OutputNames::new(&spec.name);
     let outputs = vec![
-        manifest::output(&raw_name, &raw_tmp).map_err(|e| BuildError::Out(raw_tmp.clone(), e))?,
-        manifest::output(&qcow_name, &qcow_tmp)
-            .map_err(|e| BuildError::Out(qcow_tmp.clone(), e))?,
+        manifest::output(&names.raw, &raw_tmp)?,
+        manifest::output(&names.qcow2, &qcow_tmp)?,
+        manifest::output(&names.zst, &zst_tmp)?,
     ];
+    let sbom_tmp = w.join("sbom.spdx.json");
+    write_sbom(&sbom_tmp, &spec, &inputs, &unpacked, &seed, &init_sha)?;
     let manifest = Manifest {
         basalt_version: env!("CARGO_PKG_VERSION").into(),
         name: spec.name.clone(),
         spec: opts.spec.display().to_string(),
+        spec_sha256: cache::sha256_hex(&spec_text),
+        lock_sha256: lock.as_ref().map(|(_, sha)| sha.clone()),
         kernel_version: kver.clone(),
         k3s_version: spec.k3s.version.clone(),
-        inputs: inputs.into_values().collect(),
+        inputs: inputs.values().cloned().collect(),
         basalt_init: manifest::InitInfo {
             sha256: init_sha,
             size: init_size,
             path: init_path,
         },
-        initramfs_modules: closure.iter().map(|m| m.name.clone()).collect(),
+        initramfs_modules: module_names,
         root_hash: verity.root_hash.clone(),
         verity: manifest::VerityManifest {
             salt: verity.salt.clone(),
             data_blocks: verity.data_blocks,
             hash_offset: verity.data_blocks * VERITY_BLOCK_SIZE,
-            squashfs_bytes: squashfs_len,
+            squashfs_bytes: root_info.squashfs_bytes,
         },
-        cmdline: BTreeMap::from([("a".to_string(), cmd_a), ("b".to_string(), cmd_b)]),
-        esp_files: esp_files
-            .iter()
-            .map(|(path, bytes)| (path.to_string(), cache::sha256_hex(bytes)))
-            .collect(),
+        cmdline: BTreeMap::from([
+            ("a".to_string(), cmd_a.clone()),
+            ("b".to_string(), cmd_b.clone()),
+        ]),
+        esp_files: esp_sums,
         layout,
+        sizes: manifest::Sizes::measure(&raw_tmp, &qcow_tmp, &zst_tmp)?,
         outputs,
-        build_seconds: started.elapsed().as_secs_f64(),
+        steps: vec![],
+        build_seconds: 0.0,
     };
+    let manifest = manifest.with_timings(progress.timings(), started.elapsed().as_secs_f64());
     let manifest_tmp = w.join("manifest.json");
     manifest
         .write(&manifest_tmp)
-        .map_err(|e| BuildError::Out(manifest_tmp.clone(), e))?;
+        .map_err(|e| BuildError::Write(manifest_tmp.clone(), e))?;
     for (tmp, name) in [
-        (&raw_tmp, raw_name.as_str()),
-        (&qcow_tmp, qcow_name.as_str()),
-        (&manifest_tmp, "manifest.json"),
+        (&raw_tmp, &names.raw),
+        (&qcow_tmp, &names.qcow2),
+        (&zst_tmp, &names.zst),
+        (&sbom_tmp, &"sbom.spdx.json".to_string()),
+        (&manifest_tmp, &"manifest.json".to_string()),
     ] {
         let dest = opts.out_dir.join(name);
-        std::fs::rename(tmp, &dest).map_err(|e| BuildError::Out(dest, e))?;
+        std::fs::rename(tmp, &dest).map_err(|e| BuildError::Write(dest, e))?;
     }
     Ok(manifest)
+}
+
+struct OutputNames {
+    raw: String,
+    qcow2: String,
+    zst: String,
+}
+
+impl OutputNames {
+    fn new(name: &str) -> Self {
+        OutputNames {
+            raw: format!("{name}.raw"),
+            qcow2: format!("{name}.qcow2"),
+            zst: format!("{name}.raw.zst"),
+        }
+    }
+}
+
+/// The lock beside the spec and its sha256: required and checked with `--locked`,
+/// otherwise used when it agrees and reported when it does not.
+fn load_lock(spec: &ImageSpec, opts: &BuildOptions) -> Result<Option<(Lock, String)>, BuildError> {
+    let path = lock::lock_path(&opts.spec);
+    if !path.exists() {
+        if opts.locked {
+            return Err(lock::LockError::Missing(path, opts.spec.clone()).into());
+        }
+        return Ok(None);
+    }
+    let lock = Lock::load(&path)?;
+    let sha = cache::hash_file(&path)
+        .map_err(|e| lock::LockError::Read(path.clone(), e))?
+        .0;
+    match lock::check(spec, &lock, &path) {
+        Ok(()) => Ok(Some((lock, sha))),
+        Err(e) if opts.locked => Err(e.into()),
+        Err(e) => {
+            eprintln!("basalt: warning: {e}; building from the spec's pins");
+            Ok(None)
+        }
+    }
 }
 
 /// Overrides first (named, checked), then the cache for everything else. Nothing is
 /// fetched before the spec and every override have been checked.
 fn resolve_inputs(
     spec: &ImageSpec,
+    lock: Option<&Lock>,
     opts: &BuildOptions,
+    progress: &Progress,
 ) -> Result<BTreeMap<String, Resolved>, BuildError> {
     for (name, _) in &opts.overrides {
         if name != "basalt-init" && !INPUT_NAMES.contains(&name.as_str()) {
@@ -343,8 +420,12 @@ fn resolve_inputs(
         }
     }
     let cache = Cache::open(&opts.cache_dir)?;
+    let mut pins = spec.inputs();
+    if let Some(lock) = lock {
+        lock.apply(spec, &mut pins);
+    }
     let mut out = BTreeMap::new();
-    for pin in spec.inputs() {
+    for pin in pins {
         let resolved = match opts.overrides.iter().find(|(n, _)| n == pin.name) {
             Some((_, path)) => cache::local_override(&pin, path)?,
             None => cache.fetch(&pin)?,
@@ -354,12 +435,11 @@ fn resolve_inputs(
             (_, true) => "cached",
             (_, false) => "fetched",
         };
-        eprintln!(
-            "basalt:       {:<16} {} {}",
+        progress.note(&format!(
+            "{:<16} {} {how}",
             pin.name,
-            &resolved.sha256[..12],
-            how
-        );
+            &resolved.sha256[..12]
+        ));
         out.insert(pin.name.to_string(), resolved);
     }
     Ok(out)
@@ -387,23 +467,176 @@ fn kernel_version(unpacked: &Path) -> std::io::Result<String> {
     }
 }
 
-/// Pads the squashfs to whole verity blocks and appends the hash tree.
-fn append_verity(
-    img: &Path,
-    len: u64,
-    salt: &[u8],
-    uuid: [u8; 16],
-) -> Result<verity::VerityInfo, BuildError> {
+/// Squashfs of the root tree, padded to whole verity blocks, hash tree appended;
+/// `root.img` and `root.json` in `dir`.
+#[allow(clippy::too_many_arguments)]
+fn make_root(
+    dir: &Path,
+    spec: &ImageSpec,
+    inputs: &BTreeMap<String, Resolved>,
+    ca_dir: &Path,
+    init: &Path,
+    kver: &str,
+    moddir: &Path,
+    seed: &str,
+    uuid: uuid::Uuid,
+) -> Result<(), BuildError> {
+    let os_release = format!(
+        "NAME=basalt\nID=basalt\nPRETTY_NAME=\"basalt {v}\"\nVERSION_ID={v}\nBASALT_IMAGE={}\nBASALT_KERNEL={kver}\nBASALT_K3S={}\n",
+        spec.name,
+        spec.k3s.version,
+        v = env!("CARGO_PKG_VERSION")
+    );
+    let tree = rootfs::tree(&rootfs::RootContent {
+        init,
+        k3s: &inputs["k3s"].path,
+        k3s_images: &inputs["k3s-images"].path,
+        ca_bundle: rootfs::ca_bundle(ca_dir).map_err(BuildError::Certs)?,
+        os_release,
+        kver,
+        moddir,
+    })?;
+    let img = dir.join("root.img");
+    let squashfs_bytes = rootfs::write(&tree, &img)?;
+    let salt: [u8; 32] = Sha256::digest(format!("basalt-verity-salt:{seed}")).into();
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(img)
-        .map_err(BuildError::Verity)?;
-    let data_len = len.div_ceil(VERITY_BLOCK_SIZE) * VERITY_BLOCK_SIZE;
-    f.set_len(data_len).map_err(BuildError::Verity)?;
-    let info = verity::append(&mut f, data_len, salt, uuid).map_err(BuildError::Verity)?;
-    f.sync_all().map_err(BuildError::Verity)?;
-    Ok(info)
+        .open(&img)?;
+    let data_len = squashfs_bytes.div_ceil(VERITY_BLOCK_SIZE) * VERITY_BLOCK_SIZE;
+    f.set_len(data_len)?;
+    let info = verity::append(&mut f, data_len, &salt, *uuid.as_bytes())?;
+    f.sync_all()?;
+    let room = disk::Sectors::from_mib(spec.disk.root_mib).bytes();
+    let size = f.metadata()?.len();
+    if size > room {
+        return Err(BuildError::RootTooLarge { size, room });
+    }
+    let meta = RootInfo {
+        squashfs_bytes,
+        data_blocks: info.data_blocks,
+        root_hash: hex::encode(info.root_hash),
+        salt: hex::encode(salt),
+    };
+    std::fs::write(
+        dir.join("root.json"),
+        serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?,
+    )?;
+    Ok(())
+}
+
+/// `BOOTX64.EFI`, the patched BIOS `core.img` and the MBR's `bootcode.bin` in `dir`.
+fn make_grub(
+    dir: &Path,
+    grub_bios: &Path,
+    grub_efi: &Path,
+    bios: (u64, u64),
+) -> Result<(), BuildError> {
+    grub::mkimage(
+        &grub::EFI,
+        &grub::module_dir(grub_efi, &grub::EFI),
+        "/EFI/BOOT",
+        &dir.join("BOOTX64.EFI"),
+    )?;
+    let core_path = dir.join("core.img");
+    let mut core = grub::mkimage(
+        &grub::BIOS,
+        &grub::module_dir(grub_bios, &grub::BIOS),
+        "(hd0,gpt2)/EFI/BOOT",
+        &core_path,
+    )?;
+    grub::patch_core(&mut core, bios.0, bios.1)?;
+    std::fs::write(&core_path, &core)?;
+    let boot_img_path = grub::module_dir(grub_bios, &grub::BIOS).join("boot.img");
+    let boot_img = std::fs::read(&boot_img_path)
+        .map_err(|e| grub::GrubError::Read(boot_img_path.clone(), e))?;
+    std::fs::write(
+        dir.join("bootcode.bin"),
+        grub::bios_boot_code(&boot_img, bios.0, &boot_img_path)?,
+    )?;
+    Ok(())
+}
+
+/// The ESP's files: GRUB EFI, grub.cfg with both slots, slot A's kernel and initramfs.
+fn esp_files(
+    grub_dir: &Path,
+    vmlinuz: &Path,
+    initrd: &Path,
+    cmd_a: &str,
+    cmd_b: &str,
+) -> Result<Vec<(&'static str, Vec<u8>)>, BuildError> {
+    let cfg = grub::config(
+        "a",
+        &[
+            grub::Entry {
+                id: "a",
+                title: "basalt (slot A)",
+                kernel: "/boot/a/vmlinuz",
+                initrd: "/boot/a/initrd.img",
+                cmdline: cmd_a,
+            },
+            // Slot B's kernel and initramfs are written by the first A/B upgrade.
+            grub::Entry {
+                id: "b",
+                title: "basalt (slot B)",
+                kernel: "/boot/b/vmlinuz",
+                initrd: "/boot/b/initrd.img",
+                cmdline: cmd_b,
+            },
+        ],
+    );
+    let read = |p: &Path| std::fs::read(p).map_err(|e| BuildError::Write(p.into(), e));
+    Ok(vec![
+        ("EFI/BOOT/BOOTX64.EFI", read(&grub_dir.join("BOOTX64.EFI"))?),
+        ("EFI/BOOT/grub.cfg", cfg.into_bytes()),
+        ("boot/a/vmlinuz", read(vmlinuz)?),
+        ("boot/a/initrd.img", read(initrd)?),
+    ])
+}
+
+fn write_sbom(
+    out: &Path,
+    spec: &ImageSpec,
+    inputs: &BTreeMap<String, Resolved>,
+    unpacked: &BTreeMap<&str, PathBuf>,
+    seed: &str,
+    init_sha: &str,
+) -> Result<(), BuildError> {
+    let debs: BTreeMap<&str, (&str, &str)> = [
+        (
+            "kernel",
+            (&spec.kernel.deb.package, &spec.kernel.deb.version),
+        ),
+        (
+            "grub-bios",
+            (&spec.grub.bios.package, &spec.grub.bios.version),
+        ),
+        ("grub-efi", (&spec.grub.efi.package, &spec.grub.efi.version)),
+        (
+            "ca-certificates",
+            (&spec.ca_certificates.package, &spec.ca_certificates.version),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, (p, v))| (k, (p.as_str(), v.as_str())))
+    .collect();
+    let items: Vec<sbom::Item<'_>> = inputs
+        .values()
+        .map(|r| {
+            let deb = debs.get(r.name.as_str());
+            sbom::Item {
+                input: r,
+                version: deb
+                    .map(|(_, v)| v.to_string())
+                    .or_else(|| r.name.starts_with("k3s").then(|| spec.k3s.version.clone())),
+                unpacked: unpacked.get(r.name.as_str()).map(PathBuf::as_path),
+                package: deb.map(|(p, _)| p.to_string()),
+            }
+        })
+        .collect();
+    let doc = sbom::document(&spec.name, seed, &items, init_sha);
+    let json = serde_json::to_vec_pretty(&doc).map_err(std::io::Error::other)?;
+    std::fs::write(out, json).map_err(|e| BuildError::Write(out.into(), e))
 }
 
 /// An empty ext4 for STATE, made rootless by `mkfs.ext4` into a file with fixed UUID,

@@ -10,7 +10,6 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -30,12 +29,11 @@ pub enum FetchError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("input {name}: `apt-get download {package}={version}` failed (has the version left the archive? run `apt-get update`, or supply the file with --input {name}=PATH): {stderr}")]
+    #[error("input {name} (supply the file with --input {name}=PATH)")]
     Apt {
         name: String,
-        package: String,
-        version: String,
-        stderr: String,
+        #[source]
+        source: crate::apt::AptError,
     },
     #[error("input {name}: read {path}")]
     Read {
@@ -138,7 +136,7 @@ impl Cache {
             .map_err(|e| FetchError::Cache(self.root.join("tmp"), e))?;
         let (file, origin_text) = match &pin.source {
             Source::Deb { package, version } => (
-                apt_download(pin.name, package, version, tmp.path())?,
+                self.fetch_deb(pin, package, version, tmp.path())?,
                 format!("Debian package {package}={version}"),
             ),
             Source::Url(url) => (http_download(pin.name, url, tmp.path())?, url.clone()),
@@ -161,6 +159,29 @@ impl Cache {
             origin,
             cached: false,
         })
+    }
+
+    /// apt first; a package that has left the archive comes from the snapshot archive
+    /// when the spec names one and the lock knows its pool path.
+    fn fetch_deb(
+        &self,
+        pin: &Pinned,
+        package: &str,
+        version: &str,
+        dir: &Path,
+    ) -> Result<PathBuf, FetchError> {
+        match crate::apt::download(pin.name, package, version, dir) {
+            Ok(p) => Ok(p),
+            Err(crate::apt::AptError::LeftArchive { .. }) if pin.fallback_url.is_some() => {
+                let url = pin.fallback_url.as_deref().unwrap_or_default();
+                eprintln!("basalt: {} left the archive; fetching {url}", pin.name);
+                http_download(pin.name, url, dir)
+            }
+            Err(source) => Err(FetchError::Apt {
+                name: pin.name.into(),
+                source,
+            }),
+        }
     }
 
     fn read_err(&self, name: &str, path: &Path, source: std::io::Error) -> FetchError {
@@ -192,44 +213,6 @@ pub fn local_override(pin: &Pinned, path: &Path) -> Result<Resolved, FetchError>
         size,
         cached: false,
     })
-}
-
-fn apt_download(
-    name: &str,
-    package: &str,
-    version: &str,
-    dir: &Path,
-) -> Result<PathBuf, FetchError> {
-    let apt_err = |stderr: String| FetchError::Apt {
-        name: name.into(),
-        package: package.into(),
-        version: version.into(),
-        stderr,
-    };
-    let out = Command::new("apt-get")
-        .args(["download", "-q", &format!("{package}={version}")])
-        .current_dir(dir)
-        .output()
-        .map_err(|e| apt_err(e.to_string()))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let useful: Vec<_> = stderr.lines().filter(|l| l.starts_with("E:")).collect();
-        return Err(apt_err(if useful.is_empty() {
-            stderr.trim().to_string()
-        } else {
-            useful.join("; ")
-        }));
-    }
-    let debs: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| FetchError::Cache(dir.into(), e))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
-        .collect();
-    match debs.as_slice() {
-        [one] => Ok(one.clone()),
-        _ => Err(apt_err(format!("expected one .deb, found {}", debs.len()))),
-    }
 }
 
 fn http_download(name: &str, url: &str, dir: &Path) -> Result<PathBuf, FetchError> {
@@ -293,6 +276,7 @@ mod tests {
             name: "k3s",
             source: Source::Url(url.into()),
             sha256: sha256.into(),
+            fallback_url: None,
         }
     }
 

@@ -116,6 +116,13 @@ pub enum DiskError {
     },
     #[error("read partition content {0}")]
     Content(PathBuf, #[source] std::io::Error),
+    #[error("copy {from} into {to}")]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Writes the sparse raw disk: partition table, boot code, and each partition's content.
@@ -152,8 +159,11 @@ pub fn write(
                 room: part.size(),
             });
         }
-        copy_sparse(src, &mut file, part.offset())
-            .map_err(|e| DiskError::Content(src.to_path_buf(), e))?;
+        copy_sparse(src, &mut file, part.offset()).map_err(|source| DiskError::Copy {
+            from: src.to_path_buf(),
+            to: out.into(),
+            source,
+        })?;
     }
 
     let mut gdisk = gpt::GptConfig::new()

@@ -3,6 +3,7 @@
 
 use crate::cache::Resolved;
 use crate::disk::Layout;
+use crate::progress::StepTiming;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,9 @@ pub struct Manifest {
     pub basalt_version: String,
     pub name: String,
     pub spec: String,
+    pub spec_sha256: String,
+    /// sha256 of the lock file the build used, if any.
+    pub lock_sha256: Option<String>,
     pub kernel_version: String,
     pub k3s_version: String,
     pub inputs: Vec<Resolved>,
@@ -24,8 +28,36 @@ pub struct Manifest {
     /// sha256 of each file written into the ESP, by path.
     pub esp_files: BTreeMap<String, String>,
     pub layout: Layout,
+    pub sizes: Sizes,
     pub outputs: Vec<Output>,
+    /// Wall time of each step, and whether its result was reused from the cache.
+    pub steps: Vec<StepTiming>,
     pub build_seconds: f64,
+}
+
+/// Sizes in bytes of the disk as written and as uploaded.
+#[derive(Debug, Serialize)]
+pub struct Sizes {
+    /// The raw disk's logical size (what a VM sees).
+    pub raw_logical: u64,
+    /// Blocks the sparse raw file really occupies.
+    pub raw_allocated: u64,
+    pub qcow2: u64,
+    /// `.raw.zst`, what an upload transfers.
+    pub raw_zst: u64,
+}
+
+impl Sizes {
+    pub fn measure(raw: &Path, qcow2: &Path, zst: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let raw_meta = std::fs::metadata(raw)?;
+        Ok(Sizes {
+            raw_logical: raw_meta.len(),
+            raw_allocated: raw_meta.blocks() * 512,
+            qcow2: std::fs::metadata(qcow2)?.len(),
+            raw_zst: std::fs::metadata(zst)?.len(),
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -62,6 +94,12 @@ pub fn output(name: &str, path: &Path) -> std::io::Result<Output> {
 }
 
 impl Manifest {
+    pub fn with_timings(mut self, steps: Vec<StepTiming>, seconds: f64) -> Self {
+        self.steps = steps;
+        self.build_seconds = seconds;
+        self
+    }
+
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
         std::fs::write(path, json)

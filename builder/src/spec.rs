@@ -20,6 +20,8 @@ pub struct ImageSpec {
     pub init: Init,
     #[serde(default)]
     pub disk: Disk,
+    #[serde(default)]
+    pub apt: Apt,
 }
 
 /// A Debian package, fetched with `apt-get download NAME=VERSION`.
@@ -37,6 +39,20 @@ pub struct DebInput {
 pub struct UrlInput {
     pub url: String,
     pub sha256: String,
+    /// Size in bytes, as published; lets `basalt lock` pin it without a download.
+    #[serde(default)]
+    pub size: Option<u64>,
+}
+
+/// Where Debian packages come from besides the host's apt sources.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Apt {
+    /// A snapshot archive (e.g. `https://snapshot.debian.org/archive/debian/20261101T000000Z`)
+    /// from which a pinned package is fetched, by its pool path in the lock, once it has
+    /// left the regular archive.
+    #[serde(default)]
+    pub snapshot: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -140,6 +156,8 @@ pub struct Pinned {
     pub name: &'static str,
     pub source: Source,
     pub sha256: String,
+    /// Where to fetch it when the primary source no longer has it (from the lock).
+    pub fallback_url: Option<String>,
 }
 
 impl ImageSpec {
@@ -165,11 +183,13 @@ impl ImageSpec {
                 version: d.version.clone(),
             },
             sha256: d.sha256.clone(),
+            fallback_url: None,
         };
         let url = |name, u: &UrlInput| Pinned {
             name,
             source: Source::Url(u.url.clone()),
             sha256: u.sha256.clone(),
+            fallback_url: None,
         };
         vec![
             deb("kernel", &self.kernel.deb),
@@ -216,6 +236,11 @@ impl ImageSpec {
                     .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
             {
                 return Err(invalid(key, "must be 64 lowercase hex digits"));
+            }
+        }
+        if let Some(snap) = &self.apt.snapshot {
+            if !(snap.starts_with("https://") || snap.starts_with("http://")) {
+                return Err(invalid("apt.snapshot", "must be an http(s):// URL"));
             }
         }
         for (key, url) in [

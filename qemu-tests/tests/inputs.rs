@@ -43,6 +43,7 @@ fn a_wrong_sha256_names_input_and_hashes_and_leaves_nothing() -> anyhow::Result<
         out_dir: out.clone(),
         cache_dir: cache.clone(),
         overrides: vec![("k3s".into(), k3s), ("k3s-images".into(), images)],
+        locked: false,
     })
     .expect_err("a wrong pin must fail the build");
     let msg = format!("{err:#}");
@@ -66,6 +67,7 @@ fn an_unknown_input_name_is_refused_before_any_fetch() -> anyhow::Result<()> {
         out_dir: work.path().join("out"),
         cache_dir: work.path().join("cache"),
         overrides: vec![("kernal".into(), work.path().join("x"))],
+        locked: false,
     })
     .expect_err("unknown input");
     assert!(err.to_string().contains("--input kernal"), "{err}");

@@ -48,14 +48,26 @@ pub fn image() -> &'static Image {
 }
 
 fn build_default() -> anyhow::Result<Image> {
+    build_into("out")
+}
+
+/// Builds the default image into `target/tmp/e2e/<name>` with the shared cache.
+pub fn build_into(name: &str) -> anyhow::Result<Image> {
+    build_with(name, &basalt_builder::cache::Cache::default_dir())
+}
+
+/// Builds the default image into `target/tmp/e2e/<name>` with the given cache.
+pub fn build_with(name: &str, cache: &Path) -> anyhow::Result<Image> {
     let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e");
-    let dir = root.join("out");
+    let dir = root.join(name);
     let (k3s, images) = k3s_standins(&root.join("standins"))?;
     let opts = BuildOptions {
         spec: workspace().join("images/k3s-node.toml"),
         out_dir: dir.clone(),
-        cache_dir: basalt_builder::cache::Cache::default_dir(),
+        cache_dir: cache.to_path_buf(),
         overrides: vec![("k3s".into(), k3s), ("k3s-images".into(), images)],
+        // The committed lock must agree with the spec: what a release pipeline runs.
+        locked: true,
     };
     build(&opts).context("basalt build images/k3s-node.toml")?;
     let manifest = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
