@@ -37,7 +37,7 @@ pub enum BuildError {
     #[error(transparent)]
     Spec(#[from] crate::spec::SpecError),
     #[error(transparent)]
-    Lock(#[from] lock::LockError),
+    Lock(Box<lock::LockError>),
     #[error("--input {0}: unknown input (known: {known}, basalt-init)", known = INPUT_NAMES.join(", "))]
     UnknownInput(String),
     #[error(transparent)]
@@ -74,6 +74,12 @@ pub enum BuildError {
     Write(PathBuf, #[source] std::io::Error),
     #[error("build files")]
     Io(#[from] std::io::Error),
+}
+
+impl From<lock::LockError> for BuildError {
+    fn from(e: lock::LockError) -> Self {
+        BuildError::Lock(Box::new(e))
+    }
 }
 
 /// Steps as the progress display counts them.

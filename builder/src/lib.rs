@@ -4,17 +4,27 @@
 //! filesystem (squashfs + dm-verity) → ESP and GRUB → GPT disk → outputs and manifest.
 //! One module per step; `build` strings them together.
 
+pub mod apt;
 pub mod build;
 pub mod cache;
 pub mod deb;
 pub mod disk;
 pub mod esp;
 pub mod grub;
+pub mod image;
 pub mod initbuild;
 pub mod initramfs;
+pub mod inspect;
+pub mod interrupt;
 pub mod kmod;
+pub mod lock;
 pub mod manifest;
+pub mod progress;
 pub mod rootfs;
+pub mod sbom;
 pub mod spec;
+pub mod store;
 pub mod tree;
+pub mod verify;
 pub mod verity;
+pub mod zst;

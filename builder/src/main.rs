@@ -32,6 +32,16 @@ enum Cmd {
         /// ca-certificates, k3s, k3s-images, basalt-init). Recorded in the manifest.
         #[arg(long = "input", value_name = "NAME=PATH", value_parser = parse_input)]
         inputs: Vec<(String, PathBuf)>,
+        /// Refuse to build unless <spec>.lock exists and agrees with the spec.
+        #[arg(long)]
+        locked: bool,
+    },
+    /// Resolve every input of a spec into <spec>.lock next to it.
+    Lock {
+        spec: PathBuf,
+        /// Re-pin this Debian input to the archive's current version (edits the spec).
+        #[arg(long, value_name = "NAME")]
+        update: Vec<String>,
     },
     /// Boot an image under QEMU with the console on this terminal (the image is not
     /// written: changes go to a throwaway overlay).
@@ -44,6 +54,24 @@ enum Cmd {
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 1024)]
         memory: u32,
+    },
+    /// Show what an image holds, read from the image: partitions, boot slots, versions.
+    Inspect {
+        /// A .raw or .qcow2 image.
+        image: PathBuf,
+        /// Print JSON (field names documented on `inspect::ImageInfo`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an image offline: both GPT copies, each slot's dm-verity tree against its
+    /// boot entry's root hash, the ESP's files against the manifest. Exits non-zero on
+    /// any mismatch.
+    Verify {
+        /// A .raw or .qcow2 image.
+        image: PathBuf,
+        /// The build's manifest [default: manifest.json beside the image].
+        #[arg(long)]
+        manifest: Option<PathBuf>,
     },
 }
 
@@ -64,18 +92,46 @@ fn run() -> anyhow::Result<()> {
             out,
             cache,
             inputs,
+            locked,
         } => {
+            basalt_builder::build::install_interrupt_handler();
             let opts = basalt_builder::build::BuildOptions {
                 spec,
                 out_dir: out.clone(),
                 cache_dir: cache.unwrap_or_else(basalt_builder::cache::Cache::default_dir),
                 overrides: inputs,
+                locked,
             };
             let m = basalt_builder::build::build(&opts)?;
             for o in &m.outputs {
                 println!("{}  {}", o.sha256, out.join(&o.file).display());
             }
             println!("root hash {}", m.root_hash);
+            Ok(())
+        }
+        Cmd::Lock { spec, update } => {
+            use basalt_builder::lock;
+            for name in &update {
+                let version = lock::update_spec(&spec, name)?;
+                eprintln!(
+                    "basalt: {name} re-pinned to {version} in {}",
+                    spec.display()
+                );
+            }
+            let parsed = basalt_builder::spec::ImageSpec::load(&spec)?;
+            let resolved = lock::resolve(&parsed)?;
+            let path = lock::lock_path(&spec);
+            resolved.write(&path)?;
+            for i in &resolved.inputs {
+                println!(
+                    "{:<16} {}  {:>10}  {}",
+                    i.name,
+                    i.sha256,
+                    i.size,
+                    i.version.as_deref().or(i.url.as_deref()).unwrap_or("")
+                );
+            }
+            eprintln!("basalt: wrote {}", path.display());
             Ok(())
         }
         Cmd::Run {
@@ -94,6 +150,26 @@ fn run() -> anyhow::Result<()> {
                 .run_interactive()
                 .with_context(|| format!("boot {}", image.display()))?;
             anyhow::ensure!(status.success(), "QEMU exited with {status}");
+            Ok(())
+        }
+        Cmd::Inspect { image, json } => {
+            let info = basalt_builder::inspect::inspect(&image)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!("{info}");
+            }
+            Ok(())
+        }
+        Cmd::Verify { image, manifest } => {
+            let report = basalt_builder::verify::verify(&image, manifest.as_deref())?;
+            print!("{report}");
+            let (failed, all) = (report.failures().count(), report.checks.len());
+            anyhow::ensure!(
+                failed == 0,
+                "{}: {failed} of {all} checks failed",
+                image.display()
+            );
             Ok(())
         }
     }

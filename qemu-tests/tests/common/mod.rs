@@ -136,3 +136,65 @@ pub fn extract(img: &Image, name: &str, out: &Path) -> anyhow::Result<()> {
     dst.flush()?;
     Ok(())
 }
+
+/// Copies an image keeping its holes (the default image is 2.2 GB, mostly sparse).
+pub fn copy_sparse(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    let (src, dst) = (src.to_str().context("path")?, dst.to_str().context("path")?);
+    tool("cp", &["--sparse=always", src, dst]).map(drop)
+}
+
+/// Inverts every bit of the byte at `offset` of a file.
+pub fn flip_byte(path: &Path, offset: u64) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset)?;
+    f.write_all_at(&[b[0] ^ 0xff], offset)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Copies `len` bytes from one partition of the raw image at `path` to the start of
+/// another, skipping all-zero chunks so the file stays sparse.
+pub fn copy_partition_bytes(
+    img: &Image,
+    path: &Path,
+    (from, to): (&str, &str),
+    len: u64,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let ((src, src_size), (dst, dst_size)) = (partition(img, from)?, partition(img, to)?);
+    anyhow::ensure!(len <= src_size.min(dst_size), "{len} bytes do not fit");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], src + done)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            f.write_all_at(&buf[..n], dst + done)?;
+        }
+        done += n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Copies a partition's bytes out of any raw image with the default layout (a damaged
+/// copy, say) into `out`.
+pub fn extract_from(img: &Image, raw: &Path, name: &str, out: &Path) -> anyhow::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let (offset, size) = partition(img, name)?;
+    let mut src = std::fs::File::open(raw)?;
+    src.seek(SeekFrom::Start(offset))?;
+    let mut dst = std::fs::File::create(out)?;
+    std::io::copy(&mut (&mut src).take(size), &mut dst)?;
+    dst.flush()?;
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! `basalt inspect`: what a built image holds, read from the image itself (not from its
+//! manifest): the partition table, the boot slots from grub.cfg on the ESP, and the
+//! versions recorded in the active root's `/etc/os-release`.
+
+use crate::disk::Sectors;
+use crate::image::{self, DiskImage, Fat, Format, GptPartition, ImageError, VeritySuperblock};
+use basalt_api::bootparams::{BootParams, BootParamsError, VERITY_BLOCK_SIZE};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// GPT name of the ESP.
+pub const ESP: &str = "EFI";
+/// Where GRUB (both firmwares) reads its configuration on the ESP.
+pub const GRUB_CFG: &str = "EFI/BOOT/grub.cfg";
+const OS_RELEASE: &str = "/etc/os-release";
+const INIT: &str = "/sbin/init";
+/// Enough of a bzImage to hold its setup header and version string.
+const KERNEL_HEAD: u64 = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{path}: the EFI partition holds no {GRUB_CFG}")]
+    NoGrubCfg { path: PathBuf },
+    #[error("{path}: {GRUB_CFG} has no `set default=`")]
+    NoDefault { path: PathBuf },
+    #[error("{path}: {GRUB_CFG} has no entry with --id {id} (the default)")]
+    NoDefaultEntry { path: PathBuf, id: String },
+    #[error("{path}: {GRUB_CFG} entry {id}")]
+    BootParams {
+        path: PathBuf,
+        id: String,
+        #[source]
+        source: BootParamsError,
+    },
+    #[error("{path}: {partition} holds no {OS_RELEASE}")]
+    NoOsRelease { path: PathBuf, partition: String },
+    #[error("{path}: {OS_RELEASE} in {partition} has no {key}")]
+    OsReleaseKey {
+        path: PathBuf,
+        partition: String,
+        key: &'static str,
+    },
+}
+
+/// `basalt inspect --json`. Field names are an interface for scripts: keep them stable.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    /// The image file as given.
+    pub image: PathBuf,
+    /// `raw` or `qcow2`.
+    pub format: Format,
+    /// Disk size in 512-byte sectors.
+    pub sectors: Sectors,
+    /// Disk GUID from the GPT header, uppercase.
+    pub disk_guid: String,
+    /// Used GPT entries: `number`, `name`, `type_guid`, `guid`, `first_lba`, `sectors`
+    /// (sectors of 512 bytes; GUIDs uppercase as `sfdisk` prints them).
+    pub partitions: Vec<GptPartition>,
+    /// The slot GRUB boots: `a` or `b` (basalt.slot of grub.cfg's default entry).
+    pub active_slot: String,
+    pub slots: Vec<SlotInfo>,
+    pub versions: Versions,
+}
+
+/// One boot entry of grub.cfg and the root partition it points at.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotInfo {
+    /// `a` or `b`, from basalt.slot.
+    pub slot: String,
+    /// GPT name of the root partition, `ROOT-A` or `ROOT-B`.
+    pub partition: String,
+    pub active: bool,
+    /// The partition holds a dm-verity superblock after basalt.verity.blocks data blocks.
+    pub populated: bool,
+    /// basalt.verity.root, basalt.verity.salt, basalt.verity.blocks.
+    pub root_hash: String,
+    pub salt: String,
+    pub data_blocks: u64,
+    /// Kernel and initramfs paths on the ESP.
+    pub kernel: String,
+    pub initrd: String,
+    /// Version from the kernel file's bzImage header; null when the file is missing.
+    pub kernel_version: Option<String>,
+    /// The whole kernel command line.
+    pub cmdline: String,
+}
+
+/// From `/etc/os-release` and `/sbin/init` of the active slot's root filesystem.
+#[derive(Debug, Clone, Serialize)]
+pub struct Versions {
+    /// The partition they were read from.
+    pub source: String,
+    /// VERSION_ID: the basalt release that built the image and its basalt-init.
+    pub basalt: String,
+    /// BASALT_IMAGE: the image spec's name.
+    pub image: String,
+    /// BASALT_KERNEL: kernel release, as in /lib/modules.
+    pub kernel: String,
+    /// BASALT_K3S.
+    pub k3s: String,
+    /// sha256 of /sbin/init (basalt-init), as manifest.json's basalt_init.sha256.
+    pub basalt_init_sha256: String,
+}
+
+/// A `menuentry` of grub.cfg.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootEntry {
+    pub id: String,
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrubCfg {
+    pub default: Option<String>,
+    pub entries: Vec<BootEntry>,
+}
+
+/// Reads the parts of grub.cfg basalt writes (`grub::config`): `set default=`, and per
+/// `menuentry … --id X {` its `linux` and `initrd` lines.
+pub fn parse_grub_cfg(text: &str) -> GrubCfg {
+    let mut cfg = GrubCfg {
+        default: None,
+        entries: vec![],
+    };
+    let mut current: Option<BootEntry> = None;
+    for line in text.lines().map(str::trim) {
+        let mut words = line.split_whitespace();
+        match (words.next(), &mut current) {
+            (Some("set"), None) => {
+                if let Some(v) = line["set".len()..].trim().strip_prefix("default=") {
+                    cfg.default = Some(v.trim_matches(['"', '\'']).to_string());
+                }
+            }
+            (Some("menuentry"), None) => {
+                let id = words.skip_while(|w| *w != "--id").nth(1).unwrap_or("");
+                current = Some(BootEntry {
+                    id: id.to_string(),
+                    kernel: String::new(),
+                    initrd: String::new(),
+                    cmdline: String::new(),
+                });
+            }
+            (Some("linux"), Some(e)) => {
+                e.kernel = words.next().unwrap_or("").to_string();
+                e.cmdline = words.collect::<Vec<_>>().join(" ");
+            }
+            (Some("initrd"), Some(e)) => e.initrd = words.next().unwrap_or("").to_string(),
+            (Some("}"), Some(_)) => cfg.entries.extend(current.take()),
+            _ => {}
+        }
+    }
+    cfg
+}
+
+/// `KEY=value` lines, quotes removed.
+pub fn parse_os_release(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
+}
+
+/// The version at the start of the kernel's version string in a bzImage's setup header
+/// (Linux boot protocol 2.00+: `kernel_version` at 0x20e points at it, less 0x200).
+pub fn bzimage_version(head: &[u8]) -> Option<String> {
+    if head.get(0x202..0x206)? != b"HdrS" {
+        return None;
+    }
+    let ptr = usize::from(u16::from_le_bytes([*head.get(0x20e)?, *head.get(0x20f)?]));
+    let s = head.get(ptr + 0x200..)?;
+    let end = s.iter().position(|&b| b == 0 || b == b' ')?;
+    std::str::from_utf8(&s[..end]).ok().map(str::to_string)
+}
+
+/// A slot as grub.cfg describes it: its entry and the parameters on its command line.
+#[derive(Debug, Clone)]
+pub struct SlotBoot {
+    pub entry: BootEntry,
+    pub params: BootParams,
+}
+
+/// The boot configuration read from the ESP: the default entry's id and each slot.
+pub fn boot_slots(img: &DiskImage, fat: &Fat) -> Result<(String, Vec<SlotBoot>), InspectError> {
+    let path = || img.path().to_path_buf();
+    let text = fat
+        .read(GRUB_CFG, None)?
+        .ok_or_else(|| InspectError::NoGrubCfg { path: path() })?;
+    let cfg = parse_grub_cfg(&String::from_utf8_lossy(&text));
+    let default = cfg
+        .default
+        .ok_or_else(|| InspectError::NoDefault { path: path() })?;
+    let slots = cfg
+        .entries
+        .into_iter()
+        .map(|entry| match BootParams::parse(&entry.cmdline) {
+            Ok(params) => Ok(SlotBoot { entry, params }),
+            Err(source) => Err(InspectError::BootParams {
+                path: path(),
+                id: entry.id,
+                source,
+            }),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if !slots.iter().any(|s| s.entry.id == default) {
+        return Err(InspectError::NoDefaultEntry {
+            path: path(),
+            id: default,
+        });
+    }
+    Ok((default, slots))
+}
+
+/// The verity superblock where the command line says it is; `None` when there is none
+/// (the slot is not populated) or when it would lie past the partition's end.
+pub fn superblock(
+    img: &DiskImage,
+    part: &GptPartition,
+    data_blocks: u64,
+) -> Result<Option<VeritySuperblock>, ImageError> {
+    let at = data_blocks.saturating_mul(VERITY_BLOCK_SIZE);
+    if at.saturating_add(VERITY_BLOCK_SIZE) > part.size() {
+        return Ok(None);
+    }
+    let block = img.read_vec(part.offset() + at, VERITY_BLOCK_SIZE as usize)?;
+    Ok(VeritySuperblock::parse(&block))
+}
+
+/// Everything `basalt inspect` shows.
+pub fn inspect(path: &Path) -> Result<ImageInfo, InspectError> {
+    let img = DiskImage::open(path)?;
+    let gpt = img.table()?;
+    let parts = gpt.partitions;
+    let fat = img.fat(image::find(&img, &parts, ESP)?)?;
+    let (default, boots) = boot_slots(&img, &fat)?;
+    let mut slots = vec![];
+    let mut active = None;
+    for b in boots {
+        let part = image::find(&img, &parts, b.params.slot.partition_name())?;
+        let kernel_head = fat.read(&b.entry.kernel, Some(KERNEL_HEAD))?;
+        let is_active = b.entry.id == default;
+        if is_active {
+            active = Some(part.clone());
+        }
+        slots.push(SlotInfo {
+            slot: b.params.slot.as_str().into(),
+            partition: part.name.clone(),
+            active: is_active,
+            populated: superblock(&img, part, b.params.verity.data_blocks)?.is_some(),
+            root_hash: b.params.verity.root_hash,
+            salt: b.params.verity.salt,
+            data_blocks: b.params.verity.data_blocks,
+            kernel: b.entry.kernel,
+            initrd: b.entry.initrd,
+            kernel_version: kernel_head.as_deref().and_then(bzimage_version),
+            cmdline: b.entry.cmdline,
+        });
+    }
+    let active = active.ok_or_else(|| InspectError::NoDefaultEntry {
+        path: path.into(),
+        id: default,
+    })?;
+    Ok(ImageInfo {
+        image: path.into(),
+        format: img.format(),
+        sectors: img.sectors(),
+        disk_guid: gpt.header.disk_guid.to_string().to_uppercase(),
+        active_slot: slots
+            .iter()
+            .find(|s| s.active)
+            .map(|s| s.slot.clone())
+            .unwrap_or_default(),
+        versions: versions(&img, &active)?,
+        partitions: parts,
+        slots,
+    })
+}
+
+fn versions(img: &DiskImage, root: &GptPartition) -> Result<Versions, InspectError> {
+    let files = img.squashfs_files(root, &[OS_RELEASE, INIT])?;
+    let (os_release, init) = match files.as_slice() {
+        [Some(os), init] => (parse_os_release(&String::from_utf8_lossy(os)), init),
+        _ => {
+            return Err(InspectError::NoOsRelease {
+                path: img.path().into(),
+                partition: root.name.clone(),
+            })
+        }
+    };
+    let get = |key: &'static str| {
+        os_release
+            .get(key)
+            .cloned()
+            .ok_or_else(|| InspectError::OsReleaseKey {
+                path: img.path().into(),
+                partition: root.name.clone(),
+                key,
+            })
+    };
+    Ok(Versions {
+        source: root.name.clone(),
+        basalt: get("VERSION_ID")?,
+        image: get("BASALT_IMAGE")?,
+        kernel: get("BASALT_KERNEL")?,
+        k3s: get("BASALT_K3S")?,
+        basalt_init_sha256: init
+            .as_deref()
+            .map(|b| hex::encode(Sha256::digest(b)))
+            .unwrap_or_default(),
+    })
+}
+
+impl fmt::Display for ImageInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "image    {}", self.image.display())?;
+        writeln!(
+            f,
+            "format   {}, {} sectors, disk GUID {}",
+            self.format, self.sectors.0, self.disk_guid
+        )?;
+        writeln!(
+            f,
+            "\n #  {:<8} {:<36}  {:>10}  {:>10}",
+            "name", "type GUID", "first LBA", "sectors"
+        )?;
+        for p in &self.partitions {
+            writeln!(
+                f,
+                "{:>2}  {:<8} {:<36}  {:>10}  {:>10}",
+                p.number, p.name, p.type_guid, p.first_lba.0, p.sectors.0
+            )?;
+        }
+        writeln!(f, "\nslot  partition  active  populated  kernel")?;
+        for s in &self.slots {
+            let yes = |b| if b { "yes" } else { "no" };
+            let kernel = s.kernel_version.as_deref().unwrap_or("(missing)");
+            writeln!(
+                f,
+                "{:<4}  {:<9}  {:<6}  {:<9}  {} {}",
+                s.slot,
+                s.partition,
+                yes(s.active),
+                yes(s.populated),
+                s.kernel,
+                kernel
+            )?;
+            writeln!(f, "      root hash {}", s.root_hash)?;
+            writeln!(f, "      cmdline   {}", s.cmdline)?;
+        }
+        let v = &self.versions;
+        writeln!(f, "\nversions (from {}:{OS_RELEASE})", v.source)?;
+        writeln!(f, "  basalt       {} (image {})", v.basalt, v.image)?;
+        writeln!(f, "  kernel       {}", v.kernel)?;
+        writeln!(f, "  k3s          {}", v.k3s)?;
+        write!(f, "  basalt-init  sha256 {}", v.basalt_init_sha256)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grub_cfg_written_by_grub_reads_back() {
+        let cmd_a = "console=ttyS0 basalt.slot=a basalt.verity.root=x";
+        let cmd_b = "quiet basalt.slot=b";
+        let text = crate::grub::config(
+            "b",
+            &[
+                crate::grub::Entry {
+                    id: "a",
+                    title: "basalt (slot A)",
+                    kernel: "/boot/a/vmlinuz",
+                    initrd: "/boot/a/initrd.img",
+                    cmdline: cmd_a,
+                },
+                crate::grub::Entry {
+                    id: "b",
+                    title: "basalt (slot B)",
+                    kernel: "/boot/b/vmlinuz",
+                    initrd: "/boot/b/initrd.img",
+                    cmdline: cmd_b,
+                },
+            ],
+        );
+        let cfg = parse_grub_cfg(&text);
+        assert_eq!(cfg.default.as_deref(), Some("b"));
+        assert_eq!(
+            cfg.entries,
+            [
+                BootEntry {
+                    id: "a".into(),
+                    kernel: "/boot/a/vmlinuz".into(),
+                    initrd: "/boot/a/initrd.img".into(),
+                    cmdline: cmd_a.into(),
+                },
+                BootEntry {
+                    id: "b".into(),
+                    kernel: "/boot/b/vmlinuz".into(),
+                    initrd: "/boot/b/initrd.img".into(),
+                    cmdline: cmd_b.into(),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn grub_cfg_without_default_or_entries_is_seen_as_such() {
+        let cfg = parse_grub_cfg("set timeout=0\nmenuentry 'x' {\n linux /k\n");
+        assert_eq!(cfg.default, None);
+        assert!(cfg.entries.is_empty(), "an unclosed entry does not count");
+    }
+
+    #[test]
+    fn os_release_values_lose_their_quotes() {
+        let m = parse_os_release("NAME=basalt\nPRETTY_NAME=\"basalt 0.1.0\"\nBASALT_K3S=v1\n");
+        assert_eq!(m["PRETTY_NAME"], "basalt 0.1.0");
+        assert_eq!(m["BASALT_K3S"], "v1");
+        assert_eq!(m.len(), 3);
+    }
+
+    #[test]
+    fn bzimage_version_follows_the_setup_header_pointer() {
+        let mut head = vec![0u8; 0x1000];
+        head[0x202..0x206].copy_from_slice(b"HdrS");
+        head[0x20e..0x210].copy_from_slice(&0x300u16.to_le_bytes());
+        let s = b"6.1.0-50-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP\0";
+        head[0x500..0x500 + s.len()].copy_from_slice(s);
+        assert_eq!(
+            bzimage_version(&head).as_deref(),
+            Some("6.1.0-50-cloud-amd64")
+        );
+        head[0x202] = b'X';
+        assert_eq!(bzimage_version(&head), None);
+        assert_eq!(bzimage_version(&[0u8; 16]), None);
+    }
+}
