@@ -83,7 +83,7 @@ impl From<lock::LockError> for BuildError {
 }
 
 /// Steps as the progress display counts them.
-const STEPS: usize = 9;
+const STEPS: usize = 10;
 
 /// What the root filesystem step leaves besides `root.img`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -108,7 +108,12 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
 
     progress.start("inputs");
     let inputs = resolve_inputs(&spec, lock.as_ref().map(|(l, _)| l), opts, &progress)?;
-    progress.finish(inputs.values().all(|r| r.cached));
+    // Reused: every input that is not a local override came from the cache.
+    progress.finish(
+        inputs
+            .values()
+            .all(|r| r.cached || matches!(r.origin, cache::Origin::Override { .. })),
+    );
 
     progress.start("basalt-init");
     let init_path = match opts.overrides.iter().find(|(n, _)| n == "basalt-init") {

@@ -130,7 +130,7 @@ fn an_interrupted_build_leaves_no_output_and_no_partial_work() {
         let line = line.expect("line");
         seen.push_str(&line);
         seen.push('\n');
-        if line.contains("[3/9]") {
+        if line.contains("[3/") {
             break;
         }
         assert!(

@@ -108,7 +108,7 @@ fn manifest_records_digests_timings_and_overrides() -> anyhow::Result<()> {
         Some(hex::encode(Sha256::digest(&lock)).as_str())
     );
     let steps = m["steps"].as_array().context("steps")?;
-    assert_eq!(steps.len(), 9, "{steps:?}");
+    assert_eq!(steps.len(), 10, "{steps:?}");
     let k3s = m["inputs"]
         .as_array()
         .context("inputs")?

@@ -30,8 +30,8 @@ fn verdict(r: &Report) -> (Vec<(Status, String)>, Vec<String>) {
     (all.collect(), r.failures().map(|c| c.to_string()).collect())
 }
 
-/// `veritysetup verify` of one slot of a raw image, with the parameters from the image's
-/// own boot entry (what `inspect` reads), so it also checks what basalt reads.
+/// `veritysetup verify` of one slot of a raw image with only the parameters of the slot's
+/// boot entry (what `inspect` reads, and all the kernel gets): no superblock.
 fn veritysetup(raw: &Path, name: &str) -> anyhow::Result<String> {
     let info = inspect(raw)?;
     let slot = info
@@ -43,9 +43,15 @@ fn veritysetup(raw: &Path, name: &str) -> anyhow::Result<String> {
     let part = dir.path().join("part.img");
     extract_from(image(), raw, name, &part)?;
     let part = part.to_str().context("path")?;
-    let offset = format!("--hash-offset={}", slot.data_blocks * BLOCK);
-    let salt = format!("--salt={}", slot.salt);
-    let args = ["verify", part, part, &slot.root_hash, &offset, &salt];
+    let params = [
+        format!("--data-blocks={}", slot.data_blocks),
+        format!("--salt={}", slot.salt),
+        format!("--hash-offset={}", (slot.data_blocks + 1) * BLOCK),
+    ];
+    let mut args = vec!["verify", "--no-superblock", "--format=1", "--hash=sha256"];
+    args.extend(["--data-block-size=4096", "--hash-block-size=4096"]);
+    args.extend(params.iter().map(String::as_str));
+    args.extend([part, part, &slot.root_hash]);
     tool("veritysetup", &args)
 }
 
