@@ -5,6 +5,7 @@
 //! One module per step; `build` strings them together.
 
 pub mod apt;
+pub mod bench;
 pub mod build;
 pub mod cache;
 pub mod deb;

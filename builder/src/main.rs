@@ -36,6 +36,11 @@ enum Cmd {
         #[arg(long)]
         locked: bool,
     },
+    /// Benchmarks (figures printed, nothing asserted).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Resolve every input of a spec into <spec>.lock next to it.
     Lock {
         spec: PathBuf,
@@ -75,6 +80,20 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Cold-cache then warm-cache build of a spec; times per step and output sizes.
+    Build {
+        spec: PathBuf,
+        /// Work folder for the two builds and their cache.
+        #[arg(long, default_value = "out/bench")]
+        out: PathBuf,
+        /// As for `basalt build`.
+        #[arg(long = "input", value_name = "NAME=PATH", value_parser = parse_input)]
+        inputs: Vec<(String, PathBuf)>,
+    },
+}
+
 fn parse_input(s: &str) -> Result<(String, PathBuf), String> {
     let (name, path) = s
         .split_once('=')
@@ -107,6 +126,14 @@ fn run() -> anyhow::Result<()> {
                 println!("{}  {}", o.sha256, out.join(&o.file).display());
             }
             println!("root hash {}", m.root_hash);
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Build { spec, out, inputs },
+        } => {
+            basalt_builder::build::install_interrupt_handler();
+            let runs = basalt_builder::bench::build_twice(spec, out, inputs)?;
+            print!("{}", basalt_builder::bench::report(&runs));
             Ok(())
         }
         Cmd::Lock { spec, update } => {
