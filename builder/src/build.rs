@@ -315,12 +315,17 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     let qcow_tmp = w.join("disk.qcow2");
     to_qcow2(&raw_tmp, &qcow_tmp)?;
     let zst_tmp = w.join("disk.raw.zst");
-    zst::compress(&raw_tmp, &zst_tmp).map_err(|e| BuildError::Write(zst_tmp.clone(), e))?;
+    let compressed =
+        zst::compress(&raw_tmp, &zst_tmp).map_err(|e| BuildError::Write(zst_tmp.clone(), e))?;
 
     progress.start("manifest, SBOM and outputs");
     let names = OutputNames::new(&spec.name);
     let outputs = vec![
-        manifest::output(&names.raw, &raw_tmp)?,
+        manifest::Output {
+            file: names.raw.clone(),
+            sha256: compressed.raw_sha256.clone(),
+            size: std::fs::metadata(&raw_tmp)?.len(),
+        },
         manifest::output(&names.qcow2, &qcow_tmp)?,
         manifest::output(&names.zst, &zst_tmp)?,
     ];

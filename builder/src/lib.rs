@@ -23,6 +23,7 @@ pub mod manifest;
 pub mod progress;
 pub mod rootfs;
 pub mod sbom;
+pub mod sparse;
 pub mod spec;
 pub mod store;
 pub mod tree;
