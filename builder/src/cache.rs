@@ -234,7 +234,23 @@ fn http_download(name: &str, url: &str, dir: &Path) -> Result<PathBuf, FetchErro
     let expected_len = resp.content_length();
     let path = dir.join("download");
     let mut file = std::fs::File::create(&path).map_err(|e| fail(e.into()))?;
-    let copied = std::io::copy(&mut resp, &mut file).map_err(|e| fail(e.into()))?;
+    // A progress bar on a terminal, nothing otherwise (the step line says what is fetched).
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bar = indicatif::ProgressBar::new(expected_len.unwrap_or(0));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "basalt:       {msg} {bytes}/{total_bytes} {bar:30} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(name.to_string());
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let copied =
+        std::io::copy(&mut bar.wrap_read(&mut resp), &mut file).map_err(|e| fail(e.into()))?;
+    bar.finish_and_clear();
     file.sync_all().map_err(|e| fail(e.into()))?;
     if let Some(len) = expected_len {
         if copied != len {
@@ -328,6 +344,72 @@ mod tests {
         assert!(err.contains("input k3s"), "{err}");
         assert!(err.contains("https://127.0.0.1:9/k3s"), "{err}");
         assert!(err.contains("--input k3s=PATH"), "{err}");
+        assert_eq!(entries(dir.path()), Vec::<PathBuf>::new());
+    }
+
+    /// A one-shot HTTP server on loopback answering with `declared` as Content-Length and
+    /// `body` as the bytes actually sent.
+    fn serve_once(body: &'static [u8], declared: usize) -> String {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            if let Ok((mut conn, _)) = listener.accept() {
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n"
+                );
+                let _ = conn.write_all(head.as_bytes());
+                let _ = conn.write_all(body);
+            }
+        });
+        format!("http://{addr}/k3s")
+    }
+
+    #[test]
+    fn a_download_with_the_pinned_hash_enters_the_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::open(dir.path()).expect("cache");
+        let url = serve_once(b"k3s bytes", 9);
+        let r = cache
+            .fetch(&url_pin(&url, &sha256_hex(b"k3s bytes")))
+            .expect("fetched");
+        assert!(!r.cached);
+        assert_eq!(std::fs::read(&r.path).expect("read"), b"k3s bytes");
+        assert_eq!(r.path, cache.path_of(&sha256_hex(b"k3s bytes")));
+    }
+
+    #[test]
+    fn a_download_with_another_hash_names_url_and_both_hashes_and_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::open(dir.path()).expect("cache");
+        let url = serve_once(b"not k3s", 7);
+        let pinned = "2".repeat(64);
+        let err = cache
+            .fetch(&url_pin(&url, &pinned))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&url) && err.contains(&pinned) && err.contains(&sha256_hex(b"not k3s")),
+            "{err}"
+        );
+        assert_eq!(entries(dir.path()), Vec::<PathBuf>::new());
+    }
+
+    #[test]
+    fn a_truncated_download_fails_and_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::open(dir.path()).expect("cache");
+        let url = serve_once(b"only half", 100);
+        let err = cache
+            .fetch(&url_pin(&url, &sha256_hex(b"only half")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("input k3s") && err.contains(&url), "{err}");
         assert_eq!(entries(dir.path()), Vec::<PathBuf>::new());
     }
 
