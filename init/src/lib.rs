@@ -13,6 +13,7 @@ pub mod console;
 pub mod dm;
 pub mod modules;
 pub mod mounts;
+pub mod net;
 pub mod partition;
 pub mod stage1;
 pub mod stage2;

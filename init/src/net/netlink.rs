@@ -1,0 +1,290 @@
+//! rtnetlink over a blocking socket: links, IPv4 addresses and default routes.
+//!
+//! `rtnetlink` needs a tokio runtime, which PID1 does not run; the packet crates and a
+//! plain `netlink-sys` socket give the same messages synchronously. Every request asks
+//! for an ACK and waits for it (bounded by a receive timeout), so the kernel's verdict
+//! becomes a `Result` on the spot.
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE,
+    NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use nix::errno::Errno;
+use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::time::TimeVal;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+
+/// How long one reply may take before the request counts as failed.
+const REPLY_TIMEOUT_SECS: i64 = 5;
+/// Messages read while waiting for one ACK; replies to a non-dump request are few.
+const MAX_REPLIES: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("opening the rtnetlink socket")]
+    Open(#[source] io::Error),
+    #[error("sending {op}")]
+    Send {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("receiving the reply to {op}")]
+    Recv {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("decoding the reply to {op}: {reason}")]
+    Decode { op: &'static str, reason: String },
+    #[error("kernel refused {op}")]
+    Kernel {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no answer to {op}")]
+    NoReply { op: &'static str },
+}
+
+/// What PID1 needs to know of a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub mac: Option<[u8; 6]>,
+    pub up: bool,
+}
+
+pub struct Netlink {
+    socket: Socket,
+    seq: u32,
+}
+
+impl Netlink {
+    /// A socket in the calling thread's network namespace.
+    pub fn open() -> Result<Self, NetlinkError> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Open)?;
+        socket.bind_auto().map_err(NetlinkError::Open)?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(NetlinkError::Open)?;
+        setsockopt(
+            &socket,
+            sockopt::ReceiveTimeout,
+            &TimeVal::new(REPLY_TIMEOUT_SECS, 0),
+        )
+        .map_err(|e| NetlinkError::Open(e.into()))?;
+        Ok(Self { socket, seq: 0 })
+    }
+
+    pub fn link_by_name(&mut self, name: &str) -> Result<Link, NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        let replies = self.request("RTM_GETLINK", RouteNetlinkMessage::GetLink(msg), 0)?;
+        replies
+            .into_iter()
+            .find_map(|reply| match reply {
+                RouteNetlinkMessage::NewLink(link) => Some(link_of(&link)),
+                _ => None,
+            })
+            .ok_or(NetlinkError::NoReply { op: "RTM_GETLINK" })
+    }
+
+    pub fn set_link_up(&mut self, index: u32) -> Result<(), NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        self.request("RTM_SETLINK", RouteNetlinkMessage::SetLink(msg), 0)
+            .map(drop)
+    }
+
+    /// Adds (or refreshes) `addr/prefix_len` with its subnet broadcast.
+    pub fn add_address(
+        &mut self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = address_message(index, addr, prefix_len);
+        msg.attributes
+            .push(AddressAttribute::Broadcast(broadcast_of(addr, prefix_len)));
+        self.request(
+            "RTM_NEWADDR",
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(drop)
+    }
+
+    /// Removes `addr/prefix_len`; an address already gone is not an error.
+    pub fn del_address(
+        &mut self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<(), NetlinkError> {
+        let msg = address_message(index, addr, prefix_len);
+        tolerate(
+            self.request("RTM_DELADDR", RouteNetlinkMessage::DelAddress(msg), 0),
+            Errno::EADDRNOTAVAIL,
+        )
+    }
+
+    pub fn add_default_route(&mut self, index: u32, gateway: Ipv4Addr) -> Result<(), NetlinkError> {
+        let msg = default_route(index, gateway);
+        self.request(
+            "RTM_NEWROUTE",
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(drop)
+    }
+
+    /// Removes the default route; one already gone (the kernel drops it with the last
+    /// address of its subnet) is not an error.
+    pub fn del_default_route(&mut self, index: u32, gateway: Ipv4Addr) -> Result<(), NetlinkError> {
+        let msg = default_route(index, gateway);
+        tolerate(
+            self.request("RTM_DELROUTE", RouteNetlinkMessage::DelRoute(msg), 0),
+            Errno::ESRCH,
+        )
+    }
+
+    /// Sends one request with NLM_F_ACK and collects what comes back until the ACK.
+    fn request(
+        &mut self,
+        op: &'static str,
+        payload: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        header.sequence_number = seq;
+        let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
+        msg.finalize();
+        let mut buf = vec![0u8; msg.buffer_len()];
+        msg.serialize(&mut buf);
+        self.socket
+            .send(&buf, 0)
+            .map_err(|source| NetlinkError::Send { op, source })?;
+
+        let mut replies = Vec::new();
+        for _ in 0..MAX_REPLIES {
+            let (data, _) = self
+                .socket
+                .recv_from_full()
+                .map_err(|source| NetlinkError::Recv { op, source })?;
+            let mut offset = 0;
+            while offset < data.len() {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
+                    .map_err(|e| NetlinkError::Decode {
+                        op,
+                        reason: e.to_string(),
+                    })?;
+                let len = reply.header.length as usize;
+                if len == 0 {
+                    break;
+                }
+                offset += len.next_multiple_of(4);
+                if reply.header.sequence_number != seq {
+                    continue;
+                }
+                match reply.payload {
+                    NetlinkPayload::Error(err) => {
+                        return match err.code {
+                            None => Ok(replies),
+                            Some(_) => Err(NetlinkError::Kernel {
+                                op,
+                                source: err.to_io(),
+                            }),
+                        };
+                    }
+                    NetlinkPayload::Done(_) => return Ok(replies),
+                    NetlinkPayload::InnerMessage(inner) => replies.push(inner),
+                    _ => {}
+                }
+            }
+        }
+        Err(NetlinkError::NoReply { op })
+    }
+}
+
+fn tolerate(
+    result: Result<Vec<RouteNetlinkMessage>, NetlinkError>,
+    gone: Errno,
+) -> Result<(), NetlinkError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(NetlinkError::Kernel { source, .. }) if source.raw_os_error() == Some(gone as i32) => {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn link_of(msg: &LinkMessage) -> Link {
+    let mac = msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+        _ => None,
+    });
+    Link {
+        index: msg.header.index,
+        mac,
+        up: msg.header.flags.contains(LinkFlags::Up),
+    }
+}
+
+fn address_message(index: u32, addr: Ipv4Addr, prefix_len: u8) -> AddressMessage {
+    let mut msg = AddressMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.prefix_len = prefix_len;
+    msg.header.scope = AddressScope::Universe;
+    msg.header.index = index;
+    msg.attributes
+        .push(AddressAttribute::Local(IpAddr::V4(addr)));
+    msg.attributes
+        .push(AddressAttribute::Address(IpAddr::V4(addr)));
+    msg
+}
+
+fn default_route(index: u32, gateway: Ipv4Addr) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.protocol = RouteProtocol::Dhcp;
+    msg.header.scope = RouteScope::Universe;
+    msg.header.kind = RouteType::Unicast;
+    msg.attributes
+        .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+    msg.attributes.push(RouteAttribute::Oif(index));
+    msg
+}
+
+fn broadcast_of(addr: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
+    let host_bits = u32::MAX.checked_shr(u32::from(prefix_len)).unwrap_or(0);
+    Ipv4Addr::from(u32::from(addr) | host_bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_fills_host_bits() {
+        let a = Ipv4Addr::new(10, 77, 3, 55);
+        assert_eq!(broadcast_of(a, 24), Ipv4Addr::new(10, 77, 3, 255));
+        assert_eq!(broadcast_of(a, 32), a);
+        assert_eq!(broadcast_of(a, 0), Ipv4Addr::BROADCAST);
+    }
+}
