@@ -13,15 +13,18 @@ pub enum Milestone {
     RootVerified,
     /// The verified root is mounted read-only.
     RootMounted,
+    /// STATE, the writable partition, is mounted on /var.
+    StateMounted,
     /// Stage 2 runs as PID1 of the real root.
     Ready,
 }
 
 impl Milestone {
-    pub const ALL: [Milestone; 4] = [
+    pub const ALL: [Milestone; 5] = [
         Milestone::InitStart,
         Milestone::RootVerified,
         Milestone::RootMounted,
+        Milestone::StateMounted,
         Milestone::Ready,
     ];
 
@@ -30,6 +33,7 @@ impl Milestone {
             Milestone::InitStart => "init-start",
             Milestone::RootVerified => "root-verified",
             Milestone::RootMounted => "root-mounted",
+            Milestone::StateMounted => "state-mounted",
             Milestone::Ready => "ready",
         }
     }

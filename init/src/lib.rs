@@ -17,6 +17,7 @@ pub mod net;
 pub mod partition;
 pub mod stage1;
 pub mod stage2;
+pub mod state;
 pub mod sys;
 
 use std::path::Path;

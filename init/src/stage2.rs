@@ -13,6 +13,9 @@ use nix::unistd::Pid;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// How long to wait for the STATE partition (the root disk is already there).
+pub const STATE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long processes get between SIGTERM and SIGKILL at shutdown.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -29,6 +32,19 @@ pub fn run() -> ! {
         if let Err(e) = mounts::apply(&mut sys, Path::new("/"), table) {
             console::error("stage 2 mounts", &e);
         }
+    }
+    match crate::state::mount(&mut sys, Path::new("/"), STATE_TIMEOUT) {
+        Ok(m) => {
+            console::milestone(Milestone::StateMounted);
+            console::info(&format!(
+                "STATE {} mounted on {}, boot {}",
+                m.device.name,
+                crate::state::MOUNT_POINT,
+                m.boot
+            ));
+        }
+        // A node without STATE still serves read-only: say why and go on.
+        Err(e) => console::error("STATE", &e),
     }
     // Ctrl-Alt-Del then arrives as SIGINT instead of an immediate reboot.
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
@@ -85,6 +101,11 @@ fn shutdown(mode: RebootMode) -> ! {
     }
     console::info("shutdown: syncing filesystems");
     nix::unistd::sync();
+    // STATE is the one writable disk filesystem: leave it clean.
+    match nix::mount::umount(crate::state::MOUNT_POINT) {
+        Ok(()) => console::info("shutdown: STATE unmounted"),
+        Err(e) => console::error("shutdown: unmount STATE", &e),
+    }
     console::info(&format!("shutdown: {what}"));
     loop {
         let _ = nix::sys::reboot::reboot(mode);

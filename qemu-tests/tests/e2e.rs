@@ -168,3 +168,26 @@ fn a_byte_flipped_in_root_a_stops_the_boot_with_a_verity_error() -> anyhow::Resu
         .map_err(|e| common::dump(&vm, e))?;
     Ok(())
 }
+
+#[test]
+fn state_survives_a_reboot_of_the_same_disk() -> anyhow::Result<()> {
+    let img = image();
+    let mut first = VmBuilder::new(&img.qcow2)
+        .firmware(Firmware::Bios)
+        .spawn()?;
+    let line = expect_line(&mut first, "mounted on /var, boot ", BOOT)?;
+    assert!(line.trim_end().ends_with("boot 1"), "{line}");
+    expect_line(&mut first, "[basalt] ready t=", BOOT)?;
+    first.kill();
+    // The second VM boots from the first one's overlay: the same disk, rebooted.
+    let mut second = VmBuilder::new(first.overlay())
+        .firmware(Firmware::Bios)
+        .spawn()?;
+    let line = expect_line(&mut second, "mounted on /var, boot ", BOOT)?;
+    assert!(
+        line.trim_end().ends_with("boot 2"),
+        "{line}\n{}",
+        second.serial()
+    );
+    Ok(())
+}
