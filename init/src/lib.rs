@@ -18,6 +18,7 @@ pub mod partition;
 pub mod stage1;
 pub mod stage2;
 pub mod state;
+pub mod supervise;
 pub mod sys;
 
 use std::path::Path;

@@ -112,32 +112,3 @@ fn shutdown(mode: RebootMode) -> ! {
         std::thread::sleep(Duration::from_secs(1));
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reap_collects_every_exited_child_and_reports_when_none_remain() {
-        // This test binary's only children are the ones spawned here.
-        let pids: Vec<u32> = (0..3)
-            .map(|_| {
-                std::process::Command::new("true")
-                    .spawn()
-                    .expect("spawn")
-                    .id()
-            })
-            .collect();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while reap() {
-            assert!(Instant::now() < deadline, "children still not reaped");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        for pid in pids {
-            assert!(
-                !Path::new(&format!("/proc/{pid}")).exists(),
-                "pid {pid} left as a zombie"
-            );
-        }
-    }
-}
