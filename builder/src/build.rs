@@ -207,6 +207,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
                 &init_path,
                 &kver,
                 &moddir,
+                &graph,
                 &seed,
                 derive_uuid("verity"),
             )

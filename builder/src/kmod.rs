@@ -1,5 +1,7 @@
-//! The kernel's modules as a graph: names, files and dependencies read from each module's
-//! `.modinfo` ELF section, built-ins from `modules.builtin`.
+//! The kernel's modules as a graph: names, files, dependencies, aliases and soft
+//! dependencies read from each module's `.modinfo` ELF section, built-ins from
+//! `modules.builtin`; and the `modules.dep`/`modules.alias`/`modules.softdep` text files
+//! that `depmod` would write at install time (Debian's package does not ship them).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -28,6 +30,19 @@ pub struct Module {
 pub struct ModuleGraph {
     pub modules: BTreeMap<String, Module>,
     pub builtin: BTreeSet<String>,
+    /// `(pattern, module)` from each module's `alias=` entries. Kept beside [`Module`]
+    /// rather than in it so the many places that build a `Module` stay unchanged.
+    pub aliases: BTreeSet<(String, String)>,
+    /// `(module, "pre: a post: b")` from each module's `softdep=` entries.
+    pub softdeps: BTreeSet<(String, String)>,
+}
+
+/// The text index files of `/lib/modules/<kver>`, in kmod's format.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DepmodFiles {
+    pub dep: String,
+    pub alias: String,
+    pub softdep: String,
 }
 
 /// Module names use `_`; file names may use `-`.
@@ -71,6 +86,17 @@ impl ModuleGraph {
                         .collect::<Vec<_>>()
                 })
                 .collect();
+            for (k, v) in &info {
+                match k.as_str() {
+                    "alias" => {
+                        graph.aliases.insert((v.clone(), name.clone()));
+                    }
+                    "softdep" => {
+                        graph.softdeps.insert((name.clone(), v.clone()));
+                    }
+                    _ => {}
+                }
+            }
             graph.modules.insert(
                 name.clone(),
                 Module {
@@ -92,6 +118,42 @@ impl ModuleGraph {
             self.visit(&normalize(w), "the spec", &mut seen, &mut order)?;
         }
         Ok(order)
+    }
+
+    /// Renders `modules.dep`, `modules.alias` and `modules.softdep` as depmod does.
+    ///
+    /// A `modules.dep` line is `path: dep dep …` with the module's whole transitive closure
+    /// (built-ins left out), ordered so that every module comes before its own
+    /// dependencies: the deepest dependency is last. Loaders read it right to left
+    /// (libkmod prepends each entry as it parses the line; busybox walks it backwards), so
+    /// dependencies load first. Lines are sorted by path rather than by `modules.order`:
+    /// the output depends on the module set alone.
+    pub fn depmod_files(&self) -> Result<DepmodFiles, KmodError> {
+        let mut modules: Vec<&Module> = self.modules.values().collect();
+        modules.sort_by(|a, b| a.rel_path.cmp(&b.rel_path));
+        let mut dep = String::new();
+        for m in modules {
+            let mut deps = self.closure(std::slice::from_ref(&m.name))?;
+            deps.pop(); // the module itself, last in the closure
+            dep.push_str(&format!("{}:", m.rel_path.display()));
+            for d in deps.iter().rev() {
+                dep.push_str(&format!(" {}", d.rel_path.display()));
+            }
+            dep.push('\n');
+        }
+        let mut alias = String::from("# Aliases extracted from modules themselves.\n");
+        for (pattern, module) in &self.aliases {
+            alias.push_str(&format!("alias {pattern} {module}\n"));
+        }
+        let mut softdep = String::from("# Soft dependencies extracted from modules themselves.\n");
+        for (module, deps) in &self.softdeps {
+            softdep.push_str(&format!("softdep {module} {deps}\n"));
+        }
+        Ok(DepmodFiles {
+            dep,
+            alias,
+            softdep,
+        })
     }
 
     fn visit<'a>(
@@ -175,7 +237,79 @@ mod tests {
             ]
             .into(),
             builtin: ["nvme".to_string(), "virtio_ring".to_string()].into(),
+            aliases: [
+                ("virtio:d00000002v*".to_string(), "virtio_blk".to_string()),
+                ("dm-verity".to_string(), "dm_verity".to_string()),
+            ]
+            .into(),
+            softdeps: [("dm_verity".to_string(), "pre: sha256".to_string())].into(),
         }
+    }
+
+    #[test]
+    fn modules_dep_lists_the_whole_closure_deepest_last() {
+        let files = graph().depmod_files().expect("render");
+        assert_eq!(
+            files.dep,
+            "kernel/dm_bufio.ko: kernel/dm_mod.ko\n\
+             kernel/dm_mod.ko:\n\
+             kernel/dm_verity.ko: kernel/dm_bufio.ko kernel/dm_mod.ko\n\
+             kernel/virtio.ko:\n\
+             kernel/virtio_blk.ko: kernel/virtio_ring.ko kernel/virtio.ko\n\
+             kernel/virtio_ring.ko:\n"
+        );
+    }
+
+    #[test]
+    fn a_module_comes_before_its_own_dependencies_on_a_diamond() {
+        // a -> b, a -> c, b -> c, c -> d: any valid line has b before c before d.
+        let mut g = ModuleGraph::default();
+        for (name, deps) in [
+            ("a", &["b", "c"][..]),
+            ("b", &["c"]),
+            ("c", &["d"]),
+            ("d", &[]),
+        ] {
+            g.modules.insert(
+                name.into(),
+                Module {
+                    name: name.into(),
+                    rel_path: format!("kernel/{name}.ko").into(),
+                    depends: deps.iter().map(|d| d.to_string()).collect(),
+                },
+            );
+        }
+        let files = g.depmod_files().expect("render");
+        let line_a = files.dep.lines().next().expect("line for a");
+        assert_eq!(line_a, "kernel/a.ko: kernel/b.ko kernel/c.ko kernel/d.ko");
+    }
+
+    #[test]
+    fn aliases_and_softdeps_are_rendered_sorted_in_kmod_format() {
+        let files = graph().depmod_files().expect("render");
+        assert_eq!(
+            files.alias,
+            "# Aliases extracted from modules themselves.\n\
+             alias dm-verity dm_verity\n\
+             alias virtio:d00000002v* virtio_blk\n"
+        );
+        assert_eq!(
+            files.softdep,
+            "# Soft dependencies extracted from modules themselves.\n\
+             softdep dm_verity pre: sha256\n"
+        );
+    }
+
+    #[test]
+    fn a_dependency_that_does_not_exist_fails_the_render_by_name() {
+        let mut g = graph();
+        g.modules
+            .get_mut("virtio")
+            .expect("virtio")
+            .depends
+            .push("ghost".into());
+        let err = g.depmod_files().unwrap_err().to_string();
+        assert!(err.contains("ghost") && err.contains("virtio"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The read-only root filesystem: a deterministic squashfs written from a [`Tree`].
 
-use crate::tree::{Content, Tree};
+use crate::kmod::DepmodFiles;
+use crate::tree::{Content, Node, Tree};
 use backhand::{FilesystemWriter, NodeHeader};
 use std::path::{Path, PathBuf};
 
@@ -23,6 +24,8 @@ pub struct RootContent<'a> {
     pub os_release: String,
     pub kver: &'a str,
     pub moddir: &'a Path,
+    /// `modules.dep`, `modules.alias`, `modules.softdep` for the modules under `moddir`.
+    pub depmod: DepmodFiles,
 }
 
 /// Where the airgap images live on the root; K3s is pointed at them at join time.
@@ -52,7 +55,24 @@ pub fn tree(c: &RootContent<'_>) -> Result<Tree, crate::tree::CopyError> {
         0o644,
     );
     t.bytes("etc/os-release", c.os_release.clone(), 0o644);
-    t.copy_dir(c.moddir, &format!("lib/modules/{}", c.kver))?;
+    let modules = format!("lib/modules/{}", c.kver);
+    t.copy_dir(c.moddir, &modules)?;
+    // After the copy, so these win over any stale index the package might ship.
+    for (name, text) in [
+        ("modules.dep", &c.depmod.dep),
+        ("modules.alias", &c.depmod.alias),
+        ("modules.softdep", &c.depmod.softdep),
+    ] {
+        t.bytes(&format!("{modules}/{name}"), text.clone(), 0o644);
+    }
+    // The kernel's request_module runs /sbin/modprobe; basalt-init answers under that name.
+    t.nodes.insert(
+        "sbin/modprobe".into(),
+        Node {
+            content: Content::Symlink("init".into()),
+            mode: 0o777,
+        },
+    );
     Ok(t)
 }
 
@@ -117,4 +137,50 @@ pub fn ca_bundle(root: &Path) -> std::io::Result<Vec<u8>> {
         out.extend(pem);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tree_carries_the_module_index_and_a_modprobe_link_to_init() {
+        let moddir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(moddir.path().join("kernel")).expect("mkdir");
+        std::fs::write(moddir.path().join("modules.builtin"), "kernel/x.ko\n").expect("write");
+        let c = RootContent {
+            init: Path::new("/b/init"),
+            k3s: Path::new("/b/k3s"),
+            k3s_images: Path::new("/b/images"),
+            ca_bundle: vec![],
+            os_release: String::new(),
+            kver: "6.1.0-1",
+            moddir: moddir.path(),
+            depmod: DepmodFiles {
+                dep: "kernel/a.ko: kernel/b.ko\n".into(),
+                alias: "alias fs-a a\n".into(),
+                softdep: "softdep a pre: b\n".into(),
+            },
+        };
+        let t = tree(&c).expect("tree");
+        let content = |p: &str| t.nodes[p].content.clone();
+        let m = "lib/modules/6.1.0-1";
+        assert_eq!(
+            content(&format!("{m}/modules.dep")),
+            Content::Bytes(b"kernel/a.ko: kernel/b.ko\n".to_vec())
+        );
+        assert_eq!(
+            content(&format!("{m}/modules.alias")),
+            Content::Bytes(b"alias fs-a a\n".to_vec())
+        );
+        assert_eq!(
+            content(&format!("{m}/modules.softdep")),
+            Content::Bytes(b"softdep a pre: b\n".to_vec())
+        );
+        assert_eq!(
+            content(&format!("{m}/modules.builtin")),
+            Content::File(moddir.path().join("modules.builtin"))
+        );
+        assert_eq!(content("sbin/modprobe"), Content::Symlink("init".into()));
+    }
 }

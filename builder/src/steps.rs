@@ -22,6 +22,7 @@ pub fn make_root(
     init: &Path,
     kver: &str,
     moddir: &Path,
+    graph: &crate::kmod::ModuleGraph,
     seed: &str,
     uuid: uuid::Uuid,
 ) -> Result<(), BuildError> {
@@ -39,6 +40,7 @@ pub fn make_root(
         os_release,
         kver,
         moddir,
+        depmod: graph.depmod_files()?,
     })?;
     let img = dir.join("root.img");
     let squashfs_bytes = rootfs::write(&tree, &img)?;

@@ -11,6 +11,8 @@
 
 pub mod console;
 pub mod dm;
+pub mod kernel;
+pub mod modprobe;
 pub mod modules;
 pub mod mounts;
 pub mod net;
@@ -28,6 +30,17 @@ pub const INITRD_RELEASE: &str = "/etc/initrd-release";
 
 /// Entry point of the binary: never returns.
 pub fn main() -> ! {
+    // As /sbin/modprobe (the kernel's module requests, K3s's tools) this is a short-lived
+    // helper, not PID1: no panic hook that would reboot the node.
+    let args: Vec<String> = std::env::args().collect();
+    if args.first().and_then(|a| a.rsplit('/').next()) == Some("modprobe") {
+        let code = modprobe::main(args[1..].to_vec());
+        std::process::exit(if code == std::process::ExitCode::SUCCESS {
+            0
+        } else {
+            1
+        });
+    }
     console::install_panic_hook();
     if Path::new(INITRD_RELEASE).exists() {
         stage1::run()

@@ -4,6 +4,7 @@
 use crate::console;
 use crate::mounts;
 use crate::sys::Real;
+use crate::{kernel, modprobe};
 use basalt_api::milestone::Milestone;
 use nix::errno::Errno;
 use nix::sys::reboot::RebootMode;
@@ -46,6 +47,7 @@ pub fn run() -> ! {
         // A node without STATE still serves read-only: say why and go on.
         Err(e) => console::error("STATE", &e),
     }
+    prepare_kernel_for_k3s(&mut sys);
     // Ctrl-Alt-Del then arrives as SIGINT instead of an immediate reboot.
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
         console::error("disable ctrl-alt-del", &e);
@@ -61,6 +63,30 @@ pub fn run() -> ! {
             Ok(_) => {}
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
+    }
+}
+
+/// What K3s needs of the kernel, done before any credentials exist: cgroup v2 with all
+/// controllers delegated, its modules, its sysctls. Failures are reported, not fatal.
+fn prepare_kernel_for_k3s(sys: &mut Real) {
+    let root = Path::new("/");
+    if let Err(e) = kernel::mount_cgroup2(sys, root) {
+        console::error("cgroup2", &e);
+    }
+    if let Err(e) = kernel::enable_controllers(root) {
+        console::error("cgroup controllers", &e);
+    }
+    match modprobe::kernel_release(root) {
+        Ok(kver) => {
+            for e in kernel::load_modules(sys, root, &kver, kernel::K3S_MODULES) {
+                console::error("module", &e);
+            }
+        }
+        Err(e) => console::error("kernel release", &e),
+    }
+    // After the modules: the bridge sysctls exist once br_netfilter is loaded.
+    for e in kernel::apply_sysctls(root, kernel::K3S_SYSCTLS) {
+        console::error("sysctl", &e);
     }
 }
 

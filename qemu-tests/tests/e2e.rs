@@ -98,6 +98,17 @@ fn root_filesystem_holds_init_k3s_and_modules() -> anyhow::Result<()> {
         assert!(line.contains("root/root") || line.contains("0/0"), "{line}");
     }
     assert!(listing.contains(&format!("squashfs-root/lib/modules/{kver}/kernel")));
+    // basalt-init answers as /sbin/modprobe.
+    assert!(
+        listing.contains("squashfs-root/sbin/modprobe -> "),
+        "{listing}"
+    );
+    for index in ["modules.dep", "modules.alias"] {
+        assert!(
+            listing.contains(&format!("squashfs-root/lib/modules/{kver}/{index}")),
+            "{index} missing"
+        );
+    }
     Ok(())
 }
 
