@@ -17,15 +17,18 @@ pub enum Milestone {
     StateMounted,
     /// Stage 2 runs as PID1 of the real root.
     Ready,
+    /// No cluster to join (yet): the node waits for its join config.
+    Standby,
 }
 
 impl Milestone {
-    pub const ALL: [Milestone; 5] = [
+    pub const ALL: [Milestone; 6] = [
         Milestone::InitStart,
         Milestone::RootVerified,
         Milestone::RootMounted,
         Milestone::StateMounted,
         Milestone::Ready,
+        Milestone::Standby,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,6 +38,7 @@ impl Milestone {
             Milestone::RootMounted => "root-mounted",
             Milestone::StateMounted => "state-mounted",
             Milestone::Ready => "ready",
+            Milestone::Standby => "standby",
         }
     }
 }

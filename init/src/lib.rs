@@ -9,6 +9,7 @@
 //! Every syscall that changes the machine goes through [`sys::System`], so the boot plan
 //! is unit-tested with a recording fake and without root.
 
+pub mod config_source;
 pub mod console;
 pub mod dm;
 pub mod kernel;

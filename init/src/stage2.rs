@@ -4,7 +4,7 @@
 use crate::console;
 use crate::mounts;
 use crate::sys::Real;
-use crate::{kernel, modprobe};
+use crate::{config_source, kernel, modprobe};
 use basalt_api::milestone::Milestone;
 use nix::errno::Errno;
 use nix::sys::reboot::RebootMode;
@@ -34,7 +34,9 @@ pub fn run() -> ! {
             console::error("stage 2 mounts", &e);
         }
     }
-    match crate::state::mount(&mut sys, Path::new("/"), STATE_TIMEOUT) {
+    let state = crate::state::mount(&mut sys, Path::new("/"), STATE_TIMEOUT);
+    let state_mounted = state.is_ok();
+    match state {
         Ok(m) => {
             console::milestone(Milestone::StateMounted);
             console::info(&format!(
@@ -53,6 +55,8 @@ pub fn run() -> ! {
         console::error("disable ctrl-alt-del", &e);
     }
     console::milestone(Milestone::Ready);
+    read_machine_config(&mut sys, state_mounted);
+    console::milestone(Milestone::Standby);
     loop {
         match all.wait() {
             Ok(Signal::SIGCHLD) => {
@@ -87,6 +91,31 @@ fn prepare_kernel_for_k3s(sys: &mut Real) {
     // After the modules: the bridge sysctls exist once br_netfilter is loaded.
     for e in kernel::apply_sysctls(root, kernel::K3S_SYSCTLS) {
         console::error("sysctl", &e);
+    }
+}
+
+/// Finds the machine config and says what it found. A bad config is reported (with the
+/// key it trips on) and the node stays in standby rather than dying.
+fn read_machine_config(sys: &mut Real, state_mounted: bool) {
+    let root = Path::new("/");
+    // fw_cfg is a QEMU device; elsewhere the module finds nothing and that is fine.
+    if let Ok(kver) = modprobe::kernel_release(root) {
+        let _ = modprobe::probe(sys, root, &kver, "qemu_fw_cfg");
+    }
+    match config_source::load(root, state_mounted) {
+        Ok(config_source::Found::None) => {
+            console::info("machine config: none; standby with read-only endpoints")
+        }
+        Ok(config_source::Found::Config(source, config)) => console::info(&format!(
+            "machine config from {}: {}",
+            source.name(),
+            if config.is_standby() {
+                "no [cluster], standby"
+            } else {
+                "[cluster] present; joining arrives with the node API"
+            }
+        )),
+        Err(e) => console::error("machine config", &e),
     }
 }
 

@@ -202,3 +202,65 @@ fn state_survives_a_reboot_of_the_same_disk() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A valid machine config for a standby node (certificates are framing only: nothing
+/// checks them before the node API exists).
+const STANDBY_CONFIG: &str = r#"version = 1
+[node]
+hostname = "warm-1"
+[api]
+ca = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"
+cert = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"
+key = "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n"
+"#;
+
+fn fw_cfg_args(dir: &std::path::Path, config: &str) -> anyhow::Result<Vec<String>> {
+    let file = dir.join("config.toml");
+    std::fs::write(&file, config)?;
+    Ok(vec![
+        "-fw_cfg".into(),
+        format!("name=opt/basalt/config,file={}", file.display()),
+    ])
+}
+
+#[test]
+fn a_malformed_config_over_fw_cfg_names_the_key_and_the_node_reaches_standby() -> anyhow::Result<()>
+{
+    let img = image();
+    let dir = tempfile::tempdir()?;
+    let bad = STANDBY_CONFIG.replace("[node]\n", "[node]\nsurprise = 1\n");
+    let mut vm = VmBuilder::new(&img.qcow2)
+        .extra_args(fw_cfg_args(dir.path(), &bad)?)
+        .spawn()?;
+    let line = expect_line(&mut vm, "error: machine config", BOOT)?;
+    assert!(
+        line.contains("fw_cfg") && line.contains("node.surprise"),
+        "{line}"
+    );
+    expect_line(&mut vm, "[basalt] standby t=", BOOT)?;
+    Ok(())
+}
+
+#[test]
+fn a_config_from_fw_cfg_is_kept_on_state_and_not_read_again() -> anyhow::Result<()> {
+    let img = image();
+    let dir = tempfile::tempdir()?;
+    let mut first = VmBuilder::new(&img.qcow2)
+        .extra_args(fw_cfg_args(dir.path(), STANDBY_CONFIG)?)
+        .spawn()?;
+    expect_line(
+        &mut first,
+        "machine config from fw_cfg opt/basalt/config: no [cluster], standby",
+        BOOT,
+    )?;
+    expect_line(&mut first, "[basalt] standby t=", BOOT)?;
+    first.kill();
+    // Same disk, no fw_cfg this time: the config comes from STATE.
+    let mut second = VmBuilder::new(first.overlay()).spawn()?;
+    expect_line(
+        &mut second,
+        "machine config from STATE: no [cluster], standby",
+        BOOT,
+    )?;
+    Ok(())
+}
