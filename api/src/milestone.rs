@@ -19,6 +19,9 @@ pub enum Milestone {
     Ready,
     /// No cluster to join (yet): the node waits for its join config.
     Standby,
+    /// The first DHCP lease is applied. Asynchronous to the others, and only on nodes with
+    /// a network interface, so not part of [`Milestone::ALL`].
+    NetworkUp,
 }
 
 impl Milestone {
@@ -39,6 +42,7 @@ impl Milestone {
             Milestone::StateMounted => "state-mounted",
             Milestone::Ready => "ready",
             Milestone::Standby => "standby",
+            Milestone::NetworkUp => "network-up",
         }
     }
 }

@@ -65,6 +65,14 @@ pub fn tree(c: &RootContent<'_>) -> Result<Tree, crate::tree::CopyError> {
     ] {
         t.bytes(&format!("{modules}/{name}"), text.clone(), 0o644);
     }
+    // The root is read-only: resolv.conf follows the DHCP lease under /run.
+    t.nodes.insert(
+        "etc/resolv.conf".into(),
+        Node {
+            content: Content::Symlink("../run/resolv.conf".into()),
+            mode: 0o777,
+        },
+    );
     // The kernel's request_module runs /sbin/modprobe; basalt-init answers under that name.
     t.nodes.insert(
         "sbin/modprobe".into(),

@@ -17,6 +17,7 @@ pub mod modprobe;
 pub mod modules;
 pub mod mounts;
 pub mod net;
+pub mod network;
 pub mod partition;
 pub mod stage1;
 pub mod stage2;
