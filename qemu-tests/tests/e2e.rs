@@ -143,30 +143,13 @@ fn boots_with_ovmf_to_ready() -> anyhow::Result<()> {
 
 #[test]
 fn a_byte_flipped_in_root_a_stops_the_boot_with_a_verity_error() -> anyhow::Result<()> {
-    use std::io::{Read, Seek, SeekFrom, Write};
     let img = image();
     let dir = tempfile::tempdir()?;
     let damaged = dir.path().join("damaged.raw");
-    tool(
-        "cp",
-        &[
-            "--sparse=always",
-            img.raw.to_str().context("path")?,
-            damaged.to_str().context("path")?,
-        ],
-    )?;
+    common::copy_sparse(&img.raw, &damaged)?;
     // Byte 100 of ROOT-A lies in the squashfs superblock, which the mount reads first.
     let (offset, _) = partition(img, "ROOT-A")?;
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&damaged)?;
-    let mut b = [0u8; 1];
-    f.seek(SeekFrom::Start(offset + 100))?;
-    f.read_exact(&mut b)?;
-    f.seek(SeekFrom::Start(offset + 100))?;
-    f.write_all(&[b[0] ^ 0xff])?;
-    f.sync_all()?;
+    common::flip_byte(&damaged, offset + 100)?;
 
     let mut vm = VmBuilder::new(&damaged).firmware(Firmware::Bios).spawn()?;
     let line = expect_line(&mut vm, "dm-verity rejected ROOT-A", BOOT)?;

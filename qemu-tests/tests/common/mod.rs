@@ -127,14 +127,7 @@ pub fn partition(img: &Image, name: &str) -> anyhow::Result<(u64, u64)> {
 
 /// Copies a partition's bytes out of the raw image into `out`.
 pub fn extract(img: &Image, name: &str, out: &Path) -> anyhow::Result<()> {
-    use std::io::{Read, Seek, SeekFrom, Write};
-    let (offset, size) = partition(img, name)?;
-    let mut src = std::fs::File::open(&img.raw)?;
-    src.seek(SeekFrom::Start(offset))?;
-    let mut dst = std::fs::File::create(out)?;
-    std::io::copy(&mut (&mut src).take(size), &mut dst)?;
-    dst.flush()?;
-    Ok(())
+    extract_from(img, &img.raw, name, out)
 }
 
 /// Copies an image keeping its holes (the default image is 2.2 GB, mostly sparse).
