@@ -9,10 +9,14 @@ pub struct Store {
     root: PathBuf,
 }
 
-/// The key of a step: sha256 over its name and its inputs' identities.
+/// The key of a step: sha256 over its name, its inputs' identities and the builder's
+/// own source fingerprint (see `build.rs`), so that changed builder code never reuses an
+/// entry made by older code.
 pub fn key(step: &str, parts: &[&str]) -> String {
     let mut h = Sha256::new();
     h.update(step.as_bytes());
+    h.update([0u8]);
+    h.update(env!("BASALT_BUILDER_FINGERPRINT").as_bytes());
     for p in parts {
         h.update([0u8]);
         h.update(p.as_bytes());

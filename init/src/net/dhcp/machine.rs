@@ -5,6 +5,7 @@
 use super::lease::Lease;
 use super::{Backoff, Event};
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
+use dhcproto::Decodable;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,29 @@ pub enum Action {
     Configure(Lease),
     Deconfigure(Lease),
     Event(Event),
+}
+
+/// An empty BOOTREQUEST with our xid, ciaddr and chaddr.
+///
+/// Not `Message::new_with_id`: dhcproto fills its other fields from `Message::default()`,
+/// which draws an xid from `rand::random()`, and that blocks in getrandom(2) until the
+/// kernel's CRNG is ready. Early in a VM without RDRAND or virtio-rng that is minutes
+/// away, and the network must not wait for it. Decoding a fixed header takes no
+/// randomness.
+pub fn blank_request(xid: u32, ciaddr: Ipv4Addr, chaddr: &[u8; 6]) -> Message {
+    // op=BOOTREQUEST, htype=Ethernet, hlen=6, then zeros; the magic cookie at 236 and the
+    // End option after it.
+    let mut bytes = [0u8; 241];
+    bytes[..3].copy_from_slice(&[1, 1, 6]);
+    bytes[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    bytes[240] = 255;
+    let mut msg = match Message::from_bytes(&bytes) {
+        Ok(m) => m,
+        // The template is a constant that the tests decode; this arm is unreachable.
+        Err(_) => Message::new_with_id(xid, ciaddr, ciaddr, ciaddr, ciaddr, chaddr),
+    };
+    msg.set_xid(xid).set_ciaddr(ciaddr).set_chaddr(chaddr);
+    msg
 }
 
 /// splitmix64: small, seedable, good enough for xids and jitter (not for secrets).
@@ -316,14 +340,7 @@ impl Machine {
     }
 
     fn message(&self, kind: MessageType, ciaddr: Ipv4Addr, broadcast: bool) -> Message {
-        let mut msg = Message::new_with_id(
-            self.xid,
-            ciaddr,
-            Ipv4Addr::UNSPECIFIED,
-            Ipv4Addr::UNSPECIFIED,
-            Ipv4Addr::UNSPECIFIED,
-            &self.chaddr,
-        );
+        let mut msg = blank_request(self.xid, ciaddr, &self.chaddr);
         // Without an address the kernel would drop a unicast reply to the offered
         // address, so ask the server to broadcast until we are bound.
         if broadcast {
@@ -378,6 +395,24 @@ mod tests {
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
     const ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
     const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn blank_request_is_the_header_dhcproto_would_build() {
+        use dhcproto::Encodable;
+        let ours = blank_request(0x1234_5678, ADDR, &MAC);
+        let theirs = Message::new_with_id(
+            0x1234_5678,
+            ADDR,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &MAC,
+        );
+        assert_eq!(ours.to_vec().unwrap(), theirs.to_vec().unwrap());
+        assert_eq!(ours.xid(), 0x1234_5678);
+        assert_eq!(ours.chaddr()[..6], MAC);
+        assert_eq!(ours.opcode(), Opcode::BootRequest);
+    }
 
     fn machine(t0: Instant) -> Machine {
         Machine::new(MAC, None, Backoff::default(), Rng::new(42), t0)
