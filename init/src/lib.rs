@@ -24,6 +24,7 @@ pub mod stage2;
 pub mod state;
 pub mod supervise;
 pub mod sys;
+pub mod testd;
 
 use std::path::Path;
 
@@ -42,6 +43,10 @@ pub fn main() -> ! {
         } else {
             1
         });
+    }
+    // The test service (see `testd`): never when this process is the node's PID1.
+    if args.get(1).map(String::as_str) == Some(testd::ARG) && std::process::id() != 1 {
+        std::process::exit(testd::main(&args[2..]));
     }
     console::install_panic_hook();
     if Path::new(INITRD_RELEASE).exists() {

@@ -5,9 +5,13 @@
 use crate::console;
 use crate::modprobe::{self, Index};
 use crate::net::dhcp::{Backoff, Client, Event, Options};
+use crate::net::netlink::{Netlink, NetlinkError};
 use crate::sys::System;
+use basalt_api::config::NetworkConfig;
 use basalt_api::milestone::Milestone;
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Where resolv.conf is written; the root's /etc/resolv.conf links here.
@@ -70,27 +74,176 @@ pub fn first_ethernet(root: &Path) -> Option<String> {
     })
 }
 
-/// resolv.conf for a lease's DNS servers.
-pub fn resolv_conf(dns: &[std::net::Ipv4Addr]) -> String {
-    let mut s = String::from("# Written by basalt-init from the DHCP lease.\n");
+/// resolv.conf for these DNS servers; `origin` says where they came from.
+pub fn resolv_conf(origin: &str, dns: &[IpAddr]) -> String {
+    let mut s = format!("# Written by basalt-init from {origin}.\n");
     for server in dns {
         s.push_str(&format!("nameserver {server}\n"));
     }
     s
 }
 
-/// Starts the DHCP client on `iface` in its own thread. The first lease prints the
-/// `network-up` milestone; the client then keeps renewing for the node's life.
+/// Set once, the first time the node has its addresses (a DHCP lease, or the static
+/// addresses when DHCP is off); prints the `network-up` milestone then. Waitable, so
+/// that stage 2 can hold what needs the network (the metadata service) for a bounded
+/// time.
+#[derive(Clone, Default)]
+pub struct NetworkUp(Arc<(Mutex<bool>, Condvar)>);
+
+impl NetworkUp {
+    /// Marks the network up; the milestone prints only the first time.
+    pub fn mark(&self) {
+        let (lock, cond) = &*self.0;
+        let mut up = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !*up {
+            *up = true;
+            console::milestone(Milestone::NetworkUp);
+            cond.notify_all();
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        *self.0 .0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until the network is up or `timeout` passes; returns whether it is up.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let (lock, cond) = &*self.0;
+        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (up, _) = cond
+            .wait_timeout_while(guard, timeout, |up| !*up)
+            .unwrap_or_else(|e| e.into_inner());
+        *up
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("{iface}: netlink")]
+    Netlink {
+        iface: String,
+        #[source]
+        source: NetlinkError,
+    },
+    #[error("{iface}: network.addresses[{i}] {cidr}")]
+    Address {
+        iface: String,
+        i: usize,
+        cidr: String,
+        #[source]
+        source: NetlinkError,
+    },
+    #[error("{iface}: network.routes[{i}] to {to} via {via}")]
+    Route {
+        iface: String,
+        i: usize,
+        to: String,
+        via: IpAddr,
+        #[source]
+        source: NetlinkError,
+    },
+    #[error("{iface}: IPv6 {addr}/{prefix} via fe80::1 from the metadata service")]
+    Ipv6 {
+        iface: String,
+        addr: Ipv6Addr,
+        prefix: u8,
+        #[source]
+        source: NetlinkError,
+    },
+}
+
+/// Brings `iface` up and applies the config's static addresses and routes; every
+/// failure is returned (named by its key) and the others still applied.
+pub fn apply_static(iface: &str, net: &NetworkConfig) -> Vec<NetworkError> {
+    let mut errors = Vec::new();
+    let mut link = match open_link(iface) {
+        Ok(l) => l,
+        Err(e) => return vec![e],
+    };
+    for (i, cidr) in net.addresses.iter().enumerate() {
+        if let Err(source) = link.0.add_ip(link.1, cidr.addr, cidr.prefix) {
+            errors.push(NetworkError::Address {
+                iface: iface.to_owned(),
+                i,
+                cidr: format!("{}/{}", cidr.addr, cidr.prefix),
+                source,
+            });
+        }
+    }
+    for (i, route) in net.routes.iter().enumerate() {
+        if let Err(source) = link
+            .0
+            .add_route(link.1, route.to.addr, route.to.prefix, route.via)
+        {
+            errors.push(NetworkError::Route {
+                iface: iface.to_owned(),
+                i,
+                to: format!("{}/{}", route.to.addr, route.to.prefix),
+                via: route.via,
+                source,
+            });
+        }
+    }
+    errors
+}
+
+/// Hetzner's IPv6: the /64 (or whatever prefix the metadata gives) on the interface and
+/// the default route via the link-local router `fe80::1`.
+pub fn apply_ipv6(iface: &str, addr: Ipv6Addr, prefix: u8) -> Result<(), NetworkError> {
+    let (mut netlink, index) = open_link(iface)?;
+    let err = |source| NetworkError::Ipv6 {
+        iface: iface.to_owned(),
+        addr,
+        prefix,
+        source,
+    };
+    netlink
+        .add_ip(index, IpAddr::V6(addr), prefix)
+        .map_err(err)?;
+    netlink
+        .add_route(
+            index,
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            0,
+            IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
+        )
+        .map_err(err)
+}
+
+fn open_link(iface: &str) -> Result<(Netlink, u32), NetworkError> {
+    let wrap = |source| NetworkError::Netlink {
+        iface: iface.to_owned(),
+        source,
+    };
+    let mut netlink = Netlink::open().map_err(wrap)?;
+    let link = netlink.link_by_name(iface).map_err(wrap)?;
+    netlink.set_link_up(link.index).map_err(wrap)?;
+    Ok((netlink, link.index))
+}
+
+/// Writes `/run/resolv.conf`; errors are reported, never fatal.
+pub fn write_resolv_conf(origin: &str, dns: &[IpAddr]) {
+    let path = Path::new("/").join(RESOLV_CONF);
+    if let Err(e) = crate::state::write_atomic(&path, resolv_conf(origin, dns).as_bytes()) {
+        console::error("write /run/resolv.conf", &e);
+    }
+}
+
+/// Starts the DHCP client on `iface` in its own thread. Each lease marks `up`; the
+/// lease's DNS servers go to resolv.conf unless the config gave its own
+/// (`dns_from_lease` false). The client then keeps renewing for the node's life.
 pub fn spawn_dhcp(
     iface: String,
     hostname: Option<String>,
+    up: NetworkUp,
+    dns_from_lease: bool,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("dhcp".into())
-        .spawn(move || run_dhcp(&iface, hostname))
+        .spawn(move || run_dhcp(&iface, hostname, &up, dns_from_lease))
 }
 
-fn run_dhcp(iface: &str, hostname: Option<String>) {
+fn run_dhcp(iface: &str, hostname: Option<String>, up: &NetworkUp, dns_from_lease: bool) {
     let options = Options {
         hostname,
         backoff: Backoff::default(),
@@ -100,24 +253,29 @@ fn run_dhcp(iface: &str, hostname: Option<String>) {
         Ok(c) => c,
         Err(e) => return console::error("dhcp", &e),
     };
-    let mut up = false;
     let mut last_error: Option<Instant> = None;
     loop {
         match client.next_event(Instant::now() + Duration::from_secs(60)) {
             Ok(Some(Event::Bound(lease))) | Ok(Some(Event::Rebound(lease))) => {
-                write_resolv_conf(&lease.dns);
-                if !up {
-                    up = true;
-                    console::milestone(Milestone::NetworkUp);
+                if dns_from_lease {
+                    let dns: Vec<IpAddr> = lease.dns.iter().copied().map(IpAddr::V4).collect();
+                    write_resolv_conf("the DHCP lease", &dns);
                 }
                 console::info(&format!(
-                    "dhcp: {iface} bound {}/{} via {:?}",
-                    lease.addr, lease.prefix_len, lease.router
+                    "dhcp: {iface} bound {}/{} via {}, lease {} s",
+                    lease.addr,
+                    lease.prefix_len,
+                    lease
+                        .router
+                        .map_or_else(|| "no router".to_owned(), |r| r.to_string()),
+                    lease.lease_time.as_secs()
                 ));
+                up.mark();
             }
             Ok(Some(Event::Expired { addr })) => {
                 console::info(&format!("dhcp: {iface} lease on {addr} expired"))
             }
+            Ok(Some(Event::Nak)) => console::info(&format!("dhcp: {iface}: server refused")),
             Ok(Some(Event::Retrying { after })) => console::info(&format!(
                 "dhcp: {iface}: no answer yet, retrying in {after:?}"
             )),
@@ -134,11 +292,46 @@ fn run_dhcp(iface: &str, hostname: Option<String>) {
     }
 }
 
-fn write_resolv_conf(dns: &[std::net::Ipv4Addr]) {
-    let path = Path::new("/").join(RESOLV_CONF);
-    if let Err(e) = crate::state::write_atomic(&path, resolv_conf(dns).as_bytes()) {
-        console::error("write /run/resolv.conf", &e);
+/// The node's network from its config (DHCPv4 alone when there is none): the first
+/// Ethernet interface, static addresses and routes, resolv.conf, then the DHCP thread.
+/// Returns at once; `up` is marked when the addresses are there.
+pub fn start(root: &Path, net: &NetworkConfig, hostname: Option<String>) -> NetworkUp {
+    let up = NetworkUp::default();
+    // A NIC driver may take a moment to register its interface after coldplug.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let iface = loop {
+        match first_ethernet(root) {
+            Some(iface) => break iface,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            None => {
+                console::info("network: no Ethernet interface");
+                return up;
+            }
+        }
+    };
+    let errors = apply_static(&iface, net);
+    let static_ok = errors.is_empty();
+    for e in &errors {
+        console::error("network", e);
     }
+    if !net.dns.is_empty() {
+        write_resolv_conf("the machine config", &net.dns);
+    }
+    if !net.addresses.is_empty() && static_ok {
+        console::info(&format!(
+            "network: {iface}: {} static address(es), {} route(s)",
+            net.addresses.len(),
+            net.routes.len()
+        ));
+    }
+    if net.dhcp4 {
+        if let Err(e) = spawn_dhcp(iface, hostname, up.clone(), net.dns.is_empty()) {
+            console::error("start the DHCP client", &e);
+        }
+    } else if !net.addresses.is_empty() && static_ok {
+        up.mark();
+    }
+    up
 }
 
 #[cfg(test)]
@@ -211,11 +404,27 @@ mod tests {
     }
 
     #[test]
+    fn network_up_is_waitable_and_set_once() {
+        let up = NetworkUp::default();
+        assert!(!up.wait(Duration::from_millis(10)));
+        let other = up.clone();
+        let t = std::thread::spawn(move || other.wait(Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        up.mark();
+        up.mark();
+        assert!(t.join().expect("join"));
+        assert!(up.is_up());
+    }
+
+    #[test]
     fn resolv_conf_lists_the_lease_servers() {
-        let text = resolv_conf(&[
-            "10.0.2.3".parse().expect("ip"),
-            "1.1.1.1".parse().expect("ip"),
-        ]);
+        let text = resolv_conf(
+            "the DHCP lease",
+            &[
+                "10.0.2.3".parse().expect("ip"),
+                "1.1.1.1".parse().expect("ip"),
+            ],
+        );
         assert_eq!(
             text.lines()
                 .filter(|l| l.starts_with("nameserver "))

@@ -3,8 +3,10 @@
 
 use crate::console;
 use crate::mounts;
+use crate::supervise::{Exit, RestartPolicy, ServiceSpec, Supervisor};
 use crate::sys::Real;
-use crate::{config_source, kernel, modprobe, network};
+use crate::{config_source, kernel, modprobe, network, testd};
+use basalt_api::config::MachineConfig;
 use basalt_api::milestone::Milestone;
 use nix::errno::Errno;
 use nix::sys::reboot::RebootMode;
@@ -29,12 +31,13 @@ pub fn run() -> ! {
         console::error("block signals", &e);
     }
     let mut sys = Real;
+    let root = Path::new("/");
     for table in [mounts::EARLY, mounts::LATE] {
-        if let Err(e) = mounts::apply(&mut sys, Path::new("/"), table) {
+        if let Err(e) = mounts::apply(&mut sys, root, table) {
             console::error("stage 2 mounts", &e);
         }
     }
-    let state = crate::state::mount(&mut sys, Path::new("/"), STATE_TIMEOUT);
+    let state = crate::state::mount(&mut sys, root, STATE_TIMEOUT);
     let state_mounted = state.is_ok();
     match state {
         Ok(m) => {
@@ -54,20 +57,142 @@ pub fn run() -> ! {
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
         console::error("disable ctrl-alt-del", &e);
     }
+    coldplug(&mut sys, root);
     console::milestone(Milestone::Ready);
-    // The hostname goes to the DHCP client once PID1 runs it (see `start_network`).
-    let _hostname = read_machine_config(&mut sys, state_mounted);
-    console::milestone(Milestone::Standby);
-    loop {
-        match all.wait() {
-            Ok(Signal::SIGCHLD) => {
-                reap();
-            }
-            Ok(Signal::SIGTERM) | Ok(Signal::SIGPWR) => shutdown(RebootMode::RB_POWER_OFF),
-            Ok(Signal::SIGINT) => shutdown(RebootMode::RB_AUTOBOOT),
-            Ok(_) => {}
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+    let config = read_machine_config(&mut sys, state_mounted);
+    let net = config
+        .as_ref()
+        .map(|c| c.network.clone())
+        .unwrap_or_default();
+    let hostname = config
+        .as_ref()
+        .and_then(|c| c.node.hostname.as_ref())
+        .map(|h| h.as_str().to_owned());
+    if let Some(name) = &hostname {
+        if let Err(e) = nix::unistd::sethostname(name) {
+            console::error("set hostname", &e);
         }
+    }
+    let _up = network::start(root, &net, hostname);
+    let mut supervisor = Supervisor::new(Box::new(|name, line| {
+        console::info(&format!("[{name}] {line}"));
+    }));
+    if let Some(mode) = testd::requested(root) {
+        start_test_service(&mut supervisor, &mode);
+    }
+    report_entropy();
+    console::milestone(Milestone::Standby);
+    serve(&all, &mut supervisor)
+}
+
+/// PID1's loop: signals one at a time, reaping (every exit also goes to the supervisor)
+/// and the supervisor's timers and output. Returns only through shutdown.
+fn serve(all: &SigSet, supervisor: &mut Supervisor) -> ! {
+    let mut restarts: Vec<u32> = Vec::new();
+    loop {
+        let now = Instant::now();
+        let next_restart = supervisor.poll(now);
+        report_restarts(supervisor, &mut restarts);
+        // While services run, come back often enough to move their output along.
+        let mut wait = if supervisor.pids().is_empty() {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_millis(100)
+        };
+        if let Some(at) = next_restart {
+            wait = wait.min(at.saturating_duration_since(now));
+        }
+        match wait_signal(all, wait) {
+            Some(Signal::SIGCHLD) => {
+                for (pid, exit) in reap() {
+                    if supervisor.reaped(pid, exit) {
+                        console::info(&format!("service exit: pid {pid}, {exit:?}"));
+                    }
+                }
+            }
+            Some(Signal::SIGTERM) | Some(Signal::SIGPWR) => {
+                shutdown(supervisor, RebootMode::RB_POWER_OFF)
+            }
+            Some(Signal::SIGINT) => shutdown(supervisor, RebootMode::RB_AUTOBOOT),
+            Some(_) | None => {}
+        }
+    }
+}
+
+/// Reports each restart the supervisor makes, with its count.
+fn report_restarts(supervisor: &Supervisor, seen: &mut Vec<u32>) {
+    let status = supervisor.status();
+    seen.resize(status.len(), 0);
+    for (s, last) in status.iter().zip(seen.iter_mut()) {
+        if s.restarts > *last {
+            *last = s.restarts;
+            console::info(&format!(
+                "service {} restarted (restart {}, last exit {:?})",
+                s.name, s.restarts, s.last_exit
+            ));
+        }
+    }
+}
+
+/// sigtimedwait(2) over `set`: the signal, or `None` when `timeout` passes (or on EINTR).
+/// nix wraps only the untimed sigwait.
+fn wait_signal(set: &SigSet, timeout: Duration) -> Option<Signal> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `set` is a valid sigset for the call's duration, `ts` a valid timespec, and
+    // a null siginfo pointer is allowed.
+    let n = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
+    if n <= 0 {
+        return None;
+    }
+    Signal::try_from(n).ok()
+}
+
+/// Drivers for the devices present: the NIC, and virtio-rng where the hypervisor offers
+/// one (it feeds the kernel's CRNG, which TLS and K3s need).
+fn coldplug(sys: &mut Real, root: &Path) {
+    if let Ok(kver) = modprobe::kernel_release(root) {
+        network::coldplug(sys, root, &kver);
+    }
+}
+
+/// The test service under supervision (see `testd`): proves starting, output capture,
+/// restart with backoff and reaping of orphans before K3s's agent is the real tenant.
+fn start_test_service(supervisor: &mut Supervisor, mode: &str) {
+    let exe = std::env::current_exe().unwrap_or_else(|_| "/sbin/init".into());
+    let spec = ServiceSpec {
+        name: "testd".into(),
+        argv: vec![
+            exe.to_string_lossy().into_owned(),
+            testd::ARG.into(),
+            mode.into(),
+        ],
+        env: Vec::new(),
+        restart: RestartPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(8),
+            ..RestartPolicy::default()
+        },
+        stop_timeout: Duration::from_secs(5),
+    };
+    match supervisor.start(spec) {
+        Ok(()) => console::info(&format!("service testd ({mode}) started under supervision")),
+        Err(e) => console::error("service testd", &e),
+    }
+}
+
+/// Says whether the kernel's CRNG is ready: until it is, getrandom(2) blocks, and with
+/// it TLS and K3s. A VM without RDRAND or virtio-rng can wait minutes.
+fn report_entropy() {
+    let mut byte = [0u8; 1];
+    // SAFETY: one byte into a valid buffer; GRND_NONBLOCK never blocks.
+    let n = unsafe { libc::getrandom(byte.as_mut_ptr().cast(), 1, libc::GRND_NONBLOCK) };
+    if n == 1 {
+        console::info("entropy: kernel CRNG ready");
+    } else {
+        console::info("entropy: kernel CRNG not ready yet (no RDRAND or virtio-rng?)");
     }
 }
 
@@ -97,7 +222,7 @@ fn prepare_kernel_for_k3s(sys: &mut Real) {
 
 /// Finds the machine config and says what it found. A bad config is reported (with the
 /// key it trips on) and the node stays in standby rather than dying.
-fn read_machine_config(sys: &mut Real, state_mounted: bool) -> Option<String> {
+fn read_machine_config(sys: &mut Real, state_mounted: bool) -> Option<MachineConfig> {
     let root = Path::new("/");
     // fw_cfg is a QEMU device; elsewhere the module finds nothing and that is fine.
     if let Ok(kver) = modprobe::kernel_release(root) {
@@ -115,13 +240,7 @@ fn read_machine_config(sys: &mut Real, state_mounted: bool) -> Option<String> {
                 "[cluster] present; joining arrives with the node API"
             };
             console::info(&format!("machine config from {}: {what}", source.name()));
-            let hostname = config.node.hostname.as_ref().map(|h| h.as_str().to_owned());
-            if let Some(name) = &hostname {
-                if let Err(e) = nix::unistd::sethostname(name) {
-                    console::error("set hostname", &e);
-                }
-            }
-            hostname
+            Some(*config)
         }
         Err(e) => {
             console::error("machine config", &e);
@@ -130,67 +249,53 @@ fn read_machine_config(sys: &mut Real, state_mounted: bool) -> Option<String> {
     }
 }
 
-/// Drivers for the devices present, then DHCPv4 on the first Ethernet interface.
-///
-/// Not called yet: under QEMU user networking the DHCP thread produced no event at all
-/// (neither a lease nor a retry) and that is still to be understood.
-#[allow(dead_code)]
-fn start_network(hostname: Option<String>) {
-    let root = Path::new("/");
-    if let Ok(kver) = modprobe::kernel_release(root) {
-        network::coldplug(&mut Real, root, &kver);
-    }
-    // A NIC driver may take a moment to register its interface.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let iface = loop {
-        match network::first_ethernet(root) {
-            Some(iface) => break Some(iface),
-            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            None => break None,
-        }
-    };
-    match iface {
-        Some(iface) => {
-            if let Err(e) = network::spawn_dhcp(iface, hostname) {
-                console::error("start the DHCP client", &e);
-            }
-        }
-        None => console::info("network: no Ethernet interface"),
-    }
-}
-
-/// Reaps every exited child; returns whether children remain. Never stops on an error
-/// other than "no children".
-pub fn reap() -> bool {
+/// Reaps every exited child without blocking and returns the exits (orphans included).
+pub fn reap() -> Vec<(Pid, Exit)> {
+    let mut out = Vec::new();
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => return true,
-            Ok(_) => continue,
-            Err(Errno::ECHILD) => return false,
+            Ok(WaitStatus::StillAlive) => return out,
+            Ok(status) => out.extend(Exit::from_wait(status)),
             Err(Errno::EINTR) => continue,
-            Err(_) => return true,
+            // ECHILD: nothing left; anything else: stop for now, SIGCHLD comes again.
+            Err(_) => return out,
         }
     }
 }
 
-/// Stops all processes (SIGTERM, bounded wait, SIGKILL), syncs and powers off or reboots.
-fn shutdown(mode: RebootMode) -> ! {
+/// Whether any child process remains (reaping those that exited).
+fn children_remain() -> bool {
+    let _ = reap();
+    !matches!(
+        waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)),
+        Err(Errno::ECHILD)
+    )
+}
+
+/// Stops services (SIGTERM, bounded wait, SIGKILL), then every other process the same
+/// way, syncs, unmounts STATE and powers off or reboots. Each step is logged.
+fn shutdown(supervisor: &mut Supervisor, mode: RebootMode) -> ! {
     let what = if mode == RebootMode::RB_AUTOBOOT {
         "reboot"
     } else {
         "power-off"
     };
+    console::info(&format!("shutdown ({what}): stopping services"));
+    let killed = supervisor.stop_all(STOP_GRACE, &mut reap);
+    for name in killed {
+        console::info(&format!("shutdown: service {name} needed SIGKILL"));
+    }
     console::info(&format!("shutdown ({what}): stopping processes"));
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
     let deadline = Instant::now() + STOP_GRACE;
-    while reap() && Instant::now() < deadline {
+    while children_remain() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    if reap() {
+    if children_remain() {
         console::info("shutdown: killing what is left");
         let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
         let deadline = Instant::now() + Duration::from_secs(2);
-        while reap() && Instant::now() < deadline {
+        while children_remain() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }

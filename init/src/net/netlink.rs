@@ -1,4 +1,4 @@
-//! rtnetlink over a blocking socket: links, IPv4 addresses and default routes.
+//! rtnetlink over a blocking socket: links, addresses and routes (IPv4 and IPv6).
 //!
 //! `rtnetlink` needs a tokio runtime, which PID1 does not run; the packet crates and a
 //! plain `netlink-sys` socket give the same messages synchronously. Every request asks
@@ -159,6 +159,41 @@ impl Netlink {
         )
     }
 
+    /// Adds (or refreshes) a static IPv4 or IPv6 address.
+    pub fn add_ip(&mut self, index: u32, addr: IpAddr, prefix_len: u8) -> Result<(), NetlinkError> {
+        match addr {
+            IpAddr::V4(v4) => self.add_address(index, v4, prefix_len),
+            IpAddr::V6(_) => {
+                let msg = ip_address_message(index, addr, prefix_len);
+                self.request(
+                    "RTM_NEWADDR",
+                    RouteNetlinkMessage::NewAddress(msg),
+                    NLM_F_CREATE | NLM_F_REPLACE,
+                )
+                .map(drop)
+            }
+        }
+    }
+
+    /// Adds (or replaces) a static route to `to/prefix_len` via `via` out of `index`.
+    /// An IPv6 gateway may be link-local (Hetzner's is `fe80::1`): the output
+    /// interface disambiguates it.
+    pub fn add_route(
+        &mut self,
+        index: u32,
+        to: IpAddr,
+        prefix_len: u8,
+        via: IpAddr,
+    ) -> Result<(), NetlinkError> {
+        let msg = static_route(index, to, prefix_len, via);
+        self.request(
+            "RTM_NEWROUTE",
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(drop)
+    }
+
     /// Sends one request with NLM_F_ACK and collects what comes back until the ACK.
     fn request(
         &mut self,
@@ -246,15 +281,52 @@ fn link_of(msg: &LinkMessage) -> Link {
 }
 
 fn address_message(index: u32, addr: Ipv4Addr, prefix_len: u8) -> AddressMessage {
+    ip_address_message(index, IpAddr::V4(addr), prefix_len)
+}
+
+fn family_of(addr: IpAddr) -> AddressFamily {
+    match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn ip_address_message(index: u32, addr: IpAddr, prefix_len: u8) -> AddressMessage {
     let mut msg = AddressMessage::default();
-    msg.header.family = AddressFamily::Inet;
+    msg.header.family = family_of(addr);
     msg.header.prefix_len = prefix_len;
     msg.header.scope = AddressScope::Universe;
     msg.header.index = index;
+    // IFA_LOCAL is the IPv4 notion of "our end"; IPv6 takes IFA_ADDRESS alone.
+    if addr.is_ipv4() {
+        msg.attributes.push(AddressAttribute::Local(addr));
+    }
+    msg.attributes.push(AddressAttribute::Address(addr));
+    msg
+}
+
+fn route_address(ip: IpAddr) -> RouteAddress {
+    match ip {
+        IpAddr::V4(v4) => RouteAddress::Inet(v4),
+        IpAddr::V6(v6) => RouteAddress::Inet6(v6),
+    }
+}
+
+fn static_route(index: u32, to: IpAddr, prefix_len: u8, via: IpAddr) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = family_of(to);
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.protocol = RouteProtocol::Static;
+    msg.header.scope = RouteScope::Universe;
+    msg.header.kind = RouteType::Unicast;
+    msg.header.destination_prefix_length = prefix_len;
+    if prefix_len > 0 {
+        msg.attributes
+            .push(RouteAttribute::Destination(route_address(to)));
+    }
     msg.attributes
-        .push(AddressAttribute::Local(IpAddr::V4(addr)));
-    msg.attributes
-        .push(AddressAttribute::Address(IpAddr::V4(addr)));
+        .push(RouteAttribute::Gateway(route_address(via)));
+    msg.attributes.push(RouteAttribute::Oif(index));
     msg
 }
 
@@ -279,6 +351,39 @@ fn broadcast_of(addr: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_addresses_carry_no_ifa_local_and_the_inet6_family() {
+        let v6: IpAddr = "2a01:4f8::5".parse().unwrap();
+        let msg = ip_address_message(3, v6, 64);
+        assert_eq!(msg.header.family, AddressFamily::Inet6);
+        assert_eq!(msg.attributes, vec![AddressAttribute::Address(v6)]);
+        let v4 = ip_address_message(3, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)), 24);
+        assert_eq!(v4.attributes.len(), 2);
+    }
+
+    #[test]
+    fn a_default_route_has_no_destination_and_a_prefix_route_has_one() {
+        let gw: IpAddr = "fe80::1".parse().unwrap();
+        let default = static_route(2, "::".parse().unwrap(), 0, gw);
+        assert_eq!(default.header.address_family, AddressFamily::Inet6);
+        assert!(!default
+            .attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::Destination(_))));
+        let net = static_route(
+            2,
+            "10.1.0.0".parse().unwrap(),
+            16,
+            "10.0.0.1".parse().unwrap(),
+        );
+        assert_eq!(net.header.destination_prefix_length, 16);
+        assert!(net
+            .attributes
+            .contains(&RouteAttribute::Destination(RouteAddress::Inet(
+                Ipv4Addr::new(10, 1, 0, 0)
+            ))));
+    }
 
     #[test]
     fn broadcast_fills_host_bits() {

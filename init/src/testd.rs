@@ -1,0 +1,163 @@
+//! `basalt-init testd`: a **test service**, the stand-in that proves PID1's supervision
+//! before K3s's agent is started under it. It runs only when QEMU's host asks for it
+//! with the fw_cfg entry `opt/basalt/test-service` (a hypervisor's host controls its
+//! guest anyway; nothing in a cloud's API can set fw_cfg), as `/sbin/init testd MODE`.
+//!
+//! Mode `orphan`: prints that it started, leaves an orphaned grandchild that exits a
+//! second later (PID1 inherits and must reap it), then looks through `/proc` for
+//! zombies, reports them, and exits with status 3 so that the supervisor restarts it.
+
+use nix::sys::wait::waitpid;
+use nix::unistd::{fork, ForkResult, Pid};
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+/// fw_cfg entry that turns the test service on; its content is the mode.
+pub const FW_CFG: &str = "sys/firmware/qemu_fw_cfg/by_name/opt/basalt/test-service/raw";
+/// The first argument that selects this service (only honoured when not PID1).
+pub const ARG: &str = "testd";
+/// Exit status of a run, so that the supervisor has a failure to restart.
+pub const EXIT_CODE: i32 = 3;
+
+/// The mode the host asked for, if any.
+pub fn requested(root: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(root.join(FW_CFG)).ok()?;
+    let mode = text.trim();
+    (!mode.is_empty() && mode.len() <= 64).then(|| mode.to_owned())
+}
+
+/// Entry point of `/sbin/init testd MODE`; returns the exit status.
+pub fn main(args: &[String]) -> i32 {
+    let say = |msg: &str| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "testd: {msg}");
+        let _ = out.flush();
+    };
+    match args.first().map(String::as_str) {
+        Some("orphan") => {}
+        other => {
+            say(&format!("unknown mode {other:?}; known: orphan"));
+            return 2;
+        }
+    }
+    say(&format!("started, pid {}", std::process::id()));
+    match leave_orphan(Duration::from_secs(1)) {
+        Ok(grandchild) => say(&format!("orphaned grandchild pid {grandchild}")),
+        Err(e) => say(&format!("fork: {e}")),
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let zombies = zombies(Path::new("/proc"));
+    say(&format!("zombies: {} {zombies:?}", zombies.len()));
+    say(&format!("exiting with status {EXIT_CODE}"));
+    EXIT_CODE
+}
+
+/// Forks a child that forks a grandchild and exits at once, so the grandchild's parent
+/// becomes PID1; the grandchild exits after `linger`. Returns the grandchild's pid.
+fn leave_orphan(linger: Duration) -> nix::Result<i32> {
+    let (read, write) = nix::unistd::pipe()?;
+    // SAFETY: testd is single-threaded when it forks, and the children only sleep,
+    // write to a pipe and `_exit`.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            drop(read);
+            // SAFETY: as above.
+            match unsafe { fork() } {
+                Ok(ForkResult::Child) => {
+                    std::thread::sleep(linger);
+                    // SAFETY: `_exit` skips atexit handlers and stdio of the parent.
+                    unsafe { libc::_exit(0) }
+                }
+                Ok(ForkResult::Parent { child }) => {
+                    let _ = nix::unistd::write(&write, &child.as_raw().to_le_bytes());
+                    // SAFETY: as above.
+                    unsafe { libc::_exit(0) }
+                }
+                // SAFETY: as above.
+                Err(_) => unsafe { libc::_exit(1) },
+            }
+        }
+        ForkResult::Parent { child } => {
+            drop(write);
+            let _ = waitpid(child, None);
+            let mut buf = [0u8; 4];
+            let n = nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&read), &mut buf)?;
+            if n != 4 {
+                return Err(nix::errno::Errno::EIO);
+            }
+            Ok(i32::from_le_bytes(buf))
+        }
+    }
+}
+
+/// Pids in state Z (zombie) under `proc`.
+pub fn zombies(proc: &Path) -> Vec<Pid> {
+    let Ok(entries) = std::fs::read_dir(proc) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Pid> = entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            (state_of(&stat) == Some('Z')).then(|| Pid::from_raw(pid))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The state field of `/proc/PID/stat`: the first character after the command's
+/// closing parenthesis (the command itself may hold spaces and parentheses).
+fn state_of(stat: &str) -> Option<char> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.trim_start().chars().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_follows_the_last_parenthesis() {
+        assert_eq!(state_of("42 (a) b) Z 1 42"), Some('Z'));
+        assert_eq!(state_of("7 (sleep) S 1 7"), Some('S'));
+        assert_eq!(state_of("garbage"), None);
+    }
+
+    #[test]
+    fn zombies_are_found_from_a_proc_tree() {
+        let d = tempfile::tempdir().unwrap();
+        for (pid, stat) in [("10", "10 (x) Z 1"), ("11", "11 (y) R 1"), ("self", "")] {
+            std::fs::create_dir_all(d.path().join(pid)).unwrap();
+            std::fs::write(d.path().join(pid).join("stat"), stat).unwrap();
+        }
+        assert_eq!(zombies(d.path()), vec![Pid::from_raw(10)]);
+    }
+
+    #[test]
+    // The zombie is the point; waitpid below reaps it.
+    #[allow(clippy::zombie_processes)]
+    fn an_unreaped_child_shows_as_a_zombie_in_the_real_proc() {
+        let child = std::process::Command::new("true").spawn().unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !zombies(Path::new("/proc")).contains(&pid) {
+            assert!(std::time::Instant::now() < deadline, "no zombie seen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = waitpid(pid, None);
+        assert!(!zombies(Path::new("/proc")).contains(&pid));
+    }
+
+    #[test]
+    fn requested_reads_the_mode_from_fw_cfg() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(requested(d.path()), None);
+        let p = d.path().join(FW_CFG);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, "orphan\n").unwrap();
+        assert_eq!(requested(d.path()).as_deref(), Some("orphan"));
+    }
+}

@@ -1,0 +1,143 @@
+//! PID1 as a node lives on it, under QEMU: the network from QEMU's user network (DHCP)
+//! and from a static config, and a supervised test service that restarts with backoff
+//! and leaves an orphan that PID1 must reap.
+
+mod common;
+
+use basalt_qemu::{Vm, VmBuilder};
+use common::{expect_line, image};
+use std::path::Path;
+use std::time::Duration;
+
+/// Guest boot budget on KVM; the harness scales it for TCG.
+const BOOT: Duration = Duration::from_secs(60);
+
+/// QEMU's user network, closed to the outside (`restrict=on`: the guest reaches only
+/// QEMU's own DHCP server), a virtio NIC, and virtio-rng for the kernel's CRNG.
+fn user_network() -> Vec<String> {
+    [
+        "-netdev",
+        "user,id=n0,restrict=on",
+        "-device",
+        "virtio-net-pci,netdev=n0",
+        "-device",
+        "virtio-rng-pci",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn fw_cfg_file(dir: &Path, name: &str, text: &str) -> anyhow::Result<Vec<String>> {
+    let file = dir.join(name.replace('/', "_"));
+    std::fs::write(&file, text)?;
+    Ok(vec![
+        "-fw_cfg".into(),
+        format!("name={name},file={}", file.display()),
+    ])
+}
+
+/// No `[basalt] error` line anywhere on the console.
+fn assert_no_errors(vm: &Vm) {
+    let serial = vm.serial();
+    let errors: Vec<&str> = serial
+        .lines()
+        .filter(|l| l.contains("[basalt] error"))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}\n{serial}");
+}
+
+#[test]
+fn dhcp_on_qemus_user_network_brings_the_node_to_network_up() -> anyhow::Result<()> {
+    let img = image();
+    let mut vm = VmBuilder::new(&img.qcow2)
+        .extra_args(user_network())
+        .spawn()?;
+    let line = expect_line(&mut vm, "dhcp: eth0 bound ", BOOT)?;
+    // QEMU's DHCP server hands out 10.0.2.15 first.
+    assert!(line.contains("10.0.2.15/24"), "{line}");
+    expect_line(&mut vm, "[basalt] network-up t=", BOOT)?;
+    expect_line(&mut vm, "[basalt] standby t=", BOOT)?;
+    let serial = vm.serial();
+    assert!(
+        serial.contains("entropy: kernel CRNG ready"),
+        "virtio-rng should have fed the CRNG:\n{serial}"
+    );
+    assert_no_errors(&vm);
+    Ok(())
+}
+
+#[test]
+fn static_addresses_and_routes_from_the_config_bring_the_network_up() -> anyhow::Result<()> {
+    let img = image();
+    let dir = tempfile::tempdir()?;
+    let config = r#"version = 1
+[node]
+hostname = "static-1"
+[network]
+dhcp4 = false
+addresses = ["10.0.2.20/24", "fd00:b::20/64"]
+routes = [{ to = "0.0.0.0/0", via = "10.0.2.2" }, { to = "fd00:c::/64", via = "fd00:b::1" }]
+dns = ["10.0.2.3"]
+[api]
+ca = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"
+cert = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"
+key = "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n"
+"#;
+    let mut args = user_network();
+    args.extend(fw_cfg_file(dir.path(), "opt/basalt/config", config)?);
+    let mut vm = VmBuilder::new(&img.qcow2).extra_args(args).spawn()?;
+    expect_line(
+        &mut vm,
+        "network: eth0: 2 static address(es), 2 route(s)",
+        BOOT,
+    )?;
+    expect_line(&mut vm, "[basalt] network-up t=", BOOT)?;
+    expect_line(&mut vm, "[basalt] standby t=", BOOT)?;
+    let serial = vm.serial();
+    assert!(!serial.contains("dhcp: "), "DHCP is off:\n{serial}");
+    assert_no_errors(&vm);
+    Ok(())
+}
+
+#[test]
+fn a_supervised_service_restarts_with_backoff_and_its_orphans_are_reaped() -> anyhow::Result<()> {
+    let img = image();
+    let dir = tempfile::tempdir()?;
+    let mut vm = VmBuilder::new(&img.qcow2)
+        .extra_args(fw_cfg_file(
+            dir.path(),
+            "opt/basalt/test-service",
+            "orphan",
+        )?)
+        .spawn()?;
+    expect_line(
+        &mut vm,
+        "service testd (orphan) started under supervision",
+        BOOT,
+    )?;
+    expect_line(&mut vm, "[testd] testd: started, pid ", BOOT)?;
+    let orphan = expect_line(&mut vm, "[testd] testd: orphaned grandchild pid ", BOOT)?;
+    let pid: u32 = orphan
+        .trim_end()
+        .rsplit(' ')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no pid in {orphan:?}"))?;
+    // The grandchild exited a second after its parent left it to PID1; PID1 reaped it,
+    // so /proc (read by the service from inside the guest) shows no zombie at all.
+    let zombies = expect_line(&mut vm, "[testd] testd: zombies: ", BOOT)?;
+    assert!(zombies.contains("zombies: 0 []"), "pid {pid}: {zombies}");
+    expect_line(
+        &mut vm,
+        "service testd restarted (restart 1, last exit Some(Code(3)))",
+        BOOT,
+    )?;
+    // The second run starts after the backoff and runs the same way.
+    let timeout = vm.accel().scale(BOOT);
+    let second = vm.wait_until(timeout, |serial| {
+        (serial.matches("[testd] testd: started, pid ").count() >= 2).then_some(())
+    });
+    second.map_err(|e| common::dump(&vm, e))?;
+    assert_no_errors(&vm);
+    Ok(())
+}
