@@ -81,6 +81,7 @@ pub fn run() -> ! {
         start_test_service(&mut supervisor, &mode);
     }
     report_entropy();
+    report_footprint();
     console::milestone(Milestone::Standby);
     serve(&all, &mut supervisor)
 }
@@ -181,6 +182,23 @@ fn start_test_service(supervisor: &mut Supervisor, mode: &str) {
         Ok(()) => console::info(&format!("service testd ({mode}) started under supervision")),
         Err(e) => console::error("service testd", &e),
     }
+}
+
+/// PID1's resident memory, read from its own `/proc/self/status` (the figure that
+/// `basalt bench boot` reports): `footprint: PID1 VmRSS 1234 kB, VmHWM 2345 kB`.
+fn report_footprint() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or_else(|| "?".to_owned(), |v| v.trim().to_owned())
+    };
+    console::info(&format!(
+        "footprint: PID1 VmRSS {}, VmHWM {}",
+        field("VmRSS:"),
+        field("VmHWM:")
+    ));
 }
 
 /// Says whether the kernel's CRNG is ready: until it is, getrandom(2) blocks, and with
