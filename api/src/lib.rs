@@ -8,4 +8,6 @@
 
 pub mod bootparams;
 pub mod config;
+pub mod k3s;
 pub mod milestone;
+pub mod node;

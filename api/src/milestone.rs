@@ -22,6 +22,12 @@ pub enum Milestone {
     /// The first DHCP lease is applied. Asynchronous to the others, and only on nodes with
     /// a network interface, so not part of [`Milestone::ALL`].
     NetworkUp,
+    /// The clock was set from an NTP server. Asynchronous too, and only with servers
+    /// configured, so not part of [`Milestone::ALL`].
+    TimeSynced,
+    /// `k3s agent` was started under supervision after the server's CA passed the
+    /// token's hash check. Only on nodes told to join, so not part of [`Milestone::ALL`].
+    Joined,
 }
 
 impl Milestone {
@@ -43,6 +49,8 @@ impl Milestone {
             Milestone::Ready => "ready",
             Milestone::Standby => "standby",
             Milestone::NetworkUp => "network-up",
+            Milestone::TimeSynced => "time-synced",
+            Milestone::Joined => "joined",
         }
     }
 }
@@ -72,7 +80,11 @@ mod tests {
 
     #[test]
     fn format_then_parse_round_trips() {
-        for m in Milestone::ALL {
+        for m in Milestone::ALL.into_iter().chain([
+            Milestone::NetworkUp,
+            Milestone::TimeSynced,
+            Milestone::Joined,
+        ]) {
             let line = format(m, 1.23456);
             assert_eq!(parse(&line), Some((m.name(), 1.235)));
         }

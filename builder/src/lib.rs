@@ -20,6 +20,8 @@ pub mod interrupt;
 pub mod kmod;
 pub mod lock;
 pub mod manifest;
+pub mod node;
+pub mod pki;
 pub mod progress;
 pub mod rootfs;
 pub mod sbom;

@@ -78,6 +78,13 @@ enum Cmd {
         #[arg(long)]
         manifest: Option<PathBuf>,
     },
+    /// The pool CA: create it, issue client and node certificates.
+    Pki {
+        #[command(subcommand)]
+        what: basalt_builder::pki::cli::PkiCmd,
+    },
+    /// Talk to a node's API over mutual TLS: status, apply a config, logs, reboot, shutdown.
+    Node(basalt_builder::node::cli::NodeArgs),
 }
 
 #[derive(Subcommand)]
@@ -199,6 +206,8 @@ fn run() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Pki { what } => Ok(basalt_builder::pki::cli::run(what)?),
+        Cmd::Node(args) => Ok(basalt_builder::node::cli::run(args)?),
     }
 }
 

@@ -12,13 +12,16 @@
 pub mod config_source;
 pub mod console;
 pub mod dm;
+pub mod grow;
 pub mod kernel;
+pub mod metadata;
 pub mod modprobe;
 pub mod modules;
 pub mod mounts;
 pub mod net;
 pub mod network;
 pub mod partition;
+pub mod power;
 pub mod stage1;
 pub mod stage2;
 pub mod state;

@@ -3,9 +3,10 @@
 
 use crate::console;
 use crate::mounts;
+use crate::net::sntp;
 use crate::supervise::{Exit, RestartPolicy, ServiceSpec, Supervisor};
 use crate::sys::Real;
-use crate::{config_source, kernel, modprobe, network, testd};
+use crate::{config_source, kernel, metadata, modprobe, network, testd};
 use basalt_api::config::MachineConfig;
 use basalt_api::milestone::Milestone;
 use nix::errno::Errno;
@@ -53,27 +54,78 @@ pub fn run() -> ! {
         Err(e) => console::error("STATE", &e),
     }
     prepare_kernel_for_k3s(&mut sys);
+    crate::power::watch_power_button(Path::new("/"));
     // Ctrl-Alt-Del then arrives as SIGINT instead of an immediate reboot.
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
         console::error("disable ctrl-alt-del", &e);
     }
     coldplug(&mut sys, root);
     console::milestone(Milestone::Ready);
-    let config = read_machine_config(&mut sys, state_mounted);
+    // Local sources first (STATE, fw_cfg); off Hetzner the kernel command line too, since
+    // no metadata service comes before it.
+    let hetzner = metadata::on_hetzner(root);
+    let mut config = read_machine_config(&mut sys, state_mounted);
+    if config.is_none() && !hetzner {
+        config = report_found(config_source::from_cmdline(root, state_mounted));
+    }
     let net = config
         .as_ref()
         .map(|c| c.network.clone())
         .unwrap_or_default();
-    let hostname = config
+    let mut hostname = config
         .as_ref()
         .and_then(|c| c.node.hostname.as_ref())
         .map(|h| h.as_str().to_owned());
-    if let Some(name) = &hostname {
-        if let Err(e) = nix::unistd::sethostname(name) {
-            console::error("set hostname", &e);
+    set_hostname(hostname.as_deref());
+    let up = network::start(root, &net, hostname.clone());
+    if hetzner {
+        let meta = fetch_metadata(&up);
+        if config.is_none() {
+            config = match &meta {
+                Some(m) => report_found(config_source::from_metadata(root, m, state_mounted)),
+                None => None,
+            };
+            if config.is_none() {
+                config = report_found(config_source::from_cmdline(root, state_mounted));
+            }
+            // A config that arrived over the network adds its static part now.
+            if let Some(c) = &config {
+                if let Some(iface) = network::first_ethernet(root) {
+                    for e in network::apply_static(&iface, &c.network) {
+                        console::error("network", &e);
+                    }
+                }
+                if !c.network.dns.is_empty() {
+                    network::write_resolv_conf("the machine config", &c.network.dns);
+                }
+            }
+        }
+        if let Some(m) = &meta {
+            if hostname.is_none() && !m.hostname.is_empty() {
+                hostname = Some(m.hostname.clone());
+                set_hostname(hostname.as_deref());
+            }
+            let want_v6 = config.as_ref().is_none_or(|c| c.network.ipv6_from_metadata);
+            if let (true, Some((addr, prefix)), Some(iface)) =
+                (want_v6, m.ipv6, network::first_ethernet(root))
+            {
+                match network::apply_ipv6(&iface, addr, prefix) {
+                    Ok(()) => console::info(&format!(
+                        "network: {iface}: IPv6 {addr}/{prefix} via fe80::1 from metadata"
+                    )),
+                    Err(e) => console::error("network", &e),
+                }
+            }
         }
     }
-    let _up = network::start(root, &net, hostname);
+    let ntp: Vec<String> = config
+        .as_ref()
+        .map(|c| c.network.ntp.iter().map(ToString::to_string).collect())
+        .unwrap_or_default();
+    start_time_sync(ntp, up.clone());
+    if config.is_none() {
+        console::info("machine config: none; standby with read-only endpoints");
+    }
     let mut supervisor = Supervisor::new(Box::new(|name, line| {
         console::info(&format!("[{name}] {line}"));
     }));
@@ -84,6 +136,91 @@ pub fn run() -> ! {
     report_footprint();
     console::milestone(Milestone::Standby);
     serve(&all, &mut supervisor)
+}
+
+fn set_hostname(name: Option<&str>) {
+    if let Some(name) = name {
+        if let Err(e) = nix::unistd::sethostname(name) {
+            console::error("set hostname", &e);
+        }
+    }
+}
+
+/// How long the metadata service may take to become reachable (the DHCP lease first).
+const METADATA_WAIT: Duration = Duration::from_secs(20);
+/// How long time sync waits for the network; it is never fatal.
+const TIME_SYNC_WAIT: Duration = Duration::from_secs(60);
+
+/// Hetzner's metadata, once the network is up: hostname, IPv6, user-data.
+fn fetch_metadata(up: &network::NetworkUp) -> Option<metadata::Metadata> {
+    if !up.wait(METADATA_WAIT) {
+        console::info("metadata: network not up; skipped");
+        return None;
+    }
+    match metadata::fetch(metadata::BASE_URL, Duration::from_secs(2)) {
+        Ok(m) => {
+            console::info(&format!(
+                "metadata: Hetzner instance {}, hostname {:?}",
+                m.instance_id, m.hostname
+            ));
+            Some(m)
+        }
+        Err(e) => {
+            console::error("metadata", &e);
+            None
+        }
+    }
+}
+
+/// SNTP against the configured servers in a thread of its own once the network is up:
+/// bounded, logged, never fatal. Success prints `time-synced`.
+fn start_time_sync(servers: Vec<String>, up: network::NetworkUp) {
+    if servers.is_empty() {
+        console::info("time: no NTP servers in the config; clock left as the hypervisor set it");
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("sntp".into())
+        .spawn(move || {
+            if !up.wait(TIME_SYNC_WAIT) {
+                console::info("time: network not up; no sync");
+                return;
+            }
+            match sntp::sync(&servers, Duration::from_secs(3), true) {
+                Ok(s) => {
+                    console::info(&format!(
+                        "time: {} ({}) offset {} delay {:?}, clock {}",
+                        s.server,
+                        s.addr,
+                        s.offset,
+                        s.delay,
+                        if s.clock_set { "stepped" } else { "kept" }
+                    ));
+                    console::milestone(Milestone::TimeSynced);
+                }
+                Err(e) => console::error("time sync", &e),
+            }
+        });
+    if let Err(e) = spawned {
+        console::error("start time sync", &e);
+    }
+}
+
+/// Reports what a later config source found; the config if there was one.
+fn report_found(
+    found: Result<config_source::Found, config_source::SourceError>,
+) -> Option<MachineConfig> {
+    match found {
+        Ok(config_source::Found::None) => None,
+        Ok(config_source::Found::Config(source, config)) => {
+            console::info(&format!("machine config from {}", source.name()));
+            Some(*config)
+        }
+        Err(e) => {
+            console::error("machine config", &e);
+            None
+        }
+    }
 }
 
 /// PID1's loop: signals one at a time, reaping (every exit also goes to the supervisor)
@@ -248,7 +385,7 @@ fn read_machine_config(sys: &mut Real, state_mounted: bool) -> Option<MachineCon
     }
     match config_source::load(root, state_mounted) {
         Ok(config_source::Found::None) => {
-            console::info("machine config: none; standby with read-only endpoints");
+            console::info("machine config: none in STATE or fw_cfg");
             None
         }
         Ok(config_source::Found::Config(source, config)) => {

@@ -141,3 +141,79 @@ fn a_supervised_service_restarts_with_backoff_and_its_orphans_are_reaped() -> an
     assert_no_errors(&vm);
     Ok(())
 }
+
+/// An SNTP server double on the host's loopback, port 123: answers every request with
+/// the host's clock (mode 4, stratum 2, our origin timestamp echoed). QEMU's user network
+/// maps the guest's 10.0.2.2 to the host's 127.0.0.1, so the guest reaches it and nothing
+/// else. Returns how many requests it answered so far.
+fn sntp_double() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicUsize>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let socket = std::net::UdpSocket::bind("127.0.0.1:123")
+        .map_err(|e| anyhow::anyhow!("SNTP double: bind 127.0.0.1:123: {e}"))?;
+    let answered = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            if n < 48 {
+                continue;
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let mut ts = [0u8; 8];
+            ts[..4].copy_from_slice(&((now.as_secs() + 2_208_988_800) as u32).to_be_bytes());
+            ts[4..].copy_from_slice(
+                &(((u64::from(now.subsec_nanos()) << 32) / 1_000_000_000) as u32).to_be_bytes(),
+            );
+            let mut reply = [0u8; 48];
+            reply[0] = 0x24; // LI 0, version 4, mode 4 (server)
+            reply[1] = 2; // stratum
+            reply[12..16].copy_from_slice(b"TEST");
+            reply[16..24].copy_from_slice(&ts);
+            reply[24..32].copy_from_slice(&buf[40..48]); // origin = their transmit
+            reply[32..40].copy_from_slice(&ts);
+            reply[40..48].copy_from_slice(&ts);
+            if socket.send_to(&reply, from).is_ok() {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    Ok(answered)
+}
+
+#[test]
+fn sntp_against_the_configured_server_reaches_time_synced() -> anyhow::Result<()> {
+    let answered = sntp_double()?;
+    let img = image();
+    let dir = tempfile::tempdir()?;
+    let config = STATIC_API.replace("[api]", "[network]\nntp = [\"10.0.2.2\"]\n[api]");
+    // restrict=off so that 10.0.2.2:123 reaches the host's loopback; the guest sends
+    // nothing but DHCP (answered inside QEMU) and SNTP to that address.
+    let mut args: Vec<String> = [
+        "-netdev",
+        "user,id=n0",
+        "-device",
+        "virtio-net-pci,netdev=n0",
+        "-device",
+        "virtio-rng-pci",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(fw_cfg_file(dir.path(), "opt/basalt/config", &config)?);
+    let mut vm = VmBuilder::new(&img.qcow2).extra_args(args).spawn()?;
+    let line = expect_line(&mut vm, "[basalt] time: 10.0.2.2 ", BOOT)?;
+    assert!(line.contains("clock stepped"), "{line}");
+    expect_line(&mut vm, "[basalt] time-synced t=", BOOT)?;
+    assert!(answered.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert_no_errors(&vm);
+    Ok(())
+}
+
+/// A config with only the (framing-checked) API material, to add sections to.
+const STATIC_API: &str = r#"version = 1
+[api]
+ca = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"
+cert = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"
+key = "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n"
+"#;

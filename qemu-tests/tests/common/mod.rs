@@ -59,13 +59,24 @@ pub fn build_into(name: &str) -> anyhow::Result<Image> {
 /// Builds the default image into `target/tmp/e2e/<name>` with the given cache.
 pub fn build_with(name: &str, cache: &Path) -> anyhow::Result<Image> {
     let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e");
+    let (k3s, _) = k3s_standins(&root.join("standins"))?;
+    build_with_k3s(name, cache, &k3s)
+}
+
+/// Builds the default image into `target/tmp/e2e/<name>` with `k3s` as the K3s binary
+/// (a stand-in, or the K3s agent double that the join tests run).
+pub fn build_with_k3s(name: &str, cache: &Path, k3s: &Path) -> anyhow::Result<Image> {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e");
     let dir = root.join(name);
-    let (k3s, images) = k3s_standins(&root.join("standins"))?;
+    let (_, images) = k3s_standins(&root.join("standins"))?;
     let opts = BuildOptions {
         spec: workspace().join("images/k3s-node.toml"),
         out_dir: dir.clone(),
         cache_dir: cache.to_path_buf(),
-        overrides: vec![("k3s".into(), k3s), ("k3s-images".into(), images)],
+        overrides: vec![
+            ("k3s".into(), k3s.to_path_buf()),
+            ("k3s-images".into(), images),
+        ],
         // The committed lock must agree with the spec: what a release pipeline runs.
         locked: true,
     };

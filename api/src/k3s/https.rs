@@ -1,0 +1,534 @@
+//! One HTTPS GET, the way K3s's agent asks a server for `/cacerts`.
+//!
+//! rustls (ring provider) straight over a `TcpStream` with a minimal HTTP/1.1 client
+//! (`Connection: close`; `Content-Length`, chunked, or up to EOF), parsed with httparse.
+//! No HTTP client crate: the blocking ones either bring tokio (reqwest) or a second TLS
+//! stack and pool machinery (ureq), and PID1 asks exactly one question of one server,
+//! which needs none of that. Every read and write runs against one deadline.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
+
+use super::K3sError;
+
+/// Larger response heads are refused.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// A K3s server URL as the machine config carries it: `https://host[:port][/path]`.
+#[derive(Debug, Clone)]
+pub(super) struct Server {
+    /// `host[:port]` as written, for the `Host` header and messages.
+    authority: String,
+    host: String,
+    port: u16,
+}
+
+impl Server {
+    pub(super) fn parse(server: &str) -> Result<Server, K3sError> {
+        let bad = |reason| K3sError::BadUrl {
+            server: server.to_owned(),
+            reason,
+        };
+        let rest = server
+            .strip_prefix("https://")
+            .ok_or(bad("only https:// URLs are supported"))?;
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if authority.contains('@') {
+            return Err(bad("user information in the URL is not supported"));
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (host, after) = v6.split_once(']').ok_or(bad("unclosed IPv6 bracket"))?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let port = match port {
+            None | Some("") => 443,
+            Some(p) => p.parse().map_err(|_| bad("bad port"))?,
+        };
+        Ok(Server {
+            authority: authority.to_owned(),
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    pub(super) fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.authority)
+    }
+
+    fn server_name(&self) -> Result<ServerName<'static>, K3sError> {
+        match self.host.parse::<IpAddr>() {
+            Ok(ip) => Ok(ServerName::IpAddress(ip.into())),
+            Err(_) => ServerName::try_from(self.host.clone()).map_err(|_| K3sError::BadUrl {
+                server: self.url(""),
+                reason: "the host is not a valid DNS name",
+            }),
+        }
+    }
+}
+
+pub(super) fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// GET `path` from `server`; the body of a 2xx answer, at most `limit` bytes.
+pub(super) fn get(
+    server: &Server,
+    path: &str,
+    verifier: Arc<dyn ServerCertVerifier>,
+    timeout: Duration,
+    limit: usize,
+) -> Result<Vec<u8>, K3sError> {
+    let url = server.url(path);
+    let deadline = Instant::now() + timeout;
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(K3sError::TlsConfig)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let conn = ClientConnection::new(Arc::new(config), server.server_name()?)
+        .map_err(K3sError::TlsConfig)?;
+    let sock = connect(server, &url, deadline)?;
+    let mut tls = Deadlined {
+        inner: rustls::StreamOwned::new(conn, sock),
+        deadline,
+    };
+    while tls.inner.conn.is_handshaking() {
+        tls.arm()
+            .and_then(|s| s.conn.complete_io(&mut s.sock))
+            .map_err(|source| K3sError::Handshake {
+                url: url.clone(),
+                source,
+            })?;
+    }
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: basalt\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+        server.authority
+    );
+    tls.write_all(request.as_bytes())
+        .and_then(|()| tls.flush())
+        .map_err(|source| K3sError::Send {
+            url: url.clone(),
+            source,
+        })?;
+    read_response(&mut tls, &url, limit)
+}
+
+fn connect(server: &Server, url: &str, deadline: Instant) -> Result<TcpStream, K3sError> {
+    let addrs = (server.host.as_str(), server.port)
+        .to_socket_addrs()
+        .map_err(|source| K3sError::Resolve {
+            url: url.to_owned(),
+            source,
+        })?;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
+    for addr in addrs {
+        let left = remaining(deadline).unwrap_or_default();
+        if left.is_zero() {
+            last = io::ErrorKind::TimedOut.into();
+            break;
+        }
+        match TcpStream::connect_timeout(&addr, left) {
+            Ok(s) => {
+                // Best effort: one small request, no need to wait for more data to batch.
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(K3sError::Connect {
+        url: url.to_owned(),
+        source: last,
+    })
+}
+
+fn remaining(deadline: Instant) -> Option<Duration> {
+    deadline.checked_duration_since(Instant::now())
+}
+
+/// The TLS stream with the socket's timeouts set to what is left before the deadline.
+struct Deadlined {
+    inner: rustls::StreamOwned<ClientConnection, TcpStream>,
+    deadline: Instant,
+}
+
+impl Deadlined {
+    fn arm(&mut self) -> io::Result<&mut rustls::StreamOwned<ClientConnection, TcpStream>> {
+        let left = remaining(self.deadline)
+            .filter(|d| !d.is_zero())
+            .ok_or(io::ErrorKind::TimedOut)?;
+        self.inner.sock.set_read_timeout(Some(left))?;
+        self.inner.sock.set_write_timeout(Some(left))?;
+        Ok(&mut self.inner)
+    }
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?.read(buf)
+    }
+}
+
+impl Write for Deadlined {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.arm()?.flush()
+    }
+}
+
+/// Bytes read so far and where the body reader stands in them.
+struct Incoming<'r, R> {
+    reader: &'r mut R,
+    buf: Vec<u8>,
+    pos: usize,
+    url: &'r str,
+    limit: usize,
+}
+
+impl<R: Read> Incoming<'_, R> {
+    /// Reads more; `false` at the end of the stream. A TCP close without TLS close_notify
+    /// counts as the end: what arrived is checked (length, hash) anyway.
+    fn fill(&mut self) -> Result<bool, K3sError> {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match self.reader.read(&mut chunk) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    if self.buf.len() - self.pos + n > self.limit + MAX_HEAD {
+                        return Err(self.too_large());
+                    }
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+                Err(source) => {
+                    return Err(K3sError::Receive {
+                        url: self.url.to_owned(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    fn need(&mut self, n: usize) -> Result<(), K3sError> {
+        while self.buf.len() - self.pos < n {
+            if !self.fill()? {
+                return Err(self.malformed("the body ends early"));
+            }
+        }
+        Ok(())
+    }
+
+    fn malformed(&self, reason: &str) -> K3sError {
+        K3sError::BadResponse {
+            url: self.url.to_owned(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn too_large(&self) -> K3sError {
+        K3sError::TooLarge {
+            url: self.url.to_owned(),
+            limit: self.limit,
+        }
+    }
+}
+
+enum Framing {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+fn read_response<R: Read>(reader: &mut R, url: &str, limit: usize) -> Result<Vec<u8>, K3sError> {
+    let mut inc = Incoming {
+        reader,
+        buf: Vec::new(),
+        pos: 0,
+        url,
+        limit,
+    };
+    let (status, framing) = loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&inc.buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let framing = framing(resp.headers).map_err(|r| inc.malformed(r))?;
+                inc.pos = len;
+                break (resp.code.unwrap_or_default(), framing);
+            }
+            Ok(httparse::Status::Partial) if inc.buf.len() > MAX_HEAD => {
+                return Err(inc.malformed("the response head is too large"))
+            }
+            Ok(httparse::Status::Partial) => {
+                if !inc.fill()? {
+                    return Err(inc.malformed("the connection closed before the response head"));
+                }
+            }
+            Err(e) => return Err(inc.malformed(&e.to_string())),
+        }
+    };
+    if !(200..=299).contains(&status) {
+        return Err(K3sError::Status {
+            url: url.to_owned(),
+            status,
+        });
+    }
+    match framing {
+        Framing::Length(n) if n > limit => Err(inc.too_large()),
+        Framing::Length(n) => {
+            inc.need(n)?;
+            Ok(inc.buf[inc.pos..inc.pos + n].to_vec())
+        }
+        Framing::Chunked => read_chunked(&mut inc),
+        Framing::UntilClose => {
+            while inc.fill()? {}
+            let body = inc.buf.split_off(inc.pos);
+            if body.len() > limit {
+                return Err(inc.too_large());
+            }
+            Ok(body)
+        }
+    }
+}
+
+fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, &'static str> {
+    let value = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+    };
+    if let Some(te) = value("transfer-encoding") {
+        return if te == "chunked" {
+            Ok(Framing::Chunked)
+        } else {
+            Err("unsupported transfer encoding")
+        };
+    }
+    match value("content-length") {
+        Some(n) => n
+            .parse()
+            .map(Framing::Length)
+            .map_err(|_| "bad content length"),
+        None => Ok(Framing::UntilClose),
+    }
+}
+
+fn read_chunked<R: Read>(inc: &mut Incoming<'_, R>) -> Result<Vec<u8>, K3sError> {
+    let mut body = Vec::new();
+    loop {
+        let (used, size) = loop {
+            match httparse::parse_chunk_size(&inc.buf[inc.pos..]) {
+                Ok(httparse::Status::Complete(found)) => break found,
+                Ok(httparse::Status::Partial) => {
+                    if !inc.fill()? {
+                        return Err(inc.malformed("the body ends early"));
+                    }
+                }
+                Err(_) => return Err(inc.malformed("bad chunk size")),
+            }
+        };
+        inc.pos += used;
+        if size == 0 {
+            // Trailers, if any, are of no interest.
+            return Ok(body);
+        }
+        let size = usize::try_from(size).map_err(|_| inc.too_large())?;
+        if body.len().saturating_add(size) > inc.limit {
+            return Err(inc.too_large());
+        }
+        inc.need(size + 2)?;
+        body.extend_from_slice(&inc.buf[inc.pos..inc.pos + size]);
+        if &inc.buf[inc.pos + size..inc.pos + size + 2] != b"\r\n" {
+            return Err(inc.malformed("chunk without CRLF"));
+        }
+        inc.pos += size + 2;
+        // Drop consumed bytes so a long stream of small chunks cannot grow the buffer.
+        inc.buf.drain(..inc.pos);
+        inc.pos = 0;
+    }
+}
+
+/// Accepts any server certificate, as Go's `InsecureSkipVerify` does for K3s's first
+/// `/cacerts` request; the handshake signatures are still checked, so the peer holds the
+/// key of the certificate it showed.
+#[derive(Debug)]
+pub(super) struct AcceptAnyCertificate(pub Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls() {
+        let ok = |s: &str| {
+            let srv = Server::parse(s).unwrap();
+            let url = srv.url("/cacerts");
+            (srv.host, srv.port, url)
+        };
+        assert_eq!(
+            ok("https://10.0.2.2:6443"),
+            (
+                "10.0.2.2".into(),
+                6443,
+                "https://10.0.2.2:6443/cacerts".into()
+            )
+        );
+        assert_eq!(
+            ok("https://k3s.example:6443/some/path/"),
+            (
+                "k3s.example".into(),
+                6443,
+                "https://k3s.example:6443/cacerts".into()
+            )
+        );
+        assert_eq!(
+            ok("https://k3s.example"),
+            (
+                "k3s.example".into(),
+                443,
+                "https://k3s.example/cacerts".into()
+            )
+        );
+        assert_eq!(
+            ok("https://[fd00::1]:6443"),
+            (
+                "fd00::1".into(),
+                6443,
+                "https://[fd00::1]:6443/cacerts".into()
+            )
+        );
+        for bad in [
+            "http://10.0.2.2:6443",
+            "10.0.2.2:6443",
+            "https://",
+            "https://:6443",
+            "https://host:port",
+            "https://host:70000",
+            "https://[fd00::1:6443",
+            "https://user:pw@host:6443",
+        ] {
+            assert!(
+                matches!(Server::parse(bad), Err(K3sError::BadUrl { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    fn parse(raw: &[u8], limit: usize) -> Result<Vec<u8>, K3sError> {
+        read_response(
+            &mut io::Cursor::new(raw.to_vec()),
+            "https://t/cacerts",
+            limit,
+        )
+    }
+
+    #[test]
+    fn response_framing() {
+        let body = b"-----BEGIN CERTIFICATE-----\n".to_vec();
+        let cl = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 28\r\n\r\n".as_slice(),
+            &body,
+            b"ignored",
+        ]
+        .concat();
+        assert_eq!(parse(&cl, 1024).unwrap(), body);
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n5\r\n-----\r\n17;x=y\r\nBEGIN CERTIFICATE-----\n\r\n0\r\nTrailer: t\r\n\r\n";
+        assert_eq!(parse(chunked, 1024).unwrap(), body);
+        let eof = [b"HTTP/1.1 200 OK\r\n\r\n".as_slice(), &body].concat();
+        assert_eq!(parse(&eof, 1024).unwrap(), body);
+    }
+
+    #[test]
+    fn response_refusals() {
+        let cases: [(&[u8], usize, &str); 8] = [
+            (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", 64, "status 404"),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 65\r\n\r\n", 64, "too large"),
+            (b"HTTP/1.1 200 OK\r\n\r\n0123456789", 4, "too large"),
+            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n9\r\n0123456789\r\n0\r\n\r\n", 4, "too large"),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", 64, "ends early"),
+            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc", 64, "ends early"),
+            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", 64, "transfer encoding"),
+            (b"SSH-2.0-OpenSSH\r\n\r\n", 64, "malformed"),
+        ];
+        for (raw, limit, what) in cases {
+            let err = parse(raw, limit).unwrap_err();
+            let ok = match what {
+                "status 404" => matches!(err, K3sError::Status { status: 404, .. }),
+                "too large" => matches!(err, K3sError::TooLarge { .. }),
+                "malformed" => matches!(err, K3sError::BadResponse { .. }),
+                reason => {
+                    matches!(&err, K3sError::BadResponse { reason: r, .. } if r.contains(reason))
+                }
+            };
+            assert!(ok, "{what}: {err:?}");
+            assert!(err.to_string().contains("https://t/cacerts"), "{err}");
+        }
+    }
+}

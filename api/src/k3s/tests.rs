@@ -1,0 +1,363 @@
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    date_time_ymd, BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::{Digest, Sha256};
+
+use super::*;
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+struct Ca {
+    cert: Certificate,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn pem(&self) -> String {
+        self.cert.pem()
+    }
+    fn der(&self) -> &[u8] {
+        self.cert.der()
+    }
+}
+
+fn params(cn: &str, ca: bool, aki: bool) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.use_authority_key_identifier_extension = aki;
+    if ca {
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+    } else {
+        p.is_ca = IsCa::ExplicitNoCa;
+    }
+    p
+}
+
+fn issue(p: CertificateParams, by: Option<&Ca>) -> Ca {
+    let key = KeyPair::generate().unwrap();
+    let cert = match by {
+        Some(parent) => p.signed_by(&key, &parent.issuer).unwrap(),
+        None => p.self_signed(&key).unwrap(),
+    };
+    Ca {
+        cert,
+        issuer: Issuer::new(p, key),
+    }
+}
+
+fn root(cn: &str) -> Ca {
+    issue(params(cn, true, false), None)
+}
+
+#[test]
+fn a_single_certificate_hashes_the_bytes_as_served() {
+    let ca = root("k3s-server-ca");
+    let pem = ca.pem();
+    assert_eq!(ca_hash(pem.as_bytes()).unwrap(), sha(pem.as_bytes()));
+    // The bytes, not the certificate: another newline is another hash.
+    let more = format!("{pem}\n");
+    assert_eq!(ca_hash(more.as_bytes()).unwrap(), sha(more.as_bytes()));
+    assert_ne!(sha(more.as_bytes()), sha(pem.as_bytes()));
+    assert_ne!(ca_hash(pem.as_bytes()).unwrap(), sha(ca.der()));
+}
+
+#[test]
+fn a_bundle_hashes_the_der_of_its_root() {
+    let root = root("root-ca");
+    let intermediate = issue(params("intermediate-ca", true, true), Some(&root));
+    let server_ca = issue(params("server-ca", true, true), Some(&intermediate));
+    let want = sha(root.der());
+    let two = format!("{}{}", intermediate.pem(), root.pem());
+    assert_eq!(ca_hash(two.as_bytes()).unwrap(), want);
+    // Text between blocks and other PEM blocks do not change the root.
+    let noisy = format!(
+        "# bundle\n{}\n-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n{}\n\n",
+        intermediate.pem(),
+        root.pem()
+    );
+    assert_eq!(ca_hash(noisy.as_bytes()).unwrap(), want);
+    let three = format!("{}{}{}", server_ca.pem(), intermediate.pem(), root.pem());
+    assert_eq!(ca_hash(three.as_bytes()).unwrap(), want);
+    // Pool order does not matter, only the first certificate's place.
+    let shuffled = format!("{}{}{}", server_ca.pem(), root.pem(), intermediate.pem());
+    assert_eq!(ca_hash(shuffled.as_bytes()).unwrap(), want);
+    // A leaf first, as some bundles have it: still the root.
+    let mut leaf = params("k3s", false, true);
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf = issue(leaf, Some(&intermediate));
+    let with_leaf = format!("{}{}{}", leaf.pem(), intermediate.pem(), root.pem());
+    assert_eq!(ca_hash(with_leaf.as_bytes()).unwrap(), want);
+}
+
+#[test]
+fn a_self_signed_root_with_its_own_key_id_is_a_root() {
+    // AKI == SKI: K3s files it with the roots.
+    let root = issue(params("root-ca", true, true), None);
+    let intermediate = issue(params("intermediate-ca", true, true), Some(&root));
+    let bundle = format!("{}{}", intermediate.pem(), root.pem());
+    assert_eq!(ca_hash(bundle.as_bytes()).unwrap(), sha(root.der()));
+}
+
+/// Bundles where Go's `Verify` finds no chain: K3s hashes the bytes as served.
+#[test]
+fn a_bundle_without_a_chain_hashes_the_bytes() {
+    let root_ca = root("root-ca");
+    let intermediate = issue(params("intermediate-ca", true, true), Some(&root_ca));
+
+    let mut expired = params("old-root", true, false);
+    expired.not_before = date_time_ymd(2000, 1, 1);
+    expired.not_after = date_time_ymd(2001, 1, 1);
+    let expired = issue(expired, None);
+    let under_expired = issue(params("under-old-root", true, true), Some(&expired));
+
+    let not_a_ca = issue(params("not-a-ca", false, true), Some(&root_ca));
+    let under_not_a_ca = issue(params("below-not-a-ca", true, true), Some(&not_a_ca));
+
+    let mut constrained = params("constrained-root", true, false);
+    constrained.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let constrained = issue(constrained, None);
+    let mid = issue(params("mid", true, true), Some(&constrained));
+    let below_mid = issue(params("below-mid", true, true), Some(&mid));
+
+    let mut client_only = params("client-only-ca", true, true);
+    client_only.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_only = issue(client_only, Some(&root_ca));
+
+    let cases = [
+        (
+            "root first",
+            format!("{}{}", root_ca.pem(), intermediate.pem()),
+        ),
+        (
+            "unrelated",
+            format!("{}{}", intermediate.pem(), root("other").pem()),
+        ),
+        // Same name as the real root, another key: the signature does not verify.
+        (
+            "impostor",
+            format!("{}{}", intermediate.pem(), root("root-ca").pem()),
+        ),
+        (
+            "expired root",
+            format!("{}{}", under_expired.pem(), expired.pem()),
+        ),
+        (
+            "intermediate not a CA",
+            format!(
+                "{}{}{}",
+                under_not_a_ca.pem(),
+                not_a_ca.pem(),
+                root_ca.pem()
+            ),
+        ),
+        (
+            "path length",
+            format!("{}{}{}", below_mid.pem(), mid.pem(), constrained.pem()),
+        ),
+        (
+            "client auth only",
+            format!("{}{}", client_only.pem(), root_ca.pem()),
+        ),
+    ];
+    for (what, bundle) in cases {
+        assert_eq!(
+            ca_hash(bundle.as_bytes()).unwrap(),
+            sha(bundle.as_bytes()),
+            "{what}"
+        );
+    }
+    // The same shapes with a valid chain do hash the root: the cases above fail for the
+    // reason they name.
+    let ok = format!("{}{}", mid.pem(), constrained.pem());
+    assert_eq!(ca_hash(ok.as_bytes()).unwrap(), sha(constrained.der()));
+}
+
+#[test]
+fn a_bundle_without_certificates_is_an_error() {
+    assert!(matches!(ca_hash(b""), Err(K3sError::NoCertificates)));
+    assert!(matches!(ca_hash(b"hello"), Err(K3sError::NoCertificates)));
+    let key_only = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+    assert!(matches!(ca_hash(key_only), Err(K3sError::NoCertificates)));
+    let bad_der = b"-----BEGIN CERTIFICATE-----\nMAMCAQE=\n-----END CERTIFICATE-----\n";
+    assert!(matches!(
+        ca_hash(bad_der),
+        Err(K3sError::BadCertificate { index: 0, .. })
+    ));
+    let good = root("ca").pem();
+    let second_bad = [good.as_bytes(), bad_der].concat();
+    assert!(matches!(
+        ca_hash(&second_bad),
+        Err(K3sError::BadCertificate { index: 1, .. })
+    ));
+}
+
+/// A loopback TLS server for these tests: answers every request with `response`.
+fn serve(signer: &Ca, response: Vec<u8>) -> SocketAddr {
+    let key = KeyPair::generate().unwrap();
+    let mut p = params("test-server", false, true);
+    p.subject_alt_names = vec![
+        rcgen::SanType::IpAddress([127, 0, 0, 1].into()),
+        rcgen::SanType::DnsName("localhost".try_into().unwrap()),
+    ];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = p.signed_by(&key, &signer.issuer).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(https::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    let config = Arc::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for sock in listener.incoming().flatten() {
+            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match tls.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            if head.starts_with(b"GET /cacerts HTTP/1.1\r\n") {
+                let _ = tls.write_all(&response);
+            }
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        }
+    });
+    addr
+}
+
+fn ok_response(body: &[u8]) -> Vec<u8> {
+    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+    [head.as_bytes(), body].concat()
+}
+
+const T: Duration = Duration::from_secs(10);
+
+#[test]
+fn fetch_reads_cacerts_without_verifying_the_server() {
+    let ca = root("k3s-server-ca");
+    let pem = ca.pem();
+    let addr = serve(&ca, ok_response(pem.as_bytes()));
+    let got = fetch_cacerts(&format!("https://{addr}"), T).unwrap();
+    assert_eq!(got, pem.as_bytes());
+    // Any path in the server URL is replaced, as K3s does.
+    let got = fetch_cacerts(&format!("https://{addr}/v1/"), T).unwrap();
+    assert_eq!(got, pem.as_bytes());
+}
+
+#[test]
+fn the_server_check_matches_a_pinned_token() {
+    let ca = root("k3s-server-ca");
+    let pem = ca.pem();
+    let addr = serve(&ca, ok_response(pem.as_bytes()));
+    let server = format!("https://{addr}");
+    let token = Token::parse(&format!("K10{}::server:secret", sha(pem.as_bytes()))).unwrap();
+    assert_eq!(
+        check_server_ca(&server, &token, T).unwrap(),
+        CaCheck::Matched {
+            hash: sha(pem.as_bytes())
+        }
+    );
+    let short = Token::parse("secret").unwrap();
+    assert_eq!(
+        check_server_ca(&server, &short, T).unwrap(),
+        CaCheck::NotPinned
+    );
+}
+
+#[test]
+fn the_server_check_refuses_another_ca() {
+    let ca = root("k3s-server-ca");
+    let pem = ca.pem();
+    let addr = serve(&ca, ok_response(pem.as_bytes()));
+    let server = format!("https://{addr}");
+    let other = sha(root("other-ca").pem().as_bytes());
+    let token = Token::parse(&format!("K10{other}::server:secret")).unwrap();
+    match check_server_ca(&server, &token, T) {
+        Err(K3sError::CaMismatch {
+            server: s,
+            expected,
+            actual,
+        }) => {
+            assert_eq!(s, server);
+            assert_eq!(expected, other);
+            assert_eq!(actual, sha(pem.as_bytes()));
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_server_check_refuses_a_server_its_bundle_does_not_sign() {
+    let signer = root("real-ca");
+    let served = root("served-ca").pem();
+    let addr = serve(&signer, ok_response(served.as_bytes()));
+    let token = Token::parse(&format!("K10{}::server:secret", sha(served.as_bytes()))).unwrap();
+    let err = check_server_ca(&format!("https://{addr}"), &token, T).unwrap_err();
+    assert!(matches!(err, K3sError::CaValidation { .. }), "{err:?}");
+}
+
+#[test]
+fn fetch_errors_name_the_url() {
+    let ca = root("k3s-server-ca");
+    let not_found = serve(
+        &ca,
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+    );
+    let url = format!("https://{not_found}");
+    let err = fetch_cacerts(&url, T).unwrap_err();
+    assert!(
+        matches!(err, K3sError::Status { status: 404, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&format!("{url}/cacerts")), "{err}");
+
+    let huge = serve(&ca, ok_response(&vec![b'x'; CACERTS_LIMIT + 1]));
+    let err = fetch_cacerts(&format!("https://{huge}"), T).unwrap_err();
+    assert!(matches!(err, K3sError::TooLarge { .. }), "{err:?}");
+
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("https://{closed}");
+    let err = fetch_cacerts(&url, T).unwrap_err();
+    assert!(matches!(err, K3sError::Connect { .. }), "{err:?}");
+    assert!(err.to_string().contains(&url), "{err}");
+}
+
+#[test]
+fn a_silent_server_times_out() {
+    // Accepts (the kernel does, from the backlog) and never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let start = Instant::now();
+    let err = fetch_cacerts(&url, Duration::from_millis(500)).unwrap_err();
+    assert!(matches!(err, K3sError::Handshake { .. }), "{err:?}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    drop(listener);
+}

@@ -1,0 +1,234 @@
+//! The node API's wire format: the paths basalt-init serves and the JSON bodies it sends,
+//! shared with the `basalt node` client so both sides agree field for field.
+//!
+//! Every response is JSON except metrics (Prometheus text) and logs (text lines). Errors
+//! are an [`ErrorBody`] with a 4xx or 5xx status. Optional fields are sent as `null` and
+//! read back as `None` when missing, and readers ignore fields they do not know, so a newer
+//! node can add fields without breaking an older client.
+
+use serde::{Deserialize, Serialize};
+
+/// The port the node API listens on unless `[api] listen` says otherwise.
+pub const DEFAULT_PORT: u16 = 50000;
+
+/// Paths of the endpoints, version 1.
+pub mod path {
+    /// `GET`: [`super::Health`]; answered without a client certificate.
+    pub const HEALTH: &str = "/v1/health";
+    /// `GET`: [`super::Status`].
+    pub const STATUS: &str = "/v1/status";
+    /// `POST` a machine config (TOML): [`super::ApplyResponse`].
+    pub const CONFIG: &str = "/v1/config";
+    /// `GET /v1/logs/<service>`, `?follow=1` to stream: text lines.
+    pub const LOGS: &str = "/v1/logs";
+    /// `POST`: reboot the node.
+    pub const REBOOT: &str = "/v1/reboot";
+    /// `POST`: power the node off.
+    pub const SHUTDOWN: &str = "/v1/shutdown";
+    /// `GET`: Prometheus text.
+    pub const METRICS: &str = "/v1/metrics";
+
+    /// The logs path of one service.
+    pub fn logs(service: &str) -> String {
+        format!("{LOGS}/{service}")
+    }
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// Always `"ok"`: a node that answers at all is up.
+    pub status: String,
+    /// The last boot milestone reached (e.g. `standby`, `joined`).
+    pub milestone: String,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The boot timeline so far, in the order reached.
+    pub milestones: Vec<MilestoneTime>,
+    /// The active root slot (`a` or `b`).
+    pub slot: String,
+    pub versions: Versions,
+    /// The node's addresses, as `address/prefix`.
+    pub addresses: Vec<String>,
+    pub hostname: String,
+    /// Where the machine config came from (`state`, `fw_cfg`, `metadata`, `cmdline`), or
+    /// `None` when the node has none.
+    #[serde(default)]
+    pub config_source: Option<String>,
+    pub services: Vec<ServiceInfo>,
+    pub join: JoinStatus,
+    /// PID1's resident memory.
+    #[serde(default)]
+    pub rss_kib: Option<u64>,
+}
+
+/// One boot milestone and when it was reached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MilestoneTime {
+    /// The milestone's name as on the console (`init-start`, `standby`, ...).
+    pub name: String,
+    /// Seconds since kernel start.
+    pub t: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versions {
+    pub basalt: String,
+    pub kernel: String,
+}
+
+/// A supervised service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    /// As the supervisor names it (`running`, `backoff`, `stopped`, ...).
+    pub state: String,
+    pub restarts: u32,
+    /// How the last run ended (`exit 1`, `signal 9`), if it ever ended.
+    #[serde(default)]
+    pub last_exit: Option<String>,
+}
+
+/// Where the node is on its way into the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinStatus {
+    pub state: JoinState,
+    /// The K3s server the node joins or joined.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// Why the last attempt failed (e.g. the server's CA does not match the token).
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinState {
+    /// No `[cluster]` config: waiting to be promoted.
+    Standby,
+    /// A join config was applied; `k3s agent` is being started.
+    Joining,
+    /// `k3s agent` runs with the applied config.
+    Joined,
+    /// The join was refused or failed; see [`JoinStatus::last_error`].
+    Failed,
+}
+
+impl JoinState {
+    pub fn name(self) -> &'static str {
+        match self {
+            JoinState::Standby => "standby",
+            JoinState::Joining => "joining",
+            JoinState::Joined => "joined",
+            JoinState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for JoinState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `POST /v1/config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    /// Whether the config was persisted and put into effect.
+    pub applied: bool,
+    /// Where the config is kept now (`state`).
+    pub source: String,
+    pub join: JoinStatus,
+    /// A sentence for people.
+    pub message: String,
+}
+
+/// The body of every 4xx/5xx response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A status as a node sends it, written out by hand so a renamed field breaks the test.
+    const STATUS_JSON: &str = r#"{
+        "milestones": [{"name": "init-start", "t": 0.512}, {"name": "standby", "t": 1.904}],
+        "slot": "a",
+        "versions": {"basalt": "0.1.0", "kernel": "6.1.0-28-cloud-amd64"},
+        "addresses": ["10.0.2.15/24"],
+        "hostname": "node-1",
+        "config_source": null,
+        "services": [{"name": "k3s", "state": "backoff", "restarts": 3, "last_exit": "exit 1"}],
+        "join": {"state": "failed", "server": "https://10.0.2.2:6443",
+                 "last_error": "CA hash mismatch"},
+        "rss_kib": 2048,
+        "some_future_field": true
+    }"#;
+
+    #[test]
+    fn status_reads_the_documented_fields() {
+        let s: Status = serde_json::from_str(STATUS_JSON).expect("parse");
+        assert_eq!(s.milestones[1].name, "standby");
+        assert_eq!(s.milestones[1].t, 1.904);
+        assert_eq!(s.versions.kernel, "6.1.0-28-cloud-amd64");
+        assert_eq!(s.config_source, None);
+        assert_eq!(s.services[0].last_exit.as_deref(), Some("exit 1"));
+        assert_eq!(s.join.state, JoinState::Failed);
+        assert_eq!(s.join.last_error.as_deref(), Some("CA hash mismatch"));
+        assert_eq!(s.rss_kib, Some(2048));
+    }
+
+    #[test]
+    fn status_round_trips() {
+        let s: Status = serde_json::from_str(STATUS_JSON).expect("parse");
+        let again: Status =
+            serde_json::from_str(&serde_json::to_string(&s).expect("json")).expect("parse");
+        assert_eq!(s, again);
+    }
+
+    #[test]
+    fn join_state_is_lowercase_on_the_wire() {
+        for (state, name) in [
+            (JoinState::Standby, "standby"),
+            (JoinState::Joining, "joining"),
+            (JoinState::Joined, "joined"),
+            (JoinState::Failed, "failed"),
+        ] {
+            assert_eq!(
+                serde_json::to_string(&state).expect("json"),
+                format!("\"{name}\"")
+            );
+            assert_eq!(state.to_string(), name);
+        }
+        assert!(serde_json::from_str::<JoinState>("\"Joined\"").is_err());
+    }
+
+    #[test]
+    fn optional_fields_may_be_missing() {
+        let j: JoinStatus = serde_json::from_str(r#"{"state": "standby"}"#).expect("parse");
+        assert_eq!(j.server, None);
+        assert_eq!(j.last_error, None);
+        let a: ApplyResponse = serde_json::from_str(
+            r#"{"applied": true, "source": "state", "join": {"state": "joining"}, "message": "ok"}"#,
+        )
+        .expect("parse");
+        assert!(a.applied);
+        assert_eq!(a.join.state, JoinState::Joining);
+    }
+
+    #[test]
+    fn error_and_health_bodies() {
+        let e: ErrorBody = serde_json::from_str(r#"{"error": "no"}"#).expect("parse");
+        assert_eq!(e.error, "no");
+        let h: Health =
+            serde_json::from_str(r#"{"status": "ok", "milestone": "standby"}"#).expect("parse");
+        assert_eq!(h.milestone, "standby");
+        assert_eq!(path::logs("k3s"), "/v1/logs/k3s");
+    }
+}

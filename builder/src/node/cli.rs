@@ -1,0 +1,135 @@
+//! `basalt node`: the arguments and what each subcommand prints.
+
+use super::{render, ClientOptions, Endpoint, NodeClient, NodeError};
+use basalt_api::node::JoinState;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Talk to a node's API over mutual TLS.
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// The node API's address: HOST:PORT (port 50000 if left out).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub endpoint: Endpoint,
+    /// The pool CA certificate that signed the node's certificate.
+    #[arg(long, value_name = "CA.pem")]
+    pub ca: PathBuf,
+    /// Our client certificate, issued by the pool CA (`basalt pki issue client`).
+    #[arg(long, value_name = "CERT.pem")]
+    pub cert: PathBuf,
+    /// The client certificate's private key.
+    #[arg(long, value_name = "KEY")]
+    pub key: PathBuf,
+    /// The node's name as in its certificate [default: the endpoint's host]. Needed when
+    /// the endpoint is an address the certificate does not name (e.g. a forwarded port).
+    #[arg(long, value_name = "NODE_NAME")]
+    pub name: Option<String>,
+    /// Print the node's JSON answer as it came instead of a summary.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub what: NodeCmd,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum NodeCmd {
+    /// Boot timeline, slot, versions, addresses, services and the join state.
+    Status,
+    /// Send a machine config (TOML) to the node; with a [cluster] table it joins. Exits
+    /// non-zero if the node did not apply it or could not join.
+    Apply {
+        /// The machine config file.
+        file: PathBuf,
+    },
+    /// A service's log lines.
+    Logs {
+        service: String,
+        /// Keep printing new lines until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Reboot the node.
+    Reboot,
+    /// Power the node off.
+    Shutdown,
+    /// Whether the node answers, and its last boot milestone.
+    Health,
+    /// Prometheus metrics, as text.
+    Metrics,
+}
+
+/// Runs one `basalt node` subcommand, printing to stdout.
+pub fn run(args: NodeArgs) -> Result<(), NodeError> {
+    let client = NodeClient::new(&ClientOptions {
+        endpoint: args.endpoint,
+        ca: args.ca,
+        cert: args.cert,
+        key: args.key,
+        name: args.name,
+    })?;
+    let json = args.json;
+    let text = match args.what {
+        NodeCmd::Status => {
+            let r = client.status()?;
+            pick(json, r.raw, || render::status(&r.body))
+        }
+        NodeCmd::Apply { file } => {
+            let config = std::fs::read_to_string(&file)
+                .map_err(|source| NodeError::Read { path: file, source })?;
+            let r = client.apply(config)?;
+            print(&pick(json, r.raw, || render::apply(&r.body)))?;
+            if !r.body.applied {
+                return Err(NodeError::NotApplied(r.body.message));
+            }
+            if r.body.join.state == JoinState::Failed {
+                let why = r.body.join.last_error.unwrap_or(r.body.message);
+                return Err(NodeError::JoinFailed(why));
+            }
+            return Ok(());
+        }
+        NodeCmd::Logs { service, follow } => {
+            let stdout = std::io::stdout();
+            return client.logs(&service, follow, &mut stdout.lock());
+        }
+        NodeCmd::Reboot => {
+            let r = client.reboot()?;
+            pick(json, r.raw, || render::accepted("reboot", &r.body))
+        }
+        NodeCmd::Shutdown => {
+            let r = client.shutdown()?;
+            pick(json, r.raw, || render::accepted("shutdown", &r.body))
+        }
+        NodeCmd::Health => {
+            let r = client.health()?;
+            pick(json, r.raw, || {
+                format!(
+                    "{}: {} ({})\n",
+                    client.name(),
+                    r.body.status,
+                    r.body.milestone
+                )
+            })
+        }
+        NodeCmd::Metrics => client.metrics()?,
+    };
+    print(&text)
+}
+
+fn pick(json: bool, raw: String, human: impl FnOnce() -> String) -> String {
+    if json {
+        let mut raw = raw;
+        if !raw.ends_with('\n') {
+            raw.push('\n');
+        }
+        raw
+    } else {
+        human()
+    }
+}
+
+fn print(text: &str) -> Result<(), NodeError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(NodeError::Output)
+}

@@ -1,0 +1,186 @@
+//! Human output of `basalt node`: short, aligned summaries of the node API's answers.
+
+use basalt_api::node::{ApplyResponse, JoinStatus, Status};
+use std::fmt::Write;
+
+/// The status as a person reads it: who and what the node is, its join state (and why it
+/// failed), the boot timeline and the services.
+pub fn status(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}  slot {}  basalt {}  kernel {}",
+        s.hostname, s.slot, s.versions.basalt, s.versions.kernel
+    );
+    let addresses = match s.addresses.as_slice() {
+        [] => "none".to_string(),
+        a => a.join(", "),
+    };
+    let _ = writeln!(out, "addresses: {addresses}");
+    let _ = writeln!(
+        out,
+        "config:    {}",
+        s.config_source.as_deref().unwrap_or("none")
+    );
+    out.push_str(&join(&s.join));
+    if let Some(rss) = s.rss_kib {
+        let _ = writeln!(out, "pid1 rss:  {rss} KiB");
+    }
+    let _ = writeln!(out, "milestones:");
+    if s.milestones.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    let width = s.milestones.iter().map(|m| m.name.len()).max().unwrap_or(0);
+    for m in &s.milestones {
+        let _ = writeln!(out, "  {:<width$}  {:>8.3} s", m.name, m.t);
+    }
+    let _ = writeln!(out, "services:");
+    if s.services.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    let name_w = s.services.iter().map(|v| v.name.len()).max().unwrap_or(0);
+    let state_w = s.services.iter().map(|v| v.state.len()).max().unwrap_or(0);
+    for v in &s.services {
+        let _ = write!(
+            out,
+            "  {:<name_w$}  {:<state_w$}  restarts {}",
+            v.name, v.state, v.restarts
+        );
+        if let Some(exit) = &v.last_exit {
+            let _ = write!(out, "  last exit: {exit}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The answer to an applied config.
+pub fn apply(a: &ApplyResponse) -> String {
+    let mut out = String::new();
+    let verdict = if a.applied { "applied" } else { "not applied" };
+    let _ = writeln!(out, "{verdict} ({}): {}", a.source, a.message);
+    out.push_str(&join(&a.join));
+    out
+}
+
+/// The answer to reboot or shutdown: the node's message if it sent one.
+pub fn accepted(what: &str, body: &serde_json::Value) -> String {
+    match body.get("message").and_then(|m| m.as_str()) {
+        Some(m) => format!("{m}\n"),
+        None => format!("{what} requested\n"),
+    }
+}
+
+fn join(j: &JoinStatus) -> String {
+    let mut out = format!("join:      {}", j.state);
+    if let Some(server) = &j.server {
+        let _ = write!(out, "  server {server}");
+    }
+    out.push('\n');
+    if let Some(err) = &j.last_error {
+        let _ = writeln!(out, "  last error: {err}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use basalt_api::node::{JoinState, MilestoneTime, ServiceInfo, Versions};
+
+    fn sample() -> Status {
+        Status {
+            milestones: vec![
+                MilestoneTime {
+                    name: "init-start".into(),
+                    t: 0.5,
+                },
+                MilestoneTime {
+                    name: "standby".into(),
+                    t: 12.25,
+                },
+            ],
+            slot: "a".into(),
+            versions: Versions {
+                basalt: "0.1.0".into(),
+                kernel: "6.1.0".into(),
+            },
+            addresses: vec!["10.0.2.15/24".into()],
+            hostname: "node-1".into(),
+            config_source: Some("state".into()),
+            services: vec![ServiceInfo {
+                name: "k3s".into(),
+                state: "backoff".into(),
+                restarts: 3,
+                last_exit: Some("exit 1".into()),
+            }],
+            join: JoinStatus {
+                state: JoinState::Failed,
+                server: Some("https://10.0.2.2:6443".into()),
+                last_error: Some("CA hash mismatch".into()),
+            },
+            rss_kib: Some(2048),
+        }
+    }
+
+    #[test]
+    fn status_is_a_readable_summary() {
+        let text = status(&sample());
+        let expected = "\
+node-1  slot a  basalt 0.1.0  kernel 6.1.0
+addresses: 10.0.2.15/24
+config:    state
+join:      failed  server https://10.0.2.2:6443
+  last error: CA hash mismatch
+pid1 rss:  2048 KiB
+milestones:
+  init-start     0.500 s
+  standby       12.250 s
+services:
+  k3s  backoff  restarts 3  last exit: exit 1
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn empty_parts_say_so() {
+        let mut s = sample();
+        s.milestones.clear();
+        s.services.clear();
+        s.addresses.clear();
+        s.config_source = None;
+        s.rss_kib = None;
+        s.join = JoinStatus {
+            state: JoinState::Standby,
+            server: None,
+            last_error: None,
+        };
+        let text = status(&s);
+        assert!(text.contains("addresses: none\nconfig:    none\njoin:      standby\n"));
+        assert!(text.contains("milestones:\n  (none)\nservices:\n  (none)\n"));
+    }
+
+    #[test]
+    fn apply_and_accepted() {
+        let a = ApplyResponse {
+            applied: true,
+            source: "state".into(),
+            join: JoinStatus {
+                state: JoinState::Joining,
+                server: Some("https://s:6443".into()),
+                last_error: None,
+            },
+            message: "joining https://s:6443".into(),
+        };
+        assert_eq!(
+            apply(&a),
+            "applied (state): joining https://s:6443\njoin:      joining  server https://s:6443\n"
+        );
+        let v = serde_json::json!({"message": "rebooting"});
+        assert_eq!(accepted("reboot", &v), "rebooting\n");
+        assert_eq!(
+            accepted("reboot", &serde_json::json!({})),
+            "reboot requested\n"
+        );
+    }
+}

@@ -1,0 +1,25 @@
+//! Test doubles of K3s — **not K3s**. A real K3s binary cannot be downloaded where basalt
+//! is built and tested, so the tests that need "k3s" use these instead:
+//!
+//! - [`K3sServerDouble`]: the host side. A TLS listener with its own CA that answers the
+//!   two requests a joining agent makes before it sends credentials, `GET /cacerts` and
+//!   `GET /ping`, and hands out K3s-format tokens pinning that CA.
+//! - the `k3s-agent-double` binary: the guest side, carried by the test image as its `k3s`
+//!   input. Run as `k3s agent --config FILE`, it reads the config basalt-init wrote,
+//!   performs the same CA-hash check `k3s agent` does (through
+//!   [`basalt_api::k3s::check_server_ca`]), prints what it was given on lines starting
+//!   with [`LINE_PREFIX`], and stays up until SIGTERM. Its logic is in [`agent`].
+//!
+//! The real pinned K3s is what `images/k3s-node.toml` builds with; nothing here is
+//! installed into a production image.
+
+pub mod agent;
+mod server;
+mod static_build;
+
+pub use server::{K3sServerDouble, ServerDoubleError};
+pub use static_build::build_agent_double;
+
+/// Every line the agent double prints starts with this, so a test can pick its lines out
+/// of a serial console.
+pub const LINE_PREFIX: &str = "k3s-agent-double:";

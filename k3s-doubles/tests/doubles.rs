@@ -1,0 +1,303 @@
+//! The agent double against the server double, on loopback.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use k3s_doubles::{K3sServerDouble, LINE_PREFIX};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use sha2::{Digest, Sha256};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_k3s-agent-double");
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The agent double running, its stdout lines arriving on a channel.
+struct Agent {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Agent {
+    fn start(dir: &Path, config: &serde_json::Value) -> Agent {
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, config.to_string()).expect("write the config");
+        let mut child = Command::new(AGENT)
+            .args(["agent", "--config"])
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the agent double");
+        let stdout: ChildStdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Agent {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line starting with `prefix`; panics with everything seen otherwise.
+    fn expect_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no line starting with {prefix:?}; agent printed {:#?}",
+            self.seen
+        );
+    }
+
+    fn exit_code(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("wait for the agent double") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the agent double did not exit; it printed {:#?}", self.seen);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sha(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+#[test]
+fn a_good_token_passes_and_the_agent_runs_until_sigterm() {
+    let server = K3sServerDouble::start("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token = server.token("s3cret");
+    let mut agent = Agent::start(
+        dir.path(),
+        &serde_json::json!({
+            "server": server.url(),
+            "token": token,
+            "node-name": "warm-1",
+        }),
+    );
+    let config = agent.expect_line(&format!("{LINE_PREFIX} config "));
+    assert!(
+        config.contains(&format!(" token-sha256={}", sha(&token))),
+        "{config}"
+    );
+    assert!(!config.contains("s3cret"), "{config}");
+    assert_eq!(
+        agent.expect_line(&format!("{LINE_PREFIX} ca-check")),
+        format!("{LINE_PREFIX} ca-check passed")
+    );
+    agent.expect_line(&format!("{LINE_PREFIX} running"));
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "it keeps running"
+    );
+    // One unverified fetch and one verified against the bundle, as K3s does.
+    assert_eq!(server.requests("/cacerts"), 2);
+
+    let pid = Pid::from_raw(i32::try_from(agent.child.id()).unwrap());
+    kill(pid, Signal::SIGTERM).unwrap();
+    agent.expect_line(&format!("{LINE_PREFIX} stopping"));
+    assert_eq!(agent.exit_code(), Some(0));
+}
+
+#[test]
+fn a_token_for_another_ca_fails_the_check() {
+    let server = K3sServerDouble::start("127.0.0.1:0").unwrap();
+    let other = K3sServerDouble::start("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(
+        dir.path(),
+        &serde_json::json!({ "server": server.url(), "token": other.token("pw") }),
+    );
+    let line = agent.expect_line(&format!("{LINE_PREFIX} ca-check"));
+    assert!(
+        line.starts_with(&format!("{LINE_PREFIX} ca-check failed: ")),
+        "{line}"
+    );
+    assert!(line.contains("but the token pins"), "{line}");
+    assert_eq!(agent.exit_code(), Some(1));
+    assert_eq!(other.total_requests(), 0);
+}
+
+#[test]
+fn an_unreachable_server_fails_the_check() {
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token = format!("K10{}::server:pw", "0".repeat(64));
+    let mut agent = Agent::start(
+        dir.path(),
+        &serde_json::json!({ "server": format!("https://{closed}"), "token": token }),
+    );
+    let line = agent.expect_line(&format!("{LINE_PREFIX} ca-check"));
+    assert!(line.contains("ca-check failed: connect to"), "{line}");
+    assert_eq!(agent.exit_code(), Some(1));
+}
+
+#[test]
+fn labels_taints_and_node_ip_are_echoed() {
+    let server = K3sServerDouble::start("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(
+        dir.path(),
+        &serde_json::json!({
+            "server": server.url(),
+            "token": server.token("pw"),
+            "node-name": "warm-2",
+            "node-ip": "10.0.2.15",
+            "node-label": ["basalt.dev/pool=warm", "zone=fsn1"],
+            "node-taint": ["dedicated=ci:NoSchedule"],
+        }),
+    );
+    let line = agent.expect_line(&format!("{LINE_PREFIX} config "));
+    let want = format!(
+        "{LINE_PREFIX} config server={} node-name=warm-2 node-ip=10.0.2.15 \
+         labels=[\"basalt.dev/pool=warm\",\"zone=fsn1\"] taints=[\"dedicated=ci:NoSchedule\"] \
+         token-sha256={}",
+        server.url(),
+        sha(&server.token("pw"))
+    );
+    assert_eq!(line, want);
+    agent.expect_line(&format!("{LINE_PREFIX} ca-check passed"));
+}
+
+#[test]
+fn a_short_token_is_not_pinned() {
+    let server = K3sServerDouble::start("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(
+        dir.path(),
+        &serde_json::json!({ "server": server.url(), "token": "just-a-password" }),
+    );
+    let line = agent.expect_line(&format!("{LINE_PREFIX} ca-check"));
+    assert_eq!(
+        line,
+        format!("{LINE_PREFIX} ca-check skipped: the token pins no CA hash")
+    );
+    agent.expect_line(&format!("{LINE_PREFIX} running"));
+}
+
+#[test]
+fn other_invocations_exit_2() {
+    for args in [
+        &["server"][..],
+        &["agent"],
+        &["--version"],
+        &["agent", "--token", "x"],
+    ] {
+        let out = Command::new(AGENT).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.starts_with(&format!("{LINE_PREFIX} unsupported arguments")),
+            "{stdout}"
+        );
+        assert!(stdout.contains(args[0]), "{stdout}");
+    }
+}
+
+#[test]
+fn a_bad_config_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, "server: https://x\n").unwrap();
+    let out = Command::new(AGENT)
+        .args(["agent", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!("{LINE_PREFIX} failed: ")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn the_server_double_serves_cacerts_and_ping_and_counts() {
+    let server = K3sServerDouble::start("127.0.0.1:0").unwrap();
+    let t = Duration::from_secs(10);
+    let cacerts = basalt_api::k3s::fetch_cacerts(&server.url(), t).unwrap();
+    assert_eq!(cacerts, server.ca_pem().as_bytes());
+    assert!(server.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    let hash = basalt_api::k3s::ca_hash(&cacerts).unwrap();
+    assert_eq!(server.token("pw"), format!("K10{hash}::server:pw"));
+    assert_eq!(
+        server.url_for("10.0.2.2"),
+        format!("https://10.0.2.2:{}", server.addr().port())
+    );
+
+    let mut tls = tls_client(&server);
+    use std::io::{Read, Write};
+    tls.write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\npong"), "{answer}");
+
+    let err = basalt_api::k3s::fetch_cacerts(&format!("{}/", server.url()), t);
+    assert!(err.is_ok(), "{err:?}");
+    assert_eq!(server.requests("/cacerts"), 2);
+    assert_eq!(server.requests("/ping"), 1);
+    assert_eq!(server.total_requests(), 3);
+
+    // Dropping it frees the port.
+    let addr = server.addr();
+    drop(server);
+    TcpListener::bind(addr).unwrap();
+}
+
+/// A TLS client that trusts the double's CA, for requests `basalt_api` does not make.
+fn tls_client(
+    server: &K3sServerDouble,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for der in rustls::pki_types::CertificateDer::pem_slice_iter(server.ca_pem().as_bytes()) {
+        roots.add(der.expect("CA PEM")).expect("CA certificate");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("TLS client");
+    let sock = std::net::TcpStream::connect(server.addr()).expect("connect to the double");
+    rustls::StreamOwned::new(conn, sock)
+}
