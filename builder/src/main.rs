@@ -49,7 +49,8 @@ enum Cmd {
         update: Vec<String>,
     },
     /// Boot an image under QEMU with the console on this terminal (the image is not
-    /// written: changes go to a throwaway overlay).
+    /// written: changes go to a throwaway overlay), with a user network (DHCP, no way
+    /// out) and virtio-rng.
     Run {
         /// A .raw or .qcow2 image.
         image: PathBuf,
@@ -99,6 +100,27 @@ enum BenchCmd {
         #[arg(long = "input", value_name = "NAME=PATH", value_parser = parse_input)]
         inputs: Vec<(String, PathBuf)>,
     },
+    /// Boot timeline of an image against the floor (its kernel booted into a trivial init),
+    /// both booted N times in the same run; and PID1's footprint.
+    Boot {
+        /// A .raw or .qcow2 image.
+        image: PathBuf,
+        /// Boots of the image, and as many of the floor.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Boot with UEFI (OVMF) instead of legacy BIOS (SeaBIOS).
+        #[arg(long)]
+        uefi: bool,
+        /// A prebuilt static basalt-floor [default: built from this source tree].
+        #[arg(long, value_name = "PATH")]
+        floor_init: Option<PathBuf>,
+    },
+    /// Logical and compressed size of an image by component: kernel, modules, K3s,
+    /// basalt-init, everything else.
+    Size {
+        /// A .raw or .qcow2 image (its .raw.zst is looked for beside it).
+        image: PathBuf,
+    },
 }
 
 fn parse_input(s: &str) -> Result<(String, PathBuf), String> {
@@ -109,6 +131,14 @@ fn parse_input(s: &str) -> Result<(String, PathBuf), String> {
         return Err(format!("expected NAME=PATH, got {s:?}"));
     }
     Ok((name.to_string(), PathBuf::from(path)))
+}
+
+fn firmware(uefi: bool) -> basalt_qemu::Firmware {
+    if uefi {
+        basalt_qemu::Firmware::Uefi
+    } else {
+        basalt_qemu::Firmware::Bios
+    }
 }
 
 fn run() -> anyhow::Result<()> {
@@ -138,9 +168,39 @@ fn run() -> anyhow::Result<()> {
         Cmd::Bench {
             what: BenchCmd::Build { spec, out, inputs },
         } => {
+            use basalt_builder::bench;
             basalt_builder::build::install_interrupt_handler();
-            let runs = basalt_builder::bench::build_twice(spec, out, inputs)?;
-            print!("{}", basalt_builder::bench::report(&runs));
+            let runs = bench::build_twice(spec, out, inputs)?;
+            let last = runs.last().context("no build ran")?;
+            let (floor, sizes) = bench::build_floor(last)?;
+            print!("{}", bench::report(&runs, &floor));
+            print!("{sizes}");
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Boot {
+                    image,
+                    runs,
+                    uefi,
+                    floor_init,
+                },
+        } => {
+            use basalt_builder::bench::boot;
+            let result = boot::run(&boot::BootBenchOptions {
+                image,
+                runs,
+                firmware: firmware(uefi),
+                floor_init,
+            })?;
+            print!("{result}");
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Size { image },
+        } => {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            print!("{}", basalt_builder::bench::size::measure(&image, threads)?);
             Ok(())
         }
         Cmd::Lock { spec, update } => {
@@ -173,14 +233,12 @@ fn run() -> anyhow::Result<()> {
             uefi,
             memory,
         } => {
-            let firmware = if uefi {
-                basalt_qemu::Firmware::Uefi
-            } else {
-                basalt_qemu::Firmware::Bios
-            };
+            // A user network (DHCP from QEMU, closed to the outside) and entropy, as a
+            // node has them: what `bench boot` boots with too.
             let status = basalt_qemu::VmBuilder::new(&image)
-                .firmware(firmware)
+                .firmware(firmware(uefi))
                 .memory_mib(memory)
+                .extra_args(basalt_builder::bench::boot::NODE_DEVICES)
                 .run_interactive()
                 .with_context(|| format!("boot {}", image.display()))?;
             anyhow::ensure!(status.success(), "QEMU exited with {status}");
