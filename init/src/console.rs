@@ -3,7 +3,13 @@
 
 use basalt_api::milestone::{self, Milestone};
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Every milestone of this boot as `(name, seconds since kernel start)`, in the order
+/// reached: what the node API's status and metrics report.
+static MILESTONES: Mutex<Vec<(String, f64)>> = Mutex::new(Vec::new());
 
 /// Seconds since the kernel started (CLOCK_BOOTTIME), the clock of the boot timeline.
 pub fn uptime() -> f64 {
@@ -13,9 +19,66 @@ pub fn uptime() -> f64 {
     }
 }
 
-/// Prints a milestone line of the boot timeline.
+/// Prints a milestone line of the boot timeline and records it.
 pub fn milestone(m: Milestone) {
-    line(&milestone::format(m, uptime()));
+    let t = uptime();
+    record(m.name(), t);
+    line(&milestone::format(m, t));
+}
+
+/// The milestones reached so far, oldest first.
+pub fn milestones() -> Vec<(String, f64)> {
+    MILESTONES.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn record(name: &str, t: f64) {
+    let mut all = MILESTONES.lock().unwrap_or_else(|e| e.into_inner());
+    // Bounded: a milestone reached again (a second `joined`) keeps its latest time.
+    all.retain(|(n, _)| n != name);
+    let at = all.partition_point(|(_, when)| *when <= t);
+    all.insert(at, (name.to_owned(), t));
+}
+
+/// The kernel log holds at most this much of what stage 1 printed that we read back.
+const KMSG_READ_MAX: usize = 1024 * 1024;
+
+/// Records the milestones an earlier stage printed to the kernel log (stage 1 runs as
+/// another program image, so its record is gone): reads `kmsg` (`/dev/kmsg`) without
+/// blocking, from its start, and keeps the milestone lines of names not yet recorded.
+/// Returns how many were added. Best effort: an unreadable log adds none.
+pub fn import_milestones(kmsg: &Path) -> usize {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut file) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(kmsg)
+    else {
+        return 0;
+    };
+    let mut text = Vec::new();
+    // /dev/kmsg returns one record per read; a regular file (tests) all of it.
+    let mut buf = vec![0u8; 8192];
+    while text.len() < KMSG_READ_MAX {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+            // EPIPE: the record was overwritten while we read; the next one follows.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // EAGAIN: nothing more for now.
+            Err(_) => break,
+        }
+    }
+    let mut added = 0;
+    for l in String::from_utf8_lossy(&text).lines() {
+        if let Some((name, t)) = milestone::parse(l) {
+            if !milestones().iter().any(|(n, _)| n == name) {
+                record(name, t);
+                added += 1;
+            }
+        }
+    }
+    added
 }
 
 /// Informational line.
@@ -81,6 +144,29 @@ mod tests {
     fn chain_prints_every_cause_once() {
         let e = Outer(std::io::Error::other("inner"));
         assert_eq!(chain(&e), "outer: inner");
+    }
+
+    #[test]
+    fn milestones_from_the_kernel_log_are_recorded_in_time_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kmsg = dir.path().join("kmsg");
+        std::fs::write(
+            &kmsg,
+            "6,1,500000,-;[basalt] init-start t=0.500\n\
+             6,2,600000,-;Run /init as init process\n\
+             6,3,900000,-;[basalt] root-verified t=0.900\n\
+             6,4,950000,-;[basalt] error: not a milestone\n",
+        )
+        .expect("write");
+        assert_eq!(import_milestones(&kmsg), 2);
+        // Read again: nothing is recorded twice.
+        assert_eq!(import_milestones(&kmsg), 0);
+        let all = milestones();
+        let pos = |name: &str| all.iter().position(|(n, _)| n == name);
+        let (a, b) = (pos("init-start"), pos("root-verified"));
+        assert!(a.is_some() && b.is_some() && a < b, "{all:?}");
+        assert!(all.windows(2).all(|w| w[0].1 <= w[1].1), "{all:?}");
+        assert_eq!(import_milestones(&dir.path().join("missing")), 0);
     }
 
     #[test]

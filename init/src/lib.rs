@@ -9,10 +9,12 @@
 //! Every syscall that changes the machine goes through [`sys::System`], so the boot plan
 //! is unit-tested with a recording fake and without root.
 
+pub mod api;
 pub mod config_source;
 pub mod console;
 pub mod dm;
 pub mod grow;
+pub mod join;
 pub mod kernel;
 pub mod metadata;
 pub mod modprobe;

@@ -1,12 +1,14 @@
 //! Stage 2: PID1 on the verified root. Reaps every zombie, never exits, and on SIGTERM
 //! stops everything and powers off in order.
 
+use crate::api::control::{self, Command, Control, LineCounts, Power};
 use crate::console;
+use crate::join::{Joiner, NetworkCheck, NodeHost, Retry};
 use crate::mounts;
 use crate::net::sntp;
 use crate::supervise::{Exit, RestartPolicy, ServiceSpec, Supervisor};
 use crate::sys::Real;
-use crate::{config_source, kernel, metadata, modprobe, network, testd};
+use crate::{api, config_source, join, kernel, metadata, modprobe, network, testd};
 use basalt_api::config::MachineConfig;
 use basalt_api::milestone::Milestone;
 use nix::errno::Errno;
@@ -15,6 +17,9 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::path::Path;
+use std::rc::Rc;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long to wait for the STATE partition (the root disk is already there).
@@ -38,6 +43,8 @@ pub fn run() -> ! {
             console::error("stage 2 mounts", &e);
         }
     }
+    // Stage 1's milestones, for the node API's boot timeline.
+    console::import_milestones(&root.join("dev/kmsg"));
     let state = crate::state::mount(&mut sys, root, STATE_TIMEOUT);
     let state_mounted = state.is_ok();
     match state {
@@ -54,6 +61,9 @@ pub fn run() -> ! {
         Err(e) => console::error("STATE", &e),
     }
     prepare_kernel_for_k3s(&mut sys);
+    if state_mounted {
+        join::prepare_standby(&mut sys, root);
+    }
     crate::power::watch_power_button(Path::new("/"));
     // Ctrl-Alt-Del then arrives as SIGINT instead of an immediate reboot.
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
@@ -70,11 +80,11 @@ pub fn run() -> ! {
     }
     let net = config
         .as_ref()
-        .map(|c| c.network.clone())
+        .map(|(_, c)| c.network.clone())
         .unwrap_or_default();
     let mut hostname = config
         .as_ref()
-        .and_then(|c| c.node.hostname.as_ref())
+        .and_then(|(_, c)| c.node.hostname.as_ref())
         .map(|h| h.as_str().to_owned());
     set_hostname(hostname.as_deref());
     let up = network::start(root, &net, hostname.clone());
@@ -89,7 +99,7 @@ pub fn run() -> ! {
                 config = report_found(config_source::from_cmdline(root, state_mounted));
             }
             // A config that arrived over the network adds its static part now.
-            if let Some(c) = &config {
+            if let Some((_, c)) = &config {
                 if let Some(iface) = network::first_ethernet(root) {
                     for e in network::apply_static(&iface, &c.network) {
                         console::error("network", &e);
@@ -105,7 +115,9 @@ pub fn run() -> ! {
                 hostname = Some(m.hostname.clone());
                 set_hostname(hostname.as_deref());
             }
-            let want_v6 = config.as_ref().is_none_or(|c| c.network.ipv6_from_metadata);
+            let want_v6 = config
+                .as_ref()
+                .is_none_or(|(_, c)| c.network.ipv6_from_metadata);
             if let (true, Some((addr, prefix)), Some(iface)) =
                 (want_v6, m.ipv6, network::first_ethernet(root))
             {
@@ -120,22 +132,90 @@ pub fn run() -> ! {
     }
     let ntp: Vec<String> = config
         .as_ref()
-        .map(|c| c.network.ntp.iter().map(ToString::to_string).collect())
+        .map(|(_, c)| c.network.ntp.iter().map(ToString::to_string).collect())
         .unwrap_or_default();
     start_time_sync(ntp, up.clone());
     if config.is_none() {
         console::info("machine config: none; standby with read-only endpoints");
     }
-    let mut supervisor = Supervisor::new(Box::new(|name, line| {
+    // Every captured line is counted, so that a followed log knows what is new.
+    let counts = Rc::new(LineCounts::default());
+    let sink_counts = Rc::clone(&counts);
+    let mut supervisor = Supervisor::new(Box::new(move |name, line| {
+        sink_counts.add(name);
         console::info(&format!("[{name}] {line}"));
     }));
     if let Some(mode) = testd::requested(root) {
         start_test_service(&mut supervisor, &mode);
     }
+    let (control, commands) = Control::new(Arc::new(wake_main_loop));
+    let joiner = Arc::new(Joiner::new(
+        Box::new(NetworkCheck {
+            timeout: join::CHECK_TIMEOUT,
+        }),
+        Box::new(NodeHost {
+            root: root.to_path_buf(),
+            control: control.clone(),
+        }),
+        Retry::default(),
+    ));
+    start_api(config.as_ref(), control, &joiner, &up);
     report_entropy();
     report_footprint();
     console::milestone(Milestone::Standby);
-    serve(&all, &mut supervisor)
+    if let Some((_, c)) = config.filter(|(_, c)| !c.is_standby()) {
+        let up = up.clone();
+        if let Err(e) = joiner.join_at_boot(c, move |t| up.wait(t)) {
+            console::error("join: start the join thread", &e);
+        }
+    }
+    serve(&all, &mut supervisor, &commands, &counts)
+}
+
+/// The node API when the config has one (every config does: `[api]` is required).
+fn start_api(
+    config: Option<&(config_source::Source, MachineConfig)>,
+    control: Control,
+    joiner: &Arc<Joiner>,
+    up: &network::NetworkUp,
+) {
+    let Some((source, config)) = config else {
+        console::info("api: off: no machine config, so no certificates to serve with");
+        return;
+    };
+    let ctx = api::Context::new(
+        Path::new("/").to_path_buf(),
+        control,
+        Arc::clone(joiner),
+        up.clone(),
+        Some(source_key(*source).to_owned()),
+        &config.api,
+    );
+    match ctx {
+        Ok(ctx) => {
+            if let Err(e) = api::start(Arc::new(ctx), config.api.listen) {
+                console::error("api: start", &e);
+            }
+        }
+        // Info, not error: a config may carry placeholder certificates on purpose.
+        Err(e) => console::info(&format!("api: off: {}", console::chain(&e))),
+    }
+}
+
+/// The config source as the node API names it.
+fn source_key(source: config_source::Source) -> &'static str {
+    match source {
+        config_source::Source::State => "state",
+        config_source::Source::FwCfg => "fw_cfg",
+        config_source::Source::Metadata => "metadata",
+        config_source::Source::Cmdline => "cmdline",
+    }
+}
+
+/// An API thread has queued a command: SIGUSR1 ends the main loop's signal wait. Only
+/// the main thread takes signals (all are blocked everywhere, and it waits for them).
+fn wake_main_loop() {
+    let _ = kill(nix::unistd::getpid(), Signal::SIGUSR1);
 }
 
 fn set_hostname(name: Option<&str>) {
@@ -209,12 +289,12 @@ fn start_time_sync(servers: Vec<String>, up: network::NetworkUp) {
 /// Reports what a later config source found; the config if there was one.
 fn report_found(
     found: Result<config_source::Found, config_source::SourceError>,
-) -> Option<MachineConfig> {
+) -> Option<(config_source::Source, MachineConfig)> {
     match found {
         Ok(config_source::Found::None) => None,
         Ok(config_source::Found::Config(source, config)) => {
             console::info(&format!("machine config from {}", source.name()));
-            Some(*config)
+            Some((source, *config))
         }
         Err(e) => {
             console::error("machine config", &e);
@@ -223,11 +303,24 @@ fn report_found(
     }
 }
 
-/// PID1's loop: signals one at a time, reaping (every exit also goes to the supervisor)
-/// and the supervisor's timers and output. Returns only through shutdown.
-fn serve(all: &SigSet, supervisor: &mut Supervisor) -> ! {
+/// PID1's loop: signals one at a time, reaping (every exit also goes to the supervisor),
+/// the supervisor's timers and output, and the node API's commands (which wake it with
+/// SIGUSR1). Returns only through shutdown.
+fn serve(
+    all: &SigSet,
+    supervisor: &mut Supervisor,
+    commands: &Receiver<Command>,
+    counts: &LineCounts,
+) -> ! {
     let mut restarts: Vec<u32> = Vec::new();
     loop {
+        while let Ok(cmd) = commands.try_recv() {
+            match control::handle(cmd, supervisor, counts) {
+                Some(Power::Reboot) => shutdown(supervisor, RebootMode::RB_AUTOBOOT),
+                Some(Power::PowerOff) => shutdown(supervisor, RebootMode::RB_POWER_OFF),
+                None => {}
+            }
+        }
         let now = Instant::now();
         let next_restart = supervisor.poll(now);
         report_restarts(supervisor, &mut restarts);
@@ -377,7 +470,10 @@ fn prepare_kernel_for_k3s(sys: &mut Real) {
 
 /// Finds the machine config and says what it found. A bad config is reported (with the
 /// key it trips on) and the node stays in standby rather than dying.
-fn read_machine_config(sys: &mut Real, state_mounted: bool) -> Option<MachineConfig> {
+fn read_machine_config(
+    sys: &mut Real,
+    state_mounted: bool,
+) -> Option<(config_source::Source, MachineConfig)> {
     let root = Path::new("/");
     // fw_cfg is a QEMU device; elsewhere the module finds nothing and that is fine.
     if let Ok(kver) = modprobe::kernel_release(root) {
@@ -392,10 +488,10 @@ fn read_machine_config(sys: &mut Real, state_mounted: bool) -> Option<MachineCon
             let what = if config.is_standby() {
                 "no [cluster], standby"
             } else {
-                "[cluster] present; joining arrives with the node API"
+                "[cluster] present, joining"
             };
             console::info(&format!("machine config from {}: {what}", source.name()));
-            Some(*config)
+            Some((source, *config))
         }
         Err(e) => {
             console::error("machine config", &e);
@@ -427,6 +523,44 @@ fn children_remain() -> bool {
     )
 }
 
+/// What is mounted on STATE's tree or from it (`/etc/rancher`, and whatever K3s mounted
+/// under `/var`), deepest first, so that STATE itself can be unmounted.
+fn unmount_on_state() {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let targets = mounts_on_state(&mountinfo);
+    for target in targets.iter().rev() {
+        let done = nix::mount::umount(target.as_str())
+            .or_else(|_| nix::mount::umount2(target.as_str(), nix::mount::MntFlags::MNT_DETACH));
+        if let Err(e) = done {
+            console::error(&format!("shutdown: unmount {target}"), &e);
+        }
+    }
+    if !targets.is_empty() {
+        console::info(&format!(
+            "shutdown: {} mount(s) on STATE unmounted",
+            targets.len()
+        ));
+    }
+}
+
+/// Mount points below STATE's and the rancher bind, in mountinfo order (parents first).
+fn mounts_on_state(mountinfo: &str) -> Vec<String> {
+    let state = crate::state::MOUNT_POINT;
+    let rancher = format!("/{}", join::RANCHER_MOUNT);
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| {
+            let below = |base: &str| {
+                m.strip_prefix(base)
+                    .is_some_and(|rest| rest.starts_with('/'))
+            };
+            below(state) || *m == rancher || below(&rancher)
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Stops services (SIGTERM, bounded wait, SIGKILL), then every other process the same
 /// way, syncs, unmounts STATE and powers off or reboots. Each step is logged.
 fn shutdown(supervisor: &mut Supervisor, mode: RebootMode) -> ! {
@@ -456,6 +590,7 @@ fn shutdown(supervisor: &mut Supervisor, mode: RebootMode) -> ! {
     }
     console::info("shutdown: syncing filesystems");
     nix::unistd::sync();
+    unmount_on_state();
     // STATE is the one writable disk filesystem: leave it clean.
     match nix::mount::umount(crate::state::MOUNT_POINT) {
         Ok(()) => console::info("shutdown: STATE unmounted"),
@@ -465,5 +600,28 @@ fn shutdown(supervisor: &mut Supervisor, mode: RebootMode) -> ! {
     loop {
         let _ = nix::sys::reboot::reboot(mode);
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_mounted_on_state_is_found_parents_first() {
+        let mountinfo = "\
+22 1 253:0 / / ro,relatime - squashfs /dev/mapper/root ro
+23 22 0:5 / /dev rw - devtmpfs devtmpfs rw
+30 22 8:5 / /var rw,relatime - ext4 /dev/vda5 rw
+31 22 8:5 /lib/basalt/rancher /etc/rancher rw,relatime - ext4 /dev/vda5 rw
+32 30 0:40 / /var/lib/kubelet/pods/x/volumes/y rw - tmpfs tmpfs rw
+33 22 0:41 / /variable rw - tmpfs tmpfs rw
+34 22 0:42 / /etc/rancher-not rw - tmpfs tmpfs rw
+";
+        assert_eq!(
+            mounts_on_state(mountinfo),
+            ["/etc/rancher", "/var/lib/kubelet/pods/x/volumes/y"]
+        );
+        assert_eq!(source_key(config_source::Source::FwCfg), "fw_cfg");
     }
 }

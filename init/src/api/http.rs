@@ -1,0 +1,435 @@
+//! The little HTTP/1.1 the node API speaks: one request per connection, its head parsed
+//! by httparse and bounded, a body only with `Content-Length` and bounded, responses
+//! with a length (or chunked, for a followed log) and `Connection: close`.
+
+use basalt_api::node::ErrorBody;
+use std::io::{self, Read, Write};
+
+/// The request line and headers together.
+pub const HEAD_LIMIT: usize = 16 * 1024;
+/// A machine config is a few KiB; the config sources cap it at the same size.
+pub const BODY_LIMIT: usize = crate::config_source::MAX_BYTES as usize;
+const MAX_HEADERS: usize = 64;
+
+/// One parsed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    /// The path without the query.
+    pub path: String,
+    pub query: Option<String>,
+    /// Names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the query has `name=1`, `name=true` or a bare `name`.
+    pub fn flag(&self, name: &str) -> bool {
+        self.query.as_deref().is_some_and(|q| {
+            q.split('&').any(|kv| match kv.split_once('=') {
+                Some((k, v)) => k == name && matches!(v, "1" | "true" | "yes"),
+                None => kv == name,
+            })
+        })
+    }
+}
+
+/// Why no request could be read; each but `Io` and `Closed` is answered.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("request head larger than {HEAD_LIMIT} bytes")]
+    HeadTooLarge,
+    #[error("request body larger than {BODY_LIMIT} bytes")]
+    BodyTooLarge,
+    #[error("a request body needs Content-Length (chunked bodies are not accepted)")]
+    LengthRequired,
+    #[error("the client closed the connection")]
+    Closed,
+    #[error("read the request")]
+    Io(#[source] io::Error),
+}
+
+impl HttpError {
+    /// The response that says so, if the client is still there to read one.
+    pub fn response(&self) -> Option<Response> {
+        let status = match self {
+            HttpError::Malformed(_) => 400,
+            HttpError::HeadTooLarge => 431,
+            HttpError::BodyTooLarge => 413,
+            HttpError::LengthRequired => 411,
+            HttpError::Closed | HttpError::Io(_) => return None,
+        };
+        Some(Response::error(status, &self.to_string()))
+    }
+}
+
+/// Reads one request, answering `100 Continue` when the client waits for it.
+pub fn read_request<S: Read + Write>(stream: &mut S) -> Result<Request, HttpError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let (mut request, head_len) = loop {
+        let n = match stream.read(&mut chunk) {
+            Ok(0) if buf.is_empty() => return Err(HttpError::Closed),
+            Ok(0) => return Err(HttpError::Malformed("the request ended in its head".into())),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(HttpError::Io(e)),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(parsed) = parse_head(&buf)? {
+            break parsed;
+        }
+        if buf.len() > HEAD_LIMIT {
+            return Err(HttpError::HeadTooLarge);
+        }
+    };
+    if head_len > HEAD_LIMIT {
+        return Err(HttpError::HeadTooLarge);
+    }
+    if request.header("transfer-encoding").is_some() {
+        return Err(HttpError::LengthRequired);
+    }
+    let length = match request.header("content-length") {
+        None => 0,
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| HttpError::Malformed(format!("Content-Length {v:?}")))?,
+    };
+    if length > BODY_LIMIT {
+        return Err(HttpError::BodyTooLarge);
+    }
+    let mut body = buf.split_off(head_len);
+    if body.len() > length {
+        return Err(HttpError::Malformed(
+            "more bytes than Content-Length (one request per connection)".into(),
+        ));
+    }
+    if length > body.len()
+        && request
+            .header("expect")
+            .is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
+    {
+        stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .and_then(|()| stream.flush())
+            .map_err(HttpError::Io)?;
+    }
+    let have = body.len();
+    body.resize(length, 0);
+    read_exact(stream, &mut body[have..])?;
+    request.body = body;
+    Ok(request)
+}
+
+fn read_exact(stream: &mut impl Read, mut out: &mut [u8]) -> Result<(), HttpError> {
+    while !out.is_empty() {
+        match stream.read(out) {
+            Ok(0) => {
+                return Err(HttpError::Malformed(
+                    "the body is shorter than Content-Length".into(),
+                ))
+            }
+            Ok(n) => out = &mut out[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(HttpError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// The request and the length of its head, once the head is complete.
+fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadTooLarge),
+        Err(e) => return Err(HttpError::Malformed(e.to_string())),
+    };
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Err(HttpError::Malformed("no request line".into()));
+    };
+    if req.version != Some(1) {
+        return Err(HttpError::Malformed("HTTP/1.1 only".into()));
+    }
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_owned())),
+        None => (target, None),
+    };
+    let headers = req
+        .headers
+        .iter()
+        .map(|h| {
+            let value = std::str::from_utf8(h.value)
+                .map_err(|_| HttpError::Malformed(format!("header {} is not UTF-8", h.name)))?;
+            Ok((h.name.to_ascii_lowercase(), value.to_owned()))
+        })
+        .collect::<Result<Vec<_>, HttpError>>()?;
+    Ok(Some((
+        Request {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            query,
+            headers,
+            body: Vec::new(),
+        },
+        len,
+    )))
+}
+
+/// A whole response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+pub const JSON: &str = "application/json";
+pub const TEXT: &str = "text/plain; charset=utf-8";
+/// Prometheus's text exposition format.
+pub const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+impl Response {
+    pub fn json(status: u16, body: &impl serde::Serialize) -> Response {
+        match serde_json::to_vec(body) {
+            Ok(mut b) => {
+                b.push(b'\n');
+                Response {
+                    status,
+                    content_type: JSON,
+                    body: b,
+                }
+            }
+            Err(e) => Response::error(500, &format!("encode the response: {e}")),
+        }
+    }
+
+    /// Every error is an [`ErrorBody`].
+    pub fn error(status: u16, message: &str) -> Response {
+        let body = ErrorBody {
+            error: message.to_owned(),
+        };
+        let mut b = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+        b.push(b'\n');
+        Response {
+            status,
+            content_type: JSON,
+            body: b,
+        }
+    }
+
+    pub fn text(status: u16, content_type: &'static str, body: String) -> Response {
+        Response {
+            status,
+            content_type,
+            body: body.into_bytes(),
+        }
+    }
+
+    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        let head = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
+             Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+            self.status,
+            reason(self.status),
+            self.content_type,
+            self.body.len()
+        );
+        w.write_all(head.as_bytes())?;
+        w.write_all(&self.body)?;
+        w.flush()
+    }
+}
+
+/// The head of a chunked response; then [`write_chunk`]s and [`end_chunks`].
+pub fn write_chunked_head(w: &mut impl Write, content_type: &str) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\
+         Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+    );
+    w.write_all(head.as_bytes())?;
+    w.flush()
+}
+
+pub fn write_chunk(w: &mut impl Write, data: &[u8]) -> io::Result<()> {
+    if data.is_empty() {
+        // An empty chunk would end the body.
+        return Ok(());
+    }
+    write!(w, "{:x}\r\n", data.len())?;
+    w.write_all(data)?;
+    w.write_all(b"\r\n")?;
+    w.flush()
+}
+
+pub fn end_chunks(w: &mut impl Write) -> io::Result<()> {
+    w.write_all(b"0\r\n\r\n")?;
+    w.flush()
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        202 => "Accepted",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hands out its bytes in pieces of `step`, as a socket may, and keeps what is
+    /// written to it.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+        sent: Vec<u8>,
+    }
+
+    impl Write for Trickle<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.sent.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    fn read(data: &[u8]) -> (Result<Request, HttpError>, Vec<u8>) {
+        let mut t = Trickle {
+            data,
+            step: 7,
+            sent: Vec::new(),
+        };
+        let got = read_request(&mut t);
+        (got, t.sent)
+    }
+
+    #[test]
+    fn a_request_in_pieces_is_parsed_with_its_body_and_query() {
+        let raw = b"POST /v1/config?x=1&follow HTTP/1.1\r\nHost: n\r\nContent-Type: application/toml\r\nContent-Length: 11\r\n\r\nversion = 1";
+        let (got, sent) = read(raw);
+        let req = got.expect("request");
+        assert_eq!(req.method, "POST");
+        assert_eq!(req.path, "/v1/config");
+        assert_eq!(req.header("content-type"), Some("application/toml"));
+        assert_eq!(req.body, b"version = 1");
+        assert!(req.flag("follow") && !req.flag("x2"));
+        assert!(sent.is_empty());
+    }
+
+    #[test]
+    fn limits_and_malformed_requests_get_their_status() {
+        let big = format!(
+            "POST /v1/config HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            BODY_LIMIT + 1
+        );
+        let long_header = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(HEAD_LIMIT));
+        let many = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "A: b\r\n".repeat(MAX_HEADERS + 1)
+        );
+        let cases: [(&[u8], Option<u16>); 9] = [
+            (big.as_bytes(), Some(413)),
+            (long_header.as_bytes(), Some(431)),
+            (many.as_bytes(), Some(431)),
+            (b"GET\r\n\r\n", Some(400)),
+            (b"GET / HTTP/1.0\r\n\r\n", Some(400)),
+            (b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", Some(400)),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                Some(411),
+            ),
+            (b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", Some(400)),
+            (b"", None),
+        ];
+        for (raw, want) in cases {
+            let (got, _) = read(raw);
+            let err = got.expect_err("refused");
+            assert_eq!(
+                err.response().map(|r| r.status),
+                want,
+                "{}: {err}",
+                String::from_utf8_lossy(&raw[..raw.len().min(40)])
+            );
+            if let Some(r) = err.response() {
+                let body: ErrorBody = serde_json::from_slice(&r.body).expect("ErrorBody");
+                assert!(!body.error.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn a_client_that_expects_100_continue_gets_it() {
+        let raw =
+            b"POST /v1/config HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc";
+        // The body arrives in the read after the head.
+        let mut t = Trickle {
+            data: raw,
+            step: raw.len() - 3,
+            sent: Vec::new(),
+        };
+        let req = read_request(&mut t).expect("request");
+        assert_eq!(req.body, b"abc");
+        assert_eq!(t.sent, b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+
+    #[test]
+    fn responses_carry_length_and_close() {
+        let mut out = Vec::new();
+        Response::error(404, "no such endpoint")
+            .write_to(&mut out)
+            .expect("write");
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"), "{text}");
+        assert!(text.contains("Connection: close\r\n"), "{text}");
+        let body = text.split("\r\n\r\n").nth(1).expect("body");
+        assert!(text.contains(&format!("Content-Length: {}\r\n", body.len())));
+        assert_eq!(body, "{\"error\":\"no such endpoint\"}\n");
+
+        let mut out = Vec::new();
+        write_chunked_head(&mut out, TEXT).expect("head");
+        write_chunk(&mut out, b"hello\n").expect("chunk");
+        write_chunk(&mut out, b"").expect("nothing");
+        end_chunks(&mut out).expect("end");
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(
+            text.ends_with("\r\n\r\n6\r\nhello\n\r\n0\r\n\r\n"),
+            "{text:?}"
+        );
+    }
+}
