@@ -132,7 +132,8 @@ fn accept(
     let config = MachineConfig::parse(text).map_err(|e| SourceError::Invalid(source, e))?;
     if source != Source::State && state_mounted {
         let dest = root.join(STATE_CONFIG);
-        crate::state::write_atomic(&dest, text.as_bytes())
+        // The config holds the API key and the join token: 0600.
+        crate::state::write_atomic_mode(&dest, text.as_bytes(), 0o600)
             .map_err(|e| SourceError::Save(dest, e))?;
     }
     Ok(Found::Config(source, Box::new(config)))
@@ -209,6 +210,13 @@ mod tests {
             std::fs::read_to_string(d.path().join(STATE_CONFIG)).expect("saved"),
             GOOD
         );
+        // It holds the API key and the join token: owner only.
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(d.path().join(STATE_CONFIG))
+                .expect("stat")
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
         put(d.path(), FW_CFG, "garbage that would fail");
         assert!(matches!(
             load(d.path(), true),

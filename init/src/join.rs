@@ -26,9 +26,8 @@ use basalt_api::config::{MachineConfig, Token};
 use basalt_api::k3s::{CaCheck, K3sError};
 use basalt_api::milestone::Milestone;
 use basalt_api::node::{JoinState, JoinStatus};
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -489,23 +488,7 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 /// [`crate::state::write_atomic`] for files with secrets (the token, the API key):
 /// mode 0600 from the start.
 pub fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::state::write_atomic_mode(path, bytes, 0o600)
 }
 
 #[cfg(test)]

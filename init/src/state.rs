@@ -169,6 +169,14 @@ pub fn count_boot(path: &Path) -> Result<u64, StateError> {
 /// Temporary file beside the target, fsync, rename, fsync the folder: after a crash
 /// the file holds either the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, bytes, 0o644)
+}
+
+/// [`write_atomic`] with the file's mode set from the start: secrets (the machine config
+/// holds the API key and the join token) are never readable by others, not even
+/// between create and rename.
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
@@ -177,7 +185,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     ));
-    let mut f = std::fs::File::create(&tmp)?;
+    // A leftover from an interrupted write must not keep its old mode.
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
