@@ -13,6 +13,7 @@ pub mod boot;
 mod boot_report;
 pub mod content;
 pub mod floor;
+pub mod join;
 pub mod size;
 pub mod stats;
 

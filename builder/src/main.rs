@@ -115,6 +115,16 @@ enum BenchCmd {
         #[arg(long, value_name = "PATH")]
         floor_init: Option<PathBuf>,
     },
+    /// Promote → `k3s agent` exec latency and PID1's memory after a join: boots a
+    /// standby node N times and joins it to the K3s server double. The image must carry
+    /// the K3s agent double as its `k3s` (see the README).
+    Join {
+        /// A .raw or .qcow2 image.
+        image: PathBuf,
+        /// Boots, each promoted once.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Logical and compressed size of an image by component: kernel, modules, K3s,
     /// basalt-init, everything else.
     Size {
@@ -194,6 +204,13 @@ fn run() -> anyhow::Result<()> {
                 floor_init,
             })?;
             print!("{result}");
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Join { image, runs },
+        } => {
+            use basalt_builder::bench::join;
+            print!("{}", join::run(&join::JoinBenchOptions { image, runs })?);
             Ok(())
         }
         Cmd::Bench {
