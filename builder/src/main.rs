@@ -60,6 +60,12 @@ enum Cmd {
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 1024)]
         memory: u32,
+        /// A machine config (TOML) for the node, passed as QEMU fw_cfg `opt/basalt/config`.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Forward this port on the host's loopback to the node API (port 50000 in the guest).
+        #[arg(long, value_name = "PORT")]
+        api_port: Option<u16>,
     },
     /// Show what an image holds, read from the image: partitions, boot slots, versions.
     Inspect {
@@ -249,13 +255,40 @@ fn run() -> anyhow::Result<()> {
             image,
             uefi,
             memory,
+            config,
+            api_port,
         } => {
             // A user network (DHCP from QEMU, closed to the outside) and entropy, as a
             // node has them: what `bench boot` boots with too.
+            let mut args: Vec<String> = basalt_builder::bench::boot::NODE_DEVICES
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+            if let Some(port) = api_port {
+                for a in &mut args {
+                    if a.starts_with("user,") {
+                        a.push_str(&format!(",hostfwd=tcp:127.0.0.1:{port}-:50000"));
+                    }
+                }
+            }
+            if let Some(file) = config {
+                let file = std::fs::canonicalize(&file)
+                    .with_context(|| format!("machine config {}", file.display()))?;
+                basalt_api::config::MachineConfig::parse(
+                    &std::fs::read_to_string(&file)
+                        .with_context(|| format!("read {}", file.display()))?,
+                )
+                .with_context(|| format!("machine config {}", file.display()))?;
+                args.push("-fw_cfg".into());
+                args.push(format!(
+                    "name=opt/basalt/config,file={}",
+                    file.display().to_string().replace(',', ",,")
+                ));
+            }
             let status = basalt_qemu::VmBuilder::new(&image)
                 .firmware(firmware(uefi))
                 .memory_mib(memory)
-                .extra_args(basalt_builder::bench::boot::NODE_DEVICES)
+                .extra_args(args)
                 .run_interactive()
                 .with_context(|| format!("boot {}", image.display()))?;
             anyhow::ensure!(status.success(), "QEMU exited with {status}");
