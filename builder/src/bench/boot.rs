@@ -435,7 +435,7 @@ mod tests {
         assert!(text.contains("reached in 1 of 2 runs"), "{text}");
         assert!(text.contains("standby               not reached"), "{text}");
         assert!(text.contains("no footprint line seen"), "{text}");
-        assert!(text.contains("n/a (join not implemented yet)"), "{text}");
+        assert!(text.contains("see `basalt bench join`"), "{text}");
         assert!(text.contains("accelerator tcg, firmware SeaBIOS"), "{text}");
     }
 

@@ -183,7 +183,7 @@ pub fn write(b: &BootBench, f: &mut Formatter<'_>) -> fmt::Result {
     footprint(f, &fps, runs)?;
     writeln!(
         f,
-        "  {:<30}n/a (join not implemented yet)",
+        "  {:<30}see `basalt bench join` (needs an image with the K3s agent double)",
         "PID1 memory after a join"
     )?;
     writeln!(f)?;
