@@ -8,13 +8,13 @@ use std::process::Command;
 pub enum InitBuildError {
     #[error("cannot find the basalt source tree above {0} (set BASALT_SOURCE, or pass --input basalt-init=PATH)")]
     NoWorkspace(PathBuf),
-    #[error("run cargo to build basalt-init")]
-    Spawn(#[source] std::io::Error),
-    #[error("cargo build of basalt-init failed (exit {0})")]
-    Cargo(std::process::ExitStatus),
-    #[error("read basalt-init {0}")]
+    #[error("run cargo to build {0}")]
+    Spawn(String, #[source] std::io::Error),
+    #[error("cargo build of {0} failed (exit {1})")]
+    Cargo(String, std::process::ExitStatus),
+    #[error("read {0}")]
     Read(PathBuf, #[source] std::io::Error),
-    #[error("basalt-init {0} is not a static x86-64 ELF executable (it has an ELF interpreter or is not ELF)")]
+    #[error("{0} is not a static x86-64 ELF executable (it has an ELF interpreter or is not ELF)")]
     NotStatic(PathBuf),
 }
 
@@ -34,32 +34,38 @@ pub fn find_workspace(from: &Path) -> Result<PathBuf, InitBuildError> {
 
 /// Builds basalt-init (release, static) and returns the binary's path.
 pub fn build(workspace: &Path) -> Result<PathBuf, InitBuildError> {
-    let target_dir = workspace.join("target/init");
+    build_static(workspace, "basalt-init", "init")
+}
+
+/// Builds the workspace package `package` (its binary of the same name) release and
+/// statically linked, into `target/<target_dir>` so that it neither waits on nor
+/// invalidates the caller's own build, and checks that the result is static.
+pub fn build_static(
+    workspace: &Path,
+    package: &str,
+    target_dir: &str,
+) -> Result<PathBuf, InitBuildError> {
+    let target_dir = workspace.join("target").join(target_dir);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(workspace)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "basalt-init",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .arg("--target-dir")
+        .args(["build", "--release", "--locked", "-p", package])
+        .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
         .arg(&target_dir)
+        // Per-target flags: build scripts and proc macros stay ordinary host binaries.
         .env(
             "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
             "-C target-feature=+crt-static",
         )
         .env_remove("RUSTFLAGS")
         .status()
-        .map_err(InitBuildError::Spawn)?;
+        .map_err(|e| InitBuildError::Spawn(package.to_owned(), e))?;
     if !status.success() {
-        return Err(InitBuildError::Cargo(status));
+        return Err(InitBuildError::Cargo(package.to_owned(), status));
     }
-    let bin = target_dir.join("x86_64-unknown-linux-gnu/release/basalt-init");
+    let bin = target_dir
+        .join("x86_64-unknown-linux-gnu/release")
+        .join(package);
     check_static(&bin)?;
     Ok(bin)
 }

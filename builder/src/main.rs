@@ -260,17 +260,8 @@ fn run() -> anyhow::Result<()> {
         } => {
             // A user network (DHCP from QEMU, closed to the outside) and entropy, as a
             // node has them: what `bench boot` boots with too.
-            let mut args: Vec<String> = basalt_builder::bench::boot::NODE_DEVICES
-                .iter()
-                .map(|a| a.to_string())
-                .collect();
-            if let Some(port) = api_port {
-                for a in &mut args {
-                    if a.starts_with("user,") {
-                        a.push_str(&format!(",hostfwd=tcp:127.0.0.1:{port}-:50000"));
-                    }
-                }
-            }
+            let forwards: Vec<(u16, u16)> = api_port.map(|p| (p, 50000)).into_iter().collect();
+            let mut args = basalt_qemu::node_devices(true, &forwards);
             if let Some(file) = config {
                 let file = std::fs::canonicalize(&file)
                     .with_context(|| format!("machine config {}", file.display()))?;

@@ -30,4 +30,4 @@ mod vm;
 pub use accel::{boot_disk, detect_accel, Accel, ACCEL_ENV, BOOT_MESSAGE_MAX};
 pub use error::HarnessError;
 pub use firmware::{ovmf, Firmware, Ovmf, OVMF_CACHE_ENV, OVMF_OFFLINE_ENV};
-pub use vm::{Vm, VmBuilder};
+pub use vm::{node_devices, Vm, VmBuilder};

@@ -24,6 +24,31 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 const DEFAULT_MEMORY_MIB: u32 = 1024;
 const DEFAULT_CPUS: u32 = 2;
 
+/// QEMU arguments for a node's devices: a virtio NIC on QEMU's user network and
+/// virtio-rng (the kernel's CRNG needs a source in a guest without RDRAND).
+/// `restrict` closes the network to the outside (the guest reaches only QEMU's DHCP
+/// server); without it the guest reaches the host's loopback as 10.0.2.2. `forwards` are
+/// `(host port on 127.0.0.1, guest port)` TCP forwards.
+pub fn node_devices(restrict: bool, forwards: &[(u16, u16)]) -> Vec<String> {
+    let mut netdev = String::from("user,id=n0");
+    if restrict {
+        netdev.push_str(",restrict=on");
+    }
+    for (host, guest) in forwards {
+        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+    }
+    [
+        "-netdev",
+        &netdev,
+        "-device",
+        "virtio-net-pci,netdev=n0",
+        "-device",
+        "virtio-rng-pci",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Configures and starts a [`Vm`].
 #[derive(Clone, Debug)]
 pub struct VmBuilder {
@@ -640,6 +665,17 @@ mod tests {
             }
             other => panic!("expected an overlay error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn node_devices_have_a_nic_rng_and_the_forwards() {
+        let args = node_devices(true, &[(50001, 50000)]);
+        assert_eq!(
+            args[1],
+            "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:50001-:50000"
+        );
+        assert!(args.contains(&"virtio-rng-pci".to_string()));
+        assert_eq!(node_devices(false, &[])[1], "user,id=n0");
     }
 
     #[test]

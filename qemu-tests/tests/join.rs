@@ -117,14 +117,7 @@ fn free_port() -> anyhow::Result<u16> {
 /// 10.0.2.2, where the K3s server double listens, and nothing else is addressed), the
 /// node API forwarded to `port` on the host's loopback, and virtio-rng for TLS.
 fn network(port: u16) -> Vec<String> {
-    vec![
-        "-netdev".into(),
-        format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:50000"),
-        "-device".into(),
-        "virtio-net-pci,netdev=n0".into(),
-        "-device".into(),
-        "virtio-rng-pci".into(),
-    ]
+    basalt_qemu::node_devices(false, &[(port, 50000)])
 }
 
 fn boot(disk: &Path, port: u16, config: Option<&str>, dir: &Path) -> anyhow::Result<Vm> {

@@ -4,8 +4,8 @@
 
 mod common;
 
-use basalt_qemu::{Vm, VmBuilder};
-use common::{expect_line, image};
+use basalt_qemu::VmBuilder;
+use common::{assert_no_errors, expect_line, image};
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,16 +15,7 @@ const BOOT: Duration = Duration::from_secs(60);
 /// QEMU's user network, closed to the outside (`restrict=on`: the guest reaches only
 /// QEMU's own DHCP server), a virtio NIC, and virtio-rng for the kernel's CRNG.
 fn user_network() -> Vec<String> {
-    [
-        "-netdev",
-        "user,id=n0,restrict=on",
-        "-device",
-        "virtio-net-pci,netdev=n0",
-        "-device",
-        "virtio-rng-pci",
-    ]
-    .map(String::from)
-    .to_vec()
+    basalt_qemu::node_devices(true, &[])
 }
 
 fn fw_cfg_file(dir: &Path, name: &str, text: &str) -> anyhow::Result<Vec<String>> {
@@ -34,16 +25,6 @@ fn fw_cfg_file(dir: &Path, name: &str, text: &str) -> anyhow::Result<Vec<String>
         "-fw_cfg".into(),
         format!("name={name},file={}", file.display()),
     ])
-}
-
-/// No `[basalt] error` line anywhere on the console.
-fn assert_no_errors(vm: &Vm) {
-    let serial = vm.serial();
-    let errors: Vec<&str> = serial
-        .lines()
-        .filter(|l| l.contains("[basalt] error"))
-        .collect();
-    assert!(errors.is_empty(), "{errors:#?}\n{serial}");
 }
 
 #[test]
@@ -190,16 +171,7 @@ fn sntp_against_the_configured_server_reaches_time_synced() -> anyhow::Result<()
     let config = STATIC_API.replace("[api]", "[network]\nntp = [\"10.0.2.2\"]\n[api]");
     // restrict=off so that 10.0.2.2:123 reaches the host's loopback; the guest sends
     // nothing but DHCP (answered inside QEMU) and SNTP to that address.
-    let mut args: Vec<String> = [
-        "-netdev",
-        "user,id=n0",
-        "-device",
-        "virtio-net-pci,netdev=n0",
-        "-device",
-        "virtio-rng-pci",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut args = basalt_qemu::node_devices(false, &[]);
     args.extend(fw_cfg_file(dir.path(), "opt/basalt/config", &config)?);
     let mut vm = VmBuilder::new(&img.qcow2).extra_args(args).spawn()?;
     let line = expect_line(&mut vm, "[basalt] time: 10.0.2.2 ", BOOT)?;

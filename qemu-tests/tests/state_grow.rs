@@ -6,23 +6,13 @@ mod common;
 
 use anyhow::Context;
 use basalt_qemu::{Vm, VmBuilder};
-use common::{expect_line, image, partition, tool};
+use common::{assert_no_errors, expect_line, image, partition, tool};
 use std::time::Duration;
 
 /// Guest boot budget on KVM; the harness scales it for TCG.
 const BOOT: Duration = Duration::from_secs(60);
 /// How much larger than the image the VM's disk is.
 const EXTRA: u64 = 1 << 30;
-
-/// No `[basalt] error` line anywhere on the console.
-fn assert_no_errors(vm: &Vm) {
-    let serial = vm.serial();
-    let errors: Vec<&str> = serial
-        .lines()
-        .filter(|l| l.contains("[basalt] error"))
-        .collect();
-    assert!(errors.is_empty(), "{errors:#?}\n{serial}");
-}
 
 /// The two numbers of `… A MiB <sep> B MiB …` after `prefix`.
 fn two_mib(line: &str, prefix: &str, sep: &str) -> Option<(u64, u64)> {

@@ -12,18 +12,6 @@ use basalt_qemu::{Accel, Firmware, HarnessError, Vm, VmBuilder};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The devices of a local node besides its disk: QEMU's user network closed to the
-/// outside (`restrict=on`: DHCP from QEMU only) and virtio-rng for the kernel's CRNG.
-/// `basalt run` boots with the same.
-pub const NODE_DEVICES: [&str; 6] = [
-    "-netdev",
-    "user,id=n0,restrict=on",
-    "-device",
-    "virtio-net-pci,netdev=n0",
-    "-device",
-    "virtio-rng-pci",
-];
-
 /// Guest memory and CPUs of both the image and the floor (the harness's defaults, set
 /// here so that the report can say them).
 pub const MEMORY_MIB: u32 = 1024;
@@ -174,7 +162,9 @@ fn vm(opts: &BootBenchOptions, accel: Accel) -> VmBuilder {
         .memory_mib(MEMORY_MIB)
         .cpus(CPUS)
         .accel(accel)
-        .extra_args(NODE_DEVICES)
+        // A node's devices, as `basalt run` gives them: a NIC on QEMU's user network
+        // closed to the outside, and virtio-rng.
+        .extra_args(basalt_qemu::node_devices(true, &[]))
 }
 
 fn boot_error(vm: &Vm, what: &'static str, run: usize, source: HarnessError) -> BootBenchError {

@@ -7,7 +7,6 @@ use crate::initramfs::{self, InitramfsError};
 use crate::tree::Tree;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// What basalt-floor prints (`floor/src/main.rs` writes the same text).
 pub const MARKER: &str = "[basalt-floor] init t=";
@@ -16,12 +15,8 @@ pub const MARKER: &str = "[basalt-floor] init t=";
 pub enum FloorError {
     #[error("basalt-floor")]
     Workspace(#[source] InitBuildError),
-    #[error("run cargo to build basalt-floor")]
-    Spawn(#[source] std::io::Error),
-    #[error("cargo build of basalt-floor failed (exit {0})")]
-    Cargo(std::process::ExitStatus),
-    #[error("basalt-floor")]
-    NotStatic(#[source] InitBuildError),
+    #[error("build basalt-floor")]
+    Build(#[source] InitBuildError),
     #[error("floor initramfs")]
     Initramfs(#[from] InitramfsError),
     #[error("write the floor's kernel {0}")]
@@ -39,33 +34,7 @@ pub fn parse_marker(line: &str) -> Option<f64> {
 /// basalt-init is built: release, static, in its own target folder.
 pub fn build_init(from: &Path) -> Result<PathBuf, FloorError> {
     let workspace = initbuild::find_workspace(from).map_err(FloorError::Workspace)?;
-    let target_dir = workspace.join("target/floor");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&workspace)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--quiet",
-            "-p",
-            "basalt-floor",
-        ])
-        .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
-        .arg(&target_dir)
-        .env(
-            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        )
-        .env_remove("RUSTFLAGS")
-        .status()
-        .map_err(FloorError::Spawn)?;
-    if !status.success() {
-        return Err(FloorError::Cargo(status));
-    }
-    let bin = target_dir.join("x86_64-unknown-linux-gnu/release/basalt-floor");
-    initbuild::check_static(&bin).map_err(FloorError::NotStatic)?;
-    Ok(bin)
+    initbuild::build_static(&workspace, "basalt-floor", "floor").map_err(FloorError::Build)
 }
 
 /// The floor's initramfs: `/dev/console` (the kernel opens it for init) and `/init`.

@@ -184,19 +184,13 @@ fn machine_config(pki: &RunPki, cluster: Option<(&str, &str)>) -> String {
 /// the host's loopback as 10.0.2.2; the node API forwarded to `port` on the host's
 /// loopback; virtio-rng for TLS; the config over fw_cfg.
 fn qemu_args(port: u16, config: &Path) -> Vec<String> {
-    vec![
-        "-netdev".into(),
-        format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:50000"),
-        "-device".into(),
-        "virtio-net-pci,netdev=n0".into(),
-        "-device".into(),
-        "virtio-rng-pci".into(),
-        "-fw_cfg".into(),
-        format!(
-            "name=opt/basalt/config,file={}",
-            config.display().to_string().replace(',', ",,")
-        ),
-    ]
+    let mut args = basalt_qemu::node_devices(false, &[(port, 50000)]);
+    args.push("-fw_cfg".into());
+    args.push(format!(
+        "name=opt/basalt/config,file={}",
+        config.display().to_string().replace(',', ",,")
+    ));
+    args
 }
 
 fn free_port() -> Result<u16, JoinBenchError> {

@@ -97,6 +97,16 @@ pub fn expect_line(vm: &mut Vm, what: &str, base: Duration) -> anyhow::Result<St
     vm.wait_for(what, timeout).map_err(|e| dump(vm, e))
 }
 
+/// No `[basalt] error` line anywhere on the console.
+pub fn assert_no_errors(vm: &Vm) {
+    let serial = vm.serial();
+    let errors: Vec<&str> = serial
+        .lines()
+        .filter(|l| l.contains("[basalt] error"))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}\n{serial}");
+}
+
 pub fn dump(vm: &Vm, e: HarnessError) -> anyhow::Error {
     eprintln!(
         "----- serial log -----\n{}\n----- QEMU output -----\n{}\n-----",
