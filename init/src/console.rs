@@ -26,6 +26,18 @@ pub fn milestone(m: Milestone) {
     line(&milestone::format(m, t));
 }
 
+/// Writes a milestone already printed to the kernel log only: `init-start` comes before
+/// stage 1 has mounted devtmpfs, so its first `/dev/kmsg` write finds no device, and
+/// stage 2 reads the timeline back from the kernel log.
+pub fn replay_to_kmsg(m: Milestone) {
+    let recorded = milestones().into_iter().find(|(n, _)| n == m.name());
+    if let Some((_, t)) = recorded {
+        if let Ok(mut kmsg) = OpenOptions::new().write(true).open("/dev/kmsg") {
+            let _ = kmsg.write_all(format!("<6>{}\n", milestone::format(m, t)).as_bytes());
+        }
+    }
+}
+
 /// The milestones reached so far, oldest first.
 pub fn milestones() -> Vec<(String, f64)> {
     MILESTONES.lock().unwrap_or_else(|e| e.into_inner()).clone()

@@ -113,6 +113,7 @@ pub fn run() -> ! {
 /// Everything from the early mounts to the switch into the verified root.
 pub fn boot(env: &mut Env<'_>) -> Result<BootParams, Stage1Error> {
     mounts::apply(env.sys, &env.root, mounts::EARLY)?;
+    console::replay_to_kmsg(Milestone::InitStart);
     let cmdline_path = env.root.join("proc/cmdline");
     let cmdline = std::fs::read_to_string(&cmdline_path)
         .map_err(|e| Stage1Error::Cmdline(cmdline_path, e))?;

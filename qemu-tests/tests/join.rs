@@ -177,7 +177,13 @@ fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() 
     // status with a client certificate from the pool CA.
     let status = ops.status()?.body;
     assert_eq!(status.join.state, JoinState::Standby, "{status:?}");
-    assert!(status.milestones.iter().any(|m| m.name == "standby"));
+    // The whole timeline, stage 1's milestones included (read back from the kernel log).
+    for name in ["init-start", "root-verified", "ready", "standby"] {
+        assert!(
+            status.milestones.iter().any(|m| m.name == name),
+            "{name} missing: {status:?}"
+        );
+    }
 
     // Refusals: a client certificate from another CA, an expired one, none at all.
     for who in ["stranger", "expired"] {
