@@ -2,7 +2,7 @@
 //! functions over a root path: cgroup v2 with every controller delegated to children,
 //! the sysctls kubelet and the CNI check, and the modules loaded up front.
 
-use crate::modprobe::{self, Index, ModprobeError};
+use crate::modprobe::{ModprobeError, Modules};
 use crate::mounts::{self, Mount, MountError};
 use crate::sys::System;
 use nix::mount::MsFlags;
@@ -171,15 +171,24 @@ pub fn load_modules(
     kver: &str,
     names: &[&str],
 ) -> Vec<KernelError> {
-    let moddir = root.join("lib/modules").join(kver);
-    let index = match Index::read(&moddir) {
-        Ok(index) => index,
-        Err(e) => return vec![KernelError::Index(e)],
-    };
+    match Modules::open(root, kver) {
+        Ok(modules) => load_modules_from(sys, root, &modules, names),
+        Err(e) => vec![KernelError::Index(e)],
+    }
+}
+
+/// [`load_modules`] from indexes already read.
+pub fn load_modules_from(
+    sys: &mut dyn System,
+    root: &Path,
+    modules: &Modules,
+    names: &[&str],
+) -> Vec<KernelError> {
     names
         .iter()
         .filter_map(|name| {
-            modprobe::probe_with(sys, root, &moddir, &index, name, false)
+            modules
+                .probe(sys, root, name)
                 .err()
                 .map(|source| KernelError::Module {
                     name: (*name).into(),

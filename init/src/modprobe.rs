@@ -307,6 +307,38 @@ pub fn kernel_release(root: &Path) -> Result<String, ModprobeError> {
         .map_err(|e| ModprobeError::Release(path, e))
 }
 
+/// One kernel's module folder with its indexes read: stage 2 reads them once and loads
+/// everything it loads at boot (K3s's modules, coldplug, the power button, fw_cfg) from
+/// the same copy.
+pub struct Modules {
+    pub moddir: PathBuf,
+    pub index: Index,
+}
+
+impl Modules {
+    /// `<root>/lib/modules/<kver>` and its indexes.
+    pub fn open(root: &Path, kver: &str) -> Result<Modules, ModprobeError> {
+        let moddir = root.join("lib/modules").join(kver);
+        let index = Index::read(&moddir)?;
+        Ok(Modules { moddir, index })
+    }
+
+    /// The running kernel's modules.
+    pub fn running(root: &Path) -> Result<Modules, ModprobeError> {
+        Modules::open(root, &kernel_release(root)?)
+    }
+
+    /// [`probe`] from these indexes.
+    pub fn probe(
+        &self,
+        sys: &mut dyn System,
+        root: &Path,
+        name: &str,
+    ) -> Result<usize, ModprobeError> {
+        probe_with(sys, root, &self.moddir, &self.index, name, false)
+    }
+}
+
 /// Loads one name or alias and everything it needs from `<root>/lib/modules/<kver>`.
 /// Already-loaded modules (EEXIST) count as done, built-ins need nothing. Returns how
 /// many modules were inserted.
@@ -316,9 +348,7 @@ pub fn probe(
     kver: &str,
     name: &str,
 ) -> Result<usize, ModprobeError> {
-    let moddir = root.join("lib/modules").join(kver);
-    let index = Index::read(&moddir)?;
-    probe_with(sys, root, &moddir, &index, name, false)
+    Modules::open(root, kver)?.probe(sys, root, name)
 }
 
 /// [`probe`] with the indexes of `moddir` already read, for loading many names.

@@ -3,7 +3,7 @@
 //! lease on it in a thread of its own; `/run/resolv.conf` follows the lease.
 
 use crate::console;
-use crate::modprobe::{self, Index};
+use crate::modprobe::Modules;
 use crate::net::dhcp::{Backoff, Client, Event, Options};
 use crate::net::netlink::{Netlink, NetlinkError};
 use crate::sys::System;
@@ -47,14 +47,10 @@ pub fn modaliases(root: &Path) -> Vec<String> {
 
 /// Loads the drivers for present devices; returns how many modules were loaded.
 /// A device without a driver module is normal and not reported.
-pub fn coldplug(sys: &mut dyn System, root: &Path, kver: &str) -> usize {
-    let moddir = root.join("lib/modules").join(kver);
-    let Ok(index) = Index::read(&moddir) else {
-        return 0;
-    };
+pub fn coldplug(sys: &mut dyn System, root: &Path, modules: &Modules) -> usize {
     modaliases(root)
         .iter()
-        .filter_map(|alias| modprobe::probe_with(sys, root, &moddir, &index, alias, false).ok())
+        .filter_map(|alias| modules.probe(sys, root, alias).ok())
         .sum()
 }
 

@@ -8,7 +8,7 @@
 
 use crate::console;
 use crate::kernel::{self, KernelError};
-use crate::modprobe::{self, ModprobeError};
+use crate::modprobe::{self, ModprobeError, Modules};
 use crate::sys::{Real, System};
 use std::fs::File;
 use std::io::{self, Read};
@@ -97,6 +97,14 @@ pub fn load_drivers(sys: &mut dyn System, root: &Path) -> Vec<PowerError> {
     }
 }
 
+/// [`load_drivers`] from module indexes already read.
+pub fn load_drivers_from(sys: &mut dyn System, root: &Path, modules: &Modules) -> Vec<PowerError> {
+    kernel::load_modules_from(sys, root, modules, MODULES)
+        .into_iter()
+        .map(PowerError::Driver)
+        .collect()
+}
+
 /// The device nodes (`<root>/dev/input/eventN`, sorted) of every input device named
 /// [`DEVICE_NAME`]. Entries that cannot be read are skipped: they are not power buttons
 /// that could be watched.
@@ -163,11 +171,14 @@ fn power_off() {
     }
 }
 
-/// Loads the drivers and watches every power button under `root`; returns once the
-/// watchers run. Never panics: failures are logged and the node runs on without them.
-pub fn watch_power_button(root: &Path) {
-    for e in load_drivers(&mut Real, root) {
-        console::error("power button", &e);
+/// Loads the drivers (from `modules`, when stage 2 could read them; it has reported why
+/// not otherwise) and watches every power button under `root`; returns once the watchers
+/// run. Never panics: failures are logged and the node runs on without them.
+pub fn watch_power_button(root: &Path, modules: Option<&Modules>) {
+    if let Some(modules) = modules {
+        for e in load_drivers_from(&mut Real, root, modules) {
+            console::error("power button", &e);
+        }
     }
     let devices = match find_power_buttons(root) {
         Ok(devices) => devices,

@@ -60,21 +60,29 @@ pub fn run() -> ! {
         // A node without STATE still serves read-only: say why and go on.
         Err(e) => console::error("STATE", &e),
     }
-    prepare_kernel_for_k3s(&mut sys);
+    // The module indexes, read once for every load below.
+    let modules = match modprobe::Modules::running(root) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            console::error("module index", &e);
+            None
+        }
+    };
+    prepare_kernel_for_k3s(&mut sys, modules.as_ref());
     if state_mounted {
         join::prepare_standby(&mut sys, root);
     }
-    crate::power::watch_power_button(Path::new("/"));
+    crate::power::watch_power_button(Path::new("/"), modules.as_ref());
     // Ctrl-Alt-Del then arrives as SIGINT instead of an immediate reboot.
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
         console::error("disable ctrl-alt-del", &e);
     }
-    coldplug(&mut sys, root);
+    coldplug(&mut sys, root, modules.as_ref());
     console::milestone(Milestone::Ready);
     // Local sources first (STATE, fw_cfg); off Hetzner the kernel command line too, since
     // no metadata service comes before it.
     let hetzner = metadata::on_hetzner(root);
-    let mut config = read_machine_config(&mut sys, state_mounted);
+    let mut config = read_machine_config(&mut sys, state_mounted, modules.as_ref());
     if config.is_none() && !hetzner {
         config = report_found(config_source::from_cmdline(root, state_mounted));
     }
@@ -383,9 +391,9 @@ fn wait_signal(set: &SigSet, timeout: Duration) -> Option<Signal> {
 
 /// Drivers for the devices present: the NIC, and virtio-rng where the hypervisor offers
 /// one (it feeds the kernel's CRNG, which TLS and K3s need).
-fn coldplug(sys: &mut Real, root: &Path) {
-    if let Ok(kver) = modprobe::kernel_release(root) {
-        network::coldplug(sys, root, &kver);
+fn coldplug(sys: &mut Real, root: &Path, modules: Option<&modprobe::Modules>) {
+    if let Some(modules) = modules {
+        network::coldplug(sys, root, modules);
     }
 }
 
@@ -446,7 +454,7 @@ fn report_entropy() {
 
 /// What K3s needs of the kernel, done before any credentials exist: cgroup v2 with all
 /// controllers delegated, its modules, its sysctls. Failures are reported, not fatal.
-fn prepare_kernel_for_k3s(sys: &mut Real) {
+fn prepare_kernel_for_k3s(sys: &mut Real, modules: Option<&modprobe::Modules>) {
     let root = Path::new("/");
     if let Err(e) = kernel::mount_cgroup2(sys, root) {
         console::error("cgroup2", &e);
@@ -454,13 +462,10 @@ fn prepare_kernel_for_k3s(sys: &mut Real) {
     if let Err(e) = kernel::enable_controllers(root) {
         console::error("cgroup controllers", &e);
     }
-    match modprobe::kernel_release(root) {
-        Ok(kver) => {
-            for e in kernel::load_modules(sys, root, &kver, kernel::K3S_MODULES) {
-                console::error("module", &e);
-            }
+    if let Some(modules) = modules {
+        for e in kernel::load_modules_from(sys, root, modules, kernel::K3S_MODULES) {
+            console::error("module", &e);
         }
-        Err(e) => console::error("kernel release", &e),
     }
     // After the modules: the bridge sysctls exist once br_netfilter is loaded.
     for e in kernel::apply_sysctls(root, kernel::K3S_SYSCTLS) {
@@ -473,11 +478,12 @@ fn prepare_kernel_for_k3s(sys: &mut Real) {
 fn read_machine_config(
     sys: &mut Real,
     state_mounted: bool,
+    modules: Option<&modprobe::Modules>,
 ) -> Option<(config_source::Source, MachineConfig)> {
     let root = Path::new("/");
     // fw_cfg is a QEMU device; elsewhere the module finds nothing and that is fine.
-    if let Ok(kver) = modprobe::kernel_release(root) {
-        let _ = modprobe::probe(sys, root, &kver, "qemu_fw_cfg");
+    if let Some(modules) = modules {
+        let _ = modules.probe(sys, root, "qemu_fw_cfg");
     }
     match config_source::load(root, state_mounted) {
         Ok(config_source::Found::None) => {
