@@ -109,6 +109,10 @@ fn a_typo_in_the_spec_names_the_key_and_the_file() {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn an_interrupted_build_leaves_no_output_and_no_partial_work() {
     let d = tempfile::tempdir().expect("tempdir");
     let out_dir = d.path().join("out");
@@ -155,6 +159,10 @@ fn an_interrupted_build_leaves_no_output_and_no_partial_work() {
 }
 
 #[test]
+#[cfg_attr(
+    any(basalt_skip_qemu, basalt_skip_root),
+    ignore = "needs root and the image host tools: scripts/install-host-tools"
+)]
 fn a_full_disk_fails_with_the_file_named_and_leaves_no_output() {
     let d = tempfile::tempdir().expect("tempdir");
     let out_dir = d.path().join("small");
@@ -191,6 +199,10 @@ fn a_full_disk_fails_with_the_file_named_and_leaves_no_output() {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn a_pin_that_left_the_archive_is_named_and_lock_update_repins_it() {
     let d = tempfile::tempdir().expect("tempdir");
     let spec = d.path().join("node.toml");

@@ -11,6 +11,10 @@ use basalt_builder::bench::boot::{self, BootBenchOptions};
 use basalt_qemu::Firmware;
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn bench_boot_parses_a_real_boot_and_finds_the_floor() -> anyhow::Result<()> {
     let img = common::image();
     let bench = boot::run(&BootBenchOptions {

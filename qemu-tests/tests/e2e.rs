@@ -12,6 +12,10 @@ use std::time::Duration;
 const BOOT: Duration = Duration::from_secs(60);
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn sfdisk_sees_the_five_named_partitions() -> anyhow::Result<()> {
     let img = image();
     let json: serde_json::Value = serde_json::from_str(&tool(
@@ -39,6 +43,10 @@ fn sfdisk_sees_the_five_named_partitions() -> anyhow::Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn esp_is_a_clean_fat_filesystem() -> anyhow::Result<()> {
     let img = image();
     let dir = tempfile::tempdir()?;
@@ -53,6 +61,10 @@ fn esp_is_a_clean_fat_filesystem() -> anyhow::Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn veritysetup_verifies_root_a_with_the_manifest_root_hash() -> anyhow::Result<()> {
     let img = image();
     let dir = tempfile::tempdir()?;
@@ -69,6 +81,10 @@ fn veritysetup_verifies_root_a_with_the_manifest_root_hash() -> anyhow::Result<(
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn qcow2_passes_qemu_img_check() -> anyhow::Result<()> {
     let img = image();
     tool("qemu-img", &["check", img.qcow2.to_str().context("path")?])?;
@@ -76,6 +92,10 @@ fn qcow2_passes_qemu_img_check() -> anyhow::Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn root_filesystem_holds_init_k3s_and_modules() -> anyhow::Result<()> {
     let img = image();
     let dir = tempfile::tempdir()?;
@@ -132,16 +152,28 @@ fn boot_to_ready(firmware: Firmware) -> anyhow::Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn boots_with_seabios_to_ready() -> anyhow::Result<()> {
     boot_to_ready(Firmware::Bios)
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn boots_with_ovmf_to_ready() -> anyhow::Result<()> {
     boot_to_ready(Firmware::Uefi)
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn a_byte_flipped_in_root_a_stops_the_boot_with_a_verity_error() -> anyhow::Result<()> {
     let img = image();
     let dir = tempfile::tempdir()?;
@@ -164,6 +196,10 @@ fn a_byte_flipped_in_root_a_stops_the_boot_with_a_verity_error() -> anyhow::Resu
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn state_survives_a_reboot_of_the_same_disk() -> anyhow::Result<()> {
     let img = image();
     let mut first = VmBuilder::new(&img.qcow2)
@@ -207,6 +243,10 @@ fn fw_cfg_args(dir: &std::path::Path, config: &str) -> anyhow::Result<Vec<String
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn a_malformed_config_over_fw_cfg_names_the_key_and_the_node_reaches_standby() -> anyhow::Result<()>
 {
     let img = image();
@@ -225,6 +265,10 @@ fn a_malformed_config_over_fw_cfg_names_the_key_and_the_node_reaches_standby() -
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn a_config_from_fw_cfg_is_kept_on_state_and_not_read_again() -> anyhow::Result<()> {
     let img = image();
     let dir = tempfile::tempdir()?;

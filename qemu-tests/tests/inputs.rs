@@ -23,6 +23,10 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn a_wrong_sha256_names_input_and_hashes_and_leaves_nothing() -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let spec_text = std::fs::read_to_string(common::workspace().join("images/k3s-node.toml"))?;
@@ -60,6 +64,10 @@ fn a_wrong_sha256_names_input_and_hashes_and_leaves_nothing() -> anyhow::Result<
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn an_unknown_input_name_is_refused_before_any_fetch() -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let err = build(&BuildOptions {

@@ -163,6 +163,10 @@ fn chain(e: &NodeError) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() -> anyhow::Result<()>
 {
     let server = K3sServerDouble::start("127.0.0.1:0")?;

@@ -28,6 +28,10 @@ fn fw_cfg_file(dir: &Path, name: &str, text: &str) -> anyhow::Result<Vec<String>
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn dhcp_on_qemus_user_network_brings_the_node_to_network_up() -> anyhow::Result<()> {
     let img = image();
     let mut vm = VmBuilder::new(&img.qcow2)
@@ -48,6 +52,10 @@ fn dhcp_on_qemus_user_network_brings_the_node_to_network_up() -> anyhow::Result<
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn static_addresses_and_routes_from_the_config_bring_the_network_up() -> anyhow::Result<()> {
     let img = image();
     let dir = tempfile::tempdir()?;
@@ -81,6 +89,10 @@ key = "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n"
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn a_supervised_service_restarts_with_backoff_and_its_orphans_are_reaped() -> anyhow::Result<()> {
     let img = image();
     let dir = tempfile::tempdir()?;
@@ -164,6 +176,10 @@ fn sntp_double() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicUsize
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn sntp_against_the_configured_server_reaches_time_synced() -> anyhow::Result<()> {
     let answered = sntp_double()?;
     let img = image();

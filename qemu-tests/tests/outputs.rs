@@ -31,6 +31,10 @@ fn output<'a>(m: &'a serde_json::Value, file: &str) -> anyhow::Result<&'a serde_
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn raw_zst_decompresses_to_the_raw_image() -> anyhow::Result<()> {
     let img = image();
     let zst = img.dir.join("k3s-node.raw.zst");
@@ -61,6 +65,10 @@ fn raw_zst_decompresses_to_the_raw_image() -> anyhow::Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn sbom_lists_every_input_with_its_hash_and_declared_license() -> anyhow::Result<()> {
     let img = image();
     let sbom: serde_json::Value =
@@ -95,6 +103,10 @@ fn sbom_lists_every_input_with_its_hash_and_declared_license() -> anyhow::Result
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn manifest_records_digests_timings_and_overrides() -> anyhow::Result<()> {
     let m = &image().manifest;
     let spec = std::fs::read(common::workspace().join("images/k3s-node.toml"))?;
@@ -121,6 +133,10 @@ fn manifest_records_digests_timings_and_overrides() -> anyhow::Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn a_second_build_reuses_every_intermediate_and_gives_the_same_bytes() -> anyhow::Result<()> {
     let first = image();
     let second = common::build_into("again")?;

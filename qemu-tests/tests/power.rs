@@ -63,6 +63,10 @@ fn in_order(text: &str, needles: &[&str]) -> anyhow::Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn in_order_finds_lines_only_in_that_order() {
     let log = "a\nb\nc\n";
     assert!(in_order(log, &["a", "b", "c"]).is_ok());
@@ -71,6 +75,10 @@ fn in_order_finds_lines_only_in_that_order() {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn the_acpi_power_button_powers_a_standby_node_off_in_order() -> anyhow::Result<()> {
     let img = image();
     let dir = tempfile::tempdir()?;

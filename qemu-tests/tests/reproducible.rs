@@ -23,6 +23,10 @@ fn sums(m: &serde_json::Value) -> anyhow::Result<Vec<(String, String)>> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn two_builds_give_identical_images() -> anyhow::Result<()> {
     let cache_a = tempfile::tempdir()?;
     let cache_b = tempfile::tempdir()?;

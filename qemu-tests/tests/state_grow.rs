@@ -30,6 +30,10 @@ fn size_line(vm: &mut Vm) -> anyhow::Result<(u64, u64)> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn state_grows_to_the_end_of_a_larger_disk_once() -> anyhow::Result<()> {
     let img = image();
     let image_bytes = std::fs::metadata(&img.raw)?.len();

@@ -56,6 +56,10 @@ fn veritysetup(raw: &Path, name: &str) -> anyhow::Result<String> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn the_good_image_passes_veritysetup_and_basalt_verify() -> anyhow::Result<()> {
     let img = image();
     veritysetup(&img.raw, "ROOT-A")?;
@@ -82,6 +86,10 @@ fn the_good_image_passes_veritysetup_and_basalt_verify() -> anyhow::Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn a_byte_flipped_in_root_a_data_is_named_with_its_block() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let raw = raw_copy(dir.path())?;
@@ -99,6 +107,10 @@ fn a_byte_flipped_in_root_a_data_is_named_with_its_block() -> anyhow::Result<()>
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn a_populated_root_b_verifies_and_a_byte_flipped_in_it_is_named() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let raw = raw_copy(dir.path())?;
@@ -148,6 +160,10 @@ fn esp_file_offset(raw: &Path, file: &str, at: u64) -> anyhow::Result<u64> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn a_byte_flipped_in_the_esp_kernel_names_the_file() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let raw = raw_copy(dir.path())?;
@@ -174,6 +190,10 @@ fn a_byte_flipped_in_the_esp_kernel_names_the_file() -> anyhow::Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn a_byte_flipped_in_the_backup_gpt_is_named() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let raw = raw_copy(dir.path())?;
@@ -211,6 +231,10 @@ fn a_byte_flipped_in_the_backup_gpt_is_named() -> anyhow::Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn qcow2_gives_the_same_verdicts_as_raw() -> anyhow::Result<()> {
     let img = image();
     let good = verify(&img.qcow2, None)?;
@@ -242,6 +266,10 @@ fn qcow2_gives_the_same_verdicts_as_raw() -> anyhow::Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
 fn inspect_json_agrees_with_sfdisk_and_the_manifest() -> anyhow::Result<()> {
     let img = image();
     let json = serde_json::to_value(inspect(&img.raw)?)?;
