@@ -1,13 +1,10 @@
 //! Fingerprints the builder's own source so that the store of intermediates never hands
 //! a new builder an entry made by older code (a root without a file the new code writes,
-//! say). The package version alone does not change between commits. It also probes the
-//! host for what the CLI tests need (see `basalt-build-support`).
+//! say). The package version alone does not change between commits.
 
 use std::path::{Path, PathBuf};
 
 fn main() {
-    // Tests that build images need the host tools; the full-disk test mounts a tmpfs.
-    basalt_build_support::probe(&[basalt_build_support::QEMU, basalt_build_support::ROOT]);
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
     let mut files = Vec::new();
     collect(&manifest.join("src"), &mut files);

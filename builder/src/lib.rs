@@ -5,7 +5,6 @@
 //! One module per step; `build` strings them together.
 
 pub mod apt;
-pub mod bench;
 pub mod build;
 pub mod cache;
 pub mod deb;
@@ -20,8 +19,6 @@ pub mod interrupt;
 pub mod kmod;
 pub mod lock;
 pub mod manifest;
-pub mod node;
-pub mod pki;
 pub mod progress;
 pub mod rootfs;
 pub mod sbom;

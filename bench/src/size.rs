@@ -11,8 +11,8 @@
 //! the verity hash tree, GRUB's core image, the empty STATE and zeros.
 
 use super::content::{self, ContentError, DefaultBoot, File, Squashed};
-use crate::image::DiskImage;
-use crate::rootfs::K3S_IMAGES;
+use basalt_builder::image::DiskImage;
+use basalt_builder::rootfs::K3S_IMAGES;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -94,7 +94,7 @@ pub enum SizeError {
     #[error(transparent)]
     Content(#[from] ContentError),
     #[error(transparent)]
-    Image(#[from] crate::image::ImageError),
+    Image(#[from] basalt_builder::image::ImageError),
     #[error("{image}: {what}")]
     Measure {
         image: PathBuf,
@@ -138,7 +138,8 @@ pub fn breakdown(
 
     let blocks = squashed.blocks.iter().map(Vec::as_slice);
     let root_factor = ratio(
-        content::zstd_size(blocks, crate::zst::LEVEL).map_err(err("zstd of the root's blocks"))?,
+        content::zstd_size(blocks, basalt_builder::zst::LEVEL)
+            .map_err(err("zstd of the root's blocks"))?,
         squashed.compressed_bytes(),
     );
     for (file, share) in root.iter().zip(&squashed.per_file) {
@@ -163,12 +164,13 @@ pub fn breakdown(
             Component::OtherFiles
         };
         logical[c.index()] += file.data.len() as u64;
-        compressed[c.index()] += content::zstd_size([file.data.as_slice()], crate::zst::LEVEL)
-            .map_err(err("zstd of an ESP file"))? as f64;
+        compressed[c.index()] +=
+            content::zstd_size([file.data.as_slice()], basalt_builder::zst::LEVEL)
+                .map_err(err("zstd of an ESP file"))? as f64;
     }
 
     let parts = img.table()?.partitions;
-    let part = crate::image::find(img, &parts, &boot.root_partition)?;
+    let part = basalt_builder::image::find(img, &parts, &boot.root_partition)?;
     let superblock = img.read_vec(part.offset(), 48)?;
     let squashfs_bytes = u64::from_le_bytes(superblock[40..48].try_into().unwrap_or_default());
     let raw_zst = match raw_zst_beside(img.path()) {
@@ -213,7 +215,7 @@ fn add_initrd(
     }
     let stored = boot.initrd.len() as f64;
     let factor = ratio(
-        content::zstd_size([boot.initrd.as_slice()], crate::zst::LEVEL)?,
+        content::zstd_size([boot.initrd.as_slice()], basalt_builder::zst::LEVEL)?,
         boot.initrd.len() as u64,
     );
     let total: u64 = alone.iter().sum();
@@ -281,7 +283,7 @@ impl fmt::Display for Breakdown {
             "  logical: file sizes (kernel and basalt-init counted where they are stored: ESP; root and initramfs). \
 in .raw.zst: estimated per component as stored (root: share of xz blocks; initramfs: zstd -19 alone, scaled; ESP: zstd -{} alone), \
 then through the .raw.zst's zstd; the remainder row is the real .raw.zst less those estimates.",
-            crate::zst::LEVEL
+            basalt_builder::zst::LEVEL
         )
     }
 }

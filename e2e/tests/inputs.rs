@@ -48,6 +48,7 @@ fn a_wrong_sha256_names_input_and_hashes_and_leaves_nothing() -> anyhow::Result<
         cache_dir: cache.clone(),
         overrides: vec![("k3s".into(), k3s), ("k3s-images".into(), images)],
         locked: false,
+        init: Default::default(),
     })
     .expect_err("a wrong pin must fail the build");
     let msg = format!("{err:#}");
@@ -76,6 +77,7 @@ fn an_unknown_input_name_is_refused_before_any_fetch() -> anyhow::Result<()> {
         cache_dir: work.path().join("cache"),
         overrides: vec![("kernal".into(), work.path().join("x"))],
         locked: false,
+        init: Default::default(),
     })
     .expect_err("unknown input");
     assert!(err.to_string().contains("--input kernal"), "{err}");

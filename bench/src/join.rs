@@ -12,10 +12,10 @@
 
 use super::boot::{parse_footprint, Footprint, CPUS, MEMORY_MIB};
 use super::stats::Spread;
-use crate::node::{ClientOptions, Endpoint, NodeClient, NodeError};
-use crate::pki::{Ca, CertRequest, Issued, PkiError, Role, Validity};
 use basalt_api::milestone::{self, Milestone};
 use basalt_api::node::JoinState;
+use basalt_client::node::{ClientOptions, Endpoint, NodeClient, NodeError};
+use basalt_client::pki::{Ca, CertRequest, Issued, PkiError, Role, Validity};
 use basalt_qemu::{Accel, HarnessError, Vm, VmBuilder};
 use k3s_doubles::{K3sServerDouble, ServerDoubleError, LINE_PREFIX};
 use std::path::{Path, PathBuf};
@@ -338,7 +338,7 @@ fn promote(
     config: String,
     budget: Duration,
 ) -> (
-    Result<crate::node::Reply<basalt_api::node::ApplyResponse>, NodeError>,
+    Result<basalt_client::node::Reply<basalt_api::node::ApplyResponse>, NodeError>,
     f64,
     AfterApply,
 ) {

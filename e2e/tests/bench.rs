@@ -7,7 +7,7 @@ mod common;
 
 use anyhow::Context;
 use basalt_api::milestone::Milestone;
-use basalt_builder::bench::boot::{self, BootBenchOptions};
+use basalt_bench::boot::{self, BootBenchOptions};
 use basalt_qemu::Firmware;
 
 #[test]

@@ -5,6 +5,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The static basalt-init built with this `basalt` (see build.rs): an installed `basalt`
+/// builds images without the source tree. `--input basalt-init=PATH` still overrides it.
+const EMBEDDED_INIT: basalt_builder::build::InitSource =
+    basalt_builder::build::InitSource::Embedded(include_bytes!(env!("BASALT_EMBEDDED_INIT")));
+
 #[derive(Parser)]
 #[command(
     name = "basalt",
@@ -88,10 +93,10 @@ enum Cmd {
     /// The pool CA: create it, issue client and node certificates.
     Pki {
         #[command(subcommand)]
-        what: basalt_builder::pki::cli::PkiCmd,
+        what: basalt_client::pki::cli::PkiCmd,
     },
     /// Talk to a node's API over mutual TLS: status, apply a config, logs, reboot, shutdown.
-    Node(basalt_builder::node::cli::NodeArgs),
+    Node(basalt_client::node::cli::NodeArgs),
 }
 
 #[derive(Subcommand)]
@@ -173,6 +178,7 @@ fn run() -> anyhow::Result<()> {
                 cache_dir: cache.unwrap_or_else(basalt_builder::cache::Cache::default_dir),
                 overrides: inputs,
                 locked,
+                init: EMBEDDED_INIT,
             };
             let m = basalt_builder::build::build(&opts)?;
             for o in &m.outputs {
@@ -184,9 +190,9 @@ fn run() -> anyhow::Result<()> {
         Cmd::Bench {
             what: BenchCmd::Build { spec, out, inputs },
         } => {
-            use basalt_builder::bench;
+            use basalt_bench as bench;
             basalt_builder::build::install_interrupt_handler();
-            let runs = bench::build_twice(spec, out, inputs)?;
+            let runs = bench::build_twice(spec, out, inputs, EMBEDDED_INIT)?;
             let last = runs.last().context("no build ran")?;
             let (floor, sizes) = bench::build_floor(last)?;
             print!("{}", bench::report(&runs, &floor));
@@ -202,7 +208,7 @@ fn run() -> anyhow::Result<()> {
                     floor_init,
                 },
         } => {
-            use basalt_builder::bench::boot;
+            use basalt_bench::boot;
             let result = boot::run(&boot::BootBenchOptions {
                 image,
                 runs,
@@ -215,7 +221,7 @@ fn run() -> anyhow::Result<()> {
         Cmd::Bench {
             what: BenchCmd::Join { image, runs },
         } => {
-            use basalt_builder::bench::join;
+            use basalt_bench::join;
             print!("{}", join::run(&join::JoinBenchOptions { image, runs })?);
             Ok(())
         }
@@ -223,7 +229,7 @@ fn run() -> anyhow::Result<()> {
             what: BenchCmd::Size { image },
         } => {
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            print!("{}", basalt_builder::bench::size::measure(&image, threads)?);
+            print!("{}", basalt_bench::size::measure(&image, threads)?);
             Ok(())
         }
         Cmd::Lock { spec, update } => {
@@ -305,8 +311,8 @@ fn run() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Pki { what } => Ok(basalt_builder::pki::cli::run(what)?),
-        Cmd::Node(args) => Ok(basalt_builder::node::cli::run(args)?),
+        Cmd::Pki { what } => Ok(basalt_client::pki::cli::run(what)?),
+        Cmd::Node(args) => Ok(basalt_client::node::cli::run(args)?),
     }
 }
 

@@ -6,8 +6,8 @@
 use super::content::{self, ContentError};
 use super::floor::{self, FloorBoot, FloorError};
 use super::stats::Spread;
-use crate::image::{DiskImage, ImageError};
 use basalt_api::milestone::{self, Milestone};
+use basalt_builder::image::{DiskImage, ImageError};
 use basalt_qemu::{Accel, Firmware, HarnessError, Vm, VmBuilder};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -122,7 +122,7 @@ pub fn run(opts: &BootBenchOptions) -> Result<BootBench, BootBenchError> {
         image: opts.image.clone(),
         accel,
         firmware: opts.firmware,
-        kernel_version: crate::inspect::bzimage_version(&boot.kernel),
+        kernel_version: basalt_builder::inspect::bzimage_version(&boot.kernel),
         kernel_path: boot.kernel_path.clone(),
         floor_cmdline: floor_boot.cmdline.clone(),
         floor_init_bytes: floor_boot.init_bytes,

@@ -246,3 +246,48 @@ fn a_pin_that_left_the_archive_is_named_and_lock_update_repins_it() {
     let lock = std::fs::read_to_string(d.path().join("node.lock")).expect("lock written");
     assert!(lock.contains("grub-efi-amd64-bin"), "{lock}");
 }
+
+#[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
+fn a_basalt_copied_out_of_the_tree_builds_the_default_image_with_its_embedded_init() {
+    let d = tempfile::tempdir().expect("tempdir");
+    assert!(
+        !d.path()
+            .starts_with(workspace().canonicalize().expect("workspace")),
+        "the temporary folder must lie outside the source tree"
+    );
+    let alone = d.path().join("bin/basalt");
+    std::fs::create_dir_all(alone.parent().expect("bin")).expect("mkdir");
+    std::fs::copy(env!("CARGO_BIN_EXE_basalt"), &alone).expect("copy basalt");
+    let spec = spec_with_lock(d.path(), |lock| lock);
+    let out = Command::new(&alone)
+        .current_dir(d.path())
+        .env_remove("BASALT_SOURCE")
+        .args(["build", "--locked", "--out"])
+        .arg(d.path().join("out"))
+        .arg(&spec)
+        .args(standins(&d.path().join("standins")))
+        .output()
+        .expect("run the copied basalt");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+
+    // The image's basalt-init is the one embedded at compile time (sha256sum as the oracle).
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.path().join("out/manifest.json")).expect("manifest"),
+    )
+    .expect("manifest JSON");
+    let embedded = Command::new("sha256sum")
+        .arg(env!("BASALT_EMBEDDED_INIT"))
+        .output()
+        .expect("sha256sum");
+    let embedded = String::from_utf8_lossy(&embedded.stdout);
+    let recorded = manifest["basalt_init"]["sha256"]
+        .as_str()
+        .expect("basalt_init.sha256");
+    assert_eq!(embedded.split_whitespace().next(), Some(recorded));
+    assert!(d.path().join("out/k3s-node.raw").is_file());
+}

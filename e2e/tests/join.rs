@@ -7,8 +7,8 @@
 mod common;
 
 use basalt_api::node::JoinState;
-use basalt_builder::node::{ClientOptions, Endpoint, NodeClient, NodeError};
-use basalt_builder::pki::{Ca, CertRequest, Issued, Role, Validity};
+use basalt_client::node::{ClientOptions, Endpoint, NodeClient, NodeError};
+use basalt_client::pki::{Ca, CertRequest, Issued, Role, Validity};
 use basalt_qemu::{Vm, VmBuilder};
 use common::{expect_line, Image};
 use k3s_doubles::K3sServerDouble;

@@ -5,7 +5,7 @@
 //! server) and answers each `METHOD /path` with a canned response, recording what it was
 //! sent. Certificates come from `basalt pki` itself.
 
-use basalt_builder::pki::{self, CertRequest, Role, Validity};
+use basalt_client::pki::{self, CertRequest, Role, Validity};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::HashMap;

@@ -79,6 +79,7 @@ pub fn build_with_k3s(name: &str, cache: &Path, k3s: &Path) -> anyhow::Result<Im
         ],
         // The committed lock must agree with the spec: what a release pipeline runs.
         locked: true,
+        init: Default::default(),
     };
     build(&opts).context("basalt build images/k3s-node.toml")?;
     let manifest = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;

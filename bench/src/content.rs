@@ -3,8 +3,8 @@
 //! active root filesystem; and the root's compression redone the way the image's squashfs
 //! does it, block by block.
 
-use crate::image::{self, DiskImage, ImageError};
-use crate::inspect::{self, InspectError, ESP};
+use basalt_builder::image::{self, DiskImage, ImageError};
+use basalt_builder::inspect::{self, InspectError, ESP};
 use liblzma::stream::{Check, Filters, LzmaOptions, Stream};
 use std::io::{BufReader, Read, Write};
 use std::ops::Range;
@@ -411,11 +411,11 @@ mod tests {
 
     #[test]
     fn initramfs_files_lists_regular_files_only() {
-        let mut t = crate::tree::Tree::default();
+        let mut t = basalt_builder::tree::Tree::default();
         t.char_dev("dev/console", 5, 1, 0o600);
         t.bytes("init", "#!init", 0o755);
         let mut cpio = vec![];
-        crate::initramfs::write_cpio(&t, &mut cpio).expect("cpio");
+        basalt_builder::initramfs::write_cpio(&t, &mut cpio).expect("cpio");
         let zst = zstd::encode_all(&cpio[..], 3).expect("zstd");
         let files = initramfs_files(&zst).expect("read");
         assert_eq!(

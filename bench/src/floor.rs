@@ -2,9 +2,9 @@
 //! trivial static init (`floor/`, basalt-floor) that prints its uptime and powers off.
 //! Its time is the least any init can take on this kernel, firmware and VM.
 
-use crate::initbuild::{self, InitBuildError};
-use crate::initramfs::{self, InitramfsError};
-use crate::tree::Tree;
+use basalt_builder::initbuild::{self, InitBuildError};
+use basalt_builder::initramfs::{self, InitramfsError};
+use basalt_builder::tree::Tree;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
@@ -107,7 +107,7 @@ impl FloorBoot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tree::Content;
+    use basalt_builder::tree::Content;
 
     #[test]
     fn the_marker_is_found_in_console_lines() {
@@ -127,7 +127,7 @@ mod tests {
 
     #[test]
     fn the_marker_matches_what_basalt_floor_prints() {
-        let src = include_str!("../../../floor/src/main.rs");
+        let src = include_str!("../floor/src/main.rs");
         assert!(src.contains(&format!("const MARKER: &str = {MARKER:?};")));
     }
 
