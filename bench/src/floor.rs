@@ -1,5 +1,5 @@
 //! The boot benchmark's floor: the image's own kernel booted by QEMU straight into a
-//! trivial static init (`floor/`, basalt-floor) that prints its uptime and powers off.
+//! trivial static init (`bench/floor/`, basalt-floor) that prints its uptime and powers off.
 //! Its time is the least any init can take on this kernel, firmware and VM.
 
 use basalt_builder::initbuild::{self, InitBuildError};
