@@ -12,8 +12,10 @@
 
 use super::boot::{parse_footprint, Footprint, CPUS, MEMORY_MIB};
 use super::stats::Spread;
+use basalt_api::layout::fw_cfg;
 use basalt_api::milestone::{self, Milestone};
 use basalt_api::node::JoinState;
+use basalt_api::node::DEFAULT_PORT;
 use basalt_client::node::{ClientOptions, Endpoint, NodeClient, NodeError};
 use basalt_client::pki::{Ca, CertRequest, Issued, PkiError, Role, Validity};
 use basalt_qemu::{Accel, HarnessError, Vm, VmBuilder};
@@ -184,12 +186,9 @@ fn machine_config(pki: &RunPki, cluster: Option<(&str, &str)>) -> String {
 /// the host's loopback as 10.0.2.2; the node API forwarded to `port` on the host's
 /// loopback; virtio-rng for TLS; the config over fw_cfg.
 fn qemu_args(port: u16, config: &Path) -> Vec<String> {
-    let mut args = basalt_qemu::node_devices(false, &[(port, 50000)]);
+    let mut args = basalt_qemu::node_devices(false, &[(port, DEFAULT_PORT)]);
     args.push("-fw_cfg".into());
-    args.push(format!(
-        "name=opt/basalt/config,file={}",
-        config.display().to_string().replace(',', ",,")
-    ));
+    args.push(fw_cfg::qemu_arg(fw_cfg::CONFIG, config));
     args
 }
 

@@ -16,6 +16,7 @@ use crate::steps::{esp_files, make_grub, make_root, make_state, to_qcow2, write_
 use crate::store::{self, Store};
 use crate::{deb, esp, grub, initbuild, initramfs, interrupt, kmod, rootfs, zst};
 use basalt_api::bootparams::{BootParams, Slot, Verity, VERITY_BLOCK_SIZE};
+use basalt_api::layout::Partition;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -248,10 +249,8 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
 
     progress.start("bootloader (GRUB for BIOS and UEFI)");
     let layout = Layout::new(&spec.disk, derive_uuid);
-    let bios = layout
-        .get("BIOS")
-        .map(|p| (p.first_lba.0, p.size()))
-        .unwrap_or((2048, 1 << 20));
+    let bios = layout.get(Partition::Bios);
+    let bios = (bios.first_lba.0, bios.size());
     let grub_key = store::key(
         "grub",
         &[
@@ -328,10 +327,10 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         &layout,
         boot_code,
         &[
-            ("BIOS", &core),
-            ("EFI", &esp_img),
-            ("ROOT-A", &root_img),
-            ("STATE", &state_img),
+            (Partition::Bios, &core),
+            (Partition::Efi, &esp_img),
+            (Partition::RootA, &root_img),
+            (Partition::State, &state_img),
         ],
     )?;
 

@@ -10,6 +10,8 @@ use std::process::ExitCode;
 const EMBEDDED_INIT: basalt_builder::build::InitSource =
     basalt_builder::build::InitSource::Embedded(include_bytes!(env!("BASALT_EMBEDDED_INIT")));
 
+use basalt_api::layout::fw_cfg;
+
 #[derive(Parser)]
 #[command(
     name = "basalt",
@@ -266,7 +268,10 @@ fn run() -> anyhow::Result<()> {
         } => {
             // A user network (DHCP from QEMU, closed to the outside) and entropy, as a
             // node has them: what `bench boot` boots with too.
-            let forwards: Vec<(u16, u16)> = api_port.map(|p| (p, 50000)).into_iter().collect();
+            let forwards: Vec<(u16, u16)> = api_port
+                .map(|p| (p, basalt_api::node::DEFAULT_PORT))
+                .into_iter()
+                .collect();
             let mut args = basalt_qemu::node_devices(true, &forwards);
             if let Some(file) = config {
                 let file = std::fs::canonicalize(&file)
@@ -277,10 +282,7 @@ fn run() -> anyhow::Result<()> {
                 )
                 .with_context(|| format!("machine config {}", file.display()))?;
                 args.push("-fw_cfg".into());
-                args.push(format!(
-                    "name=opt/basalt/config,file={}",
-                    file.display().to_string().replace(',', ",,")
-                ));
+                args.push(fw_cfg::qemu_arg(fw_cfg::CONFIG, &file));
             }
             let status = basalt_qemu::VmBuilder::new(&image)
                 .firmware(firmware(uefi))

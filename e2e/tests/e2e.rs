@@ -4,6 +4,8 @@
 mod common;
 
 use anyhow::Context;
+use basalt_api::layout::fw_cfg;
+use basalt_api::layout::Partition;
 use basalt_qemu::{Firmware, VmBuilder};
 use common::{expect_line, extract, image, partition, tool};
 use std::time::Duration;
@@ -30,7 +32,7 @@ fn sfdisk_sees_the_five_named_partitions() -> anyhow::Result<()> {
         .iter()
         .map(|p| p["name"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(names, ["BIOS", "EFI", "ROOT-A", "ROOT-B", "STATE"]);
+    assert_eq!(names, Partition::ALL.map(|p| p.name()));
     assert_eq!(
         table["partitions"][0]["type"],
         "21686148-6449-6E6F-744E-656564454649"
@@ -51,7 +53,7 @@ fn esp_is_a_clean_fat_filesystem() -> anyhow::Result<()> {
     let img = image();
     let dir = tempfile::tempdir()?;
     let esp = dir.path().join("esp.img");
-    extract(img, "EFI", &esp)?;
+    extract(img, Partition::Efi.name(), &esp)?;
     let out = tool("fsck.fat", &["-n", esp.to_str().context("path")?])?;
     assert!(
         !out.contains("Leaving filesystem unchanged"),
@@ -69,7 +71,7 @@ fn veritysetup_verifies_root_a_with_the_manifest_root_hash() -> anyhow::Result<(
     let img = image();
     let dir = tempfile::tempdir()?;
     let root = dir.path().join("root-a.img");
-    extract(img, "ROOT-A", &root)?;
+    extract(img, Partition::RootA.name(), &root)?;
     let root = root.to_str().context("path")?;
     let hash = img.manifest["root_hash"].as_str().context("root_hash")?;
     let offset = format!("--hash-offset={}", img.manifest["verity"]["hash_offset"]);
@@ -100,7 +102,7 @@ fn root_filesystem_holds_init_k3s_and_modules() -> anyhow::Result<()> {
     let img = image();
     let dir = tempfile::tempdir()?;
     let root = dir.path().join("root-a.img");
-    extract(img, "ROOT-A", &root)?;
+    extract(img, Partition::RootA.name(), &root)?;
     let listing = tool("unsquashfs", &["-lln", root.to_str().context("path")?])?;
     let kver = img.manifest["kernel_version"]
         .as_str()
@@ -180,7 +182,7 @@ fn a_byte_flipped_in_root_a_stops_the_boot_with_a_verity_error() -> anyhow::Resu
     let damaged = dir.path().join("damaged.raw");
     common::copy_sparse(&img.raw, &damaged)?;
     // Byte 100 of ROOT-A lies in the squashfs superblock, which the mount reads first.
-    let (offset, _) = partition(img, "ROOT-A")?;
+    let (offset, _) = partition(img, Partition::RootA.name())?;
     common::flip_byte(&damaged, offset + 100)?;
 
     let mut vm = VmBuilder::new(&damaged).firmware(Firmware::Bios).spawn()?;
@@ -238,7 +240,7 @@ fn fw_cfg_args(dir: &std::path::Path, config: &str) -> anyhow::Result<Vec<String
     std::fs::write(&file, config)?;
     Ok(vec![
         "-fw_cfg".into(),
-        format!("name=opt/basalt/config,file={}", file.display()),
+        fw_cfg::qemu_arg(fw_cfg::CONFIG, &file),
     ])
 }
 

@@ -6,6 +6,7 @@
 
 mod common;
 
+use basalt_api::layout::fw_cfg;
 use basalt_api::node::JoinState;
 use basalt_client::node::{ClientOptions, Endpoint, NodeClient, NodeError};
 use basalt_client::pki::{Ca, CertRequest, Issued, Role, Validity};
@@ -117,7 +118,7 @@ fn free_port() -> anyhow::Result<u16> {
 /// 10.0.2.2, where the K3s server double listens, and nothing else is addressed), the
 /// node API forwarded to `port` on the host's loopback, and virtio-rng for TLS.
 fn network(port: u16) -> Vec<String> {
-    basalt_qemu::node_devices(false, &[(port, 50000)])
+    basalt_qemu::node_devices(false, &[(port, basalt_api::node::DEFAULT_PORT)])
 }
 
 fn boot(disk: &Path, port: u16, config: Option<&str>, dir: &Path) -> anyhow::Result<Vm> {
@@ -126,7 +127,7 @@ fn boot(disk: &Path, port: u16, config: Option<&str>, dir: &Path) -> anyhow::Res
         let file = dir.join("config.toml");
         std::fs::write(&file, text)?;
         args.push("-fw_cfg".into());
-        args.push(format!("name=opt/basalt/config,file={}", file.display()));
+        args.push(fw_cfg::qemu_arg(fw_cfg::CONFIG, &file));
     }
     Ok(VmBuilder::new(disk).extra_args(args).spawn()?)
 }

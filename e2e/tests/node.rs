@@ -4,6 +4,7 @@
 
 mod common;
 
+use basalt_api::layout::fw_cfg;
 use basalt_qemu::VmBuilder;
 use common::{assert_no_errors, expect_line, image};
 use std::path::Path;
@@ -21,10 +22,7 @@ fn user_network() -> Vec<String> {
 fn fw_cfg_file(dir: &Path, name: &str, text: &str) -> anyhow::Result<Vec<String>> {
     let file = dir.join(name.replace('/', "_"));
     std::fs::write(&file, text)?;
-    Ok(vec![
-        "-fw_cfg".into(),
-        format!("name={name},file={}", file.display()),
-    ])
+    Ok(vec!["-fw_cfg".into(), fw_cfg::qemu_arg(name, &file)])
 }
 
 #[test]
@@ -73,7 +71,7 @@ cert = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"
 key = "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n"
 "#;
     let mut args = user_network();
-    args.extend(fw_cfg_file(dir.path(), "opt/basalt/config", config)?);
+    args.extend(fw_cfg_file(dir.path(), fw_cfg::CONFIG, config)?);
     let mut vm = VmBuilder::new(&img.qcow2).extra_args(args).spawn()?;
     expect_line(
         &mut vm,
@@ -97,11 +95,7 @@ fn a_supervised_service_restarts_with_backoff_and_its_orphans_are_reaped() -> an
     let img = image();
     let dir = tempfile::tempdir()?;
     let mut vm = VmBuilder::new(&img.qcow2)
-        .extra_args(fw_cfg_file(
-            dir.path(),
-            "opt/basalt/test-service",
-            "orphan",
-        )?)
+        .extra_args(fw_cfg_file(dir.path(), fw_cfg::TEST_SERVICE, "orphan")?)
         .spawn()?;
     expect_line(
         &mut vm,
@@ -188,7 +182,7 @@ fn sntp_against_the_configured_server_reaches_time_synced() -> anyhow::Result<()
     // restrict=off so that 10.0.2.2:123 reaches the host's loopback; the guest sends
     // nothing but DHCP (answered inside QEMU) and SNTP to that address.
     let mut args = basalt_qemu::node_devices(false, &[]);
-    args.extend(fw_cfg_file(dir.path(), "opt/basalt/config", &config)?);
+    args.extend(fw_cfg_file(dir.path(), fw_cfg::CONFIG, &config)?);
     let mut vm = VmBuilder::new(&img.qcow2).extra_args(args).spawn()?;
     let line = expect_line(&mut vm, "[basalt] time: 10.0.2.2 ", BOOT)?;
     assert!(line.contains("clock stepped"), "{line}");

@@ -5,6 +5,7 @@
 mod common;
 
 use anyhow::Context;
+use basalt_api::layout::Partition;
 use basalt_qemu::{Vm, VmBuilder};
 use common::{assert_no_errors, expect_line, image, partition, tool};
 use std::time::Duration;
@@ -37,7 +38,7 @@ fn size_line(vm: &mut Vm) -> anyhow::Result<(u64, u64)> {
 fn state_grows_to_the_end_of_a_larger_disk_once() -> anyhow::Result<()> {
     let img = image();
     let image_bytes = std::fs::metadata(&img.raw)?.len();
-    let (_, state_bytes) = partition(img, "STATE")?;
+    let (_, state_bytes) = partition(img, Partition::State.name())?;
     let state_mib = state_bytes >> 20;
 
     let mut first = VmBuilder::new(&img.qcow2)
@@ -97,7 +98,7 @@ fn state_grows_to_the_end_of_a_larger_disk_once() -> anyhow::Result<()> {
     let table = &json["partitiontable"];
     assert_eq!(table["lastlba"], sectors - 34, "{table}");
     let state = &table["partitions"][4];
-    assert_eq!(state["name"], "STATE");
+    assert_eq!(state["name"], Partition::State.name());
     let end = state["start"].as_u64().context("start")? + state["size"].as_u64().context("size")?;
     assert_eq!(end - 1, sectors - 34, "{table}");
     Ok(())

@@ -5,6 +5,7 @@
 mod common;
 
 use anyhow::Context;
+use basalt_api::layout::Partition;
 use basalt_builder::image::DiskImage;
 use basalt_builder::inspect::inspect;
 use basalt_builder::verify::{verify, Report, Status};
@@ -62,7 +63,7 @@ fn veritysetup(raw: &Path, name: &str) -> anyhow::Result<String> {
 )]
 fn the_good_image_passes_veritysetup_and_basalt_verify() -> anyhow::Result<()> {
     let img = image();
-    veritysetup(&img.raw, "ROOT-A")?;
+    veritysetup(&img.raw, Partition::RootA.name())?;
     let report = verify(&img.raw, None)?;
     assert!(report.passed(), "{report}");
     let (checks, _) = verdict(&report);
@@ -72,7 +73,7 @@ fn the_good_image_passes_veritysetup_and_basalt_verify() -> anyhow::Result<()> {
         (Status::Ok, "GPT copies"),
         (Status::Ok, "ROOT-A (slot a)"),
         (Status::Skipped, "ROOT-B (slot b)"),
-        (Status::Ok, "EFI"),
+        (Status::Ok, Partition::Efi.name()),
     ];
     let want: Vec<_> = want.iter().map(|(s, n)| (*s, n.to_string())).collect();
     assert_eq!(checks, want, "{report}");
@@ -93,9 +94,12 @@ fn the_good_image_passes_veritysetup_and_basalt_verify() -> anyhow::Result<()> {
 fn a_byte_flipped_in_root_a_data_is_named_with_its_block() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let raw = raw_copy(dir.path())?;
-    let (root_a, _) = partition(image(), "ROOT-A")?;
+    let (root_a, _) = partition(image(), Partition::RootA.name())?;
     flip_byte(&raw, root_a + 1000 * BLOCK + 123)?;
-    assert!(veritysetup(&raw, "ROOT-A").is_err(), "the oracle misses it");
+    assert!(
+        veritysetup(&raw, Partition::RootA.name()).is_err(),
+        "the oracle misses it"
+    );
     let report = verify(&raw, Some(&manifest()))?;
     let (_, failed) = verdict(&report);
     assert_eq!(failed.len(), 1, "{report}");
@@ -118,20 +122,28 @@ fn a_populated_root_b_verifies_and_a_byte_flipped_in_it_is_named() -> anyhow::Re
     let hash_offset = image().manifest["verity"]["hash_offset"]
         .as_u64()
         .context("hash_offset")?;
-    copy_partition_bytes(image(), &raw, ("ROOT-A", "ROOT-B"), hash_offset + (8 << 20))?;
-    veritysetup(&raw, "ROOT-B")?;
+    copy_partition_bytes(
+        image(),
+        &raw,
+        (Partition::RootA.name(), Partition::RootB.name()),
+        hash_offset + (8 << 20),
+    )?;
+    veritysetup(&raw, Partition::RootB.name())?;
     let report = verify(&raw, Some(&manifest()))?;
     assert!(report.passed(), "{report}");
     let b = report
         .checks
         .iter()
         .find(|c| c.subject == "ROOT-B (slot b)")
-        .context("ROOT-B")?;
+        .context(Partition::RootB.name())?;
     assert_eq!(b.status, Status::Ok, "{report}");
 
-    let (root_b, _) = partition(image(), "ROOT-B")?;
+    let (root_b, _) = partition(image(), Partition::RootB.name())?;
     flip_byte(&raw, root_b + 7 * BLOCK + 5)?;
-    assert!(veritysetup(&raw, "ROOT-B").is_err(), "the oracle misses it");
+    assert!(
+        veritysetup(&raw, Partition::RootB.name()).is_err(),
+        "the oracle misses it"
+    );
     let report = verify(&raw, Some(&manifest()))?;
     let (_, failed) = verdict(&report);
     assert_eq!(failed.len(), 1, "{report}");
@@ -147,7 +159,10 @@ fn a_populated_root_b_verifies_and_a_byte_flipped_in_it_is_named() -> anyhow::Re
 fn esp_file_offset(raw: &Path, file: &str, at: u64) -> anyhow::Result<u64> {
     let img = DiskImage::open(raw)?;
     let parts = img.table()?.partitions;
-    let esp = parts.iter().find(|p| p.name == "EFI").context("EFI")?;
+    let esp = parts
+        .iter()
+        .find(|p| p.name == Partition::Efi.name())
+        .context(Partition::Efi.name())?;
     let bytes = img.fat(esp)?.read(file, None)?.context("file missing")?;
     let chunk = bytes
         .get(at as usize..at as usize + 512)
@@ -182,8 +197,8 @@ fn a_byte_flipped_in_the_esp_kernel_names_the_file() -> anyhow::Result<()> {
     let efi = report
         .checks
         .iter()
-        .find(|c| c.subject == "EFI")
-        .context("EFI")?;
+        .find(|c| c.subject == Partition::Efi.name())
+        .context(Partition::Efi.name())?;
     assert_eq!(efi.status, Status::Warning, "{report}");
     assert!(efi.details[0].contains("no manifest at"), "{report}");
     Ok(())
@@ -243,7 +258,7 @@ fn qcow2_gives_the_same_verdicts_as_raw() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let raw = raw_copy(dir.path())?;
-    let (root_a, _) = partition(img, "ROOT-A")?;
+    let (root_a, _) = partition(img, Partition::RootA.name())?;
     flip_byte(&raw, root_a + 42 * BLOCK)?;
     let qcow = dir.path().join("damaged.qcow2");
     let (r, q) = (
@@ -306,11 +321,15 @@ fn inspect_json_agrees_with_sfdisk_and_the_manifest() -> anyhow::Result<()> {
     let (a, b) = (slot("a")?, slot("b")?);
     assert_eq!(
         (&a["partition"], &a["active"], &a["populated"]),
-        (&"ROOT-A".into(), &true.into(), &true.into())
+        (&Partition::RootA.name().into(), &true.into(), &true.into())
     );
     assert_eq!(
         (&b["partition"], &b["active"], &b["populated"]),
-        (&"ROOT-B".into(), &false.into(), &false.into())
+        (
+            &Partition::RootB.name().into(),
+            &false.into(),
+            &false.into()
+        )
     );
     assert_eq!(a["root_hash"], m["root_hash"]);
     assert_eq!(a["cmdline"], m["cmdline"]["a"]);
