@@ -7,7 +7,7 @@
 //! with their reason. In CI (`CI` set, as every CI service does) nothing is ever ignored:
 //! the tests run and fail on the missing tool, and the build prints what is missing.
 //!
-//! ```ignore
+//! ```text
 //! // build.rs
 //! basalt_build_support::probe(&[basalt_build_support::QEMU]);
 //! // a test
