@@ -6,7 +6,7 @@
 //! [`load`] reads the local sources; [`from_metadata`] and [`from_cmdline`] are asked by
 //! stage 2 after the network is up, when [`load`] found nothing.
 
-use crate::metadata::Metadata;
+use crate::net::metadata::Metadata;
 use basalt_api::config::{ConfigError, MachineConfig};
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::{DecodePaddingMode, Engine};
@@ -18,6 +18,8 @@ pub const STATE_CONFIG: &str = "var/lib/basalt/config.toml";
 pub const FW_CFG: &str = "sys/firmware/qemu_fw_cfg/by_name/opt/basalt/config/raw";
 /// Largest config accepted from any source.
 pub const MAX_BYTES: u64 = 256 * 1024;
+// The metadata client bounds user-data by itself, with the same figure.
+const _: () = assert!(crate::net::metadata::USERDATA_LIMIT == MAX_BYTES);
 /// The kernel's command line, relative to the root.
 pub const CMDLINE: &str = "proc/cmdline";
 /// The command-line parameter that carries a config: the TOML in base64, either the
@@ -133,7 +135,7 @@ fn accept(
     if source != Source::State && state_mounted {
         let dest = root.join(STATE_CONFIG);
         // The config holds the API key and the join token: 0600.
-        crate::state::write_atomic_mode(&dest, text.as_bytes(), 0o600)
+        crate::atomic_file::write_mode(&dest, text.as_bytes(), 0o600)
             .map_err(|e| SourceError::Save(dest, e))?;
     }
     Ok(Found::Config(source, Box::new(config)))
@@ -247,7 +249,7 @@ mod tests {
             Err(e) => e,
             Ok(_) => panic!("a malformed config was accepted"),
         };
-        let text = crate::console::chain(&err);
+        let text = crate::pid1::console::chain(&err);
         assert!(
             text.contains("fw_cfg") && text.contains("node.surprise"),
             "{text}"
@@ -317,7 +319,7 @@ mod tests {
             Err(e) => e,
             Ok(_) => panic!("a malformed config was accepted"),
         };
-        let text = crate::console::chain(&err);
+        let text = crate::pid1::console::chain(&err);
         assert!(
             text.contains("Hetzner metadata userdata") && text.contains("node.surprise"),
             "{text}"
@@ -424,7 +426,7 @@ mod tests {
                 Ok(_) => panic!("{encoded}: accepted"),
             };
             assert!(expected(&err), "{encoded}: {err:?}");
-            let text = crate::console::chain(&err);
+            let text = crate::pid1::console::chain(&err);
             assert!(text.contains("kernel command line basalt.config"), "{text}");
             assert!(!d.path().join(STATE_CONFIG).exists());
         }

@@ -1,14 +1,18 @@
 //! Stage 2: PID1 on the verified root. Reaps every zombie, never exits, and on SIGTERM
 //! stops everything and powers off in order.
 
-use crate::api::control::{self, Command, Control, LineCounts, Power};
-use crate::console;
+use crate::boot::kernel;
+use crate::boot::mounts;
 use crate::join::{Joiner, NetworkCheck, NodeHost, Retry};
-use crate::mounts;
+use crate::kmod::modprobe;
 use crate::net::sntp;
-use crate::supervise::{Exit, RestartPolicy, ServiceSpec, Supervisor};
+use crate::net::{self as network, metadata};
+use crate::node_api as api;
+use crate::pid1::console;
+use crate::pid1::mailbox::{self, Command, Control, LineCounts, Power};
+use crate::pid1::supervise::{Exit, RestartPolicy, ServiceSpec, Supervisor};
 use crate::sys::Real;
-use crate::{api, config_source, join, kernel, metadata, modprobe, network, testd};
+use crate::{config_source, join, testd};
 use basalt_api::config::MachineConfig;
 use basalt_api::milestone::Milestone;
 use nix::errno::Errno;
@@ -45,7 +49,7 @@ pub fn run() -> ! {
     }
     // Stage 1's milestones, for the node API's boot timeline.
     console::import_milestones(&root.join("dev/kmsg"));
-    let state = crate::state::mount(&mut sys, root, STATE_TIMEOUT);
+    let state = crate::storage::state::mount(&mut sys, root, STATE_TIMEOUT);
     let state_mounted = state.is_ok();
     match state {
         Ok(m) => {
@@ -53,7 +57,7 @@ pub fn run() -> ! {
             console::info(&format!(
                 "STATE {} mounted on {}, boot {}",
                 m.device.name,
-                crate::state::MOUNT_POINT,
+                crate::storage::state::MOUNT_POINT,
                 m.boot
             ));
         }
@@ -72,7 +76,7 @@ pub fn run() -> ! {
     if state_mounted {
         join::prepare_standby(&mut sys, root);
     }
-    crate::power::watch_power_button(Path::new("/"), modules.as_ref());
+    crate::pid1::power::watch_power_button(Path::new("/"), modules.as_ref());
     // Ctrl-Alt-Del then arrives as SIGINT instead of an immediate reboot.
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
         console::error("disable ctrl-alt-del", &e);
@@ -323,7 +327,7 @@ fn serve(
     let mut restarts: Vec<u32> = Vec::new();
     loop {
         while let Ok(cmd) = commands.try_recv() {
-            match control::handle(cmd, supervisor, counts) {
+            match mailbox::handle(cmd, supervisor, counts) {
                 Some(Power::Reboot) => shutdown(supervisor, RebootMode::RB_AUTOBOOT),
                 Some(Power::PowerOff) => shutdown(supervisor, RebootMode::RB_POWER_OFF),
                 None => {}
@@ -551,7 +555,7 @@ fn unmount_on_state() {
 
 /// Mount points below STATE's and the rancher bind, in mountinfo order (parents first).
 fn mounts_on_state(mountinfo: &str) -> Vec<String> {
-    let state = crate::state::MOUNT_POINT;
+    let state = crate::storage::state::MOUNT_POINT;
     let rancher = format!("/{}", join::RANCHER_MOUNT);
     mountinfo
         .lines()
@@ -598,7 +602,7 @@ fn shutdown(supervisor: &mut Supervisor, mode: RebootMode) -> ! {
     nix::unistd::sync();
     unmount_on_state();
     // STATE is the one writable disk filesystem: leave it clean.
-    match nix::mount::umount(crate::state::MOUNT_POINT) {
+    match nix::mount::umount(crate::storage::state::MOUNT_POINT) {
         Ok(()) => console::info("shutdown: STATE unmounted"),
         Err(e) => console::error("shutdown: unmount STATE", &e),
     }
