@@ -315,7 +315,7 @@ impl Joiner {
             .name("join".into())
             .spawn(move || {
                 if !network_up(NETWORK_WAIT) {
-                    console::info("join: network not up yet; trying anyway");
+                    console::warn("join: network not up yet; trying anyway");
                 }
                 me.boot_loop(&config, generation);
             })
@@ -358,7 +358,7 @@ impl Joiner {
             failures += 1;
             let delay = self.retry.delay(failures);
             let (state, error) = error;
-            console::info(&format!(
+            console::warn(&format!(
                 "join: attempt {failures} failed: {error}; retrying in {} s",
                 delay.as_secs_f32()
             ));

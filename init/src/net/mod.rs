@@ -305,9 +305,9 @@ fn run_dhcp(iface: &str, hostname: Option<String>, up: &NetworkUp, dns_from_leas
                 up.mark();
             }
             Ok(Some(Event::Expired { addr })) => {
-                console::info(&format!("dhcp: {iface} lease on {addr} expired"))
+                console::warn(&format!("dhcp: {iface} lease on {addr} expired"))
             }
-            Ok(Some(Event::Nak)) => console::info(&format!("dhcp: {iface}: server refused")),
+            Ok(Some(Event::Nak)) => console::warn(&format!("dhcp: {iface}: server refused")),
             Ok(Some(Event::Retrying { after })) => console::info(&format!(
                 "dhcp: {iface}: no answer yet, retrying in {after:?}"
             )),
@@ -336,7 +336,7 @@ pub fn start(root: &Path, net: &NetworkConfig, hostname: Option<String>) -> Netw
             Some(iface) => break iface,
             None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             None => {
-                console::info("network: no Ethernet interface");
+                console::warn("network: no Ethernet interface");
                 return up;
             }
         }

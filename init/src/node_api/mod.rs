@@ -97,7 +97,7 @@ impl Context {
     /// Logs a refused request or connection, rate-limited.
     pub fn refused(&self, what: &str) {
         if let Some(line) = self.refusals.note(Instant::now(), what) {
-            crate::pid1::console::info(&line);
+            crate::pid1::console::warn(&line);
         }
     }
 }

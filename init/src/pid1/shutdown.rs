@@ -73,7 +73,7 @@ pub fn shutdown(supervisor: &mut Supervisor, mode: RebootMode) -> ! {
     console::info(&format!("shutdown ({what}): stopping services"));
     let killed = supervisor.stop_all(STOP_GRACE, &mut reap);
     for name in killed {
-        console::info(&format!("shutdown: service {name} needed SIGKILL"));
+        console::warn(&format!("shutdown: service {name} needed SIGKILL"));
     }
     console::info(&format!("shutdown ({what}): stopping processes"));
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
@@ -82,7 +82,7 @@ pub fn shutdown(supervisor: &mut Supervisor, mode: RebootMode) -> ! {
         std::thread::sleep(Duration::from_millis(50));
     }
     if children_remain() {
-        console::info("shutdown: killing what is left");
+        console::warn("shutdown: killing what is left");
         let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
         let deadline = Instant::now() + Duration::from_secs(2);
         while children_remain() && Instant::now() < deadline {

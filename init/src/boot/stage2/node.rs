@@ -202,8 +202,8 @@ impl Machine for Node {
                     console::error("api: start", &e);
                 }
             }
-            // Info, not error: a config may carry placeholder certificates on purpose.
-            Err(e) => console::info(&format!("api: off: {}", console::chain(&e))),
+            // A warning, not an error: a config may carry placeholder certificates on purpose.
+            Err(e) => console::warn(&format!("api: off: {}", console::chain(&e))),
         }
     }
 
@@ -251,7 +251,7 @@ impl Sources for Node {
 
     fn fetch_metadata(&mut self) -> Option<Metadata> {
         if !self.up.wait(METADATA_WAIT) {
-            console::info("metadata: network not up; skipped");
+            console::warn("metadata: network not up; skipped");
             return None;
         }
         match metadata::fetch(metadata::BASE_URL, Duration::from_secs(2)) {
@@ -322,7 +322,7 @@ fn start_time_sync(servers: Vec<String>, up: NetworkUp) {
         .name("sntp".into())
         .spawn(move || {
             if !up.wait(TIME_SYNC_WAIT) {
-                console::info("time: network not up; no sync");
+                console::warn("time: network not up; no sync");
                 return;
             }
             match sntp::sync(&servers, Duration::from_secs(3), true) {
@@ -391,6 +391,6 @@ fn report_entropy() {
     if n == 1 {
         console::info("entropy: kernel CRNG ready");
     } else {
-        console::info("entropy: kernel CRNG not ready yet (no RDRAND or virtio-rng?)");
+        console::warn("entropy: kernel CRNG not ready yet (no RDRAND or virtio-rng?)");
     }
 }
