@@ -19,6 +19,7 @@ pub mod node_api;
 pub mod pid1;
 pub mod storage;
 pub mod sys;
+#[cfg(feature = "testd")]
 pub mod testd;
 
 use std::path::Path;
@@ -40,6 +41,7 @@ pub fn main() -> ! {
         });
     }
     // The test service (see `testd`): never when this process is the node's PID1.
+    #[cfg(feature = "testd")]
     if args.get(1).map(String::as_str) == Some(testd::ARG) && std::process::id() != 1 {
         std::process::exit(testd::main(&args[2..]));
     }

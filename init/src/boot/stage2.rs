@@ -40,7 +40,8 @@ pub trait Machine: Sources {
     fn milestone(&mut self, milestone: Milestone);
     /// SNTP against `servers` in a thread of its own, once the network is up.
     fn start_time_sync(&mut self, servers: Vec<String>);
-    /// The test service, when the host asked for it (see [`crate::testd`]).
+    /// The test service, when the host asked for it and basalt-init has it (the `testd`
+    /// feature).
     fn start_test_service(&mut self);
     /// The node API, with the certificates of the config that won.
     fn start_api(&mut self, chosen: &Chosen);

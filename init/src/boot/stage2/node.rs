@@ -11,11 +11,10 @@ use crate::net::metadata::{self, Metadata};
 use crate::net::{self, sntp, NetworkUp};
 use crate::node_api;
 use crate::pid1::mailbox::{Command, Control, LineCounts};
-use crate::pid1::supervise::{RestartPolicy, ServiceSpec, Supervisor};
+use crate::pid1::supervise::Supervisor;
 use crate::pid1::{console, power, serve};
 use crate::storage::state;
 use crate::sys::Real;
-use crate::testd;
 use basalt_api::config::MachineConfig;
 use basalt_api::milestone::Milestone;
 use std::path::{Path, PathBuf};
@@ -175,16 +174,10 @@ impl Machine for Node {
         start_time_sync(servers, self.up.clone());
     }
 
-    /// Proves starting, output capture, restart with backoff and reaping of orphans
-    /// before K3s's agent is the real tenant.
+    /// Only in a basalt-init built with the `testd` feature.
     fn start_test_service(&mut self) {
-        let Some(mode) = testd::requested(&self.root) else {
-            return;
-        };
-        match self.supervisor.start(test_service(&mode)) {
-            Ok(()) => console::info(&format!("service testd ({mode}) started under supervision")),
-            Err(e) => console::error("service testd", &e),
-        }
+        #[cfg(feature = "testd")]
+        crate::testd::start(&mut self.supervisor, &self.root);
     }
 
     fn start_api(&mut self, chosen: &Chosen) {
@@ -342,26 +335,6 @@ fn start_time_sync(servers: Vec<String>, up: NetworkUp) {
         });
     if let Err(e) = spawned {
         console::error("start time sync", &e);
-    }
-}
-
-/// The test service (see `testd`) as the supervisor runs it: this binary, `testd MODE`.
-fn test_service(mode: &str) -> ServiceSpec {
-    let exe = std::env::current_exe().unwrap_or_else(|_| "/sbin/init".into());
-    ServiceSpec {
-        name: "testd".into(),
-        argv: vec![
-            exe.to_string_lossy().into_owned(),
-            testd::ARG.into(),
-            mode.into(),
-        ],
-        env: Vec::new(),
-        restart: RestartPolicy {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(8),
-            ..RestartPolicy::default()
-        },
-        stop_timeout: Duration::from_secs(5),
     }
 }
 
