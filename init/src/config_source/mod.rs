@@ -86,14 +86,15 @@ pub trait Sources {
     fn rejected(&mut self, err: &SourceError);
 }
 
-/// Finds the machine config, first valid source wins, and brings the network up on the way (see the
-/// module's docs for why the two are interleaved). None: standby without an API.
+/// Finds the machine config, first valid source wins, and brings the network up on the
+/// way (the module's docs say why the two are interleaved). None: standby without an API.
 pub fn choose(node: &mut dyn Sources) -> Option<Chosen> {
     let hetzner = node.on_hetzner();
     node.probe_fw_cfg();
     let mut chosen = first_valid(node, &[Source::State, Source::FwCfg], None);
     if chosen.is_none() {
         console::info("machine config: none in STATE or fw_cfg");
+        // No metadata service to come before it: the command line is local here.
         if !hetzner {
             chosen = first_valid(node, &[Source::Cmdline], None);
         }
@@ -105,6 +106,7 @@ pub fn choose(node: &mut dyn Sources) -> Option<Chosen> {
     let meta = node.fetch_metadata();
     if chosen.is_none() {
         chosen = first_valid(node, &[Source::Metadata, Source::Cmdline], meta.as_ref());
+        // The network started without it: its static part comes now.
         if let Some(c) = &chosen {
             node.apply_static_network(&c.config);
         }
