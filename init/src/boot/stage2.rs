@@ -13,6 +13,7 @@ pub use node::{Node, STATE_TIMEOUT};
 
 use crate::config_source::{self, Chosen, Sources};
 use crate::pid1::{console, serve};
+use crate::sys::Real;
 use basalt_api::config::MachineConfig;
 use basalt_api::milestone::Milestone;
 use nix::sys::signal::SigSet;
@@ -59,7 +60,8 @@ pub fn run() -> ! {
     if let Err(e) = all.thread_block() {
         console::error("block signals", &e);
     }
-    let mut node = Node::new(PathBuf::from("/"));
+    let mut sys = Real;
+    let mut node = Node::new(&mut sys, PathBuf::from("/"));
     boot(&mut node);
     let (mut supervisor, commands, counts) = node.into_main_loop();
     serve::serve(&all, &mut supervisor, &commands, &counts)

@@ -14,7 +14,7 @@ use crate::pid1::mailbox::{Command, Control, LineCounts};
 use crate::pid1::supervise::Supervisor;
 use crate::pid1::{console, power, serve};
 use crate::storage::state;
-use crate::sys::Real;
+use crate::sys::System;
 use basalt_api::config::MachineConfig;
 use basalt_api::milestone::Milestone;
 use std::path::{Path, PathBuf};
@@ -31,8 +31,9 @@ const METADATA_WAIT: Duration = Duration::from_secs(20);
 const TIME_SYNC_WAIT: Duration = Duration::from_secs(60);
 
 /// The machine stage 2 runs on, and what PID1's main loop takes over after the boot.
-pub struct Node {
-    sys: Real,
+/// Syscalls go through `sys` and paths start at `root`, as in stage 1's `Env`.
+pub struct Node<'a> {
+    sys: &'a mut dyn System,
     root: PathBuf,
     state_mounted: bool,
     modules: Option<Modules>,
@@ -47,8 +48,8 @@ pub struct Node {
     joiner: Arc<Joiner>,
 }
 
-impl Node {
-    pub fn new(root: PathBuf) -> Node {
+impl<'a> Node<'a> {
+    pub fn new(sys: &'a mut dyn System, root: PathBuf) -> Node<'a> {
         let counts = Rc::new(LineCounts::default());
         let sink_counts = Rc::clone(&counts);
         let supervisor = Supervisor::new(Box::new(move |name, line| {
@@ -67,7 +68,7 @@ impl Node {
             Retry::default(),
         ));
         Node {
-            sys: Real,
+            sys,
             root,
             state_mounted: false,
             modules: None,
@@ -88,10 +89,10 @@ impl Node {
     }
 }
 
-impl Machine for Node {
+impl Machine for Node<'_> {
     fn mount_kernel_filesystems(&mut self) {
         for table in [mounts::EARLY, mounts::LATE] {
-            if let Err(e) = mounts::apply(&mut self.sys, &self.root, table) {
+            if let Err(e) = mounts::apply(self.sys, &self.root, table) {
                 console::error("stage 2 mounts", &e);
             }
         }
@@ -100,7 +101,7 @@ impl Machine for Node {
     }
 
     fn mount_state(&mut self) -> bool {
-        match state::mount(&mut self.sys, &self.root, STATE_TIMEOUT) {
+        match state::mount(self.sys, &self.root, STATE_TIMEOUT) {
             Ok(m) => {
                 console::milestone(Milestone::StateMounted);
                 console::info(&format!(
@@ -128,14 +129,14 @@ impl Machine for Node {
     /// the modules, then the sysctls: the bridge sysctls exist once br_netfilter is loaded.
     fn prepare_kernel_for_k3s(&mut self) {
         let root = &self.root;
-        if let Err(e) = kernel::mount_cgroup2(&mut self.sys, root) {
+        if let Err(e) = kernel::mount_cgroup2(self.sys, root) {
             console::error("cgroup2", &e);
         }
         if let Err(e) = kernel::enable_controllers(root) {
             console::error("cgroup controllers", &e);
         }
         if let Some(modules) = &self.modules {
-            for e in kernel::load_modules_from(&mut self.sys, root, modules, kernel::K3S_MODULES) {
+            for e in kernel::load_modules_from(self.sys, root, modules, kernel::K3S_MODULES) {
                 console::error("module", &e);
             }
         }
@@ -145,7 +146,7 @@ impl Machine for Node {
     }
 
     fn prepare_standby(&mut self) {
-        join::prepare_standby(&mut self.sys, &self.root);
+        join::prepare_standby(self.sys, &self.root);
     }
 
     fn watch_power_button(&mut self) {
@@ -162,7 +163,7 @@ impl Machine for Node {
     /// and K3s need.
     fn coldplug(&mut self) {
         if let Some(modules) = &self.modules {
-            net::coldplug(&mut self.sys, &self.root, modules);
+            net::coldplug(self.sys, &self.root, modules);
         }
     }
 
@@ -213,7 +214,7 @@ impl Machine for Node {
     }
 }
 
-impl Sources for Node {
+impl Sources for Node<'_> {
     fn root(&self) -> &Path {
         &self.root
     }
@@ -229,7 +230,7 @@ impl Sources for Node {
     /// fw_cfg is a QEMU device; elsewhere the module finds nothing and that is fine.
     fn probe_fw_cfg(&mut self) {
         if let Some(modules) = &self.modules {
-            let _ = modules.probe(&mut self.sys, &self.root, "qemu_fw_cfg");
+            let _ = modules.probe(self.sys, &self.root, "qemu_fw_cfg");
         }
     }
 
@@ -365,5 +366,41 @@ fn report_entropy() {
         console::info("entropy: kernel CRNG ready");
     } else {
         console::warn("entropy: kernel CRNG not ready yet (no RDRAND or virtio-rng?)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::{Call, Recording};
+
+    #[test]
+    fn the_real_steps_work_under_the_root_they_are_given() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let mut sys = Recording::default();
+        let mut node = Node::new(&mut sys, root.path().into());
+        node.mount_kernel_filesystems();
+        node.prepare_kernel_for_k3s();
+        // Without a module index nothing is loaded, probed or coldplugged.
+        node.probe_fw_cfg();
+        node.coldplug();
+        assert!(!node.state_mounted());
+        drop(node);
+        let targets: Vec<_> = sys
+            .calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Mount { target, .. } => Some(target.clone()),
+                _ => None,
+            })
+            .collect();
+        let expected: Vec<_> = mounts::EARLY
+            .iter()
+            .chain(mounts::LATE)
+            .map(|m| root.path().join(m.target.trim_start_matches('/')))
+            .chain([root.path().join("sys/fs/cgroup")])
+            .collect();
+        assert_eq!(targets, expected);
+        assert!(!sys.calls.iter().any(|c| matches!(c, Call::LoadModule(_))));
     }
 }
