@@ -413,7 +413,7 @@ pub fn main(args: Vec<String>) -> std::process::ExitCode {
         Ok(_) => std::process::ExitCode::SUCCESS,
         Err(ModprobeError::NotFound(_)) if quiet => std::process::ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("modprobe: {}", crate::console::chain(&e));
+            eprintln!("modprobe: {}", crate::pid1::console::chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -2,12 +2,12 @@
 //! (machine config, node identity, `/var`). Stage 2 mounts it on `/var`, first growing it
 //! to the end of a disk larger than the image ([`grow`]).
 
-use crate::console;
-use crate::grow::{self, GrowError, Resize, Sectors};
-use crate::partition::{self, BlockDev, NotFound};
+use crate::atomic_file;
+use crate::pid1::console;
+use crate::storage::grow::{self, GrowError, Resize, Sectors};
+use crate::storage::partition::{self, BlockDev, NotFound};
 use crate::sys::System;
 use nix::mount::MsFlags;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -161,48 +161,16 @@ pub fn count_boot(path: &Path) -> Result<u64, StateError> {
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(0);
     let boot = previous + 1;
-    write_atomic(path, format!("{boot}\n").as_bytes())
+    atomic_file::write(path, format!("{boot}\n").as_bytes())
         .map_err(|e| StateError::Write(path.into(), e))?;
     Ok(boot)
-}
-
-/// Temporary file beside the target, fsync, rename, fsync the folder: after a crash
-/// the file holds either the old or the new content, never a mix.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_atomic_mode(path, bytes, 0o644)
-}
-
-/// [`write_atomic`] with the file's mode set from the start: secrets (the machine config
-/// holds the API key and the join token) are never readable by others, not even
-/// between create and rename.
-pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    // A leftover from an interrupted write must not keep its old mode.
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grow::fixture::{node, IMAGE, STATE_LEN, STATE_START};
-    use crate::grow::{Recording as Ioctls, Resized};
+    use crate::storage::grow::fixture::{node, IMAGE, STATE_LEN, STATE_START};
+    use crate::storage::grow::{Recording as Ioctls, Resized};
     use crate::sys::{Call, Recording};
 
     /// A node whose disk is `size` sectors, with `/var` to mount on.

@@ -3,11 +3,11 @@
 //! side shut, then what the client still sends drained briefly), so the client can say
 //! why instead of seeing a reset.
 
-use super::control::Power;
 use super::http::{self, HttpError, TEXT};
 use super::routes::{self, Reply};
 use super::{tls, Context, MAX_CONNECTIONS};
-use crate::console;
+use crate::pid1::console;
+use crate::pid1::mailbox::Power;
 use rustls::ServerConnection;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

@@ -2,7 +2,7 @@
 //! (it is not `Send`, and only the main loop reaps). A thread sends a [`Command`] with a
 //! reply channel and wakes the loop; the loop answers between two signal waits.
 
-use crate::supervise::{Exit, ServiceSpec, State, Supervisor};
+use crate::pid1::supervise::{Exit, ServiceSpec, State, Supervisor};
 use basalt_api::node::ServiceInfo;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -242,7 +242,7 @@ pub fn exit_text(exit: Exit) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::supervise::RestartPolicy;
+    use crate::pid1::supervise::RestartPolicy;
     use std::rc::Rc;
 
     fn sh(name: &str, script: &str) -> ServiceSpec {

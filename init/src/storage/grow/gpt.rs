@@ -309,28 +309,7 @@ pub fn plan_table(
     number: u32,
     name: &str,
 ) -> Result<Option<Plan>, GptError> {
-    let not_there = || GptError::NotThere {
-        number,
-        name: name.into(),
-    };
-    let index = (number as usize).checked_sub(1).ok_or_else(not_there)?;
-    let entry = table.entry(index).ok_or_else(not_there)?;
-    if entry[..16].iter().all(|&b| b == 0) || entry_name(entry) != name {
-        return Err(not_there());
-    }
-    let (first, last) = (u64_at(entry, 32), u64_at(entry, 40));
-    if last < first {
-        return Err(GptError::Header {
-            lba: table.header.my_lba,
-            fault: unsupported("partition end LBA", last),
-        });
-    }
-    if table
-        .used()
-        .any(|(i, e)| i != index && u64_at(e, 40) >= first)
-    {
-        return Err(GptError::NotLast { number });
-    }
+    let (index, first, last) = last_partition(table, number, name)?;
     let h = &table.header;
     let array = h.entries_sectors();
     let backup_lba = size.0.checked_sub(1).ok_or(GptError::TooSmall(size.0))?;
@@ -379,9 +358,60 @@ pub fn plan_table(
         ..primary.clone()
     };
 
+    let phases = phases(table, mbr, size, entries, &primary, &backup, last);
+    Ok(Some(Plan {
+        number,
+        start: Sectors(first),
+        old_len: Sectors(last + 1 - first),
+        new_len: Sectors(new_last + 1 - first),
+        repaired: table.from_backup,
+        phases,
+    }))
+}
+
+/// Where partition `number` lies, as `(index, first LBA, last LBA)`, once it is sure to be
+/// the one called `name` and the last on the disk.
+fn last_partition(table: &Table, number: u32, name: &str) -> Result<(usize, u64, u64), GptError> {
+    let not_there = || GptError::NotThere {
+        number,
+        name: name.into(),
+    };
+    let index = (number as usize).checked_sub(1).ok_or_else(not_there)?;
+    let entry = table.entry(index).ok_or_else(not_there)?;
+    if entry[..16].iter().all(|&b| b == 0) || entry_name(entry) != name {
+        return Err(not_there());
+    }
+    let (first, last) = (u64_at(entry, 32), u64_at(entry, 40));
+    if last < first {
+        return Err(GptError::Header {
+            lba: table.header.my_lba,
+            fault: unsupported("partition end LBA", last),
+        });
+    }
+    if table
+        .used()
+        .any(|(i, e)| i != index && u64_at(e, 40) >= first)
+    {
+        return Err(GptError::NotLast { number });
+    }
+    Ok((index, first, last))
+}
+
+/// The writes, phase by phase: the new backup first, then the primary (and the
+/// protective MBR), then the old backup header wiped; `last` is the partition's old end.
+fn phases(
+    table: &Table,
+    mbr: &[u8; SECTOR],
+    size: Sectors,
+    entries: Vec<u8>,
+    primary: &Header,
+    backup: &Header,
+    last: u64,
+) -> Vec<Vec<Write>> {
+    let h = &table.header;
     let mut second = vec![
         Write {
-            lba: primary_entries_lba,
+            lba: primary.entries_lba,
             bytes: entries.clone(),
         },
         Write {
@@ -398,11 +428,11 @@ pub fn plan_table(
     let mut phases = vec![
         vec![
             Write {
-                lba: backup_entries_lba,
+                lba: backup.entries_lba,
                 bytes: entries,
             },
             Write {
-                lba: backup_lba,
+                lba: backup.my_lba,
                 bytes: backup.encode().to_vec(),
             },
         ],
@@ -411,20 +441,13 @@ pub fn plan_table(
     // The old backup header now lies inside the grown partition: wiped once the new
     // primary (which no longer points at it) is on disk, so no tool mistakes it for a table.
     let old = h.alternate_lba;
-    if !table.from_backup && old > last && old < backup_entries_lba {
+    if !table.from_backup && old > last && old < backup.entries_lba {
         phases.push(vec![Write {
             lba: old,
             bytes: vec![0; SECTOR],
         }]);
     }
-    Ok(Some(Plan {
-        number,
-        start: Sectors(first),
-        old_len: Sectors(last + 1 - first),
-        new_len: Sectors(new_last + 1 - first),
-        repaired: table.from_backup,
-        phases,
-    }))
+    phases
 }
 
 /// Sector 0 with the protective partition (type 0xEE) covering the whole disk again; `None`

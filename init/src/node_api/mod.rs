@@ -4,13 +4,13 @@
 //! Shape: one acceptor thread, one thread per connection (at most [`MAX_CONNECTIONS`]),
 //! one request per connection. TLS by rustls ([`tls`]), HTTP by httparse ([`http`]),
 //! endpoints in [`routes`], what they report in [`status`]. The supervisor stays in
-//! PID1's main loop; API threads reach it through [`control`]. Joining the cluster is
+//! PID1's main loop; API threads reach it through its mailbox,
+//! [`crate::pid1::mailbox`]. Joining the cluster is
 //! [`crate::join`].
 //!
 //! No `[api]` in a machine config means no machine config at all (the key is required),
 //! and then no server: stage 2 says so on the console.
 
-pub mod control;
 pub mod http;
 pub mod routes;
 pub mod server;
@@ -18,9 +18,9 @@ pub mod status;
 pub mod tls;
 
 use crate::join::Joiner;
-use crate::network::NetworkUp;
+use crate::net::NetworkUp;
+use crate::pid1::mailbox::Control;
 use basalt_api::config::ApiConfig;
-use control::Control;
 use rustls::ServerConfig;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -97,7 +97,7 @@ impl Context {
     /// Logs a refused request or connection, rate-limited.
     pub fn refused(&self, what: &str) {
         if let Some(line) = self.refusals.note(Instant::now(), what) {
-            crate::console::info(&line);
+            crate::pid1::console::warn(&line);
         }
     }
 }

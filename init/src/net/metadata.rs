@@ -32,8 +32,10 @@ const USERDATA: &str = "userdata";
 /// Largest plain-text value (hostname, id, address).
 const PLAIN_LIMIT: u64 = 4 * 1024;
 const NETWORK_CONFIG_LIMIT: u64 = 64 * 1024;
-/// User-data is our machine config: the same bound as every other config source.
-const USERDATA_LIMIT: u64 = crate::config_source::MAX_BYTES;
+/// User-data is our machine config: the same bound as every other config source
+/// (`config_source` checks at compile time that the two agree; this module does not
+/// depend on it).
+pub const USERDATA_LIMIT: u64 = 256 * 1024;
 
 /// True on a Hetzner Cloud server, told by its DMI vendor string.
 pub fn on_hetzner(root: &Path) -> bool {
@@ -548,7 +550,7 @@ mod tests {
         let huge = "#".repeat(USERDATA_LIMIT as usize + 1);
         let double = HetznerMetadataDouble::start(&full(Reply::Ok(huge)));
         let err = fetch_with(&double.base, Duration::from_secs(2), quick()).expect_err("fetch");
-        let text = crate::console::chain(&err);
+        let text = crate::pid1::console::chain(&err);
         assert!(
             matches!(
                 err,
@@ -606,7 +608,7 @@ mod tests {
             .port();
         let base = format!("http://127.0.0.1:{port}/hetzner/v1");
         let err = fetch_with(&base, Duration::from_millis(300), quick()).expect_err("fetch");
-        let text = crate::console::chain(&err);
+        let text = crate::pid1::console::chain(&err);
         assert!(
             text.contains(&format!("{base}/metadata/hostname")) && text.contains("3 attempts"),
             "{text}"

@@ -2,8 +2,8 @@
 //! functions over a root path: cgroup v2 with every controller delegated to children,
 //! the sysctls kubelet and the CNI check, and the modules loaded up front.
 
-use crate::modprobe::{ModprobeError, Modules};
-use crate::mounts::{self, Mount, MountError};
+use crate::boot::mounts::{self, Mount, MountError};
+use crate::kmod::modprobe::{ModprobeError, Modules};
 use crate::sys::System;
 use nix::mount::MsFlags;
 use std::io::Write;

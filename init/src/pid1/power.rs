@@ -6,9 +6,9 @@
 //! nobody listens. Here a thread per such device waits for the press and sends SIGTERM
 //! to PID1, whose signal loop then powers off as for any other SIGTERM.
 
-use crate::console;
-use crate::kernel::{self, KernelError};
-use crate::modprobe::{self, ModprobeError, Modules};
+use crate::boot::kernel::{self, KernelError};
+use crate::kmod::modprobe::{self, ModprobeError, Modules};
+use crate::pid1::console;
 use crate::sys::{Real, System};
 use std::fs::File;
 use std::io::{self, Read};

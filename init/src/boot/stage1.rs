@@ -1,10 +1,10 @@
 //! Stage 1: from the initramfs to the verified root.
 
-use crate::console;
-use crate::dm;
-use crate::modules::{self, ModuleError};
-use crate::mounts::{self, MountError};
-use crate::partition::{self, NotFound};
+use crate::boot::mounts::{self, MountError};
+use crate::kmod::modules::{self, ModuleError};
+use crate::pid1::console;
+use crate::storage::dm;
+use crate::storage::partition::{self, NotFound};
 use crate::sys::{Real, System};
 use basalt_api::bootparams::{BootParams, BootParamsError};
 use basalt_api::milestone::Milestone;

@@ -1,39 +1,12 @@
 //! What the node reports: status (JSON), health, and metrics (Prometheus text).
 
 use super::Context;
-use crate::console;
+use crate::pid1::console;
 use basalt_api::bootparams::BootParams;
 use basalt_api::node::{Health, JoinState, MilestoneTime, ServiceInfo, Status, Versions};
-use nix::net::if_::InterfaceFlags;
 use std::fmt::Write as _;
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-
-/// The node's addresses and prefix lengths, loopback left out.
-pub fn addresses() -> Vec<(IpAddr, u8)> {
-    let Ok(all) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    all.filter(|a| !a.flags.contains(InterfaceFlags::IFF_LOOPBACK))
-        .filter_map(|a| {
-            let addr = a.address?;
-            let mask = a.netmask;
-            if let Some(v4) = addr.as_sockaddr_in() {
-                let prefix = mask
-                    .and_then(|m| m.as_sockaddr_in().map(|m| u32::from(m.ip()).count_ones()))
-                    .unwrap_or(32);
-                Some((IpAddr::V4(v4.ip()), prefix as u8))
-            } else {
-                let v6 = addr.as_sockaddr_in6()?;
-                let prefix = mask
-                    .and_then(|m| m.as_sockaddr_in6().map(|m| u128::from(m.ip()).count_ones()))
-                    .unwrap_or(128);
-                Some((IpAddr::V6(v6.ip()), prefix as u8))
-            }
-        })
-        .collect()
-}
 
 /// `GET /v1/health`: that the node answers, and how far it got. Nothing secret.
 pub fn health() -> Health {
@@ -55,9 +28,10 @@ pub fn status(ctx: &Context, services: Vec<ServiceInfo>) -> Status {
         slot: slot(&ctx.root),
         versions: Versions {
             basalt: env!("CARGO_PKG_VERSION").into(),
-            kernel: crate::modprobe::kernel_release(&ctx.root).unwrap_or_else(|_| "unknown".into()),
+            kernel: crate::kmod::modprobe::kernel_release(&ctx.root)
+                .unwrap_or_else(|_| "unknown".into()),
         },
-        addresses: addresses()
+        addresses: crate::net::addresses()
             .into_iter()
             .map(|(a, p)| format!("{a}/{p}"))
             .collect(),

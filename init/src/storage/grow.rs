@@ -10,7 +10,7 @@
 
 pub mod gpt;
 
-use crate::partition::BlockDev;
+use crate::storage::partition::BlockDev;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -605,7 +605,7 @@ mod tests {
         };
         let err = grow_partition(&mut ops, &sys, &dev, &vda5(), "STATE").unwrap_err();
         assert!(matches!(err, GrowError::Blkpg { number: 5, .. }), "{err:?}");
-        assert!(crate::console::chain(&err).contains("Device or resource busy"));
+        assert!(crate::pid1::console::chain(&err).contains("Device or resource busy"));
         // The table is grown all the same: the next boot's kernel reads it.
         assert_eq!(
             grow_partition(&mut Recording::default(), &sys, &dev, &vda5(), "STATE").expect("again"),

@@ -1,12 +1,9 @@
-//! Where the machine config comes from, first found wins: STATE (what was applied
-//! before) → QEMU fw_cfg `opt/basalt/config` → Hetzner metadata user-data → the kernel
-//! command line (`basalt.config=`) → none. A config first read from any source but STATE
-//! is written to STATE, so later boots do not depend on the hypervisor passing it again.
-//!
-//! [`load`] reads the local sources; [`from_metadata`] and [`from_cmdline`] are asked by
-//! stage 2 after the network is up, when [`load`] found nothing.
+//! Reading one config source: bounded reads, base64 on the command line, parsing, and
+//! saving what was found to STATE. The order the sources are asked in is the parent
+//! module's.
 
-use crate::metadata::Metadata;
+use super::Source;
+use crate::net::metadata::Metadata;
 use basalt_api::config::{ConfigError, MachineConfig};
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::{DecodePaddingMode, Engine};
@@ -18,6 +15,8 @@ pub const STATE_CONFIG: &str = "var/lib/basalt/config.toml";
 pub const FW_CFG: &str = "sys/firmware/qemu_fw_cfg/by_name/opt/basalt/config/raw";
 /// Largest config accepted from any source.
 pub const MAX_BYTES: u64 = 256 * 1024;
+// The metadata client bounds user-data by itself, with the same figure.
+const _: () = assert!(crate::net::metadata::USERDATA_LIMIT == MAX_BYTES);
 /// The kernel's command line, relative to the root.
 pub const CMDLINE: &str = "proc/cmdline";
 /// The command-line parameter that carries a config: the TOML in base64, either the
@@ -28,25 +27,6 @@ pub const CMDLINE_PARAM: &str = "basalt.config";
 const CMDLINE_MAX_BYTES: u64 = 64 * 1024;
 // So a config that fits on the command line, decoded, always fits MAX_BYTES.
 const _: () = assert!(CMDLINE_MAX_BYTES / 4 * 3 <= MAX_BYTES);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    State,
-    FwCfg,
-    Metadata,
-    Cmdline,
-}
-
-impl Source {
-    pub fn name(self) -> &'static str {
-        match self {
-            Source::State => "STATE",
-            Source::FwCfg => "fw_cfg opt/basalt/config",
-            Source::Metadata => "Hetzner metadata userdata",
-            Source::Cmdline => "kernel command line basalt.config",
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -72,21 +52,21 @@ pub enum Found {
     Config(Source, Box<MachineConfig>),
 }
 
-/// Reads the first source present; a config from fw_cfg is saved to STATE when
-/// `state_mounted`.
-pub fn load(root: &Path, state_mounted: bool) -> Result<Found, SourceError> {
-    let candidates = [(Source::State, STATE_CONFIG), (Source::FwCfg, FW_CFG)];
-    for (source, rel) in candidates {
-        if source == Source::State && !state_mounted {
-            continue;
-        }
-        let path = root.join(rel);
-        let Some(text) = read_bounded(&path)? else {
-            continue;
-        };
-        return accept(root, source, &text, state_mounted);
+/// Reads one source: STATE (only when `state_mounted`), fw_cfg or the kernel command
+/// line; a config found outside STATE is saved there when `state_mounted`. The metadata
+/// service's user-data is read by [`from_metadata`] (it needs the network); here it is
+/// always [`Found::None`].
+pub fn read(root: &Path, source: Source, state_mounted: bool) -> Result<Found, SourceError> {
+    let rel = match source {
+        Source::State if state_mounted => STATE_CONFIG,
+        Source::FwCfg => FW_CFG,
+        Source::Cmdline => return from_cmdline(root, state_mounted),
+        Source::State | Source::Metadata => return Ok(Found::None),
+    };
+    match read_bounded(&root.join(rel))? {
+        Some(text) => accept(root, source, &text, state_mounted),
+        None => Ok(Found::None),
     }
-    Ok(Found::None)
 }
 
 /// The config in the server's user-data, saved to STATE when `state_mounted`; None when
@@ -133,7 +113,7 @@ fn accept(
     if source != Source::State && state_mounted {
         let dest = root.join(STATE_CONFIG);
         // The config holds the API key and the join token: 0600.
-        crate::state::write_atomic_mode(&dest, text.as_bytes(), 0o600)
+        crate::atomic_file::write_mode(&dest, text.as_bytes(), 0o600)
             .map_err(|e| SourceError::Save(dest, e))?;
     }
     Ok(Found::Config(source, Box::new(config)))
@@ -199,11 +179,11 @@ mod tests {
     }
 
     #[test]
-    fn fw_cfg_config_is_used_and_saved_to_state_then_state_wins() {
+    fn fw_cfg_config_is_used_and_saved_to_state_for_the_next_boot() {
         let d = tempfile::tempdir().expect("tempdir");
         put(d.path(), FW_CFG, GOOD);
         assert!(matches!(
-            load(d.path(), true),
+            read(d.path(), Source::FwCfg, true),
             Ok(Found::Config(Source::FwCfg, _))
         ));
         assert_eq!(
@@ -217,9 +197,8 @@ mod tests {
                 .permissions(),
         );
         assert_eq!(mode & 0o777, 0o600);
-        put(d.path(), FW_CFG, "garbage that would fail");
         assert!(matches!(
-            load(d.path(), true),
+            read(d.path(), Source::State, true),
             Ok(Found::Config(Source::State, _))
         ));
     }
@@ -229,10 +208,16 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         put(d.path(), FW_CFG, GOOD);
         assert!(matches!(
-            load(d.path(), false),
+            read(d.path(), Source::FwCfg, false),
             Ok(Found::Config(Source::FwCfg, _))
         ));
         assert!(!d.path().join(STATE_CONFIG).exists());
+        // Nor is a STATE that is not mounted read (the file is the image's, not STATE's).
+        put(d.path(), STATE_CONFIG, GOOD);
+        assert!(matches!(
+            read(d.path(), Source::State, false),
+            Ok(Found::None)
+        ));
     }
 
     #[test]
@@ -243,11 +228,11 @@ mod tests {
             FW_CFG,
             &GOOD.replace("[node]\n", "[node]\nsurprise = 1\n"),
         );
-        let err = match load(d.path(), true) {
+        let err = match read(d.path(), Source::FwCfg, true) {
             Err(e) => e,
             Ok(_) => panic!("a malformed config was accepted"),
         };
-        let text = crate::console::chain(&err);
+        let text = crate::pid1::console::chain(&err);
         assert!(
             text.contains("fw_cfg") && text.contains("node.surprise"),
             "{text}"
@@ -258,10 +243,17 @@ mod tests {
     #[test]
     fn no_source_is_none_and_an_oversized_one_is_refused() {
         let d = tempfile::tempdir().expect("tempdir");
-        assert!(matches!(load(d.path(), true), Ok(Found::None)));
+        for source in [
+            Source::State,
+            Source::FwCfg,
+            Source::Metadata,
+            Source::Cmdline,
+        ] {
+            assert!(matches!(read(d.path(), source, true), Ok(Found::None)));
+        }
         put(d.path(), FW_CFG, &"#".repeat(MAX_BYTES as usize + 10));
         assert!(matches!(
-            load(d.path(), true),
+            read(d.path(), Source::FwCfg, true),
             Err(SourceError::TooLarge(_, MAX_BYTES))
         ));
     }
@@ -292,7 +284,7 @@ mod tests {
         );
         // And the next boot takes it from STATE.
         assert!(matches!(
-            load(d.path(), true),
+            read(d.path(), Source::State, true),
             Ok(Found::Config(Source::State, _))
         ));
     }
@@ -317,7 +309,7 @@ mod tests {
             Err(e) => e,
             Ok(_) => panic!("a malformed config was accepted"),
         };
-        let text = crate::console::chain(&err);
+        let text = crate::pid1::console::chain(&err);
         assert!(
             text.contains("Hetzner metadata userdata") && text.contains("node.surprise"),
             "{text}"
@@ -424,7 +416,7 @@ mod tests {
                 Ok(_) => panic!("{encoded}: accepted"),
             };
             assert!(expected(&err), "{encoded}: {err:?}");
-            let text = crate::console::chain(&err);
+            let text = crate::pid1::console::chain(&err);
             assert!(text.contains("kernel command line basalt.config"), "{text}");
             assert!(!d.path().join(STATE_CONFIG).exists());
         }

@@ -2,10 +2,10 @@
 //! real supervisor on a thread, and a K3s server whose CA never matches.
 
 use super::*;
-use crate::api::control::{self, Command, Control, LineCounts};
 use crate::join::{CaChecker, Joiner, NodeHost, Retry};
-use crate::network::NetworkUp;
-use crate::supervise::{Exit, RestartPolicy, ServiceSpec, Supervisor};
+use crate::net::NetworkUp;
+use crate::pid1::mailbox::{self, Command, Control, LineCounts};
+use crate::pid1::supervise::{Exit, RestartPolicy, ServiceSpec, Supervisor};
 use basalt_api::config::{MachineConfig, Token};
 use basalt_api::k3s::{CaCheck, K3sError};
 use basalt_api::node::{ApplyResponse, ErrorBody, Health, JoinState, Status};
@@ -123,14 +123,14 @@ impl CaChecker for Mismatch {
 
 /// PID1's main loop in miniature: answers commands, polls and reaps its services, and
 /// hands power requests to the test.
-fn main_loop(rx: Receiver<Command>, powers: Sender<control::Power>) {
+fn main_loop(rx: Receiver<Command>, powers: Sender<mailbox::Power>) {
     let counts = Rc::new(LineCounts::default());
     let c = counts.clone();
     let mut sup = Supervisor::new(Box::new(move |name, _| c.add(name)));
     loop {
         match rx.recv_timeout(Duration::from_millis(20)) {
             Ok(cmd) => {
-                if let Some(p) = control::handle(cmd, &mut sup, &counts) {
+                if let Some(p) = mailbox::handle(cmd, &mut sup, &counts) {
                     let _ = powers.send(p);
                 }
             }
@@ -154,7 +154,7 @@ struct Node {
     pki: Pki,
     root: tempfile::TempDir,
     ctx: Arc<Context>,
-    powers: Receiver<control::Power>,
+    powers: Receiver<mailbox::Power>,
 }
 
 fn node() -> Node {
@@ -523,9 +523,9 @@ fn reboot_and_shutdown_answer_first_then_reach_the_main_loop() {
     assert_eq!(status, 202, "{body}");
     assert!(body.contains("rebooting"), "{body}");
     let got = n.powers.recv_timeout(Duration::from_secs(10));
-    assert_eq!(got, Ok(control::Power::Reboot));
+    assert_eq!(got, Ok(mailbox::Power::Reboot));
     let (status, _) = post(&n, me, "/v1/shutdown", "");
     assert_eq!(status, 202);
     let got = n.powers.recv_timeout(Duration::from_secs(10));
-    assert_eq!(got, Ok(control::Power::PowerOff));
+    assert_eq!(got, Ok(mailbox::Power::PowerOff));
 }

@@ -6,10 +6,10 @@
 //! join check failed → 200 with `applied: false` and `join.state: failed` (the client
 //! shows the whole answer and exits non-zero); a joined node and another config → 409.
 
-use super::control::Power;
 use super::http::{Request, Response, PROMETHEUS, TEXT};
 use super::{status, tls, Context};
 use crate::join::{Applied, ApplyError};
+use crate::pid1::mailbox::Power;
 use basalt_api::config::MachineConfig;
 use basalt_api::node::{path, ApplyResponse};
 use std::time::Instant;
@@ -109,17 +109,19 @@ fn apply(ctx: &Context, req: &Request, received: Instant) -> Response {
     }
     let config = match MachineConfig::parse(text) {
         Ok(c) => c,
-        Err(e) => return Response::error(400, &crate::console::chain(&e)),
+        Err(e) => return Response::error(400, &crate::pid1::console::chain(&e)),
     };
     // Before anything is saved: certificates that cannot serve would lock us out.
     let tls = match tls::server_config(&config.api) {
         Ok(t) => t,
-        Err(e) => return Response::error(400, &crate::console::chain(&e)),
+        Err(e) => return Response::error(400, &crate::pid1::console::chain(&e)),
     };
     let applied = match ctx.joiner.apply(&config, text, received) {
         Ok(a) => a,
         Err(e @ ApplyError::AlreadyJoined { .. }) => return Response::error(409, &e.to_string()),
-        Err(e @ ApplyError::Persist(_)) => return Response::error(500, &crate::console::chain(&e)),
+        Err(e @ ApplyError::Persist(_)) => {
+            return Response::error(500, &crate::pid1::console::chain(&e))
+        }
     };
     let (ok, message) = match &applied {
         Applied::Standby => (

@@ -1,5 +1,17 @@
-//! Console output of PID1: milestones and errors, one line each, on the console (stdout,
-//! which the kernel opened on /dev/console) and in the kernel log (/dev/kmsg).
+//! Console output of PID1: one line per event, on the console (stdout, which the kernel
+//! opened on /dev/console) and in the kernel log (/dev/kmsg), in one format:
+//!
+//! ```text
+//! [basalt] <milestone> t=<seconds>      boot timeline (info)
+//! [basalt] <message>                    info: rare, important state changes
+//! [basalt] warning: <message>           warn: abnormal but harmless
+//! [basalt] error: <context>: <chain>    error: an action failed
+//! ```
+//!
+//! Info lines carry no tag: the boot timeline and the lines tools read (`footprint:`,
+//! `join: agent exec`) predate levels and stay as they are. In the kernel log each line
+//! has its level's priority (KERN_INFO, KERN_WARNING, KERN_ERR), so `dmesg --level=err`
+//! finds PID1's errors.
 
 use basalt_api::milestone::{self, Milestone};
 use std::fs::OpenOptions;
@@ -23,7 +35,7 @@ pub fn uptime() -> f64 {
 pub fn milestone(m: Milestone) {
     let t = uptime();
     record(m.name(), t);
-    line(&milestone::format(m, t));
+    write_line(&milestone::format(m, t), Level::Info);
 }
 
 /// Writes a milestone already printed to the kernel log only: `init-start` comes before
@@ -93,18 +105,60 @@ pub fn import_milestones(kmsg: &Path) -> usize {
     added
 }
 
+/// How much a line matters (Cloud Hypervisor's levels; PID1 logs no debug).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Rare, important state changes; the boot timeline.
+    Info,
+    /// Abnormal but harmless: the node goes on as it should.
+    Warn,
+    /// An action failed.
+    Error,
+}
+
+impl Level {
+    /// What follows the prefix on the line.
+    fn tag(self) -> &'static str {
+        match self {
+            Level::Info => "",
+            Level::Warn => "warning: ",
+            Level::Error => "error: ",
+        }
+    }
+
+    /// The kernel log's priority (syslog levels: 3 err, 4 warning, 6 info).
+    fn kmsg_priority(self) -> u8 {
+        match self {
+            Level::Info => 6,
+            Level::Warn => 4,
+            Level::Error => 3,
+        }
+    }
+}
+
+/// The console line of a message at `level`.
+pub fn format_line(level: Level, msg: &str) -> String {
+    format!("{} {}{msg}", milestone::PREFIX, level.tag())
+}
+
 /// Informational line.
 pub fn info(msg: &str) {
-    line(&format!("{} {msg}", milestone::PREFIX));
+    log(Level::Info, msg);
+}
+
+/// Something abnormal that the node goes on from.
+pub fn warn(msg: &str) {
+    log(Level::Warn, msg);
 }
 
 /// An error with its whole source chain, printed once.
 pub fn error(context: &str, err: &dyn std::error::Error) {
-    line(&format!(
-        "{} error: {context}: {}",
-        milestone::PREFIX,
-        chain(err)
-    ));
+    log(Level::Error, &format!("{context}: {}", chain(err)));
+}
+
+/// One line at `level`, on the console and in the kernel log.
+pub fn log(level: Level, msg: &str) {
+    write_line(&format_line(level, msg), level);
 }
 
 /// `err: cause: cause` in one line.
@@ -119,24 +173,22 @@ pub fn chain(err: &dyn std::error::Error) -> String {
     s
 }
 
-fn line(text: &str) {
+fn write_line(text: &str, level: Level) {
     // Both writes are best effort: PID1 must not stop because a console is missing.
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{text}");
     let _ = out.flush();
     if let Ok(mut kmsg) = OpenOptions::new().write(true).open("/dev/kmsg") {
-        // <6> is KERN_INFO: kept out of a quiet console, where stdout already showed it.
-        let _ = kmsg.write_all(format!("<6>{text}\n").as_bytes());
+        // Info (<6>) stays out of a quiet console, where stdout already showed it.
+        let priority = level.kmsg_priority();
+        let _ = kmsg.write_all(format!("<{priority}>{text}\n").as_bytes());
     }
 }
 
 /// A panic in PID1 is a kernel panic with no explanation; log it and reboot on purpose.
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        line(&format!(
-            "{} panic: {info}; rebooting in 5 s",
-            milestone::PREFIX
-        ));
+        log(Level::Error, &format!("panic: {info}; rebooting in 5 s"));
         std::thread::sleep(std::time::Duration::from_secs(5));
         nix::unistd::sync();
         let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
@@ -160,13 +212,15 @@ mod tests {
 
     #[test]
     fn milestones_from_the_kernel_log_are_recorded_in_time_order() {
+        // The record is global and other tests reach real milestones (stage 1's plan):
+        // names of this test's own keep it independent of the order tests run in.
         let dir = tempfile::tempdir().expect("tempdir");
         let kmsg = dir.path().join("kmsg");
         std::fs::write(
             &kmsg,
-            "6,1,500000,-;[basalt] init-start t=0.500\n\
+            "6,1,500000,-;[basalt] test-early t=0.500\n\
              6,2,600000,-;Run /init as init process\n\
-             6,3,900000,-;[basalt] root-verified t=0.900\n\
+             6,3,900000,-;[basalt] test-late t=0.900\n\
              6,4,950000,-;[basalt] error: not a milestone\n",
         )
         .expect("write");
@@ -175,7 +229,7 @@ mod tests {
         assert_eq!(import_milestones(&kmsg), 0);
         let all = milestones();
         let pos = |name: &str| all.iter().position(|(n, _)| n == name);
-        let (a, b) = (pos("init-start"), pos("root-verified"));
+        let (a, b) = (pos("test-early"), pos("test-late"));
         assert!(a.is_some() && b.is_some() && a < b, "{all:?}");
         assert!(all.windows(2).all(|w| w[0].1 <= w[1].1), "{all:?}");
         assert_eq!(import_milestones(&dir.path().join("missing")), 0);
@@ -186,5 +240,25 @@ mod tests {
         let a = uptime();
         let b = uptime();
         assert!(a > 0.0 && b >= a);
+    }
+
+    #[test]
+    fn every_level_has_one_line_format() {
+        assert_eq!(
+            format_line(Level::Info, "api: listening"),
+            "[basalt] api: listening"
+        );
+        assert_eq!(
+            format_line(Level::Warn, "metadata: network not up; skipped"),
+            "[basalt] warning: metadata: network not up; skipped"
+        );
+        assert_eq!(
+            format_line(Level::Error, "machine config: bad"),
+            "[basalt] error: machine config: bad"
+        );
+        // The QEMU tests take any `[basalt] error` for a failed boot: a warning is not one.
+        assert!(!format_line(Level::Warn, "x").contains("[basalt] error"));
+        let priorities = [Level::Info, Level::Warn, Level::Error].map(Level::kmsg_priority);
+        assert_eq!(priorities, [6, 4, 3]);
     }
 }
