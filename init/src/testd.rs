@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// fw_cfg entry that turns the test service on; its content is the mode.
-pub const FW_CFG: &str = "sys/firmware/qemu_fw_cfg/by_name/opt/basalt/test-service/raw";
+pub const FW_CFG: &str = basalt_api::layout::fw_cfg::TEST_SERVICE_SYSFS;
 /// The first argument that selects this service (only honoured when not PID1).
 pub const ARG: &str = "testd";
 /// Exit status of a run, so that the supervisor has a failure to restart.

@@ -36,8 +36,8 @@ impl Source {
     /// The source as the console names it.
     pub fn name(self) -> &'static str {
         match self {
-            Source::State => "STATE",
-            Source::FwCfg => "fw_cfg opt/basalt/config",
+            Source::State => basalt_api::layout::Partition::State.name(),
+            Source::FwCfg => basalt_api::layout::fw_cfg::CONFIG_LABEL,
             Source::Metadata => "Hetzner metadata userdata",
             Source::Cmdline => "kernel command line basalt.config",
         }

@@ -12,11 +12,9 @@ use std::path::{Path, PathBuf};
 /// On STATE (mounted on /var), relative to the root.
 pub const STATE_CONFIG: &str = "var/lib/basalt/config.toml";
 /// QEMU's fw_cfg entry as the `qemu_fw_cfg` module exposes it, relative to the root.
-pub const FW_CFG: &str = "sys/firmware/qemu_fw_cfg/by_name/opt/basalt/config/raw";
+pub const FW_CFG: &str = basalt_api::layout::fw_cfg::CONFIG_SYSFS;
 /// Largest config accepted from any source.
-pub const MAX_BYTES: u64 = 256 * 1024;
-// The metadata client bounds user-data by itself, with the same figure.
-const _: () = assert!(crate::net::metadata::USERDATA_LIMIT == MAX_BYTES);
+pub const MAX_BYTES: u64 = basalt_api::config::MAX_BYTES;
 /// The kernel's command line, relative to the root.
 pub const CMDLINE: &str = "proc/cmdline";
 /// The command-line parameter that carries a config: the TOML in base64, either the

@@ -32,10 +32,8 @@ const USERDATA: &str = "userdata";
 /// Largest plain-text value (hostname, id, address).
 const PLAIN_LIMIT: u64 = 4 * 1024;
 const NETWORK_CONFIG_LIMIT: u64 = 64 * 1024;
-/// User-data is our machine config: the same bound as every other config source
-/// (`config_source` checks at compile time that the two agree; this module does not
-/// depend on it).
-pub const USERDATA_LIMIT: u64 = 256 * 1024;
+/// User-data is our machine config: the contract's bound for every config source.
+pub const USERDATA_LIMIT: u64 = basalt_api::config::MAX_BYTES;
 
 /// True on a Hetzner Cloud server, told by its DMI vendor string.
 pub fn on_hetzner(root: &Path) -> bool {

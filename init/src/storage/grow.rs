@@ -19,26 +19,8 @@ use std::path::{Path, PathBuf};
 pub use gpt::MIN_GAIN;
 
 /// 512-byte sectors: the unit of the GPT (the image is built with 512-byte logical
-/// blocks) and of sysfs sizes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Sectors(pub u64);
-
-impl Sectors {
-    pub const SIZE: u64 = 512;
-
-    pub const fn from_mib(mib: u64) -> Self {
-        Sectors(mib << 11)
-    }
-
-    pub fn bytes(self) -> u64 {
-        self.0.saturating_mul(Self::SIZE)
-    }
-
-    /// Whole MiB, rounded down.
-    pub fn mib(self) -> u64 {
-        self.0 >> 11
-    }
-}
+/// blocks) and of sysfs sizes; the contract's type, shared with the builder.
+pub use basalt_api::layout::Sectors;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrowError {

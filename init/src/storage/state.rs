@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// GPT name of the partition.
-pub const PARTITION: &str = "STATE";
+pub const PARTITION: &str = basalt_api::layout::Partition::State.name();
 /// Where it is mounted.
 pub const MOUNT_POINT: &str = "/var";
 /// Boot counter, relative to the mount point.
