@@ -68,7 +68,17 @@ impl Default for SshTiming {
     }
 }
 
-struct AnyHostKey;
+/// The client's handler: accepts the host key, and says when the session is gone (its
+/// handler is dropped with it), since a channel's reader is not told on every path.
+struct AnyHostKey {
+    gone: CancellationToken,
+}
+
+impl Drop for AnyHostKey {
+    fn drop(&mut self) {
+        self.gone.cancel();
+    }
+}
 
 impl client::Handler for AnyHostKey {
     type Error = russh::Error;
@@ -86,6 +96,7 @@ impl client::Handler for AnyHostKey {
 pub struct Rescue {
     handle: Handle<AnyHostKey>,
     addr: SocketAddr,
+    gone: CancellationToken,
 }
 
 /// Output of a command that exited 0.
@@ -111,7 +122,7 @@ impl Rescue {
             );
             let last = tokio::select! {
                 r = attempt => match r {
-                    Ok(Ok(handle)) => return Ok(Rescue { handle, addr }),
+                    Ok(Ok((handle, gone))) => return Ok(Rescue { handle, addr, gone }),
                     Ok(Err(e)) => e,
                     Err(_) => format!("no answer within {:?}", timing.attempt_timeout),
                 },
@@ -134,13 +145,15 @@ impl Rescue {
         addr: SocketAddr,
         key: Arc<PrivateKey>,
         timing: &SshTiming,
-    ) -> Result<Handle<AnyHostKey>, String> {
+    ) -> Result<(Handle<AnyHostKey>, CancellationToken), String> {
         let config = Arc::new(client::Config {
             inactivity_timeout: Some(timing.inactivity),
             keepalive_interval: Some(Duration::from_secs(15)),
             ..Default::default()
         });
-        let mut handle = client::connect(config, addr, AnyHostKey)
+        let gone = CancellationToken::new();
+        let handler = AnyHostKey { gone: gone.clone() };
+        let mut handle = client::connect(config, addr, handler)
             .await
             .map_err(|e| e.to_string())?;
         let auth = handle
@@ -150,7 +163,7 @@ impl Rescue {
         if !auth.success() {
             return Err("the rescue system refused the key".into());
         }
-        Ok(handle)
+        Ok((handle, gone))
     }
 
     /// Runs `command`; a non-zero exit is [`SshError::Failed`] with its stderr.
@@ -177,7 +190,13 @@ impl Rescue {
             writer.shutdown().await
         });
         let (mut stdout, mut stderr, mut status) = (Vec::new(), Vec::new(), None);
-        while let Some(msg) = read.wait().await {
+        loop {
+            let msg = tokio::select! {
+                biased;
+                m = read.wait() => m,
+                () = self.gone.cancelled() => None,
+            };
+            let Some(msg) = msg else { break };
             match msg {
                 ChannelMsg::Data { data } => stdout.extend_from_slice(&data),
                 ChannelMsg::ExtendedData { data, .. } => stderr.extend_from_slice(&data),
@@ -188,7 +207,13 @@ impl Rescue {
                 _ => {}
             }
         }
-        let fed = feed.await;
+        // The feeder may wait for window space that will never come on a dead session.
+        let fed = if self.gone.is_cancelled() {
+            feed.abort();
+            Ok(Ok(()))
+        } else {
+            feed.await
+        };
         let stderr = String::from_utf8_lossy(&stderr).trim().to_owned();
         match status.as_deref() {
             Some("0") => {}

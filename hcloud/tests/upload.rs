@@ -69,9 +69,13 @@ async fn a_plain_raw_image_uploads_too() {
     let dir = tempfile::tempdir().unwrap();
     let img = make_image(dir.path(), "node", 16 * MIB, &[(MIB, 2 * MIB)]);
     let fake = fake().await;
-    let done = upload(&client(&fake), &options(&fake, &img.raw), CancellationToken::new())
-        .await
-        .expect("upload");
+    let done = upload(
+        &client(&fake),
+        &options(&fake, &img.raw),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("upload");
     let snap = fake
         .snapshots()
         .into_iter()

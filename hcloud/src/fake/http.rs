@@ -57,7 +57,10 @@ fn ok(status: u16, body: Value) -> Reply {
 }
 
 fn error(status: u16, code: &str, message: &str) -> Reply {
-    ok(status, json!({"error": {"code": code, "message": message, "details": {}}}))
+    ok(
+        status,
+        json!({"error": {"code": code, "message": message, "details": {}}}),
+    )
 }
 
 fn not_found(what: &str) -> Reply {
@@ -84,7 +87,10 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, inner: Arc<Inner>) 
     }
 }
 
-async fn handle(inner: &Arc<Inner>, req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Lost> {
+async fn handle(
+    inner: &Arc<Inner>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Lost> {
     let method = req.method().clone();
     let uri = req.uri().clone();
     let authorized = req
@@ -150,7 +156,10 @@ fn respond(reply: Reply, calls: u64) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = reply.status;
     let h = resp.headers_mut();
-    h.insert("content-type", hyper::header::HeaderValue::from_static(ctype));
+    h.insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static(ctype),
+    );
     for (k, v) in [
         ("RateLimit-Limit", RATE_LIMIT),
         ("RateLimit-Remaining", remaining),
@@ -212,7 +221,11 @@ async fn route(
     let mut lose = false;
     match fault {
         Some(Fault::RateLimited { reset_in }) => {
-            let mut r = error(429, "rate_limit_exceeded", "limit of 3600 requests per hour reached");
+            let mut r = error(
+                429,
+                "rate_limit_exceeded",
+                "limit of 3600 requests per hour reached",
+            );
             r.reset_in = Some(reset_in);
             return Ok(r);
         }
@@ -246,7 +259,11 @@ async fn route(
         Op::ListSshKeys => list_keys(inner, query),
         Op::CreateSshKey => create_key(inner, body),
         Op::DeleteSshKey => delete_key(inner, id(2)),
-        Op::Any => error(404, "not_found", &format!("no route {method} /{}", segs.join("/"))),
+        Op::Any => error(
+            404,
+            "not_found",
+            &format!("no route {method} /{}", segs.join("/")),
+        ),
     };
     if lose {
         return Err(Lost);
@@ -272,7 +289,11 @@ fn page(key: &str, items: Vec<Value>, query: &BTreeMap<String, String>) -> Reply
         .max(1);
     let total = items.len();
     let last = total.div_ceil(per_page).max(1);
-    let items: Vec<Value> = items.into_iter().skip((page - 1) * per_page).take(per_page).collect();
+    let items: Vec<Value> = items
+        .into_iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .collect();
     ok(
         200,
         json!({
@@ -305,7 +326,13 @@ where
         .collect())
 }
 
-fn new_action(st: &mut State, inner: &Inner, command: &str, resources: &[(u64, &str)], fail: Option<&str>) -> Action {
+fn new_action(
+    st: &mut State,
+    inner: &Inner,
+    command: &str,
+    resources: &[(u64, &str)],
+    fail: Option<&str>,
+) -> Action {
     let id = st.id();
     let action = Action {
         id,
@@ -386,7 +413,11 @@ fn list_servers(inner: &Inner, query: &BTreeMap<String, String>) -> Reply {
         .values()
         .filter(|s| query.get("name").is_none_or(|n| *n == s.name));
     match select(query, named, |s| &s.labels) {
-        Ok(list) => page("servers", list.into_iter().map(server_json).collect(), query),
+        Ok(list) => page(
+            "servers",
+            list.into_iter().map(server_json).collect(),
+            query,
+        ),
         Err(r) => r,
     }
 }
@@ -408,9 +439,16 @@ async fn create_server(inner: &Arc<Inner>, body: &Value, fail: Option<&str>) -> 
         body.get("image").and_then(Value::as_str),
         body.get("server_type").and_then(Value::as_str),
     ) else {
-        return error(400, "invalid_input", "name, server_type and image are required");
+        return error(
+            400,
+            "invalid_input",
+            "name, server_type and image are required",
+        );
     };
-    let user_data = body.get("user_data").and_then(Value::as_str).map(str::to_owned);
+    let user_data = body
+        .get("user_data")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     match create_server_direct(inner, name, image, user_data, labels_of(body)).await {
         Err(r) => r,
         Ok(id) => {
@@ -449,16 +487,32 @@ pub(crate) async fn create_server_direct(
     let (id, ip, from) = {
         let mut st = inner.lock();
         if st.servers.values().any(|s| s.name == name) {
-            return Err(error(409, "uniqueness_error", "server name is already used"));
+            return Err(error(
+                409,
+                "uniqueness_error",
+                "server name is already used",
+            ));
         }
         let from = match image.parse::<u64>() {
             Ok(i) => match st.images.get(&i) {
                 Some(img) if img.status == "available" => (i, img.file.clone()),
-                _ => return Err(error(400, "invalid_input", &format!("image {image} not found"))),
+                _ => {
+                    return Err(error(
+                        400,
+                        "invalid_input",
+                        &format!("image {image} not found"),
+                    ))
+                }
             },
             Err(_) => match SYSTEM_IMAGES.iter().find(|(_, n)| *n == image) {
                 Some((i, _)) => (*i, None),
-                None => return Err(error(400, "invalid_input", &format!("image {image} not found"))),
+                None => {
+                    return Err(error(
+                        400,
+                        "invalid_input",
+                        &format!("image {image} not found"),
+                    ))
+                }
             },
         };
         st.next_ip += 1;
@@ -528,7 +582,13 @@ async fn delete_server(inner: &Arc<Inner>, id: u64) -> Reply {
     ok(200, json!({ "action": action }))
 }
 
-async fn server_action(inner: &Arc<Inner>, id: u64, op: Op, body: &Value, fail: Option<&str>) -> Reply {
+async fn server_action(
+    inner: &Arc<Inner>,
+    id: u64,
+    op: Op,
+    body: &Value,
+    fail: Option<&str>,
+) -> Reply {
     let command = match op {
         Op::EnableRescue => "enable_rescue",
         Op::PowerOn => "start_server",
@@ -557,14 +617,25 @@ fn enable_rescue(inner: &Inner, id: u64, body: &Value, extra: &mut Value) -> Res
         .get("ssh_keys")
         .and_then(|v| serde_json::from_value(v.clone()).ok())
         .unwrap_or_default();
-    if body.get("type").and_then(Value::as_str).unwrap_or("linux64") != "linux64" {
+    if body
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("linux64")
+        != "linux64"
+    {
         return Err(error(400, "invalid_input", "rescue type must be linux64"));
     }
     let mut authorized = Vec::new();
     for k in &keys {
         match st.keys.get(k) {
             Some(key) => authorized.push(key.public_key.clone()),
-            None => return Err(error(400, "invalid_input", &format!("ssh key {k} not found"))),
+            None => {
+                return Err(error(
+                    400,
+                    "invalid_input",
+                    &format!("ssh key {k} not found"),
+                ))
+            }
         }
     }
     let Some(s) = st.servers.get_mut(&id) else {
@@ -585,8 +656,19 @@ async fn power_on(inner: &Arc<Inner>, id: u64) -> Result<(), Reply> {
         if s.status == "running" {
             return Ok(());
         }
-        let key = s.rescue_enabled.then(|| s.rescue_key.clone().unwrap_or_default());
-        (key, s.disk.clone(), s.ip, s.name.clone(), s.metadata, s.user_data.clone(), st.rescue_faults.clone(), st.boot_hook.clone())
+        let key = s
+            .rescue_enabled
+            .then(|| s.rescue_key.clone().unwrap_or_default());
+        (
+            key,
+            s.disk.clone(),
+            s.ip,
+            s.name.clone(),
+            s.metadata,
+            s.user_data.clone(),
+            st.rescue_faults.clone(),
+            st.boot_hook.clone(),
+        )
     };
     match rescue_key {
         Some(key) => {
@@ -648,7 +730,10 @@ async fn create_image(inner: &Arc<Inner>, id: u64, body: &Value, fail: Option<&s
         let (disk, name) = (s.disk.clone(), s.name.clone());
         (disk, name, st.id(), inner.opts.disk_bytes)
     };
-    let kind = body.get("type").and_then(Value::as_str).unwrap_or("snapshot");
+    let kind = body
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("snapshot");
     if kind != "snapshot" {
         return error(400, "invalid_input", "only snapshots are faked");
     }
@@ -683,7 +768,13 @@ async fn create_image(inner: &Arc<Inner>, id: u64, body: &Value, fail: Option<&s
     if fail.is_none() {
         st.images.insert(image_id, image);
     }
-    let action = new_action(&mut st, inner, "create_image", &[(id, "server"), (image_id, "image")], fail);
+    let action = new_action(
+        &mut st,
+        inner,
+        "create_image",
+        &[(id, "server"), (image_id, "image")],
+        fail,
+    );
     ok(201, json!({ "image": json, "action": action }))
 }
 
@@ -736,7 +827,9 @@ fn list_images(inner: &Inner, query: &BTreeMap<String, String>) -> Reply {
     };
     match query.get("sort").map(String::as_str) {
         Some("created:desc") => list.sort_by(|a, b| (&b.created, b.id).cmp(&(&a.created, a.id))),
-        Some("created:asc" | "created") => list.sort_by(|a, b| (&a.created, a.id).cmp(&(&b.created, b.id))),
+        Some("created:asc" | "created") => {
+            list.sort_by(|a, b| (&a.created, a.id).cmp(&(&b.created, b.id)))
+        }
         _ => list.sort_by_key(|i| i.id),
     }
     page("images", list.into_iter().map(image_json).collect(), query)
@@ -793,8 +886,16 @@ fn create_key(inner: &Inner, body: &Value) -> Reply {
         return error(400, "invalid_input", "name and public_key are required");
     };
     let mut st = inner.lock();
-    if st.keys.values().any(|k| k.name == name || k.public_key == public_key) {
-        return error(409, "uniqueness_error", "SSH key with the same name or fingerprint already exists");
+    if st
+        .keys
+        .values()
+        .any(|k| k.name == name || k.public_key == public_key)
+    {
+        return error(
+            409,
+            "uniqueness_error",
+            "SSH key with the same name or fingerprint already exists",
+        );
     }
     let id = st.id();
     let key = SshKey {

@@ -220,7 +220,11 @@ pub struct Fake {
 /// What is missing for the fake to run here, if anything.
 pub fn prerequisites() -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
-    if std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) != 0 {
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
         return Err("root (loop devices and mount namespaces)".into());
     }
     for tool in [
@@ -234,7 +238,9 @@ pub fn prerequisites() -> Result<(), String> {
         "/usr/bin/sha256sum",
     ] {
         if !Path::new(tool).exists() {
-            return Err(format!("{tool} (openssh-server, openssh-client, util-linux, zstd)"));
+            return Err(format!(
+                "{tool} (openssh-server, openssh-client, util-linux, zstd)"
+            ));
         }
     }
     let free = std::process::Command::new("losetup").arg("-f").output();
@@ -291,14 +297,18 @@ impl Fake {
                 let l = tokio::net::TcpListener::bind("127.0.0.1:0")
                     .await
                     .map_err(io("pick the rescue SSH port"))?;
-                l.local_addr().map_err(io("pick the rescue SSH port"))?.port()
+                l.local_addr()
+                    .map_err(io("pick the rescue SSH port"))?
+                    .port()
             }
             p => p,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(io("bind the fake API"))?;
-        let addr = listener.local_addr().map_err(io("the fake API's address"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(io("the fake API's address"))?;
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 next_id: 1000,
@@ -399,10 +409,12 @@ impl Fake {
     ) -> Result<u64, FakeError> {
         let id = self.inner.lock().id();
         let dest = self.inner.dir.join("snapshots").join(format!("{id}.img"));
-        http::sparse_copy(file, &dest).await.map_err(|source| FakeError::Io {
-            what: format!("copy {}", file.display()),
-            source,
-        })?;
+        http::sparse_copy(file, &dest)
+            .await
+            .map_err(|source| FakeError::Io {
+                what: format!("copy {}", file.display()),
+                source,
+            })?;
         let disk_bytes = std::fs::metadata(&dest).map_or(0, |m| m.len());
         self.inner.lock().images.insert(
             id,

@@ -116,7 +116,10 @@ fn attach(disk: &Path) -> Result<PathBuf, RescueError> {
         "losetup",
     )?);
     if let Err(e) = check_loop(&dev, disk) {
-        let _ = std::process::Command::new("losetup").arg("-d").arg(&dev).status();
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&dev)
+            .status();
         return Err(e);
     }
     Ok(dev)
@@ -153,7 +156,12 @@ fn check_loop(dev: &Path, disk: &Path) -> Result<(), RescueError> {
 
 /// The namespace's `/dev`: a tmpfs with the usual character devices and the loop
 /// device as `sda`; sshd in the foreground as the namespace's PID 1.
-fn script(host: &Host, work: &Path, dev: &Path, faults: &RescueFaults) -> Result<String, RescueError> {
+fn script(
+    host: &Host,
+    work: &Path,
+    dev: &Path,
+    faults: &RescueFaults,
+) -> Result<String, RescueError> {
     let meta = std::fs::metadata(dev).map_err(io(format!("stat {}", dev.display())))?;
     let (major, minor) = (major(meta.rdev()), minor(meta.rdev()));
     let mut s = String::from(
@@ -185,9 +193,15 @@ fn script(host: &Host, work: &Path, dev: &Path, faults: &RescueFaults) -> Result
             ),
         )
         .map_err(io("write the sync wrapper"))?;
-        std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .map_err(io("chmod the sync wrapper"))?;
-        s.push_str(&format!("mount --bind {} /usr/bin/sync\n", wrapper.display()));
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .map_err(io("chmod the sync wrapper"))?;
+        s.push_str(&format!(
+            "mount --bind {} /usr/bin/sync\n",
+            wrapper.display()
+        ));
     }
     s.push_str(&format!(
         "exec /usr/sbin/sshd -D -e -f {} -h {}\n",
@@ -244,7 +258,13 @@ impl Rescue {
         .map_err(io("write sshd_config"))?;
         let log = std::fs::File::create(work.join("sshd.log")).map_err(io("create sshd.log"))?;
         let sshd = tokio::process::Command::new("unshare")
-            .args(["--mount", "--pid", "--kill-child", "--propagation", "private"])
+            .args([
+                "--mount",
+                "--pid",
+                "--kill-child",
+                "--propagation",
+                "private",
+            ])
             .args(["/bin/sh", "-c", &script(host, work, loop_dev, faults)?])
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io("sshd.log"))?)

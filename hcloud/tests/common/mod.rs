@@ -29,7 +29,10 @@ pub fn sha256sum(path: &Path, bytes: Option<u64>) -> String {
         Some(n) => format!("head -c {n} '{}' | sha256sum", path.display()),
         None => format!("sha256sum '{}'", path.display()),
     };
-    let out = Command::new("sh").args(["-c", &cmd]).output().expect("sha256sum");
+    let out = Command::new("sh")
+        .args(["-c", &cmd])
+        .output()
+        .expect("sha256sum");
     assert!(out.status.success(), "{cmd}");
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
@@ -118,8 +121,16 @@ pub fn options(fake: &Fake, image: &Path) -> UploadOptions {
 
 /// No server and no key is left, and no loop device points into the fake's files.
 pub fn assert_nothing_leaked(fake: &Fake) {
-    assert!(fake.servers().is_empty(), "servers leaked: {:?}", fake.servers());
-    assert!(fake.ssh_keys().is_empty(), "keys leaked: {:?}", fake.ssh_keys());
+    assert!(
+        fake.servers().is_empty(),
+        "servers leaked: {:?}",
+        fake.servers()
+    );
+    assert!(
+        fake.ssh_keys().is_empty(),
+        "keys leaked: {:?}",
+        fake.ssh_keys()
+    );
 }
 
 /// Logs of the code under test in the test's output (`RUST_LOG` to change the level).
