@@ -13,14 +13,14 @@ pub enum OpsError {
     List {
         what: &'static str,
         #[source]
-        source: ApiError,
+        source: Box<ApiError>,
     },
     #[error("delete {what} {id}")]
     Delete {
         what: &'static str,
         id: u64,
         #[source]
-        source: ApiError,
+        source: Box<ApiError>,
     },
     #[error("{what} {id}: `created` {value:?} is not an RFC 3339 time")]
     Created {
@@ -72,8 +72,8 @@ pub async fn images(client: &Client, selector: Option<&str>) -> Result<Vec<Snaps
         .images(Some(selector_or_default(selector)))
         .await
         .map_err(|source| OpsError::List {
+            source: Box::new(source),
             what: "snapshots",
-            source,
         })?;
     // The API sorts too; sorting again does not trust a proxy or an old API with it.
     sort_newest_first(&mut list)?;
@@ -112,16 +112,16 @@ pub async fn prune(
         .images(Some(selector_or_default(selector)))
         .await
         .map_err(|source| OpsError::List {
+            source: Box::new(source),
             what: "snapshots",
-            source,
         })?;
     sort_newest_first(&mut list)?;
     let servers: Vec<Server> = client
         .servers(None)
         .await
         .map_err(|source| OpsError::List {
+            source: Box::new(source),
             what: "servers",
-            source,
         })?;
     let used: BTreeSet<u64> = servers
         .iter()
@@ -142,9 +142,9 @@ pub async fn prune(
                 .delete_image(image.id)
                 .await
                 .map_err(|source| OpsError::Delete {
+                    source: Box::new(source),
                     what: "snapshot",
                     id: image.id,
-                    source,
                 })?;
             tracing::info!(id = image.id, "deleted snapshot");
             out.deleted.push(image.id);
@@ -177,8 +177,8 @@ pub async fn cleanup(client: &Client, older_than: Duration) -> Result<Cleaned, O
             .servers(Some(&selector))
             .await
             .map_err(|source| OpsError::List {
+                source: Box::new(source),
                 what: "servers",
-                source,
             })?;
     let mut out = Cleaned {
         servers: Vec::new(),
@@ -192,9 +192,9 @@ pub async fn cleanup(client: &Client, older_than: Duration) -> Result<Cleaned, O
             .delete_server(s.id)
             .await
             .map_err(|source| OpsError::Delete {
+                source: Box::new(source),
                 what: "server",
                 id: s.id,
-                source,
             })?;
         tracing::info!(id = s.id, name = %s.name, "deleted leftover server");
         out.servers.push(Leftover {
@@ -208,8 +208,8 @@ pub async fn cleanup(client: &Client, older_than: Duration) -> Result<Cleaned, O
             .ssh_keys(Some(&selector))
             .await
             .map_err(|source| OpsError::List {
+                source: Box::new(source),
                 what: "SSH keys",
-                source,
             })?;
     for k in keys {
         if created(&k.created, "SSH key", k.id)? > cutoff {
@@ -219,9 +219,9 @@ pub async fn cleanup(client: &Client, older_than: Duration) -> Result<Cleaned, O
             .delete_ssh_key(k.id)
             .await
             .map_err(|source| OpsError::Delete {
+                source: Box::new(source),
                 what: "SSH key",
                 id: k.id,
-                source,
             })?;
         tracing::info!(id = k.id, name = %k.name, "deleted leftover SSH key");
         out.ssh_keys.push(Leftover {

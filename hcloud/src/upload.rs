@@ -82,13 +82,13 @@ pub enum UploadError {
     Api {
         step: &'static str,
         #[source]
-        source: ApiError,
+        source: Box<ApiError>,
     },
     #[error("{step}")]
     Ssh {
         step: &'static str,
         #[source]
-        source: SshError,
+        source: Box<SshError>,
     },
     #[error("server {0} has no public IPv4 address to reach its rescue system by")]
     NoAddress(u64),
@@ -116,7 +116,7 @@ pub enum UploadError {
     Cleanup {
         what: String,
         #[source]
-        source: ApiError,
+        source: Box<ApiError>,
     },
 }
 
@@ -170,7 +170,7 @@ pub async fn upload(
     let cleaned = cleaned.unwrap_or_else(|_| {
         Err(UploadError::Cleanup {
             what: format!("{names} not gone after {CLEANUP_BOUND:?}"),
-            source: ApiError::Cancelled,
+            source: Box::new(ApiError::Cancelled),
         })
     });
     match (result, cleaned) {
@@ -193,7 +193,12 @@ pub async fn upload(
 async fn cleanup(client: &Client, name: &str, ids: Created) -> Result<(), UploadError> {
     let started = Instant::now();
     let client = client.with_cancel(CancellationToken::new());
-    let fail = |what: String| move |source| UploadError::Cleanup { what, source };
+    let fail = |what: String| {
+        move |source| UploadError::Cleanup {
+            what,
+            source: Box::new(source),
+        }
+    };
     let server = match ids.server {
         Some(id) => Some(id),
         None => client
@@ -260,8 +265,18 @@ impl Flow<'_> {
     }
 
     async fn run(mut self) -> Result<Uploaded, UploadError> {
-        let api = |step| move |source| UploadError::Api { step, source };
-        let ssh = |step| move |source| UploadError::Ssh { step, source };
+        let api = |step| {
+            move |source| UploadError::Api {
+                step,
+                source: Box::new(source),
+            }
+        };
+        let ssh = |step| {
+            move |source| UploadError::Ssh {
+                step,
+                source: Box::new(source),
+            }
+        };
 
         let t = Instant::now();
         let key = new_key();
@@ -358,7 +373,12 @@ impl Flow<'_> {
 
     /// Discard, stream, sync, verify. Returns the stream's time and bytes.
     async fn write(&mut self, rescue: &Rescue) -> Result<(Duration, u64), UploadError> {
-        let ssh = |step| move |source| UploadError::Ssh { step, source };
+        let ssh = |step| {
+            move |source| UploadError::Ssh {
+                step,
+                source: Box::new(source),
+            }
+        };
         let t = Instant::now();
         let out = rescue
             .run("blockdev --getsize64 /dev/sda")
@@ -436,7 +456,12 @@ impl Flow<'_> {
 
     /// `shutdown` (ACPI), then `poweroff` if it is not off in time.
     async fn stop(&self, id: u64) -> Result<(), UploadError> {
-        let api = |step| move |source| UploadError::Api { step, source };
+        let api = |step| {
+            move |source| UploadError::Api {
+                step,
+                source: Box::new(source),
+            }
+        };
         self.client
             .server_action(id, "shutdown", None)
             .await

@@ -347,6 +347,11 @@ impl Fake {
         self.inner.lock().faults.push((op, fault, times));
     }
 
+    /// Removes every fault put with [`Fake::inject`] that is not used up.
+    pub fn clear_faults(&self) {
+        self.inner.lock().faults.clear();
+    }
+
     pub fn set_rescue_faults(&self, faults: RescueFaults) {
         self.inner.lock().rescue_faults = faults;
     }

@@ -2,6 +2,9 @@
 //! independent tools (`zstd`, `sha256sum`), a fast client, and the leak check.
 
 #![allow(dead_code)]
+// Helpers of tests: a failure here is a test failure, and the lint's test exemption does
+// not reach outside `#[test]` functions.
+#![allow(clippy::unwrap_used)]
 
 use basalt_hcloud::client::{Client, Timing};
 use basalt_hcloud::fake::{Fake, FakeOptions};
