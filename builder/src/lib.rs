@@ -12,6 +12,7 @@ pub mod deb;
 pub mod disk;
 pub mod esp;
 pub mod grub;
+pub mod hcloud_cli;
 pub mod image;
 pub mod initbuild;
 pub mod initramfs;

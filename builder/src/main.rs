@@ -92,6 +92,8 @@ enum Cmd {
     },
     /// Talk to a node's API over mutual TLS: status, apply a config, logs, reboot, shutdown.
     Node(basalt_builder::node::cli::NodeArgs),
+    /// Hetzner Cloud: upload an image as a snapshot, list, prune, clean up.
+    Hcloud(basalt_builder::hcloud_cli::HcloudArgs),
 }
 
 #[derive(Subcommand)]
@@ -307,6 +309,7 @@ fn run() -> anyhow::Result<()> {
         }
         Cmd::Pki { what } => Ok(basalt_builder::pki::cli::run(what)?),
         Cmd::Node(args) => Ok(basalt_builder::node::cli::run(args)?),
+        Cmd::Hcloud(args) => Ok(basalt_builder::hcloud_cli::run(args)?),
     }
 }
 
