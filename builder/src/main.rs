@@ -133,6 +133,16 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Upload throughput to the fake Hetzner API on loopback (its rescue a real sshd),
+    /// against the floor: the same file decompressed and written over one plain SSH
+    /// session to the same sshd. Needs root, openssh-server and zstd.
+    Upload {
+        /// A .raw.zst with manifest.json beside it.
+        image: PathBuf,
+        /// Uploads, and as many floor runs, alternating.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Logical and compressed size of an image by component: kernel, modules, K3s,
     /// basalt-init, everything else.
     Size {
@@ -219,6 +229,12 @@ fn run() -> anyhow::Result<()> {
         } => {
             use basalt_builder::bench::join;
             print!("{}", join::run(&join::JoinBenchOptions { image, runs })?);
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Upload { image, runs },
+        } => {
+            print!("{}", basalt_builder::bench::upload::run(&image, runs)?);
             Ok(())
         }
         Cmd::Bench {

@@ -747,3 +747,73 @@ pub fn urlencode(s: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    #[test]
+    fn rate_limit_waits_until_the_reset() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "RateLimit-Reset",
+            HeaderValue::from_str(&(now() + 30).to_string()).unwrap(),
+        );
+        let w = rate_limit_wait(&h);
+        assert!(
+            w >= Duration::from_secs(29) && w <= Duration::from_secs(30),
+            "{w:?}"
+        );
+        // Past, missing or garbage: a second, one request's refill.
+        h.insert("RateLimit-Reset", HeaderValue::from_static("12"));
+        assert_eq!(rate_limit_wait(&h), Duration::from_secs(1));
+        assert_eq!(rate_limit_wait(&HeaderMap::new()), Duration::from_secs(1));
+        h.insert("RateLimit-Reset", HeaderValue::from_static("soon"));
+        assert_eq!(rate_limit_wait(&h), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_within_its_cap() {
+        let c = Client::new("http://127.0.0.1:9/v1", "t", Timing::default()).unwrap();
+        let t = c.timing().clone();
+        for attempt in 1..40 {
+            let cap = t
+                .backoff_base
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(t.backoff_max);
+            for _ in 0..20 {
+                let b = c.backoff(attempt);
+                assert!(b <= cap && b >= t.backoff_base / 2, "{attempt}: {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn selectors_are_percent_encoded() {
+        assert_eq!(
+            urlencode("basalt.io/image=k3s-node,env in (a, b),!x"),
+            "basalt.io/image%3Dk3s-node%2Cenv%20in%20%28a%2C%20b%29%2C%21x"
+        );
+    }
+
+    #[test]
+    fn the_token_file_wins_and_errors_name_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "  secret\n").unwrap();
+        assert_eq!(token_from(Some(&f)).unwrap(), "secret");
+        std::fs::write(&f, "\n").unwrap();
+        assert!(matches!(token_from(Some(&f)), Err(TokenError::Empty(p)) if p == f));
+        let missing = dir.path().join("missing");
+        let e = token_from(Some(&missing)).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
+}

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 const RATE_LIMIT: u64 = 3600;
+/// Servers' addresses, 127.77.x.y.
+static NEXT_IP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 /// Hetzner's system images a server can be created from.
 const SYSTEM_IMAGES: &[(u64, &str)] = &[(1, "debian-12"), (2, "ubuntu-24.04")];
 
@@ -515,9 +517,9 @@ pub(crate) async fn create_server_direct(
                 }
             },
         };
-        st.next_ip += 1;
-        let n = st.next_ip;
-        let ip = Ipv4Addr::new(127, 77, (n / 250) as u8, (n % 250 + 2) as u8);
+        // Unique across every fake in this process: two fakes may pick the same SSH port.
+        let n = NEXT_IP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ip = Ipv4Addr::new(127, 77, ((n / 250) % 250) as u8, (n % 250 + 2) as u8);
         (st.id(), ip, from)
     };
     let disk = inner.dir.join("disks").join(format!("{id}.img"));

@@ -182,7 +182,6 @@ pub(crate) struct FAction {
 #[derive(Default)]
 pub(crate) struct State {
     next_id: u64,
-    next_ip: u32,
     servers: BTreeMap<u64, FServer>,
     images: BTreeMap<u64, FImage>,
     keys: BTreeMap<u64, SshKey>,
