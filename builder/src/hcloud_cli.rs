@@ -108,6 +108,7 @@ pub fn run(args: HcloudArgs) -> Result<(), HcloudCliError> {
                 .unwrap_or_else(|_| "basalt_hcloud=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let token = client::token_from(args.token_file.as_deref())?;
     let client = Client::new(&client::endpoint_from_env(), &token, Timing::default())

@@ -243,9 +243,11 @@ fn created(value: &str, what: &'static str, id: u64) -> Result<SystemTime, OpsEr
         })
 }
 
-/// Now as the API writes times (RFC 3339, UTC).
+/// A time as the API writes them (RFC 3339, UTC, whole seconds).
 pub fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
+    let t = time::OffsetDateTime::from(t);
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
