@@ -135,6 +135,10 @@ pub struct CreateServer {
     pub location: Option<String>,
     pub start_after_create: bool,
     pub labels: BTreeMap<String, String>,
+    /// What the server's metadata service serves as `/hetzner/v1/userdata`: for a basalt
+    /// image, its machine config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
 }
 
 /// `POST /servers/{id}/actions/create_image`.

@@ -306,6 +306,7 @@ impl Flow<'_> {
                 location: Some(self.opts.location.clone()),
                 start_after_create: false,
                 labels: self.temp_labels(),
+                user_data: None,
             })
             .await
             .map_err(api("create the temporary server"))?;

@@ -2,10 +2,13 @@
 //! API (a test double; its rescue system is a real OpenSSH sshd over a loop device),
 //! against a floor measured in the same run, alternating with it.
 //!
-//! The floor is the work no upload can skip: read the `.raw.zst`, decompress it and
-//! write the bytes to the rescue's `/dev/sda` over one plain SSH session, with
-//! OpenSSH's own client (`ssh … 'zstd -dc | dd of=/dev/sda bs=4M' < FILE`) to the same
-//! sshd. No API calls, no discard, no sparse write, no sync, no verification.
+//! Two baselines, both one plain SSH session with OpenSSH's own client to the same sshd,
+//! on a fresh rescue system, with no API calls, no discard, no sync and no verification:
+//! - the **floor**, the work no upload can skip: read the `.raw.zst`, send it, decompress
+//!   it on the rescue side (`ssh … 'zstd -dc > /dev/null' < FILE`);
+//! - **plain dd**: the same, writing every decompressed byte to `/dev/sda`
+//!   (`'zstd -dc | dd of=/dev/sda bs=4M'`), holes included, as an upload without
+//!   `conv=sparse` would.
 
 use super::stats::Spread;
 use basalt_hcloud::api::{CreateServer, CreateSshKey};
@@ -41,10 +44,11 @@ pub struct UploadBench {
     image: PathBuf,
     file_bytes: u64,
     raw_bytes: u64,
-    /// Seconds: the upload's stream step, the whole upload, the floor.
+    /// Seconds: the upload's stream step, the whole upload, the floor, plain dd.
     stream: Vec<f64>,
     total: Vec<f64>,
     floor: Vec<f64>,
+    plain: Vec<f64>,
 }
 
 /// Runs `runs` uploads and `runs` floors, alternating.
@@ -76,6 +80,7 @@ async fn run_async(image: &Path, runs: usize) -> Result<UploadBench, UploadBench
         stream: Vec::new(),
         total: Vec::new(),
         floor: Vec::new(),
+        plain: Vec::new(),
     };
     let result = async {
         for n in 0..runs {
@@ -92,7 +97,9 @@ async fn run_async(image: &Path, runs: usize) -> Result<UploadBench, UploadBench
                 .delete_image(done.snapshot.id)
                 .await
                 .map_err(|e| UploadBenchError::Api(Box::new(e)))?;
-            bench.floor.push(floor(&client, &fake, image, n).await?);
+            let (floor, plain) = floor(&client, &fake, image, n).await?;
+            bench.floor.push(floor);
+            bench.plain.push(plain);
         }
         Ok(())
     }
@@ -101,13 +108,13 @@ async fn run_async(image: &Path, runs: usize) -> Result<UploadBench, UploadBench
     result.map(|()| bench)
 }
 
-/// One floor run on a fresh rescue system; returns the stream's seconds.
+/// One floor and one plain dd run on a fresh rescue system; their seconds.
 async fn floor(
     client: &Client,
     fake: &Fake,
     image: &Path,
     n: usize,
-) -> Result<f64, UploadBenchError> {
+) -> Result<(f64, f64), UploadBenchError> {
     let api = |e| UploadBenchError::Api(Box::new(e));
     let dir = tempfile::tempdir().map_err(|e| UploadBenchError::Floor(e.to_string()))?;
     let key = dir.path().join("key");
@@ -140,6 +147,7 @@ async fn floor(
             location: Some("fsn1".into()),
             start_after_create: false,
             labels,
+            user_data: None,
         })
         .await
         .map_err(api)?;
@@ -181,19 +189,25 @@ async fn floor(
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let file =
-            std::fs::File::open(image).map_err(|e| UploadBenchError::Floor(e.to_string()))?;
-        let t = Instant::now();
-        let st = ssh("zstd -dc | dd of=/dev/sda bs=4M status=none")
-            .stdin(Stdio::from(file))
-            .status()
-            .await
-            .map_err(|e| UploadBenchError::Floor(format!("ssh: {e}")))?;
-        let secs = t.elapsed().as_secs_f64();
-        if !st.success() {
-            return Err(UploadBenchError::Floor(format!("ssh stream exited {st}")));
+        let mut secs = Vec::new();
+        for cmd in [
+            "zstd -dc > /dev/null",
+            "zstd -dc | dd of=/dev/sda bs=4M status=none",
+        ] {
+            let file =
+                std::fs::File::open(image).map_err(|e| UploadBenchError::Floor(e.to_string()))?;
+            let t = Instant::now();
+            let st = ssh(cmd)
+                .stdin(Stdio::from(file))
+                .status()
+                .await
+                .map_err(|e| UploadBenchError::Floor(format!("ssh: {e}")))?;
+            secs.push(t.elapsed().as_secs_f64());
+            if !st.success() {
+                return Err(UploadBenchError::Floor(format!("ssh '{cmd}' exited {st}")));
+            }
         }
-        Ok(secs)
+        Ok((secs[0], secs[1]))
     }
     .await;
     let _ = client.delete_server(server.id).await;
@@ -225,8 +239,12 @@ impl std::fmt::Display for UploadBench {
                 &self.total,
             ),
             (
-                "floor (ssh < FILE 'zstd -dc | dd', OpenSSH client)",
+                "floor (ssh < FILE 'zstd -dc > /dev/null', OpenSSH client)",
                 &self.floor,
+            ),
+            (
+                "plain dd (ssh < FILE 'zstd -dc | dd of=/dev/sda', every byte)",
+                &self.plain,
             ),
         ];
         writeln!(
@@ -246,18 +264,20 @@ impl std::fmt::Display for UploadBench {
                 )?;
             }
         }
-        let (Some(st), Some(tot), Some(fl)) = (
+        let (Some(st), Some(tot), Some(fl), Some(pl)) = (
             Spread::of(self.stream.iter().copied()),
             Spread::of(self.total.iter().copied()),
             Spread::of(self.floor.iter().copied()),
+            Spread::of(self.plain.iter().copied()),
         ) else {
             return Ok(());
         };
         writeln!(
             f,
-            "\n  ratio to the floor (median): stream {:.2}×, whole upload {:.2}×",
+            "\n  ratio to the floor (median): stream {:.2}×, whole upload {:.2}×; plain dd {:.2}×",
             st.median / fl.median,
-            tot.median / fl.median
+            tot.median / fl.median,
+            pl.median / fl.median
         )
     }
 }
