@@ -165,6 +165,12 @@ pub async fn upload(
         r = flow.run() => r,
         () = cancel.cancelled() => Err(UploadError::Cancelled),
     };
+    // A step that saw the cancellation first (an SSH wait, an API backoff) fails with its
+    // own error; it is still a cancellation.
+    let result = match result {
+        Err(_) if cancel.is_cancelled() => Err(UploadError::Cancelled),
+        r => r,
+    };
     let ids = std::mem::take(&mut *created.lock().unwrap_or_else(|e| e.into_inner()));
     let cleaned = tokio::time::timeout(CLEANUP_BOUND, cleanup(client, &names, ids)).await;
     let cleaned = cleaned.unwrap_or_else(|_| {
