@@ -6,6 +6,7 @@
 //! verity hash area starts right after the data blocks of that partition: one superblock
 //! block in `veritysetup`'s format, then the hash tree, all in 4096-byte blocks.
 
+use crate::layout::Partition;
 use std::fmt;
 
 /// dm-verity data and hash block size used by every basalt image.
@@ -19,12 +20,17 @@ pub enum Slot {
 }
 
 impl Slot {
+    /// The slot's root partition.
+    pub fn partition(self) -> Partition {
+        match self {
+            Slot::A => Partition::RootA,
+            Slot::B => Partition::RootB,
+        }
+    }
+
     /// GPT partition name of the slot's root partition.
     pub fn partition_name(self) -> &'static str {
-        match self {
-            Slot::A => "ROOT-A",
-            Slot::B => "ROOT-B",
-        }
+        self.partition().name()
     }
 
     pub fn as_str(self) -> &'static str {

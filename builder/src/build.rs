@@ -16,6 +16,7 @@ use crate::steps::{esp_files, make_grub, make_root, make_state, to_qcow2, write_
 use crate::store::{self, Store};
 use crate::{deb, esp, grub, initbuild, initramfs, interrupt, kmod, rootfs, zst};
 use basalt_api::bootparams::{BootParams, Slot, Verity, VERITY_BLOCK_SIZE};
+use basalt_api::layout::Partition;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -30,6 +31,20 @@ pub struct BuildOptions {
     pub overrides: Vec<(String, PathBuf)>,
     /// `--locked`: the lock must exist and agree with the spec.
     pub locked: bool,
+    /// Where basalt-init comes from unless `--input basalt-init=PATH` names a file.
+    pub init: InitSource,
+}
+
+/// Where the image's basalt-init comes from when no `--input basalt-init=PATH` is given.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum InitSource {
+    /// Built (release, static) from the basalt source tree above the spec, or at
+    /// `BASALT_SOURCE`: for tests and benchmarks that run from a checkout.
+    #[default]
+    SourceTree,
+    /// A static basalt-init that the caller carries, as the `basalt` CLI embeds the one
+    /// built with it, so that an installed `basalt` needs no source tree.
+    Embedded(&'static [u8]),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +113,23 @@ pub fn install_interrupt_handler() {
     interrupt::install();
 }
 
+/// The static basalt-init for the image: `--input basalt-init=PATH`, else the source the
+/// options name. An embedded one is written once to the cache, named by its sha256.
+fn init_binary(opts: &BuildOptions) -> Result<PathBuf, BuildError> {
+    if let Some((_, p)) = opts.overrides.iter().find(|(n, _)| n == "basalt-init") {
+        initbuild::check_static(p)?;
+        return Ok(p.clone());
+    }
+    match opts.init {
+        InitSource::SourceTree => Ok(initbuild::build(&initbuild::find_workspace(
+            opts.spec.parent().unwrap_or(Path::new(".")),
+        )?)?),
+        InitSource::Embedded(bytes) => {
+            Ok(initbuild::materialize(bytes, &opts.cache_dir.join("init"))?)
+        }
+    }
+}
+
 pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     let started = Instant::now();
     let mut progress = Progress::new(STEPS);
@@ -116,15 +148,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     );
 
     progress.start("basalt-init");
-    let init_path = match opts.overrides.iter().find(|(n, _)| n == "basalt-init") {
-        Some((_, p)) => {
-            initbuild::check_static(p)?;
-            p.clone()
-        }
-        None => initbuild::build(&initbuild::find_workspace(
-            opts.spec.parent().unwrap_or(Path::new(".")),
-        )?)?,
-    };
+    let init_path = init_binary(opts)?;
     let (init_sha, init_size) = cache::hash_file(&init_path)
         .map_err(|e| initbuild::InitBuildError::Read(init_path.clone(), e))?;
 
@@ -225,10 +249,8 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
 
     progress.start("bootloader (GRUB for BIOS and UEFI)");
     let layout = Layout::new(&spec.disk, derive_uuid);
-    let bios = layout
-        .get("BIOS")
-        .map(|p| (p.first_lba.0, p.size()))
-        .unwrap_or((2048, 1 << 20));
+    let bios = layout.get(Partition::Bios);
+    let bios = (bios.first_lba.0, bios.size());
     let grub_key = store::key(
         "grub",
         &[
@@ -305,10 +327,10 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         &layout,
         boot_code,
         &[
-            ("BIOS", &core),
-            ("EFI", &esp_img),
-            ("ROOT-A", &root_img),
-            ("STATE", &state_img),
+            (Partition::Bios, &core),
+            (Partition::Efi, &esp_img),
+            (Partition::RootA, &root_img),
+            (Partition::State, &state_img),
         ],
     )?;
 

@@ -1,27 +1,16 @@
 //! The disk: GPT with the five partitions of the design, protective MBR carrying GRUB's
 //! boot code, partition images stitched in at their offsets. No loop devices, no root.
 
+use basalt_api::layout::Partition;
 use gpt::disk::LogicalBlockSize;
-use gpt::partition::Partition;
+use gpt::partition::Partition as GptEntry;
 use gpt::partition_types::{self, Type};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// 512-byte sectors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub struct Sectors(pub u64);
-
-impl Sectors {
-    pub const SIZE: u64 = 512;
-    pub fn from_mib(mib: u64) -> Self {
-        Sectors(mib * (1 << 20) / Self::SIZE)
-    }
-    pub fn bytes(self) -> u64 {
-        self.0 * Self::SIZE
-    }
-}
+pub use basalt_api::layout::Sectors;
 
 /// First partition starts at 1 MiB; everything is 1 MiB aligned.
 pub const FIRST_LBA: Sectors = Sectors(2048);
@@ -30,6 +19,8 @@ const TAIL: Sectors = Sectors(2048);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PartitionPlan {
+    #[serde(skip)]
+    pub partition: Partition,
     pub number: u32,
     pub name: &'static str,
     #[serde(serialize_with = "ser_type")]
@@ -60,27 +51,21 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// BIOS, EFI, ROOT-A, ROOT-B, STATE; `guid(name)` gives each GUID (derived by the
-    /// caller, so that they are a function of the inputs).
+    /// The contract's partitions in GPT order ([`Partition::ALL`]), each sized from the
+    /// spec; `guid(name)` gives each GUID (derived by the caller, so that they are a
+    /// function of the inputs).
     pub fn new(disk: &crate::spec::Disk, guid: impl Fn(&str) -> uuid::Uuid) -> Self {
-        let plan: [(&'static str, Type, u64); 5] = [
-            ("BIOS", partition_types::BIOS, 1),
-            ("EFI", partition_types::EFI, disk.esp_mib),
-            ("ROOT-A", partition_types::LINUX_ROOT_X64, disk.root_mib),
-            ("ROOT-B", partition_types::LINUX_ROOT_X64, disk.root_mib),
-            ("STATE", partition_types::LINUX_FS, disk.state_mib),
-        ];
         let mut next = FIRST_LBA;
-        let partitions = plan
+        let partitions = Partition::ALL
             .into_iter()
-            .enumerate()
-            .map(|(i, (name, type_guid, mib))| {
-                let sectors = Sectors::from_mib(mib);
+            .map(|partition| {
+                let sectors = Sectors::from_mib(size_mib(disk, partition));
                 let p = PartitionPlan {
-                    number: i as u32 + 1,
-                    name,
-                    type_guid,
-                    guid: guid(name),
+                    partition,
+                    number: partition.number(),
+                    name: partition.name(),
+                    type_guid: gpt_type(partition),
+                    guid: guid(partition.name()),
                     first_lba: next,
                     sectors,
                 };
@@ -95,8 +80,29 @@ impl Layout {
         }
     }
 
-    pub fn get(&self, name: &str) -> Option<&PartitionPlan> {
-        self.partitions.iter().find(|p| p.name == name)
+    /// The plan of `partition`: every layout holds every partition of the contract.
+    pub fn get(&self, partition: Partition) -> &PartitionPlan {
+        &self.partitions[(partition.number() - 1) as usize]
+    }
+}
+
+/// Each partition's size in MiB: the BIOS boot partition is 1 MiB, the rest the spec says.
+fn size_mib(disk: &crate::spec::Disk, partition: Partition) -> u64 {
+    match partition {
+        Partition::Bios => 1,
+        Partition::Efi => disk.esp_mib,
+        Partition::RootA | Partition::RootB => disk.root_mib,
+        Partition::State => disk.state_mib,
+    }
+}
+
+/// The `gpt` crate's type for each partition (a test checks it against the contract's GUID).
+fn gpt_type(partition: Partition) -> Type {
+    match partition {
+        Partition::Bios => partition_types::BIOS,
+        Partition::Efi => partition_types::EFI,
+        Partition::RootA | Partition::RootB => partition_types::LINUX_ROOT_X64,
+        Partition::State => partition_types::LINUX_FS,
     }
 }
 
@@ -130,7 +136,7 @@ pub fn write(
     out: &Path,
     layout: &Layout,
     boot_code: [u8; 440],
-    contents: &[(&str, &Path)],
+    contents: &[(Partition, &Path)],
 ) -> Result<(), DiskError> {
     let ioerr = |e| DiskError::Io(out.into(), e);
     let mut file = std::fs::OpenOptions::new()
@@ -142,19 +148,14 @@ pub fn write(
         .map_err(ioerr)?;
     file.set_len(layout.total.bytes()).map_err(ioerr)?;
 
-    for (name, src) in contents {
-        let part = layout.get(name).ok_or_else(|| {
-            DiskError::Content(
-                src.to_path_buf(),
-                std::io::Error::other(format!("no partition {name}")),
-            )
-        })?;
+    for (partition, src) in contents {
+        let part = layout.get(*partition);
         let size = std::fs::metadata(src)
             .map_err(|e| DiskError::Content(src.to_path_buf(), e))?
             .len();
         if size > part.size() {
             return Err(DiskError::TooLarge {
-                partition: (*name).into(),
+                partition: partition.name().into(),
                 size,
                 room: part.size(),
             });
@@ -172,11 +173,11 @@ pub fn write(
         .create_from_device(&mut file, Some(layout.disk_guid))
         .map_err(|e| DiskError::Gpt(out.into(), e))?;
     // Keep the usual 128-entry array: unused slots are zero entries.
-    let mut entries: BTreeMap<u32, Partition> = (1..=128).map(|i| (i, Partition::zero())).collect();
+    let mut entries: BTreeMap<u32, GptEntry> = (1..=128).map(|i| (i, GptEntry::zero())).collect();
     for p in &layout.partitions {
         entries.insert(
             p.number,
-            Partition {
+            GptEntry {
                 part_type_guid: p.type_guid.clone(),
                 part_guid: p.guid,
                 first_lba: p.first_lba.0,
@@ -267,7 +268,7 @@ mod tests {
         let content = d.path().join("efi");
         std::fs::write(&content, b"FATDATA").expect("write");
         let img = d.path().join("disk.raw");
-        write(&img, &l, [0xAB; 440], &[("EFI", &content)]).expect("disk");
+        write(&img, &l, [0xAB; 440], &[(Partition::Efi, &content)]).expect("disk");
         let g = gpt::GptConfig::new().open(&img).expect("read gpt");
         assert_eq!(*g.guid(), l.disk_guid);
         let read: Vec<_> = g
@@ -284,8 +285,19 @@ mod tests {
         let bytes = std::fs::read(&img).expect("read");
         assert_eq!(&bytes[..440], &[0xAB; 440][..]);
         assert_eq!(&bytes[510..512], &[0x55, 0xAA]);
-        let efi = l.get("EFI").expect("efi").offset() as usize;
+        let efi = l.get(Partition::Efi).offset() as usize;
         assert_eq!(&bytes[efi..efi + 7], b"FATDATA");
+    }
+
+    #[test]
+    fn the_gpt_crates_types_are_the_contracts_type_guids() {
+        for p in Partition::ALL {
+            assert_eq!(
+                gpt_type(p).guid.to_string().to_uppercase(),
+                p.type_guid(),
+                "{p}"
+            );
+        }
     }
 
     #[test]
@@ -297,7 +309,7 @@ mod tests {
             &d.path().join("x.raw"),
             &layout(),
             [0; 440],
-            &[("BIOS", &content)],
+            &[(Partition::Bios, &content)],
         )
         .unwrap_err();
         assert!(

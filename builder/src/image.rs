@@ -2,7 +2,7 @@
 //! copy by `qemu-img`), the GPT, the ESP's FAT, a root slot's squashfs and its dm-verity
 //! superblock. Read-only, no root, no loop devices; `inspect` and `verify` build on it.
 
-use crate::disk::Sectors;
+use basalt_api::layout::Sectors;
 use serde::Serialize;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};

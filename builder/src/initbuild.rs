@@ -1,5 +1,6 @@
-//! basalt-init for the image: built from this source tree as a static binary, or taken
-//! from `--input basalt-init=PATH`; either way it must be statically linked.
+//! basalt-init for the image: built from this source tree as a static binary, embedded in
+//! the program that builds (the `basalt` CLI), or taken from `--input basalt-init=PATH`;
+//! whichever, it must be statically linked.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,6 +15,8 @@ pub enum InitBuildError {
     Cargo(String, std::process::ExitStatus),
     #[error("read {0}")]
     Read(PathBuf, #[source] std::io::Error),
+    #[error("write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
     #[error("{0} is not a static x86-64 ELF executable (it has an ELF interpreter or is not ELF)")]
     NotStatic(PathBuf),
 }
@@ -70,6 +73,32 @@ pub fn build_static(
     Ok(bin)
 }
 
+/// Writes an embedded basalt-init to `dir/<sha256>/basalt-init` (once: an existing file is
+/// reused), checks that it is static, and returns its path. Written to a temporary file and
+/// renamed, so an interrupted write never leaves a truncated binary under that name.
+pub fn materialize(bytes: &[u8], dir: &Path) -> Result<PathBuf, InitBuildError> {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let folder = dir.join(hex::encode(Sha256::digest(bytes)));
+    let path = folder.join("basalt-init");
+    if !path.is_file() {
+        std::fs::create_dir_all(&folder).map_err(|e| InitBuildError::Write(folder.clone(), e))?;
+        let write = || -> std::io::Result<()> {
+            let mut tmp = tempfile::NamedTempFile::new_in(&folder)?;
+            tmp.write_all(bytes)?;
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o755))?;
+            tmp.as_file().sync_all()?;
+            tmp.persist(&path).map_err(|e| e.error)?;
+            Ok(())
+        };
+        write().map_err(|e| InitBuildError::Write(path.clone(), e))?;
+    }
+    check_static(&path)?;
+    Ok(path)
+}
+
 /// Refuses a binary that would need a dynamic loader: the initramfs has none.
 pub fn check_static(bin: &Path) -> Result<(), InitBuildError> {
     use object::Object;
@@ -111,6 +140,25 @@ mod tests {
             check_static(&f),
             Err(InitBuildError::NotStatic(_))
         ));
+    }
+
+    #[test]
+    fn an_embedded_init_is_written_once_by_its_hash_and_must_be_static() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let err = materialize(b"#!/bin/sh\n", d.path()).expect_err("a script is not static");
+        assert!(matches!(err, InitBuildError::NotStatic(_)), "{err:?}");
+        // Named by the sha256 of the bytes, as sha256sum computes it.
+        let folders: Vec<_> = std::fs::read_dir(d.path())
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+            .collect();
+        let out = std::process::Command::new("sha256sum")
+            .arg(d.path().join(&folders[0]).join("basalt-init"))
+            .output()
+            .expect("sha256sum");
+        let sum = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(folders.len(), 1);
+        assert!(sum.starts_with(&folders[0]), "{sum} vs {folders:?}");
     }
 
     #[test]

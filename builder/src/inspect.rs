@@ -2,9 +2,9 @@
 //! manifest): the partition table, the boot slots from grub.cfg on the ESP, and the
 //! versions recorded in the active root's `/etc/os-release`.
 
-use crate::disk::Sectors;
 use crate::image::{self, DiskImage, Fat, Format, GptPartition, ImageError, VeritySuperblock};
 use basalt_api::bootparams::{BootParams, BootParamsError, VERITY_BLOCK_SIZE};
+use basalt_api::layout::Sectors;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -12,7 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// GPT name of the ESP.
-pub const ESP: &str = "EFI";
+pub const ESP: &str = basalt_api::layout::Partition::Efi.name();
 /// Where GRUB (both firmwares) reads its configuration on the ESP.
 pub const GRUB_CFG: &str = "EFI/BOOT/grub.cfg";
 const OS_RELEASE: &str = "/etc/os-release";

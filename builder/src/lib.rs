@@ -5,14 +5,12 @@
 //! One module per step; `build` strings them together.
 
 pub mod apt;
-pub mod bench;
 pub mod build;
 pub mod cache;
 pub mod deb;
 pub mod disk;
 pub mod esp;
 pub mod grub;
-pub mod hcloud_cli;
 pub mod image;
 pub mod initbuild;
 pub mod initramfs;
@@ -21,8 +19,6 @@ pub mod interrupt;
 pub mod kmod;
 pub mod lock;
 pub mod manifest;
-pub mod node;
-pub mod pki;
 pub mod progress;
 pub mod rootfs;
 pub mod sbom;

@@ -6,6 +6,7 @@ use crate::cache::Resolved;
 use crate::spec::ImageSpec;
 use crate::{disk, grub, rootfs, sbom, verity};
 use basalt_api::bootparams::VERITY_BLOCK_SIZE;
+use basalt_api::layout::Partition;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -189,11 +190,19 @@ pub fn write_sbom(
 /// hash seed and time.
 pub fn make_state(out: &Path, mib: u64, uuid: uuid::Uuid) -> Result<(), BuildError> {
     let mut cmd = Command::new("mkfs.ext4");
-    cmd.args(["-q", "-F", "-L", "STATE", "-U", &uuid.to_string(), "-E"])
-        .arg(format!("root_owner=0:0,hash_seed={uuid}"))
-        .arg(out)
-        .arg(format!("{mib}M"))
-        .env("E2FSPROGS_FAKE_TIME", "1");
+    cmd.args([
+        "-q",
+        "-F",
+        "-L",
+        Partition::State.name(),
+        "-U",
+        &uuid.to_string(),
+        "-E",
+    ])
+    .arg(format!("root_owner=0:0,hash_seed={uuid}"))
+    .arg(out)
+    .arg(format!("{mib}M"))
+    .env("E2FSPROGS_FAKE_TIME", "1");
     host_tool(cmd, "e2fsprogs").map_err(BuildError::State)
 }
 

@@ -12,6 +12,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_from_the_snapshot_boots_its_bytes_with_metadata_and_user_data() {
     if !basalt_hcloud::fake::available_or_skip("cold path") {

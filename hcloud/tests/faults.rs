@@ -24,6 +24,10 @@ macro_rules! need_fake {
     };
 }
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_and_server_errors_are_retried() {
     need_fake!("429 and 5xx");
@@ -58,6 +62,10 @@ async fn rate_limits_and_server_errors_are_retried() {
     fake.shutdown().await;
 }
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_capacity_is_a_clear_error_suggesting_another_location() {
     need_fake!("resource_unavailable");
@@ -83,6 +91,10 @@ async fn no_capacity_is_a_clear_error_suggesting_another_location() {
     fake.shutdown().await;
 }
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_answer_after_create_server_makes_no_second_server() {
     need_fake!("lost create_server");
@@ -113,6 +125,10 @@ async fn a_lost_answer_after_create_server_makes_no_second_server() {
     fake.shutdown().await;
 }
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_answer_after_create_image_makes_no_second_snapshot() {
     need_fake!("lost create_image");
@@ -141,6 +157,10 @@ async fn a_lost_answer_after_create_image_makes_no_second_snapshot() {
     fake.shutdown().await;
 }
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_action_fails_the_upload_and_cleans_up() {
     need_fake!("failed action");
@@ -175,6 +195,10 @@ async fn a_failed_action_fails_the_upload_and_cleans_up() {
     }
 }
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_rescue_system_is_waited_for_within_the_bound() {
     need_fake!("SSH late");
@@ -220,6 +244,10 @@ async fn a_late_rescue_system_is_waited_for_within_the_bound() {
     fake.shutdown().await;
 }
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_cut_mid_stream_fails_cleanly() {
     need_fake!("cut mid-stream");
@@ -253,6 +281,10 @@ async fn a_connection_cut_mid_stream_fails_cleanly() {
     fake.shutdown().await;
 }
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_on_the_disk_is_caught_before_any_snapshot() {
     need_fake!("flipped byte");
@@ -285,6 +317,10 @@ async fn a_flipped_byte_on_the_disk_is_caught_before_any_snapshot() {
     fake.shutdown().await;
 }
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_deletes_the_server_and_key() {
     need_fake!("Ctrl-C");

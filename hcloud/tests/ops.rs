@@ -21,6 +21,10 @@ fn labels(image: &str, version: &str) -> BTreeMap<String, String> {
     ])
 }
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_lists_by_selector_newest_first_across_pages() {
     if !basalt_hcloud::fake::available_or_skip("images") {
@@ -70,6 +74,10 @@ async fn images_lists_by_selector_newest_first_across_pages() {
     fake.shutdown().await;
 }
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_keeps_the_newest_and_any_snapshot_a_server_uses() {
     if !basalt_hcloud::fake::available_or_skip("prune") {
@@ -105,6 +113,10 @@ async fn prune_keeps_the_newest_and_any_snapshot_a_server_uses() {
     fake.shutdown().await;
 }
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_deletes_what_an_interrupted_upload_left_by_label_and_age() {
     if !basalt_hcloud::fake::available_or_skip("cleanup") {

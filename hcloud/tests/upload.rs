@@ -9,6 +9,10 @@ use common::*;
 use std::os::unix::fs::MetadataExt;
 use tokio_util::sync::CancellationToken;
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zst_image_becomes_a_verified_labelled_sparse_snapshot() {
     if !basalt_hcloud::fake::available_or_skip("upload zst") {
@@ -60,6 +64,10 @@ async fn a_zst_image_becomes_a_verified_labelled_sparse_snapshot() {
     fake.shutdown().await;
 }
 
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_raw_image_uploads_too() {
     if !basalt_hcloud::fake::available_or_skip("upload raw") {

@@ -1,0 +1,677 @@
+//! `basalt bench join`: promotes a standby node into a cluster N times and times it, and
+//! reads PID1's memory before and after.
+//!
+//! Each run boots the image fresh with a standby machine config (no `[cluster]`) over
+//! fw_cfg, waits for `standby` and the node API, then applies a join config and watches
+//! the serial console. The cluster is the **K3s server double** on the host's loopback
+//! (the guest reaches it as 10.0.2.2), and what the node starts as `k3s agent` is whatever
+//! the image carries as its `k3s` input: for this benchmark the **K3s agent double**
+//! (`k3s_doubles::build_agent_double`), which performs K3s's CA-hash check and then
+//! idles. Neither is K3s, so the figures are basalt's share of a promotion: the API
+//! round trip, PID1's own CA check against the server, writing K3s's config, the exec.
+
+use super::boot::{parse_footprint, Footprint, CPUS, MEMORY_MIB};
+use super::stats::Spread;
+use basalt_api::layout::fw_cfg;
+use basalt_api::milestone::{self, Milestone};
+use basalt_api::node::JoinState;
+use basalt_api::node::DEFAULT_PORT;
+use basalt_client::node::{ClientOptions, Endpoint, NodeClient, NodeError};
+use basalt_client::pki::{Ca, CertRequest, Issued, PkiError, Role, Validity};
+use basalt_qemu::{Accel, HarnessError, Vm, VmBuilder};
+use k3s_doubles::{K3sServerDouble, ServerDoubleError, LINE_PREFIX};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The node's name: its hostname and the name its API certificate carries.
+const NODE: &str = "bench-node";
+/// Boot budget on KVM, as the end-to-end tests give it; scaled for TCG.
+const BOOT: Duration = Duration::from_secs(60);
+/// How long the join may take from the apply until the agent's CA check; scaled for TCG.
+const JOIN: Duration = Duration::from_secs(30);
+/// How often the serial log is read while a join runs: the resolution of the wall times.
+const POLL: Duration = Duration::from_millis(10);
+/// What PID1 prints when it has spawned the agent (`init/src/join.rs`).
+const AGENT_EXEC: &str = "[basalt] join: agent exec ";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinBenchError {
+    #[error("start the K3s server double")]
+    ServerDouble(#[source] ServerDoubleError),
+    #[error("make the run's pool CA and certificates")]
+    Pki(#[source] PkiError),
+    #[error("create a scratch folder")]
+    TempDir(#[source] std::io::Error),
+    #[error("write {}", .0.display())]
+    Write(PathBuf, #[source] std::io::Error),
+    #[error("pick a free port on the loopback for the node API's forward")]
+    Port(#[source] std::io::Error),
+    #[error("{what}, run {run}; the serial log ends:\n{tail}")]
+    Vm {
+        what: &'static str,
+        run: usize,
+        tail: String,
+        #[source]
+        source: HarnessError,
+    },
+    #[error("{what}, run {run}; the serial log ends:\n{tail}")]
+    Api {
+        what: &'static str,
+        run: usize,
+        tail: String,
+        #[source]
+        source: Box<NodeError>,
+    },
+    #[error("run {run}: the node did not join: {reason}; the serial log ends:\n{tail}")]
+    NotJoined {
+        run: usize,
+        reason: String,
+        tail: String,
+    },
+}
+
+pub struct JoinBenchOptions {
+    /// A .raw or .qcow2 image whose `k3s` is the K3s agent double.
+    pub image: PathBuf,
+    pub runs: usize,
+}
+
+/// One promotion. Wall times are seconds from sending the apply, as seen on the host.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JoinRun {
+    /// PID1's VmRSS (status) at standby, just before the apply.
+    pub standby_rss_kib: Option<u64>,
+    /// PID1's footprint line printed on the way to standby.
+    pub footprint: Option<Footprint>,
+    /// A status request right before the apply: an API round trip without a join.
+    pub status_round_trip: f64,
+    /// Until the apply's HTTP response.
+    pub response: f64,
+    /// What the console showed after the apply was sent.
+    pub console: AfterApply,
+    /// PID1's VmRSS (status) after the agent's CA check passed.
+    pub joined_rss_kib: Option<u64>,
+    /// The join state status reported then.
+    pub joined_state: Option<JoinState>,
+}
+
+/// Everything one `bench join` measured, and what it ran on.
+pub struct JoinBench {
+    pub image: PathBuf,
+    pub accel: Accel,
+    pub runs: Vec<JoinRun>,
+}
+
+/// Boots and promotes the image `runs` times.
+pub fn run(opts: &JoinBenchOptions) -> Result<JoinBench, JoinBenchError> {
+    let accel = basalt_qemu::detect_accel();
+    let mut runs = vec![];
+    for n in 1..=opts.runs.max(1) {
+        eprintln!("basalt: bench join run {n}");
+        runs.push(join_once(&opts.image, accel, n)?);
+    }
+    Ok(JoinBench {
+        image: opts.image.clone(),
+        accel,
+        runs,
+    })
+}
+
+/// A pool CA with the node's certificate and one client's, in a scratch folder.
+struct RunPki {
+    dir: tempfile::TempDir,
+    ca_pem: String,
+    node: Issued,
+}
+
+impl RunPki {
+    fn new() -> Result<RunPki, JoinBenchError> {
+        let dir = tempfile::tempdir().map_err(JoinBenchError::TempDir)?;
+        let ca = Ca::generate().map_err(JoinBenchError::Pki)?;
+        let issue = |name: &str, role| {
+            ca.issue(&CertRequest {
+                name: name.into(),
+                role,
+                validity: Validity::days_from_now(1)?,
+            })
+        };
+        let node = issue(
+            NODE,
+            Role::Node {
+                ips: vec![],
+                dns: vec![],
+            },
+        )
+        .map_err(JoinBenchError::Pki)?;
+        issue("bench", Role::Client)
+            .and_then(|c| c.write(dir.path(), "bench", false))
+            .map_err(JoinBenchError::Pki)?;
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert_pem()).map_err(|e| JoinBenchError::Write(ca_file, e))?;
+        Ok(RunPki {
+            ca_pem: ca.cert_pem().to_string(),
+            dir,
+            node,
+        })
+    }
+
+    fn client(&self, port: u16) -> Result<NodeClient, NodeError> {
+        let path = |f: &str| self.dir.path().join(f);
+        NodeClient::new(&ClientOptions {
+            endpoint: Endpoint {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            ca: path("ca.pem"),
+            cert: path("bench.pem"),
+            key: path("bench.key"),
+            name: Some(NODE.into()),
+        })
+    }
+}
+
+/// The machine config: the node's name and API material, and `[cluster]` when given
+/// (server URL, token), which is what turns a standby node into a joining one.
+fn machine_config(pki: &RunPki, cluster: Option<(&str, &str)>) -> String {
+    let cluster = cluster.map_or_else(String::new, |(server, token)| {
+        format!("[cluster]\nserver = \"{server}\"\ntoken = \"{token}\"\n")
+    });
+    format!(
+        "version = 1\n[node]\nhostname = \"{NODE}\"\n{cluster}[api]\nca = '''\n{}'''\ncert = '''\n{}'''\nkey = '''\n{}'''\n",
+        pki.ca_pem, pki.node.cert_pem, pki.node.key_pem
+    )
+}
+
+/// QEMU's user network, not restricted so that the guest reaches the server double on
+/// the host's loopback as 10.0.2.2; the node API forwarded to `port` on the host's
+/// loopback; virtio-rng for TLS; the config over fw_cfg.
+fn qemu_args(port: u16, config: &Path) -> Vec<String> {
+    let mut args = basalt_qemu::node_devices(false, &[(port, DEFAULT_PORT)]);
+    args.push("-fw_cfg".into());
+    args.push(fw_cfg::qemu_arg(fw_cfg::CONFIG, config));
+    args
+}
+
+fn free_port() -> Result<u16, JoinBenchError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(JoinBenchError::Port)?;
+    Ok(listener.local_addr().map_err(JoinBenchError::Port)?.port())
+}
+
+/// `error: cause: cause` in one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The last lines of the serial log, for an error.
+fn tail(vm: &Vm) -> String {
+    let serial = vm.serial();
+    let lines: Vec<&str> = serial.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn join_once(image: &Path, accel: Accel, run: usize) -> Result<JoinRun, JoinBenchError> {
+    let server = K3sServerDouble::start("127.0.0.1:0").map_err(JoinBenchError::ServerDouble)?;
+    let pki = RunPki::new()?;
+    let port = free_port()?;
+    let config = pki.dir.path().join("standby.toml");
+    std::fs::write(&config, machine_config(&pki, None))
+        .map_err(|e| JoinBenchError::Write(config.clone(), e))?;
+    let mut vm = VmBuilder::new(image)
+        .memory_mib(MEMORY_MIB)
+        .cpus(CPUS)
+        .accel(accel)
+        .extra_args(qemu_args(port, &config))
+        .spawn()
+        .map_err(|source| JoinBenchError::Vm {
+            what: "starting QEMU",
+            run,
+            tail: String::new(),
+            source,
+        })?;
+    let vm_err = |vm: &Vm, what, source| JoinBenchError::Vm {
+        what,
+        run,
+        tail: tail(vm),
+        source,
+    };
+    let api_err = |vm: &Vm, what, source| JoinBenchError::Api {
+        what,
+        run,
+        tail: tail(vm),
+        source: Box::new(source),
+    };
+    let standby = format!("{} {} t=", milestone::PREFIX, Milestone::Standby.name());
+    vm.wait_for(&standby, accel.scale(BOOT))
+        .map_err(|e| vm_err(&vm, "booting to standby", e))?;
+    let client = pki
+        .client(port)
+        .map_err(|e| api_err(&vm, "setting up the node API client", e))?;
+    wait_for_api(&vm, &client).map_err(|e| vm_err(&vm, "waiting for the node API", e))?;
+    let footprint = vm.serial().lines().find_map(parse_footprint);
+
+    let asked = Instant::now();
+    let before = client
+        .status()
+        .map_err(|e| api_err(&vm, "reading status at standby", e))?;
+    let status_round_trip = asked.elapsed().as_secs_f64();
+
+    let join = machine_config(
+        &pki,
+        Some((&server.url_for("10.0.2.2"), &server.token("bench"))),
+    );
+    let (applied, response, console) = promote(&vm, &client, join, accel.scale(JOIN));
+    let applied = applied.map_err(|e| api_err(&vm, "applying the join config", e))?;
+    if !applied.body.applied {
+        return Err(JoinBenchError::NotJoined {
+            run,
+            reason: format!("the apply answered {}", applied.raw.trim()),
+            tail: tail(&vm),
+        });
+    }
+    match &console.agent {
+        Some((_, AgentLine::CaCheckPassed)) => {}
+        Some((_, other)) => {
+            return Err(JoinBenchError::NotJoined {
+                run,
+                reason: format!("the agent double said {other:?}"),
+                tail: tail(&vm),
+            })
+        }
+        None => {
+            return Err(JoinBenchError::NotJoined {
+                run,
+                reason: format!(
+                    "no \"{LINE_PREFIX} ca-check\" line within {:?}",
+                    accel.scale(JOIN)
+                ),
+                tail: tail(&vm),
+            })
+        }
+    }
+    let after = client
+        .status()
+        .map_err(|e| api_err(&vm, "reading status after the join", e))?;
+    Ok(JoinRun {
+        standby_rss_kib: before.body.rss_kib,
+        footprint,
+        status_round_trip,
+        response,
+        console,
+        joined_rss_kib: after.body.rss_kib,
+        joined_state: Some(after.body.join.state),
+    })
+}
+
+/// Polls `health` until the node API answers (it starts at standby).
+fn wait_for_api(vm: &Vm, client: &NodeClient) -> Result<(), HarnessError> {
+    let budget = vm.accel().scale(BOOT);
+    let deadline = Instant::now() + budget;
+    loop {
+        match client.health() {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(HarnessError::Timeout {
+                    what: format!("node API health ({})", chain(&e)),
+                    timeout: budget,
+                })
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Sends the join config and, while the request is in flight, watches the console from
+/// where it stood: until the apply has answered and the agent double has reported its
+/// CA check, or `budget` has passed. Returns the apply's outcome, the seconds until its
+/// response, and what the console showed.
+fn promote(
+    vm: &Vm,
+    client: &NodeClient,
+    config: String,
+    budget: Duration,
+) -> (
+    Result<basalt_client::node::Reply<basalt_api::node::ApplyResponse>, NodeError>,
+    f64,
+    AfterApply,
+) {
+    let serial = vm.serial();
+    let from = serial.rfind('\n').map_or(0, |i| i + 1);
+    let mut console = AfterApply::default();
+    let sent = Instant::now();
+    std::thread::scope(|s| {
+        let apply = s.spawn(move || {
+            let reply = client.apply(config);
+            (reply, sent.elapsed().as_secs_f64())
+        });
+        loop {
+            let serial = vm.serial();
+            console.update(serial.get(from..).unwrap_or(&serial), sent.elapsed());
+            let answered = apply.is_finished();
+            if (answered && console.agent.is_some()) || sent.elapsed() > budget {
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+        match apply.join() {
+            Ok((reply, response)) => (reply, response, console),
+            // NodeClient::apply does not panic; if it did, the run is not measurable.
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// What the agent double reported about its join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentLine {
+    /// `ca-check passed`: the server's CA matched the token's hash.
+    CaCheckPassed,
+    /// `ca-check <anything else>` (failed, skipped): the rest of the line.
+    CaCheckNotPassed(String),
+    /// `failed: <why>`: the double could not run at all.
+    Failed(String),
+}
+
+/// Console sightings after the apply, each the first, with its wall time in seconds
+/// from sending the apply (as of the poll that saw it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AfterApply {
+    /// `[basalt] joined t=…`: wall time, and the guest's time since kernel start.
+    pub joined: Option<(f64, f64)>,
+    /// `[basalt] join: agent exec N ms after apply`: PID1's own measure, from the
+    /// request's arrival to the agent's spawn.
+    pub agent_exec_ms: Option<u64>,
+    /// The agent double's verdict on the join.
+    pub agent: Option<(f64, AgentLine)>,
+}
+
+impl AfterApply {
+    /// Records what `text` (the console since the apply) shows that was not seen yet.
+    /// Only whole lines count: the guest may still be writing the last one.
+    pub fn update(&mut self, text: &str, now: Duration) {
+        let now = now.as_secs_f64();
+        let whole = text.rfind('\n').map_or("", |i| &text[..i]);
+        for line in whole.lines() {
+            if self.joined.is_none() {
+                if let Some(("joined", guest)) = milestone::parse(line) {
+                    self.joined = Some((now, guest));
+                }
+            }
+            if self.agent_exec_ms.is_none() {
+                self.agent_exec_ms = parse_agent_exec(line);
+            }
+            if self.agent.is_none() {
+                self.agent = parse_agent_line(line).map(|a| (now, a));
+            }
+        }
+    }
+}
+
+/// `[basalt] join: agent exec 12 ms after apply` → 12.
+pub fn parse_agent_exec(line: &str) -> Option<u64> {
+    let rest = &line[line.find(AGENT_EXEC)? + AGENT_EXEC.len()..];
+    rest.trim_end()
+        .strip_suffix(" ms after apply")?
+        .parse()
+        .ok()
+}
+
+/// The agent double's lines that end a join: its CA check's verdict, or its failure.
+pub fn parse_agent_line(line: &str) -> Option<AgentLine> {
+    let rest = line[line.find(LINE_PREFIX)? + LINE_PREFIX.len()..].trim();
+    if let Some(verdict) = rest.strip_prefix("ca-check ") {
+        return Some(match verdict {
+            "passed" => AgentLine::CaCheckPassed,
+            other => AgentLine::CaCheckNotPassed(other.into()),
+        });
+    }
+    rest.strip_prefix("failed: ")
+        .map(|why| AgentLine::Failed(why.into()))
+}
+
+/// A figure of the report: its label and how to read it off a run.
+type Figure = (&'static str, fn(&JoinRun) -> Option<f64>);
+
+/// Milliseconds from the apply: the guest's own measure, then the host's wall clock.
+const LATENCIES: [Figure; 5] = [
+    ("agent exec (guest clock, PID1's)", |r| {
+        r.console.agent_exec_ms.map(|m| m as f64)
+    }),
+    ("HTTP response to the apply (host)", |r| {
+        Some(r.response * 1e3)
+    }),
+    ("`joined` seen on the console (host)", |r| {
+        r.console.joined.map(|j| j.0 * 1e3)
+    }),
+    ("agent double's CA check passed (host)", |r| {
+        r.console.agent.as_ref().map(|a| a.0 * 1e3)
+    }),
+    ("reference: a status round trip (host)", |r| {
+        Some(r.status_round_trip * 1e3)
+    }),
+];
+
+/// PID1's VmRSS in KiB.
+const MEMORY: [Figure; 4] = [
+    ("at standby (status)", |r| {
+        r.standby_rss_kib.map(|k| k as f64)
+    }),
+    ("after a join, agent running (status)", |r| {
+        r.joined_rss_kib.map(|k| k as f64)
+    }),
+    ("growth", |r| {
+        Some(r.joined_rss_kib? as f64 - r.standby_rss_kib? as f64)
+    }),
+    ("footprint line before standby (console)", |r| {
+        r.footprint.map(|p| p.rss_kb as f64)
+    }),
+];
+
+fn rows(
+    f: &mut std::fmt::Formatter<'_>,
+    runs: &[JoinRun],
+    figures: &[Figure],
+    unit: &str,
+) -> std::fmt::Result {
+    for (label, read) in figures {
+        match Spread::of(runs.iter().filter_map(read)) {
+            Some(s) => {
+                write!(
+                    f,
+                    "  {label:<42}{:>7.0} {unit:<4}({:.0}–{:.0})",
+                    s.median, s.min, s.max
+                )?;
+                if s.n < runs.len() {
+                    write!(f, "  seen in {} of {} runs", s.n, runs.len())?;
+                }
+                writeln!(f)?;
+            }
+            None => writeln!(f, "  {label:<42}not seen")?,
+        }
+    }
+    Ok(())
+}
+
+impl std::fmt::Display for JoinBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "basalt bench join {}", self.image.display())?;
+        writeln!(f, "  machine: {}", super::machine())?;
+        writeln!(
+            f,
+            "  QEMU: accelerator {}, firmware SeaBIOS, q35, {MEMORY_MIB} MiB, {CPUS} vCPUs, virtio disk, \
+virtio-net (user, the API forwarded from the host's loopback), virtio-rng",
+            self.accel.name()
+        )?;
+        writeln!(
+            f,
+            "  agent: the K3s agent double (the image's `k3s`; checks the server's CA against the token as `k3s agent` does, \
+then idles), joining the K3s server double on the host's loopback (/cacerts, /ping; reached as 10.0.2.2). \
+Not K3s: K3s's own start-up is not in these figures."
+        )?;
+        writeln!(
+            f,
+            "  runs: {}, each a fresh boot to standby (config over fw_cfg, no [cluster]), then one apply of a config with [cluster]",
+            self.runs.len()
+        )?;
+        writeln!(f)?;
+        writeln!(f, "  {:<42}median  (min–max)", "promote → …")?;
+        rows(f, &self.runs, &LATENCIES, "ms")?;
+        writeln!(f, "  PID1 memory, VmRSS")?;
+        rows(f, &self.runs, &MEMORY, "KiB")?;
+        writeln!(f)?;
+        for (n, r) in self.runs.iter().enumerate() {
+            let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+            writeln!(
+                f,
+                "  run {}: exec {} ms, response {:.0} ms, joined {} ms, ca-check {} ms; VmRSS {} → {} KiB; state {}",
+                n + 1,
+                opt(r.console.agent_exec_ms.map(|m| m as f64)),
+                r.response * 1e3,
+                opt(r.console.joined.map(|j| j.0 * 1e3)),
+                opt(r.console.agent.as_ref().map(|a| a.0 * 1e3)),
+                opt(r.standby_rss_kib.map(|k| k as f64)),
+                opt(r.joined_rss_kib.map(|k| k as f64)),
+                r.joined_state.map_or("-", JoinState::name),
+            )?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "  wall times count from the host sending the apply; console lines are polled every {} ms from the serial log, \
+so they are late by up to that and by the serial port's delivery. The guest figure is PID1's own, from the request head's arrival to the agent's spawn.",
+            POLL.as_millis()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use basalt_api::config::MachineConfig;
+
+    #[test]
+    fn agent_exec_lines_are_parsed() {
+        let cases = [
+            ("[basalt] join: agent exec 12 ms after apply", Some(12)),
+            (
+                "[    9.1] [basalt] join: agent exec 0 ms after apply\r",
+                Some(0),
+            ),
+            ("[basalt] join: agent exec 12 ms after", None),
+            ("[basalt] join: agent exec twelve ms after apply", None),
+            ("[basalt] join: refused: CA hash mismatch", None),
+            ("[basalt] joined t=4.200", None),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse_agent_exec(line), want, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn agent_double_lines_are_parsed() {
+        let cases = [
+            (
+                "k3s-agent-double: ca-check passed",
+                Some(AgentLine::CaCheckPassed),
+            ),
+            (
+                "k3s-agent-double: ca-check passed\r",
+                Some(AgentLine::CaCheckPassed),
+            ),
+            (
+                "k3s-agent-double: ca-check failed: hash mismatch",
+                Some(AgentLine::CaCheckNotPassed("failed: hash mismatch".into())),
+            ),
+            (
+                "k3s-agent-double: failed: read config: no such file",
+                Some(AgentLine::Failed("read config: no such file".into())),
+            ),
+            (
+                "k3s-agent-double: config server=https://10.0.2.2:1 node-name=n",
+                None,
+            ),
+            ("k3s-agent-double: running", None),
+            ("[basalt] joined t=4.200", None),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse_agent_line(line), want, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn console_sightings_are_the_first_whole_lines() {
+        let mut seen = AfterApply::default();
+        // The exec line is still being written: not taken yet.
+        let text = "[basalt] join: agent exec 1";
+        seen.update(text, Duration::from_millis(100));
+        assert_eq!(seen, AfterApply::default());
+        let text = format!("{text}7 ms after apply\r\n[basalt] joined t=5.250\r\n");
+        seen.update(&text, Duration::from_millis(200));
+        let text = format!("{text}[basalt] joined t=9.000\nk3s-agent-double: ca-check passed\n");
+        seen.update(&text, Duration::from_millis(300));
+        assert_eq!(seen.agent_exec_ms, Some(17));
+        assert_eq!(seen.joined, Some((0.2, 5.25)));
+        assert_eq!(seen.agent, Some((0.3, AgentLine::CaCheckPassed)));
+    }
+
+    #[test]
+    fn the_configs_are_a_standby_one_and_a_join_one() {
+        let pki = RunPki::new().expect("pki");
+        let standby = MachineConfig::parse(&machine_config(&pki, None)).expect("standby config");
+        assert!(standby.cluster.is_none());
+        let token = format!("K10{}::server:bench", "ab".repeat(32));
+        let text = machine_config(&pki, Some(("https://10.0.2.2:6443", &token)));
+        let join = MachineConfig::parse(&text).expect("join config");
+        let cluster = join.cluster.expect("[cluster]");
+        assert_eq!(cluster.server.as_str(), "https://10.0.2.2:6443");
+        assert_eq!(cluster.token.ca_hash(), Some("ab".repeat(32).as_str()));
+        assert!(pki.dir.path().join("bench.key").exists());
+    }
+
+    fn joined_run(exec: u64, response: f64, joined: Option<f64>) -> JoinRun {
+        JoinRun {
+            standby_rss_kib: Some(2000),
+            joined_rss_kib: Some(2600),
+            response,
+            console: AfterApply {
+                joined: joined.map(|j| (j, 4.0)),
+                agent_exec_ms: Some(exec),
+                agent: Some((0.9, AgentLine::CaCheckPassed)),
+            },
+            joined_state: Some(JoinState::Joined),
+            ..JoinRun::default()
+        }
+    }
+
+    #[test]
+    fn the_report_gives_medians_ranges_and_says_what_the_agent_is() {
+        let bench = JoinBench {
+            image: "join.qcow2".into(),
+            accel: Accel::Tcg,
+            runs: vec![
+                joined_run(10, 0.5, Some(0.4)),
+                joined_run(30, 0.7, None),
+                joined_run(20, 0.6, Some(0.6)),
+            ],
+        };
+        let text = bench.to_string();
+        for want in [
+            "accelerator tcg",
+            "the K3s agent double",
+            "Not K3s",
+            "20 ms  (10–30)\n",
+            "600 ms  (500–700)\n",
+            "500 ms  (400–600)  seen in 2 of 3 runs\n",
+            "600 KiB (600–600)\n",
+            "run 2: exec 30 ms, response 700 ms, joined - ms",
+        ] {
+            assert!(text.contains(want), "{want:?} not in:\n{text}");
+        }
+    }
+}

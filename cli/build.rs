@@ -1,0 +1,88 @@
+//! Builds the static basalt-init that `basalt` embeds, so that a `basalt` copied or
+//! installed on its own builds images without the source tree (`--input basalt-init=PATH`
+//! still overrides it). Also probes the host for what the CLI's tests need (see
+//! `basalt-build-support`).
+//!
+//! basalt-init is built the way the image library builds it from a checkout
+//! (`basalt_builder::initbuild::build`): release, `+crt-static` for the target only, into
+//! `target/init`, so both share one cargo cache and neither waits on the other's lock.
+//! `BASALT_EMBED_INIT=PATH` embeds a prebuilt static basalt-init instead.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+fn main() {
+    basalt_build_support::probe(&[
+        basalt_build_support::QEMU,
+        basalt_build_support::ROOT,
+        basalt_build_support::HCLOUD_FAKE,
+    ]);
+    let init = match std::env::var_os("BASALT_EMBED_INIT") {
+        Some(path) => PathBuf::from(path),
+        None => build_init(),
+    };
+    println!("cargo::rerun-if-env-changed=BASALT_EMBED_INIT");
+    println!("cargo::rustc-env=BASALT_EMBEDDED_INIT={}", init.display());
+}
+
+fn build_init() -> PathBuf {
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    let workspace = manifest
+        .parent()
+        .expect("cli/ sits in the workspace")
+        .to_path_buf();
+    // What basalt-init is built from: its crate, the crates it uses, the lock.
+    for input in ["init", "api", "build-support", "Cargo.lock", "Cargo.toml"] {
+        println!(
+            "cargo::rerun-if-changed={}",
+            workspace.join(input).display()
+        );
+    }
+    let target_dir = target_root(&workspace).join("init");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(&workspace)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "basalt-init",
+            "--target",
+            TARGET,
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        );
+    // What the outer cargo (or clippy) set for its own build must not leak into this one.
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        command.env_remove(var);
+    }
+    let status = command.status().expect("run cargo to build basalt-init");
+    assert!(
+        status.success(),
+        "cargo build of basalt-init (static) failed: {status}"
+    );
+    target_dir.join(TARGET).join("release/basalt-init")
+}
+
+/// The workspace's target folder: `CARGO_TARGET_DIR` when the outer build uses one,
+/// else `<workspace>/target`.
+fn target_root(workspace: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
+}

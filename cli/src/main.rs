@@ -1,0 +1,350 @@
+//! `basalt`: build images and boot them locally.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod hcloud;
+
+/// The static basalt-init built with this `basalt` (see build.rs): an installed `basalt`
+/// builds images without the source tree. `--input basalt-init=PATH` still overrides it.
+const EMBEDDED_INIT: basalt_builder::build::InitSource =
+    basalt_builder::build::InitSource::Embedded(include_bytes!(env!("BASALT_EMBEDDED_INIT")));
+
+use basalt_api::layout::fw_cfg;
+
+#[derive(Parser)]
+#[command(
+    name = "basalt",
+    version,
+    about = "Build immutable Kubernetes node images and run them"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build a disk image from an image spec.
+    Build {
+        /// The image spec (TOML), e.g. images/k3s-node.toml.
+        spec: PathBuf,
+        /// Output folder for <name>.raw, <name>.qcow2 and manifest.json.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        /// Input cache folder [default: $BASALT_CACHE or ~/.cache/basalt].
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Use a local file for an input: NAME=PATH (kernel, grub-bios, grub-efi,
+        /// ca-certificates, k3s, k3s-images, basalt-init). Recorded in the manifest.
+        #[arg(long = "input", value_name = "NAME=PATH", value_parser = parse_input)]
+        inputs: Vec<(String, PathBuf)>,
+        /// Refuse to build unless <spec>.lock exists and agrees with the spec.
+        #[arg(long)]
+        locked: bool,
+    },
+    /// Benchmarks (figures printed, nothing asserted).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+    /// Resolve every input of a spec into <spec>.lock next to it.
+    Lock {
+        spec: PathBuf,
+        /// Re-pin this Debian input to the archive's current version (edits the spec).
+        #[arg(long, value_name = "NAME")]
+        update: Vec<String>,
+    },
+    /// Boot an image under QEMU with the console on this terminal (the image is not
+    /// written: changes go to a throwaway overlay), with a user network (DHCP, no way
+    /// out) and virtio-rng.
+    Run {
+        /// A .raw or .qcow2 image.
+        image: PathBuf,
+        /// Boot with UEFI (OVMF) instead of legacy BIOS (SeaBIOS).
+        #[arg(long)]
+        uefi: bool,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
+        /// A machine config (TOML) for the node, passed as QEMU fw_cfg `opt/basalt/config`.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Forward this port on the host's loopback to the node API (port 50000 in the guest).
+        #[arg(long, value_name = "PORT")]
+        api_port: Option<u16>,
+    },
+    /// Show what an image holds, read from the image: partitions, boot slots, versions.
+    Inspect {
+        /// A .raw or .qcow2 image.
+        image: PathBuf,
+        /// Print JSON (field names documented on `inspect::ImageInfo`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an image offline: both GPT copies, each slot's dm-verity tree against its
+    /// boot entry's root hash, the ESP's files against the manifest. Exits non-zero on
+    /// any mismatch.
+    Verify {
+        /// A .raw or .qcow2 image.
+        image: PathBuf,
+        /// The build's manifest [default: manifest.json beside the image].
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// The pool CA: create it, issue client and node certificates.
+    Pki {
+        #[command(subcommand)]
+        what: basalt_client::pki::cli::PkiCmd,
+    },
+    /// Talk to a node's API over mutual TLS: status, apply a config, logs, reboot, shutdown.
+    Node(basalt_client::node::cli::NodeArgs),
+    /// Hetzner Cloud: upload an image as a snapshot, list, prune, clean up.
+    Hcloud(hcloud::HcloudArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Cold-cache then warm-cache build of a spec; times per step and output sizes.
+    Build {
+        spec: PathBuf,
+        /// Work folder for the two builds and their cache.
+        #[arg(long, default_value = "out/bench")]
+        out: PathBuf,
+        /// As for `basalt build`.
+        #[arg(long = "input", value_name = "NAME=PATH", value_parser = parse_input)]
+        inputs: Vec<(String, PathBuf)>,
+    },
+    /// Boot timeline of an image against the floor (its kernel booted into a trivial init),
+    /// both booted N times in the same run; and PID1's footprint.
+    Boot {
+        /// A .raw or .qcow2 image.
+        image: PathBuf,
+        /// Boots of the image, and as many of the floor.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Boot with UEFI (OVMF) instead of legacy BIOS (SeaBIOS).
+        #[arg(long)]
+        uefi: bool,
+        /// A prebuilt static basalt-floor [default: built from this source tree].
+        #[arg(long, value_name = "PATH")]
+        floor_init: Option<PathBuf>,
+    },
+    /// Promote → `k3s agent` exec latency and PID1's memory after a join: boots a
+    /// standby node N times and joins it to the K3s server double. The image must carry
+    /// the K3s agent double as its `k3s` (see the README).
+    Join {
+        /// A .raw or .qcow2 image.
+        image: PathBuf,
+        /// Boots, each promoted once.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Upload throughput to the fake Hetzner API on loopback (its rescue a real sshd),
+    /// against the floor: the same file sent over one plain SSH session to the same sshd
+    /// and decompressed there. Needs root, openssh-server and zstd.
+    Upload {
+        /// A .raw.zst with manifest.json beside it.
+        image: PathBuf,
+        /// Uploads, and as many floor runs, alternating.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Logical and compressed size of an image by component: kernel, modules, K3s,
+    /// basalt-init, everything else.
+    Size {
+        /// A .raw or .qcow2 image (its .raw.zst is looked for beside it).
+        image: PathBuf,
+    },
+}
+
+fn parse_input(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=PATH, got {s:?}"))?;
+    if name.is_empty() || path.is_empty() {
+        return Err(format!("expected NAME=PATH, got {s:?}"));
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+fn firmware(uefi: bool) -> basalt_qemu::Firmware {
+    if uefi {
+        basalt_qemu::Firmware::Uefi
+    } else {
+        basalt_qemu::Firmware::Bios
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Build {
+            spec,
+            out,
+            cache,
+            inputs,
+            locked,
+        } => {
+            basalt_builder::build::install_interrupt_handler();
+            let opts = basalt_builder::build::BuildOptions {
+                spec,
+                out_dir: out.clone(),
+                cache_dir: cache.unwrap_or_else(basalt_builder::cache::Cache::default_dir),
+                overrides: inputs,
+                locked,
+                init: EMBEDDED_INIT,
+            };
+            let m = basalt_builder::build::build(&opts)?;
+            for o in &m.outputs {
+                println!("{}  {}", o.sha256, out.join(&o.file).display());
+            }
+            println!("root hash {}", m.root_hash);
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Build { spec, out, inputs },
+        } => {
+            use basalt_bench as bench;
+            basalt_builder::build::install_interrupt_handler();
+            let runs = bench::build_twice(spec, out, inputs, EMBEDDED_INIT)?;
+            let last = runs.last().context("no build ran")?;
+            let (floor, sizes) = bench::build_floor(last)?;
+            print!("{}", bench::report(&runs, &floor));
+            print!("{sizes}");
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Boot {
+                    image,
+                    runs,
+                    uefi,
+                    floor_init,
+                },
+        } => {
+            use basalt_bench::boot;
+            let result = boot::run(&boot::BootBenchOptions {
+                image,
+                runs,
+                firmware: firmware(uefi),
+                floor_init,
+            })?;
+            print!("{result}");
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Join { image, runs },
+        } => {
+            use basalt_bench::join;
+            print!("{}", join::run(&join::JoinBenchOptions { image, runs })?);
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Upload { image, runs },
+        } => {
+            print!("{}", basalt_bench::upload::run(&image, runs)?);
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Size { image },
+        } => {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            print!("{}", basalt_bench::size::measure(&image, threads)?);
+            Ok(())
+        }
+        Cmd::Lock { spec, update } => {
+            use basalt_builder::lock;
+            for name in &update {
+                let version = lock::update_spec(&spec, name)?;
+                eprintln!(
+                    "basalt: {name} re-pinned to {version} in {}",
+                    spec.display()
+                );
+            }
+            let parsed = basalt_builder::spec::ImageSpec::load(&spec)?;
+            let resolved = lock::resolve(&parsed)?;
+            let path = lock::lock_path(&spec);
+            resolved.write(&path)?;
+            for i in &resolved.inputs {
+                println!(
+                    "{:<16} {}  {:>10}  {}",
+                    i.name,
+                    i.sha256,
+                    i.size,
+                    i.version.as_deref().or(i.url.as_deref()).unwrap_or("")
+                );
+            }
+            eprintln!("basalt: wrote {}", path.display());
+            Ok(())
+        }
+        Cmd::Run {
+            image,
+            uefi,
+            memory,
+            config,
+            api_port,
+        } => {
+            // A user network (DHCP from QEMU, closed to the outside) and entropy, as a
+            // node has them: what `bench boot` boots with too.
+            let forwards: Vec<(u16, u16)> = api_port
+                .map(|p| (p, basalt_api::node::DEFAULT_PORT))
+                .into_iter()
+                .collect();
+            let mut args = basalt_qemu::node_devices(true, &forwards);
+            if let Some(file) = config {
+                let file = std::fs::canonicalize(&file)
+                    .with_context(|| format!("machine config {}", file.display()))?;
+                basalt_api::config::MachineConfig::parse(
+                    &std::fs::read_to_string(&file)
+                        .with_context(|| format!("read {}", file.display()))?,
+                )
+                .with_context(|| format!("machine config {}", file.display()))?;
+                args.push("-fw_cfg".into());
+                args.push(fw_cfg::qemu_arg(fw_cfg::CONFIG, &file));
+            }
+            let status = basalt_qemu::VmBuilder::new(&image)
+                .firmware(firmware(uefi))
+                .memory_mib(memory)
+                .extra_args(args)
+                .run_interactive()
+                .with_context(|| format!("boot {}", image.display()))?;
+            anyhow::ensure!(status.success(), "QEMU exited with {status}");
+            Ok(())
+        }
+        Cmd::Inspect { image, json } => {
+            let info = basalt_builder::inspect::inspect(&image)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!("{info}");
+            }
+            Ok(())
+        }
+        Cmd::Verify { image, manifest } => {
+            let report = basalt_builder::verify::verify(&image, manifest.as_deref())?;
+            print!("{report}");
+            let (failed, all) = (report.failures().count(), report.checks.len());
+            anyhow::ensure!(
+                failed == 0,
+                "{}: {failed} of {all} checks failed",
+                image.display()
+            );
+            Ok(())
+        }
+        Cmd::Pki { what } => Ok(basalt_client::pki::cli::run(what)?),
+        Cmd::Node(args) => Ok(basalt_client::node::cli::run(args)?),
+        Cmd::Hcloud(args) => Ok(hcloud::run(args)?),
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("basalt: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

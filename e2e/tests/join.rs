@@ -1,0 +1,308 @@
+//! The node API and the join, under QEMU: a standby node serves its API over mutual TLS
+//! (reached through a QEMU host forward), refuses strangers and bad input, and joins
+//! when told: the image carries the **K3s agent double** as its `k3s`, and a **K3s
+//! server double** on the host's loopback serves `/cacerts` (the guest reaches it as
+//! 10.0.2.2). Neither double is K3s; see the README.
+
+mod common;
+
+use basalt_api::layout::fw_cfg;
+use basalt_api::node::JoinState;
+use basalt_client::node::{ClientOptions, Endpoint, NodeClient, NodeError};
+use basalt_client::pki::{Ca, CertRequest, Issued, Role, Validity};
+use basalt_qemu::{Vm, VmBuilder};
+use common::{expect_line, Image};
+use k3s_doubles::K3sServerDouble;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Guest boot budget on KVM; the harness scales it for TCG.
+const BOOT: Duration = Duration::from_secs(60);
+
+/// The default image with the K3s agent double as its `k3s`, built once per binary.
+fn join_image() -> &'static Image {
+    static IMAGE: OnceLock<Image> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let double = k3s_doubles::build_agent_double(&common::workspace())
+            .unwrap_or_else(|e| panic!("building the K3s agent double: {e}"));
+        common::build_with_k3s(
+            "join",
+            &basalt_builder::cache::Cache::default_dir(),
+            &double,
+        )
+        .unwrap_or_else(|e| panic!("building the join image: {e:#}"))
+    })
+}
+
+/// A pool CA, the node's certificate, and client certificates good and bad.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: Ca,
+    node: Issued,
+}
+
+impl Pki {
+    fn new() -> anyhow::Result<Pki> {
+        let dir = tempfile::tempdir()?;
+        let ca = Ca::generate()?;
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem())?;
+        let node = ca.issue(&CertRequest {
+            name: "warm-1".into(),
+            role: Role::Node {
+                ips: vec![],
+                dns: vec![],
+            },
+            validity: Validity::days_from_now(30)?,
+        })?;
+        let pki = Pki { dir, ca, node };
+        pki.client("ops", &pki.ca, Validity::days_from_now(30)?)?;
+        let day = Duration::from_secs(86_400);
+        let now = SystemTime::now();
+        pki.client(
+            "expired",
+            &pki.ca,
+            Validity {
+                not_before: now - 10 * day,
+                not_after: now - day,
+            },
+        )?;
+        pki.client("stranger", &Ca::generate()?, Validity::days_from_now(30)?)?;
+        Ok(pki)
+    }
+
+    fn client(&self, name: &str, ca: &Ca, validity: Validity) -> anyhow::Result<()> {
+        let issued = ca.issue(&CertRequest {
+            name: name.into(),
+            role: Role::Client,
+            validity,
+        })?;
+        issued.write(self.dir.path(), name, false)?;
+        Ok(())
+    }
+
+    /// A node API client presenting `who`'s certificate, to the forwarded port.
+    fn as_client(&self, who: &str, port: u16) -> anyhow::Result<NodeClient> {
+        let path = |f: String| -> PathBuf { self.dir.path().join(f) };
+        Ok(NodeClient::new(&ClientOptions {
+            endpoint: Endpoint {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            ca: path("ca.pem".into()),
+            cert: path(format!("{who}.pem")),
+            key: path(format!("{who}.key")),
+            name: Some("warm-1".into()),
+        })?)
+    }
+
+    /// A machine config: the node's identity and API material, plus `extra` TOML.
+    fn config(&self, extra: &str) -> String {
+        format!(
+            "version = 1\n[node]\nhostname = \"warm-1\"\n{extra}\n[api]\nca = '''\n{}'''\ncert = '''\n{}'''\nkey = '''\n{}'''\n",
+            self.ca.cert_pem(),
+            self.node.cert_pem,
+            self.node.key_pem
+        )
+    }
+}
+
+/// A free port on the host's loopback for QEMU's forward of the node API.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// QEMU's user network (not restricted: the guest reaches the host's loopback as
+/// 10.0.2.2, where the K3s server double listens, and nothing else is addressed), the
+/// node API forwarded to `port` on the host's loopback, and virtio-rng for TLS.
+fn network(port: u16) -> Vec<String> {
+    basalt_qemu::node_devices(false, &[(port, basalt_api::node::DEFAULT_PORT)])
+}
+
+fn boot(disk: &Path, port: u16, config: Option<&str>, dir: &Path) -> anyhow::Result<Vm> {
+    let mut args = network(port);
+    if let Some(text) = config {
+        let file = dir.join("config.toml");
+        std::fs::write(&file, text)?;
+        args.push("-fw_cfg".into());
+        args.push(fw_cfg::qemu_arg(fw_cfg::CONFIG, &file));
+    }
+    Ok(VmBuilder::new(disk).extra_args(args).spawn()?)
+}
+
+/// Polls `health` until the node API answers (it starts at standby).
+fn wait_for_api(vm: &Vm, client: &NodeClient) -> anyhow::Result<()> {
+    let deadline = Instant::now() + vm.accel().scale(BOOT);
+    loop {
+        match client.health() {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(common::dump(
+                    vm,
+                    basalt_qemu::HarnessError::Timeout {
+                        what: format!("node API health: {e}"),
+                        timeout: vm.accel().scale(BOOT),
+                    },
+                ))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+fn chain(e: &NodeError) -> String {
+    let mut s = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
+fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() -> anyhow::Result<()>
+{
+    let server = K3sServerDouble::start("127.0.0.1:0")?;
+    let img = join_image();
+    let pki = Pki::new()?;
+    let port = free_port()?;
+    let mut vm = boot(&img.qcow2, port, Some(&pki.config("")), pki.dir.path())?;
+    expect_line(&mut vm, "[basalt] standby t=", BOOT)?;
+    let ops = pki.as_client("ops", port)?;
+    wait_for_api(&vm, &ops)?;
+
+    // status with a client certificate from the pool CA.
+    let status = ops.status()?.body;
+    assert_eq!(status.join.state, JoinState::Standby, "{status:?}");
+    // The whole timeline, stage 1's milestones included (read back from the kernel log).
+    for name in ["init-start", "root-verified", "ready", "standby"] {
+        assert!(
+            status.milestones.iter().any(|m| m.name == name),
+            "{name} missing: {status:?}"
+        );
+    }
+
+    // Refusals: a client certificate from another CA, an expired one, none at all.
+    for who in ["stranger", "expired"] {
+        let e = pki.as_client(who, port)?.status().expect_err(who);
+        assert!(matches!(e, NodeError::Tls { .. }), "{who}: {}", chain(&e));
+    }
+    let anonymous = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(
+            pki.ca.cert_pem().as_bytes(),
+        )?)
+        .resolve("warm-1", ([127, 0, 0, 1], port).into())
+        .build()?;
+    let url = |p: &str| format!("https://warm-1:{port}{p}");
+    let health = anonymous.get(url("/v1/health")).send()?;
+    assert!(health.status().is_success(), "health answers strangers");
+    let refused = anonymous.get(url("/v1/status")).send()?;
+    assert_eq!(refused.status().as_u16(), 401);
+    let body: serde_json::Value = serde_json::from_str(&refused.text()?)?;
+    assert!(body["error"].is_string(), "{body}");
+    let refused = anonymous
+        .post(url("/v1/config"))
+        .body(pki.config(""))
+        .send()?;
+    assert_eq!(refused.status().as_u16(), 401);
+
+    // Bad input: too large, not TOML, an unknown key.
+    let expect_status = |body: String, code: u16, needle: &str| -> anyhow::Result<()> {
+        match ops.apply(body) {
+            Err(NodeError::Api {
+                status, message, ..
+            }) => {
+                assert_eq!(status, code, "{message}");
+                assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+                Ok(())
+            }
+            other => anyhow::bail!("expected {code}, got {other:?}"),
+        }
+    };
+    expect_status("#".repeat(2 << 20), 413, "")?;
+    expect_status("version = 1\n[node\n".into(), 400, "")?;
+    expect_status(pki.config("surprise = 1"), 400, "node.surprise")?;
+
+    // A token whose CA hash is not the server's: reported, nothing started.
+    let wrong = format!("K10{}::server:secret", "0".repeat(64));
+    let cluster = |token: &str| {
+        format!(
+            "labels = {{ \"example.com/pool\" = \"warm\" }}\ntaints = [\"dedicated=test:NoSchedule\"]\n[cluster]\nserver = \"{}\"\ntoken = \"{token}\"\n",
+            server.url_for("10.0.2.2")
+        )
+    };
+    // [cluster] must follow [node]'s keys and precede [api]: the helper puts `extra`
+    // right after the hostname.
+    let mismatch = pki.config(&cluster(&wrong));
+    match ops.apply(mismatch) {
+        Ok(r) => {
+            assert!(!r.body.applied, "{}", r.raw);
+            assert_eq!(r.body.join.state, JoinState::Failed, "{}", r.raw);
+        }
+        Err(e) => {
+            let text = chain(&e);
+            assert!(
+                text.to_lowercase().contains("hash") || text.contains("CA"),
+                "{text}"
+            );
+        }
+    }
+    let status = ops.status()?.body;
+    assert_eq!(status.join.state, JoinState::Failed, "{status:?}");
+    assert!(status.join.last_error.is_some(), "{status:?}");
+    assert!(
+        !vm.serial().contains("k3s-agent-double:"),
+        "nothing started"
+    );
+    assert!(!vm.serial().contains("[basalt] joined t="));
+
+    // The right token: the agent double runs with exactly what it was given.
+    let token = server.token("secret");
+    let applied = ops.apply(pki.config(&cluster(&token)))?;
+    assert!(applied.body.applied, "{}", applied.raw);
+    expect_line(&mut vm, "[basalt] joined t=", BOOT)?;
+    let line = expect_line(&mut vm, "k3s-agent-double: config ", BOOT)?;
+    let url = server.url_for("10.0.2.2");
+    for want in [
+        format!("server={url}"),
+        "node-name=warm-1".to_string(),
+        r#"labels=["example.com/pool=warm"]"#.to_string(),
+        r#"taints=["dedicated=test:NoSchedule"]"#.to_string(),
+        format!(
+            "token-sha256={}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()))
+        ),
+    ] {
+        assert!(line.contains(&want), "{line:?} lacks {want:?}");
+    }
+    expect_line(&mut vm, "k3s-agent-double: ca-check passed", BOOT)?;
+    assert!(
+        server.requests("/cacerts") >= 2,
+        "PID1 and the agent both checked"
+    );
+    let status = ops.status()?.body;
+    assert_eq!(status.join.state, JoinState::Joined, "{status:?}");
+
+    // Reboot through the API (-no-reboot turns it into QEMU's exit), then boot the same
+    // disk without fw_cfg: the node joins again from STATE without being told.
+    ops.reboot()?;
+    vm.wait_exit(vm.accel().scale(BOOT))
+        .map_err(|e| common::dump(&vm, e))?;
+    let port2 = free_port()?;
+    let mut again = boot(vm.overlay(), port2, None, pki.dir.path())?;
+    expect_line(&mut again, "machine config from STATE", BOOT)?;
+    expect_line(&mut again, "[basalt] joined t=", BOOT)?;
+    expect_line(&mut again, "k3s-agent-double: ca-check passed", BOOT)?;
+    let ops2 = pki.as_client("ops", port2)?;
+    wait_for_api(&again, &ops2)?;
+    assert_eq!(ops2.status()?.body.join.state, JoinState::Joined);
+    Ok(())
+}
