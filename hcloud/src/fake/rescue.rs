@@ -424,3 +424,29 @@ async fn pipe(client: TcpStream, server: TcpStream, cut: Option<u64>, received: 
         () = &mut down => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_loop_device_over_the_servers_own_file_is_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, b"disk").unwrap();
+        // A character device, a regular file: refused before anything is bound.
+        for dev in [Path::new("/dev/null"), disk.as_path()] {
+            let e = check_loop(dev, &disk).unwrap_err();
+            assert!(matches!(e, RescueError::NotOurLoop { .. }), "{dev:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn dev_t_is_decoded_as_glibc_does() {
+        // makedev(7, 3) and makedev(259, 300) in glibc's encoding.
+        let small = (7u64 << 8) | 3;
+        assert_eq!((major(small), minor(small)), (7, 3));
+        let big = ((259u64 & 0xfff) << 8) | ((300u64 & 0xff) | ((300u64 & !0xff) << 12));
+        assert_eq!((major(big), minor(big)), (259, 300));
+    }
+}
