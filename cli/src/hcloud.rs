@@ -117,7 +117,14 @@ pub fn run(args: HcloudArgs) -> Result<(), HcloudCliError> {
         .enable_all()
         .build()
         .map_err(HcloudCliError::Runtime)?;
-    rt.block_on(dispatch(client, args.what))
+    let result = rt.block_on(dispatch(client, args.what));
+    drop(rt);
+    if let Err(HcloudCliError::Upload(e @ UploadError::Cancelled)) = &result {
+        // As `basalt build` does on Ctrl-C: the shell's code for SIGINT, after the cleanup.
+        eprintln!("basalt: {e}");
+        std::process::exit(130);
+    }
+    result
 }
 
 async fn dispatch(client: Client, cmd: HcloudCmd) -> Result<(), HcloudCliError> {

@@ -2,7 +2,7 @@
 //! rescue system): upload, images, prune, cleanup, and refusals of bad input. The
 //! snapshot is checked with `sha256sum` over the fake's file, not with basalt's code.
 
-use basalt_hcloud::fake::{Fake, FakeOptions};
+use basalt_hcloud::fake::{Fake, FakeOptions, RescueFaults};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -179,5 +179,68 @@ async fn upload_images_prune_cleanup_through_the_cli() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no-token"));
     assert!(fake.servers().is_empty() && fake.ssh_keys().is_empty());
+    fake.shutdown().await;
+}
+
+#[cfg_attr(
+    basalt_skip_hcloud_fake,
+    ignore = "needs root, sshd, zstd and loop devices (scripts/install-host-tools)"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_during_an_upload_deletes_the_server_and_key() {
+    if !basalt_hcloud::fake::available_or_skip("basalt hcloud upload, Ctrl-C") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_image(dir.path(), "k3s-node", 4 * MIB);
+    let fake = Fake::start(FakeOptions {
+        disk_bytes: 16 * MIB,
+        ..FakeOptions::default()
+    })
+    .await
+    .expect("fake");
+    // The rescue system never answers: the upload waits for SSH when SIGINT comes.
+    fake.set_rescue_faults(RescueFaults {
+        ssh_delay: std::time::Duration::from_secs(600),
+        ..RescueFaults::default()
+    });
+    let child = Command::new(env!("CARGO_BIN_EXE_basalt"))
+        .args(["hcloud", "upload"])
+        .arg(dir.path().join("k3s-node.raw.zst"))
+        .env("HCLOUD_ENDPOINT", fake.endpoint())
+        .env("HCLOUD_TOKEN", fake.token())
+        .env("BASALT_HCLOUD_SSH_PORT", fake.ssh_port().to_string())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run basalt");
+    // Wait until the server is up in rescue, then interrupt.
+    let started = std::time::Instant::now();
+    while !fake.servers().iter().any(|s| s.status == "running") {
+        assert!(started.elapsed().as_secs() < 30, "no server powered on");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().expect("wait"))
+        .await
+        .expect("join");
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deleted"));
+    assert!(
+        fake.servers().is_empty(),
+        "server leaked: {:?}",
+        fake.servers()
+    );
+    assert!(fake.ssh_keys().is_empty(), "key leaked");
+    assert!(fake.snapshots().is_empty());
     fake.shutdown().await;
 }

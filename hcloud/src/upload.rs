@@ -183,6 +183,8 @@ pub async fn upload(
         (Ok(done), Ok(())) => Ok(done),
         (Ok(_), Err(e)) => Err(e),
         (Err(e), Ok(())) => Err(e),
+        // "Cancelled" says the resources were deleted: here they were not.
+        (Err(UploadError::Cancelled), Err(c)) => Err(c),
         (Err(e), Err(c)) => {
             tracing::error!(
                 "{c}: {:?}",
