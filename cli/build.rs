@@ -3,9 +3,11 @@
 //! still overrides it). Also probes the host for what the CLI's tests need (see
 //! `basalt-build-support`).
 //!
-//! basalt-init is built the way the image library builds it from a checkout
-//! (`basalt_builder::initbuild::build`): release, `+crt-static` for the target only, into
-//! `target/init`, so both share one cargo cache and neither waits on the other's lock.
+//! basalt-init is built as the image library builds it from a checkout
+//! (`basalt_builder::initbuild::build`): release, `+crt-static` for the target only, but
+//! without default features, so the test service (`testd`) is not in a release image, and
+//! into its own `target/init-release`, so that the tests' build (with `testd`) never
+//! overwrites the binary this one embeds.
 //! `BASALT_EMBED_INIT=PATH` embeds a prebuilt static basalt-init instead.
 
 use std::path::{Path, PathBuf};
@@ -40,7 +42,7 @@ fn build_init() -> PathBuf {
             workspace.join(input).display()
         );
     }
-    let target_dir = target_root(&workspace).join("init");
+    let target_dir = target_root(&workspace).join("init-release");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
     command
@@ -51,6 +53,7 @@ fn build_init() -> PathBuf {
             "--locked",
             "-p",
             "basalt-init",
+            "--no-default-features",
             "--target",
             TARGET,
         ])

@@ -28,9 +28,15 @@ impl Sectors {
         Sectors(bytes / SECTOR_SIZE)
     }
 
-    /// The byte count (or byte offset, for an LBA).
+    /// The byte count (or byte offset, for an LBA); saturates rather than wraps, since
+    /// basalt-init reads sector counts from sysfs.
     pub const fn bytes(self) -> u64 {
-        self.0 * SECTOR_SIZE
+        self.0.saturating_mul(SECTOR_SIZE)
+    }
+
+    /// Whole MiB, rounded down.
+    pub const fn mib(self) -> u64 {
+        self.0 / ((1 << 20) / SECTOR_SIZE)
     }
 }
 
@@ -130,10 +136,33 @@ impl fmt::Display for Partition {
 /// QEMU fw_cfg: how a local host hands a node its machine config (a hypervisor's host
 /// controls its guest anyway; nothing in a cloud's API can set fw_cfg).
 pub mod fw_cfg {
+    // The names as macros, so that `concat!` can build the sysfs paths as constants.
+    macro_rules! config_name {
+        () => {
+            "opt/basalt/config"
+        };
+    }
+    macro_rules! test_service_name {
+        () => {
+            "opt/basalt/test-service"
+        };
+    }
+    macro_rules! sysfs {
+        ($name:expr) => {
+            concat!("sys/firmware/qemu_fw_cfg/by_name/", $name, "/raw")
+        };
+    }
+
     /// The machine config (TOML), as `-fw_cfg name=opt/basalt/config,file=…`.
-    pub const CONFIG: &str = "opt/basalt/config";
+    pub const CONFIG: &str = config_name!();
     /// Turns on the test service in test images; its content is the mode.
-    pub const TEST_SERVICE: &str = "opt/basalt/test-service";
+    pub const TEST_SERVICE: &str = test_service_name!();
+    /// [`CONFIG`] where the `qemu_fw_cfg` module exposes it, relative to the root.
+    pub const CONFIG_SYSFS: &str = sysfs!(config_name!());
+    /// [`TEST_SERVICE`] where the `qemu_fw_cfg` module exposes it, relative to the root.
+    pub const TEST_SERVICE_SYSFS: &str = sysfs!(test_service_name!());
+    /// How logs and errors name the config source [`CONFIG`].
+    pub const CONFIG_LABEL: &str = concat!("fw_cfg ", config_name!());
 
     /// Where the `qemu_fw_cfg` module exposes entry `name`, relative to the root.
     pub fn sysfs_path(name: &str) -> String {
@@ -183,6 +212,11 @@ mod tests {
         assert_eq!(
             fw_cfg::sysfs_path(fw_cfg::CONFIG),
             "sys/firmware/qemu_fw_cfg/by_name/opt/basalt/config/raw"
+        );
+        assert_eq!(fw_cfg::CONFIG_SYSFS, fw_cfg::sysfs_path(fw_cfg::CONFIG));
+        assert_eq!(
+            fw_cfg::TEST_SERVICE_SYSFS,
+            fw_cfg::sysfs_path(fw_cfg::TEST_SERVICE)
         );
     }
 }

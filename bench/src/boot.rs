@@ -23,7 +23,7 @@ const BOOT: Duration = Duration::from_secs(60);
 const NETWORK_GRACE: Duration = Duration::from_secs(10);
 /// How long the floor may take to power off after its marker.
 const POWER_OFF: Duration = Duration::from_secs(10);
-/// The footprint line PID1 prints before standby (`init/src/stage2.rs`).
+/// The footprint line PID1 prints before standby (`init/src/boot/stage2/node.rs`).
 const FOOTPRINT: &str = "[basalt] footprint: PID1 VmRSS ";
 
 #[derive(Debug, thiserror::Error)]

@@ -89,7 +89,8 @@ fn footprint(f: &mut Formatter<'_>, fps: &[Footprint], runs: usize) -> fmt::Resu
     }
 }
 
-/// Writes the whole report.
+/// Writes the whole report: its sections in the order they print, one after another (long,
+/// but each line of the report is one statement here).
 pub fn write(b: &BootBench, f: &mut Formatter<'_>) -> fmt::Result {
     let runs = b.image_runs.len();
     writeln!(f, "basalt bench boot {}", b.image.display())?;

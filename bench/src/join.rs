@@ -216,6 +216,8 @@ fn tail(vm: &Vm) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
+// One run is one story (boot, wait for standby, promote, wait for the agent, measure);
+// split up, its clocks and the VM would have to be threaded through every piece.
 fn join_once(image: &Path, accel: Accel, run: usize) -> Result<JoinRun, JoinBenchError> {
     let server = K3sServerDouble::start("127.0.0.1:0").map_err(JoinBenchError::ServerDouble)?;
     let pki = RunPki::new()?;

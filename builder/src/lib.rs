@@ -24,7 +24,6 @@ pub mod rootfs;
 pub mod sbom;
 pub mod sparse;
 pub mod spec;
-pub mod steps;
 pub mod store;
 pub mod tree;
 pub mod verify;

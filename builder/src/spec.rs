@@ -201,6 +201,8 @@ impl ImageSpec {
         ]
     }
 
+    // One check after another, each naming its key: longer than our usual function, but a
+    // flat list reads better than checks scattered over helpers.
     fn validate(&self, path: &Path) -> Result<(), SpecError> {
         let invalid = |key: &str, why: &str| SpecError::Invalid {
             path: path.to_owned(),

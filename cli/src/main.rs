@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod hcloud;
@@ -186,133 +186,16 @@ fn run() -> anyhow::Result<()> {
             cache,
             inputs,
             locked,
-        } => {
-            basalt_builder::build::install_interrupt_handler();
-            let opts = basalt_builder::build::BuildOptions {
-                spec,
-                out_dir: out.clone(),
-                cache_dir: cache.unwrap_or_else(basalt_builder::cache::Cache::default_dir),
-                overrides: inputs,
-                locked,
-                init: EMBEDDED_INIT,
-            };
-            let m = basalt_builder::build::build(&opts)?;
-            for o in &m.outputs {
-                println!("{}  {}", o.sha256, out.join(&o.file).display());
-            }
-            println!("root hash {}", m.root_hash);
-            Ok(())
-        }
-        Cmd::Bench {
-            what: BenchCmd::Build { spec, out, inputs },
-        } => {
-            use basalt_bench as bench;
-            basalt_builder::build::install_interrupt_handler();
-            let runs = bench::build_twice(spec, out, inputs, EMBEDDED_INIT)?;
-            let last = runs.last().context("no build ran")?;
-            let (floor, sizes) = bench::build_floor(last)?;
-            print!("{}", bench::report(&runs, &floor));
-            print!("{sizes}");
-            Ok(())
-        }
-        Cmd::Bench {
-            what:
-                BenchCmd::Boot {
-                    image,
-                    runs,
-                    uefi,
-                    floor_init,
-                },
-        } => {
-            use basalt_bench::boot;
-            let result = boot::run(&boot::BootBenchOptions {
-                image,
-                runs,
-                firmware: firmware(uefi),
-                floor_init,
-            })?;
-            print!("{result}");
-            Ok(())
-        }
-        Cmd::Bench {
-            what: BenchCmd::Join { image, runs },
-        } => {
-            use basalt_bench::join;
-            print!("{}", join::run(&join::JoinBenchOptions { image, runs })?);
-            Ok(())
-        }
-        Cmd::Bench {
-            what: BenchCmd::Upload { image, runs },
-        } => {
-            print!("{}", basalt_bench::upload::run(&image, runs)?);
-            Ok(())
-        }
-        Cmd::Bench {
-            what: BenchCmd::Size { image },
-        } => {
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            print!("{}", basalt_bench::size::measure(&image, threads)?);
-            Ok(())
-        }
-        Cmd::Lock { spec, update } => {
-            use basalt_builder::lock;
-            for name in &update {
-                let version = lock::update_spec(&spec, name)?;
-                eprintln!(
-                    "basalt: {name} re-pinned to {version} in {}",
-                    spec.display()
-                );
-            }
-            let parsed = basalt_builder::spec::ImageSpec::load(&spec)?;
-            let resolved = lock::resolve(&parsed)?;
-            let path = lock::lock_path(&spec);
-            resolved.write(&path)?;
-            for i in &resolved.inputs {
-                println!(
-                    "{:<16} {}  {:>10}  {}",
-                    i.name,
-                    i.sha256,
-                    i.size,
-                    i.version.as_deref().or(i.url.as_deref()).unwrap_or("")
-                );
-            }
-            eprintln!("basalt: wrote {}", path.display());
-            Ok(())
-        }
+        } => build(spec, out, cache, inputs, locked),
+        Cmd::Bench { what } => bench(what),
+        Cmd::Lock { spec, update } => lock(&spec, &update),
         Cmd::Run {
             image,
             uefi,
             memory,
             config,
             api_port,
-        } => {
-            // A user network (DHCP from QEMU, closed to the outside) and entropy, as a
-            // node has them: what `bench boot` boots with too.
-            let forwards: Vec<(u16, u16)> = api_port
-                .map(|p| (p, basalt_api::node::DEFAULT_PORT))
-                .into_iter()
-                .collect();
-            let mut args = basalt_qemu::node_devices(true, &forwards);
-            if let Some(file) = config {
-                let file = std::fs::canonicalize(&file)
-                    .with_context(|| format!("machine config {}", file.display()))?;
-                basalt_api::config::MachineConfig::parse(
-                    &std::fs::read_to_string(&file)
-                        .with_context(|| format!("read {}", file.display()))?,
-                )
-                .with_context(|| format!("machine config {}", file.display()))?;
-                args.push("-fw_cfg".into());
-                args.push(fw_cfg::qemu_arg(fw_cfg::CONFIG, &file));
-            }
-            let status = basalt_qemu::VmBuilder::new(&image)
-                .firmware(firmware(uefi))
-                .memory_mib(memory)
-                .extra_args(args)
-                .run_interactive()
-                .with_context(|| format!("boot {}", image.display()))?;
-            anyhow::ensure!(status.success(), "QEMU exited with {status}");
-            Ok(())
-        }
+        } => run_vm(&image, uefi, memory, config, api_port),
         Cmd::Inspect { image, json } => {
             let info = basalt_builder::inspect::inspect(&image)?;
             if json {
@@ -337,6 +220,129 @@ fn run() -> anyhow::Result<()> {
         Cmd::Node(args) => Ok(basalt_client::node::cli::run(args)?),
         Cmd::Hcloud(args) => Ok(hcloud::run(args)?),
     }
+}
+
+fn build(
+    spec: PathBuf,
+    out: PathBuf,
+    cache: Option<PathBuf>,
+    inputs: Vec<(String, PathBuf)>,
+    locked: bool,
+) -> anyhow::Result<()> {
+    basalt_builder::build::install_interrupt_handler();
+    let opts = basalt_builder::build::BuildOptions {
+        spec,
+        out_dir: out.clone(),
+        cache_dir: cache.unwrap_or_else(basalt_builder::cache::Cache::default_dir),
+        overrides: inputs,
+        locked,
+        init: EMBEDDED_INIT,
+    };
+    let m = basalt_builder::build::build(&opts)?;
+    for o in &m.outputs {
+        println!("{}  {}", o.sha256, out.join(&o.file).display());
+    }
+    println!("root hash {}", m.root_hash);
+    Ok(())
+}
+
+fn bench(what: BenchCmd) -> anyhow::Result<()> {
+    use basalt_bench::{boot, join};
+    match what {
+        BenchCmd::Build { spec, out, inputs } => {
+            basalt_builder::build::install_interrupt_handler();
+            let runs = basalt_bench::build_twice(spec, out, inputs, EMBEDDED_INIT)?;
+            let last = runs.last().context("no build ran")?;
+            let (floor, sizes) = basalt_bench::build_floor(last)?;
+            print!("{}", basalt_bench::report(&runs, &floor));
+            print!("{sizes}");
+        }
+        BenchCmd::Boot {
+            image,
+            runs,
+            uefi,
+            floor_init,
+        } => {
+            let result = boot::run(&boot::BootBenchOptions {
+                image,
+                runs,
+                firmware: firmware(uefi),
+                floor_init,
+            })?;
+            print!("{result}");
+        }
+        BenchCmd::Join { image, runs } => {
+            print!("{}", join::run(&join::JoinBenchOptions { image, runs })?);
+        }
+        BenchCmd::Size { image } => {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            print!("{}", basalt_bench::size::measure(&image, threads)?);
+        }
+        BenchCmd::Upload { image, runs } => {
+            print!("{}", basalt_bench::upload::run(&image, runs)?);
+        }
+    }
+    Ok(())
+}
+
+fn lock(spec: &Path, update: &[String]) -> anyhow::Result<()> {
+    use basalt_builder::lock;
+    for name in update {
+        let version = lock::update_spec(spec, name)?;
+        eprintln!(
+            "basalt: {name} re-pinned to {version} in {}",
+            spec.display()
+        );
+    }
+    let parsed = basalt_builder::spec::ImageSpec::load(spec)?;
+    let resolved = lock::resolve(&parsed)?;
+    let path = lock::lock_path(spec);
+    resolved.write(&path)?;
+    for i in &resolved.inputs {
+        println!(
+            "{:<16} {}  {:>10}  {}",
+            i.name,
+            i.sha256,
+            i.size,
+            i.version.as_deref().or(i.url.as_deref()).unwrap_or("")
+        );
+    }
+    eprintln!("basalt: wrote {}", path.display());
+    Ok(())
+}
+
+/// `basalt run`: a user network (DHCP from QEMU, closed to the outside) and entropy, as a
+/// node has them (what `bench boot` boots with too), the config over fw_cfg.
+fn run_vm(
+    image: &Path,
+    uefi: bool,
+    memory: u32,
+    config: Option<PathBuf>,
+    api_port: Option<u16>,
+) -> anyhow::Result<()> {
+    let forwards: Vec<(u16, u16)> = api_port
+        .map(|p| (p, basalt_api::node::DEFAULT_PORT))
+        .into_iter()
+        .collect();
+    let mut args = basalt_qemu::node_devices(true, &forwards);
+    if let Some(file) = config {
+        let file = std::fs::canonicalize(&file)
+            .with_context(|| format!("machine config {}", file.display()))?;
+        basalt_api::config::MachineConfig::parse(
+            &std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?,
+        )
+        .with_context(|| format!("machine config {}", file.display()))?;
+        args.push("-fw_cfg".into());
+        args.push(fw_cfg::qemu_arg(fw_cfg::CONFIG, &file));
+    }
+    let status = basalt_qemu::VmBuilder::new(image)
+        .firmware(firmware(uefi))
+        .memory_mib(memory)
+        .extra_args(args)
+        .run_interactive()
+        .with_context(|| format!("boot {}", image.display()))?;
+    anyhow::ensure!(status.success(), "QEMU exited with {status}");
+    Ok(())
 }
 
 fn main() -> ExitCode {

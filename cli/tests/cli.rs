@@ -291,3 +291,23 @@ fn a_basalt_copied_out_of_the_tree_builds_the_default_image_with_its_embedded_in
     assert_eq!(embedded.split_whitespace().next(), Some(recorded));
     assert!(d.path().join("out/k3s-node.raw").is_file());
 }
+
+#[test]
+fn the_embedded_basalt_init_is_a_release_build_without_the_test_service() {
+    // grep as the oracle: the test service's fw_cfg entry name is in a basalt-init built
+    // with the `testd` feature and nowhere in one built without it.
+    let grep = |pattern: &str| {
+        Command::new("grep")
+            .args(["-c", "-a", "-F", pattern])
+            .arg(env!("BASALT_EMBEDDED_INIT"))
+            .output()
+            .expect("grep")
+            .status
+            .success()
+    };
+    assert!(grep("[basalt]"), "not basalt-init?");
+    assert!(
+        !grep("opt/basalt/test-service"),
+        "the test service is in the release basalt-init"
+    );
+}

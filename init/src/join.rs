@@ -18,9 +18,9 @@
 //! ([`ApplyError::AlreadyJoined`], HTTP 409). A node's cluster identity is changed by
 //! replacing the node, not by re-joining it under a running agent.
 
-use crate::api::control::{Control, StartError};
-use crate::console;
-use crate::supervise::{RestartPolicy, ServiceSpec};
+use crate::pid1::console;
+use crate::pid1::mailbox::{Control, StartError};
+use crate::pid1::supervise::{RestartPolicy, ServiceSpec};
 use crate::sys::System;
 use basalt_api::config::{MachineConfig, Token};
 use basalt_api::k3s::{CaCheck, K3sError};
@@ -315,7 +315,7 @@ impl Joiner {
             .name("join".into())
             .spawn(move || {
                 if !network_up(NETWORK_WAIT) {
-                    console::info("join: network not up yet; trying anyway");
+                    console::warn("join: network not up yet; trying anyway");
                 }
                 me.boot_loop(&config, generation);
             })
@@ -358,7 +358,7 @@ impl Joiner {
             failures += 1;
             let delay = self.retry.delay(failures);
             let (state, error) = error;
-            console::info(&format!(
+            console::warn(&format!(
                 "join: attempt {failures} failed: {error}; retrying in {} s",
                 delay.as_secs_f32()
             ));
@@ -395,7 +395,7 @@ impl Host for NodeHost {
         // A static address of the config first; else what the network has now.
         let configured = config.network.addresses.iter().map(|c| c.addr);
         configured
-            .chain(crate::api::status::addresses().into_iter().map(|(a, _)| a))
+            .chain(crate::net::addresses().into_iter().map(|(a, _)| a))
             .find(|a| a.is_ipv4() && !a.is_loopback())
     }
 
@@ -485,10 +485,10 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// [`crate::state::write_atomic`] for files with secrets (the token, the API key):
+/// [`crate::atomic_file::write`] for files with secrets (the token, the API key):
 /// mode 0600 from the start.
 pub fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::state::write_atomic_mode(path, bytes, 0o600)
+    crate::atomic_file::write_mode(path, bytes, 0o600)
 }
 
 #[cfg(test)]

@@ -9,26 +9,17 @@
 //! Every syscall that changes the machine goes through [`sys::System`], so the boot plan
 //! is unit-tested with a recording fake and without root.
 
-pub mod api;
+pub mod atomic_file;
+pub mod boot;
 pub mod config_source;
-pub mod console;
-pub mod dm;
-pub mod grow;
 pub mod join;
-pub mod kernel;
-pub mod metadata;
-pub mod modprobe;
-pub mod modules;
-pub mod mounts;
+pub mod kmod;
 pub mod net;
-pub mod network;
-pub mod partition;
-pub mod power;
-pub mod stage1;
-pub mod stage2;
-pub mod state;
-pub mod supervise;
+pub mod node_api;
+pub mod pid1;
+pub mod storage;
 pub mod sys;
+#[cfg(feature = "testd")]
 pub mod testd;
 
 use std::path::Path;
@@ -42,7 +33,7 @@ pub fn main() -> ! {
     // helper, not PID1: no panic hook that would reboot the node.
     let args: Vec<String> = std::env::args().collect();
     if args.first().and_then(|a| a.rsplit('/').next()) == Some("modprobe") {
-        let code = modprobe::main(args[1..].to_vec());
+        let code = kmod::modprobe::main(args[1..].to_vec());
         std::process::exit(if code == std::process::ExitCode::SUCCESS {
             0
         } else {
@@ -50,13 +41,14 @@ pub fn main() -> ! {
         });
     }
     // The test service (see `testd`): never when this process is the node's PID1.
+    #[cfg(feature = "testd")]
     if args.get(1).map(String::as_str) == Some(testd::ARG) && std::process::id() != 1 {
         std::process::exit(testd::main(&args[2..]));
     }
-    console::install_panic_hook();
+    pid1::console::install_panic_hook();
     if Path::new(INITRD_RELEASE).exists() {
-        stage1::run()
+        boot::stage1::run()
     } else {
-        stage2::run()
+        boot::stage2::run()
     }
 }

@@ -7,6 +7,8 @@
 //! second later (PID1 inherits and must reap it), then looks through `/proc` for
 //! zombies, reports them, and exits with status 3 so that the supervisor restarts it.
 
+use crate::pid1::console;
+use crate::pid1::supervise::{RestartPolicy, ServiceSpec, Supervisor};
 use nix::sys::wait::waitpid;
 use nix::unistd::{fork, ForkResult, Pid};
 use std::io::Write;
@@ -14,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// fw_cfg entry that turns the test service on; its content is the mode.
-pub const FW_CFG: &str = "sys/firmware/qemu_fw_cfg/by_name/opt/basalt/test-service/raw";
+pub const FW_CFG: &str = basalt_api::layout::fw_cfg::TEST_SERVICE_SYSFS;
 /// The first argument that selects this service (only honoured when not PID1).
 pub const ARG: &str = "testd";
 /// Exit status of a run, so that the supervisor has a failure to restart.
@@ -25,6 +27,35 @@ pub fn requested(root: &Path) -> Option<String> {
     let text = std::fs::read_to_string(root.join(FW_CFG)).ok()?;
     let mode = text.trim();
     (!mode.is_empty() && mode.len() <= 64).then(|| mode.to_owned())
+}
+
+/// Starts the service under `supervisor` when the host asked for it: proves starting,
+/// output capture, restart with backoff and reaping of orphans before K3s's agent is the
+/// real tenant.
+pub fn start(supervisor: &mut Supervisor, root: &Path) {
+    let Some(mode) = requested(root) else {
+        return;
+    };
+    match supervisor.start(service(&mode)) {
+        Ok(()) => console::info(&format!("service testd ({mode}) started under supervision")),
+        Err(e) => console::error("service testd", &e),
+    }
+}
+
+/// The service as the supervisor runs it: this binary, `testd MODE`.
+fn service(mode: &str) -> ServiceSpec {
+    let exe = std::env::current_exe().unwrap_or_else(|_| "/sbin/init".into());
+    ServiceSpec {
+        name: "testd".into(),
+        argv: vec![exe.to_string_lossy().into_owned(), ARG.into(), mode.into()],
+        env: Vec::new(),
+        restart: RestartPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(8),
+            ..RestartPolicy::default()
+        },
+        stop_timeout: Duration::from_secs(5),
+    }
 }
 
 /// Entry point of `/sbin/init testd MODE`; returns the exit status.

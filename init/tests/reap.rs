@@ -1,8 +1,8 @@
 //! PID1's reaper, in a process of its own: `reap` waits for any child (waitpid(-1)), so
 //! it must not run beside tests whose children it would take.
 
-use basalt_init::stage2::reap;
-use basalt_init::supervise::Exit;
+use basalt_init::pid1::reap::reap;
+use basalt_init::pid1::supervise::Exit;
 use std::path::Path;
 use std::time::{Duration, Instant};
 

@@ -55,6 +55,10 @@ pub const CONFIG_VERSION: i64 = 1;
 /// Default listen address of the node API.
 pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:50000";
 
+/// The largest machine config basalt reads, from any source (fw_cfg, metadata user-data,
+/// the node API's request body).
+pub const MAX_BYTES: u64 = 256 * 1024;
+
 /// Why a machine config was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

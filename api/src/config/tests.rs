@@ -132,7 +132,8 @@ fn other_good_configs() {
     assert_eq!(c.api.listen.port(), 443);
 }
 
-/// (document, key the error must name, fragment of the message)
+/// (document, key the error must name, fragment of the message): a table, long because
+/// every bad value gets its own row.
 fn bad_cases() -> Vec<(String, String, &'static str)> {
     let long_label = "a".repeat(64);
     let long_name = format!(

@@ -110,7 +110,7 @@ pub enum SntpError {
 fn list(errors: &[SntpError]) -> String {
     errors
         .iter()
-        .map(|e| crate::console::chain(e))
+        .map(|e| crate::pid1::console::chain(e))
         .collect::<Vec<_>>()
         .join("; ")
 }

@@ -1,0 +1,221 @@
+//! Steps 6 and 7: GRUB for both firmwares (the EFI binary, the BIOS core image patched
+//! for the BIOS boot partition, the MBR's boot code), then the ESP (GRUB, grub.cfg with both
+//! slots' command lines, slot A's kernel and initramfs) and the empty STATE filesystem.
+
+use super::kernel::{Initramfs, Kernel};
+use super::root::Root;
+use super::{BuildError, Ctx};
+use crate::disk::Layout;
+use crate::{cache, esp, grub, store};
+use basalt_api::bootparams::{BootParams, Slot};
+use basalt_api::layout::{Partition, Sectors};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// GRUB's images for both firmwares.
+pub struct Bootloader {
+    pub dir: PathBuf,
+    /// The 440 bytes of boot code for the protective MBR.
+    pub boot_code: [u8; 440],
+    pub reused: bool,
+}
+
+impl Bootloader {
+    /// GRUB's BIOS core image, for the BIOS boot partition.
+    pub fn core(&self) -> PathBuf {
+        self.dir.join("core.img")
+    }
+}
+
+pub fn bootloader(ctx: &Ctx, kernel: &Kernel, layout: &Layout) -> Result<Bootloader, BuildError> {
+    let bios = layout.get(Partition::Bios);
+    let bios = (bios.first_lba.0, bios.size());
+    let key = store::key(
+        "grub",
+        &[
+            &ctx.inputs["grub-bios"].sha256,
+            &ctx.inputs["grub-efi"].sha256,
+            &format!("{bios:?}"),
+            env!("CARGO_PKG_VERSION"),
+        ],
+    );
+    let (dir, reused) = ctx.store.get_or_make("grub", &key, |dir| {
+        make_grub(
+            dir,
+            &kernel.unpacked["grub-bios"],
+            &kernel.unpacked["grub-efi"],
+            bios,
+        )
+    })?;
+    let code_path = dir.join("bootcode.bin");
+    let boot_code: [u8; 440] = std::fs::read(&code_path)?
+        .try_into()
+        .map_err(|_| BuildError::Write(code_path, std::io::Error::other("not 440 bytes")))?;
+    Ok(Bootloader {
+        dir,
+        boot_code,
+        reused,
+    })
+}
+
+/// The ESP and STATE filesystem images, the ESP's file digests and both slots' command
+/// lines.
+pub struct Esp {
+    pub esp_img: PathBuf,
+    pub state_img: PathBuf,
+    /// sha256 of each file on the ESP, by path.
+    pub sums: BTreeMap<String, String>,
+    /// The kernel command line of slot `a` and `b`.
+    pub cmdline: BTreeMap<String, String>,
+    pub reused: bool,
+}
+
+pub fn esp_and_state(
+    ctx: &Ctx,
+    bootloader: &Bootloader,
+    kernel: &Kernel,
+    initramfs: &Initramfs,
+    root: &Root,
+) -> Result<Esp, BuildError> {
+    let spec = &ctx.spec.spec;
+    let cmdline = |slot| {
+        let mut words = spec.kernel.cmdline.clone();
+        let params = BootParams {
+            slot,
+            verity: root.verity.clone(),
+        };
+        words.push(params.to_string());
+        words.join(" ")
+    };
+    let (cmd_a, cmd_b) = (cmdline(Slot::A), cmdline(Slot::B));
+    let key = store::key("esp", &[&ctx.seed]);
+    let (dir, reused) = ctx.store.get_or_make("esp", &key, |dir| {
+        let files = esp_files(
+            &bootloader.dir,
+            &kernel.vmlinuz,
+            &initramfs.path,
+            &cmd_a,
+            &cmd_b,
+        )?;
+        let volume_id = u32::from_le_bytes(
+            ctx.uuid("esp").as_bytes()[..4]
+                .try_into()
+                .unwrap_or_default(),
+        );
+        let size = Sectors::from_mib(spec.disk.esp_mib).bytes();
+        esp::write(&dir.join("esp.img"), size, volume_id, &files)?;
+        let sums: BTreeMap<String, String> = files
+            .iter()
+            .map(|(p, b)| (p.to_string(), cache::sha256_hex(b)))
+            .collect();
+        std::fs::write(
+            dir.join("esp.json"),
+            serde_json::to_vec_pretty(&sums).map_err(std::io::Error::other)?,
+        )?;
+        make_state(
+            &dir.join("state.img"),
+            spec.disk.state_mib,
+            ctx.uuid("state-fs"),
+        )
+    })?;
+    let sums_path = dir.join("esp.json");
+    let sums = serde_json::from_slice(&std::fs::read(&sums_path)?)
+        .map_err(|e| BuildError::Write(sums_path, e.into()))?;
+    Ok(Esp {
+        esp_img: dir.join("esp.img"),
+        state_img: dir.join("state.img"),
+        sums,
+        cmdline: BTreeMap::from([("a".to_string(), cmd_a), ("b".to_string(), cmd_b)]),
+        reused,
+    })
+}
+
+/// `BOOTX64.EFI`, the patched BIOS `core.img` and the MBR's `bootcode.bin` in `dir`.
+fn make_grub(
+    dir: &Path,
+    grub_bios: &Path,
+    grub_efi: &Path,
+    bios: (u64, u64),
+) -> Result<(), BuildError> {
+    grub::mkimage(
+        &grub::EFI,
+        &grub::module_dir(grub_efi, &grub::EFI),
+        "/EFI/BOOT",
+        &dir.join("BOOTX64.EFI"),
+    )?;
+    let core_path = dir.join("core.img");
+    let mut core = grub::mkimage(
+        &grub::BIOS,
+        &grub::module_dir(grub_bios, &grub::BIOS),
+        "(hd0,gpt2)/EFI/BOOT",
+        &core_path,
+    )?;
+    grub::patch_core(&mut core, bios.0, bios.1)?;
+    std::fs::write(&core_path, &core)?;
+    let boot_img_path = grub::module_dir(grub_bios, &grub::BIOS).join("boot.img");
+    let boot_img = std::fs::read(&boot_img_path)
+        .map_err(|e| grub::GrubError::Read(boot_img_path.clone(), e))?;
+    std::fs::write(
+        dir.join("bootcode.bin"),
+        grub::bios_boot_code(&boot_img, bios.0, &boot_img_path)?,
+    )?;
+    Ok(())
+}
+
+/// The ESP's files: GRUB EFI, grub.cfg with both slots, slot A's kernel and initramfs.
+fn esp_files(
+    grub_dir: &Path,
+    vmlinuz: &Path,
+    initrd: &Path,
+    cmd_a: &str,
+    cmd_b: &str,
+) -> Result<Vec<(&'static str, Vec<u8>)>, BuildError> {
+    let cfg = grub::config(
+        "a",
+        &[
+            grub::Entry {
+                id: "a",
+                title: "basalt (slot A)",
+                kernel: "/boot/a/vmlinuz",
+                initrd: "/boot/a/initrd.img",
+                cmdline: cmd_a,
+            },
+            // Slot B's kernel and initramfs are written by the first A/B upgrade.
+            grub::Entry {
+                id: "b",
+                title: "basalt (slot B)",
+                kernel: "/boot/b/vmlinuz",
+                initrd: "/boot/b/initrd.img",
+                cmdline: cmd_b,
+            },
+        ],
+    );
+    let read = |p: &Path| std::fs::read(p).map_err(|e| BuildError::Write(p.into(), e));
+    Ok(vec![
+        ("EFI/BOOT/BOOTX64.EFI", read(&grub_dir.join("BOOTX64.EFI"))?),
+        ("EFI/BOOT/grub.cfg", cfg.into_bytes()),
+        ("boot/a/vmlinuz", read(vmlinuz)?),
+        ("boot/a/initrd.img", read(initrd)?),
+    ])
+}
+
+/// An empty ext4 for STATE, made rootless by `mkfs.ext4` into a file with fixed UUID,
+/// hash seed and time.
+fn make_state(out: &Path, mib: u64, uuid: uuid::Uuid) -> Result<(), BuildError> {
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args([
+        "-q",
+        "-F",
+        "-L",
+        Partition::State.name(),
+        "-U",
+        &uuid.to_string(),
+        "-E",
+    ])
+    .arg(format!("root_owner=0:0,hash_seed={uuid}"))
+    .arg(out)
+    .arg(format!("{mib}M"))
+    .env("E2FSPROGS_FAKE_TIME", "1");
+    super::outputs::host_tool(cmd, "e2fsprogs").map_err(BuildError::State)
+}

@@ -1,0 +1,175 @@
+//! `basalt build`: the pipeline from a spec to the disk outputs.
+//!
+//! Everything is built in a work folder inside the output folder; the outputs are renamed
+//! into place only when all of them are complete, and the work folder is removed on every
+//! way out (a `TempDir`, and the interrupt handler for Ctrl-C). Nothing under an
+//! output's final name is ever partial. Intermediates live in the cache's content-addressed
+//! store ([`Store`]) and are reused when nothing that feeds them changed.
+
+mod boot;
+mod error;
+mod inputs;
+mod kernel;
+mod outputs;
+mod root;
+
+pub use error::BuildError;
+
+use crate::disk::Layout;
+use crate::manifest::Manifest;
+use crate::progress::Progress;
+use crate::store::Store;
+use crate::{cache, interrupt};
+use inputs::{InitBinary, Spec};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub spec: PathBuf,
+    pub out_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    /// `--input NAME=PATH`
+    pub overrides: Vec<(String, PathBuf)>,
+    /// `--locked`: the lock must exist and agree with the spec.
+    pub locked: bool,
+    /// Where basalt-init comes from unless `--input basalt-init=PATH` names a file.
+    pub init: InitSource,
+}
+
+/// Where the image's basalt-init comes from when no `--input basalt-init=PATH` is given.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum InitSource {
+    /// Built (release, static) from the basalt source tree above the spec, or at
+    /// `BASALT_SOURCE`: for tests and benchmarks that run from a checkout.
+    #[default]
+    SourceTree,
+    /// A static basalt-init that the caller carries, as the `basalt` CLI embeds the one
+    /// built with it, so that an installed `basalt` needs no source tree.
+    Embedded(&'static [u8]),
+}
+
+/// Steps as the progress display counts them.
+const STEPS: usize = 10;
+
+/// What the root filesystem step leaves besides `root.img`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RootInfo {
+    pub squashfs_bytes: u64,
+    pub data_blocks: u64,
+    pub root_hash: String,
+    pub salt: String,
+}
+
+pub fn install_interrupt_handler() {
+    interrupt::install();
+}
+
+/// What every step after the inputs reads: the spec, the resolved inputs, basalt-init,
+/// the seed everything is derived from, and the store of intermediates.
+struct Ctx {
+    spec: Spec,
+    inputs: BTreeMap<String, cache::Resolved>,
+    init: InitBinary,
+    /// sha256 over the spec, every input, basalt-init and basalt's version: same seed,
+    /// same bytes.
+    seed: String,
+    store: Store,
+}
+
+impl Ctx {
+    /// A UUID derived from the seed: a function of the inputs, never random.
+    fn uuid(&self, what: &str) -> uuid::Uuid {
+        uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("basalt:{}:{what}", self.seed).as_bytes(),
+        )
+    }
+}
+
+/// The pipeline, one named step after another; each step is a function with typed inputs
+/// and outputs, reused from the store when nothing that feeds it changed.
+pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
+    let started = Instant::now();
+    let mut progress = Progress::new(STEPS);
+    let spec = Spec::load(opts)?;
+
+    progress.start("inputs");
+    let lock = spec.lock.as_ref().map(|(l, _)| l);
+    let inputs = inputs::resolve_inputs(&spec.spec, lock, opts, &progress)?;
+    // Reused: every input that is not a local override came from the cache.
+    progress.finish(
+        inputs
+            .values()
+            .all(|r| r.cached || matches!(r.origin, cache::Origin::Override { .. })),
+    );
+
+    progress.start("basalt-init");
+    let init = inputs::init_binary(opts)?;
+    let seed = seed(&spec.text, &inputs, &init.sha256);
+    let store = Store::open(&opts.cache_dir)?;
+    let ctx = Ctx {
+        spec,
+        inputs,
+        init,
+        seed,
+        store,
+    };
+    let work = outputs::WorkDir::create(&opts.out_dir, &ctx.spec.spec.name)?;
+
+    progress.start("unpack packages");
+    let kernel = kernel::unpack(&ctx)?;
+    progress.finish(kernel.reused);
+
+    progress.start("initramfs");
+    let initramfs = kernel::initramfs(&ctx, &kernel)?;
+    progress.finish(initramfs.reused);
+
+    progress.start("root filesystem (squashfs + dm-verity)");
+    let root = root::root(&ctx, &kernel, &initramfs.graph)?;
+    progress.finish(root.reused);
+
+    progress.start("bootloader (GRUB for BIOS and UEFI)");
+    let layout = Layout::new(&ctx.spec.spec.disk, |what| ctx.uuid(what));
+    let bootloader = boot::bootloader(&ctx, &kernel, &layout)?;
+    progress.finish(bootloader.reused);
+
+    progress.start("EFI system partition and STATE");
+    let esp = boot::esp_and_state(&ctx, &bootloader, &kernel, &initramfs, &root)?;
+    progress.finish(esp.reused);
+
+    progress.start("disk image");
+    let raw = outputs::disk_image(&work, &layout, &bootloader, &esp, &root)?;
+
+    progress.start("qcow2 and raw.zst");
+    let images = outputs::compressed(&work, raw)?;
+
+    progress.start("manifest, SBOM and outputs");
+    outputs::sbom(&ctx, &work, &kernel)?;
+    let parts = outputs::Parts {
+        kernel: &kernel,
+        initramfs: &initramfs,
+        root: &root,
+        esp,
+        layout,
+    };
+    let manifest = outputs::manifest(&ctx, opts, parts, &images)?;
+    let manifest = manifest.with_timings(progress.timings(), started.elapsed().as_secs_f64());
+    outputs::publish(&ctx, &work, &images, &manifest, &opts.out_dir)?;
+    Ok(manifest)
+}
+
+/// Everything below the inputs is derived from this: same inputs, same bytes.
+fn seed(spec_text: &[u8], inputs: &BTreeMap<String, cache::Resolved>, init_sha: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(spec_text);
+    for r in inputs.values() {
+        h.update(r.sha256.as_bytes());
+    }
+    h.update(init_sha.as_bytes());
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    hex::encode(h.finalize())
+}

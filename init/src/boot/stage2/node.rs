@@ -1,0 +1,406 @@
+//! The real node under stage 2: each step of [`Machine`] and [`Sources`] with syscalls,
+//! files under `root` (`/` on a node) and threads. Failures are reported here, where
+//! they happen, and the boot goes on.
+
+use super::Machine;
+use crate::boot::{kernel, mounts};
+use crate::config_source::{Chosen, SourceError, Sources};
+use crate::join::{self, Joiner, NetworkCheck, NodeHost, Retry};
+use crate::kmod::modprobe::Modules;
+use crate::net::metadata::{self, Metadata};
+use crate::net::{self, sntp, NetworkUp};
+use crate::node_api;
+use crate::pid1::mailbox::{Command, Control, LineCounts};
+use crate::pid1::supervise::Supervisor;
+use crate::pid1::{console, power, serve};
+use crate::storage::state;
+use crate::sys::System;
+use basalt_api::config::MachineConfig;
+use basalt_api::milestone::Milestone;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long to wait for the STATE partition (the root disk is already there).
+pub const STATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the metadata service may take to become reachable (the DHCP lease first).
+const METADATA_WAIT: Duration = Duration::from_secs(20);
+/// How long time sync waits for the network; it is never fatal.
+const TIME_SYNC_WAIT: Duration = Duration::from_secs(60);
+
+/// The machine stage 2 runs on, and what PID1's main loop takes over after the boot.
+/// Syscalls go through `sys` and paths start at `root`, as in stage 1's `Env`.
+pub struct Node<'a> {
+    sys: &'a mut dyn System,
+    root: PathBuf,
+    state_mounted: bool,
+    modules: Option<Modules>,
+    /// Set from the config when the network starts; metadata fills it in otherwise.
+    hostname: Option<String>,
+    up: NetworkUp,
+    supervisor: Supervisor,
+    /// Every captured line is counted, so that a followed log knows what is new.
+    counts: Rc<LineCounts>,
+    control: Control,
+    commands: Receiver<Command>,
+    joiner: Arc<Joiner>,
+}
+
+impl<'a> Node<'a> {
+    pub fn new(sys: &'a mut dyn System, root: PathBuf) -> Node<'a> {
+        let counts = Rc::new(LineCounts::default());
+        let sink_counts = Rc::clone(&counts);
+        let supervisor = Supervisor::new(Box::new(move |name, line| {
+            sink_counts.add(name);
+            console::info(&format!("[{name}] {line}"));
+        }));
+        let (control, commands) = Control::new(Arc::new(serve::wake_main_loop));
+        let joiner = Arc::new(Joiner::new(
+            Box::new(NetworkCheck {
+                timeout: join::CHECK_TIMEOUT,
+            }),
+            Box::new(NodeHost {
+                root: root.clone(),
+                control: control.clone(),
+            }),
+            Retry::default(),
+        ));
+        Node {
+            sys,
+            root,
+            state_mounted: false,
+            modules: None,
+            hostname: None,
+            up: NetworkUp::default(),
+            supervisor,
+            counts,
+            control,
+            commands,
+            joiner,
+        }
+    }
+
+    /// What PID1's main loop owns from here on: the supervisor, the mailbox's receiving
+    /// end and the line counts.
+    pub fn into_main_loop(self) -> (Supervisor, Receiver<Command>, Rc<LineCounts>) {
+        (self.supervisor, self.commands, self.counts)
+    }
+}
+
+impl Machine for Node<'_> {
+    fn mount_kernel_filesystems(&mut self) {
+        for table in [mounts::EARLY, mounts::LATE] {
+            if let Err(e) = mounts::apply(self.sys, &self.root, table) {
+                console::error("stage 2 mounts", &e);
+            }
+        }
+        // Stage 1's milestones, for the node API's boot timeline.
+        console::import_milestones(&self.root.join("dev/kmsg"));
+    }
+
+    fn mount_state(&mut self) -> bool {
+        match state::mount(self.sys, &self.root, STATE_TIMEOUT) {
+            Ok(m) => {
+                console::milestone(Milestone::StateMounted);
+                console::info(&format!(
+                    "STATE {} mounted on {}, boot {}",
+                    m.device.name,
+                    state::MOUNT_POINT,
+                    m.boot
+                ));
+                self.state_mounted = true;
+            }
+            // A node without STATE still serves read-only: say why and go on.
+            Err(e) => console::error("STATE", &e),
+        }
+        self.state_mounted
+    }
+
+    fn read_module_index(&mut self) {
+        match Modules::running(&self.root) {
+            Ok(m) => self.modules = Some(m),
+            Err(e) => console::error("module index", &e),
+        }
+    }
+
+    /// Done before any credentials exist. cgroup v2 with all controllers delegated, then
+    /// the modules, then the sysctls: the bridge sysctls exist once br_netfilter is loaded.
+    fn prepare_kernel_for_k3s(&mut self) {
+        let root = &self.root;
+        if let Err(e) = kernel::mount_cgroup2(self.sys, root) {
+            console::error("cgroup2", &e);
+        }
+        if let Err(e) = kernel::enable_controllers(root) {
+            console::error("cgroup controllers", &e);
+        }
+        if let Some(modules) = &self.modules {
+            for e in kernel::load_modules_from(self.sys, root, modules, kernel::K3S_MODULES) {
+                console::error("module", &e);
+            }
+        }
+        for e in kernel::apply_sysctls(root, kernel::K3S_SYSCTLS) {
+            console::error("sysctl", &e);
+        }
+    }
+
+    fn prepare_standby(&mut self) {
+        join::prepare_standby(self.sys, &self.root);
+    }
+
+    fn watch_power_button(&mut self) {
+        power::watch_power_button(&self.root, self.modules.as_ref());
+    }
+
+    fn disable_ctrl_alt_del(&mut self) {
+        if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+            console::error("disable ctrl-alt-del", &e);
+        }
+    }
+
+    /// virtio-rng, where the hypervisor offers one, feeds the kernel's CRNG, which TLS
+    /// and K3s need.
+    fn coldplug(&mut self) {
+        if let Some(modules) = &self.modules {
+            net::coldplug(self.sys, &self.root, modules);
+        }
+    }
+
+    fn milestone(&mut self, milestone: Milestone) {
+        console::milestone(milestone);
+    }
+
+    fn start_time_sync(&mut self, servers: Vec<String>) {
+        start_time_sync(servers, self.up.clone());
+    }
+
+    /// Only in a basalt-init built with the `testd` feature.
+    fn start_test_service(&mut self) {
+        #[cfg(feature = "testd")]
+        crate::testd::start(&mut self.supervisor, &self.root);
+    }
+
+    fn start_api(&mut self, chosen: &Chosen) {
+        let ctx = node_api::Context::new(
+            self.root.clone(),
+            self.control.clone(),
+            Arc::clone(&self.joiner),
+            self.up.clone(),
+            Some(chosen.source.key().to_owned()),
+            &chosen.config.api,
+        );
+        match ctx {
+            Ok(ctx) => {
+                if let Err(e) = node_api::start(Arc::new(ctx), chosen.config.api.listen) {
+                    console::error("api: start", &e);
+                }
+            }
+            // A warning, not an error: a config may carry placeholder certificates on purpose.
+            Err(e) => console::warn(&format!("api: off: {}", console::chain(&e))),
+        }
+    }
+
+    fn report_resources(&mut self) {
+        report_entropy();
+        report_footprint();
+    }
+
+    fn join(&mut self, config: MachineConfig) {
+        let up = self.up.clone();
+        if let Err(e) = self.joiner.join_at_boot(config, move |t| up.wait(t)) {
+            console::error("join: start the join thread", &e);
+        }
+    }
+}
+
+impl Sources for Node<'_> {
+    fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn state_mounted(&self) -> bool {
+        self.state_mounted
+    }
+
+    fn on_hetzner(&mut self) -> bool {
+        metadata::on_hetzner(&self.root)
+    }
+
+    /// fw_cfg is a QEMU device; elsewhere the module finds nothing and that is fine.
+    fn probe_fw_cfg(&mut self) {
+        if let Some(modules) = &self.modules {
+            let _ = modules.probe(self.sys, &self.root, "qemu_fw_cfg");
+        }
+    }
+
+    fn start_network(&mut self, config: Option<&MachineConfig>) {
+        self.hostname = config
+            .and_then(|c| c.node.hostname.as_ref())
+            .map(|h| h.as_str().to_owned());
+        set_hostname(self.hostname.as_deref());
+        let network = config.map(|c| c.network.clone()).unwrap_or_default();
+        self.up = net::start(&self.root, &network, self.hostname.clone());
+    }
+
+    fn fetch_metadata(&mut self) -> Option<Metadata> {
+        if !self.up.wait(METADATA_WAIT) {
+            console::warn("metadata: network not up; skipped");
+            return None;
+        }
+        match metadata::fetch(metadata::BASE_URL, Duration::from_secs(2)) {
+            Ok(m) => {
+                console::info(&format!(
+                    "metadata: Hetzner instance {}, hostname {:?}",
+                    m.instance_id, m.hostname
+                ));
+                Some(m)
+            }
+            Err(e) => {
+                console::error("metadata", &e);
+                None
+            }
+        }
+    }
+
+    fn apply_static_network(&mut self, config: &MachineConfig) {
+        if let Some(iface) = net::first_ethernet(&self.root) {
+            for e in net::apply_static(&iface, &config.network) {
+                console::error("network", &e);
+            }
+        }
+        if !config.network.dns.is_empty() {
+            net::write_resolv_conf("the machine config", &config.network.dns);
+        }
+    }
+
+    fn apply_metadata(&mut self, meta: &Metadata, config: Option<&MachineConfig>) {
+        if self.hostname.is_none() && !meta.hostname.is_empty() {
+            self.hostname = Some(meta.hostname.clone());
+            set_hostname(self.hostname.as_deref());
+        }
+        let want_v6 = config.is_none_or(|c| c.network.ipv6_from_metadata);
+        if let (true, Some((addr, prefix)), Some(iface)) =
+            (want_v6, meta.ipv6, net::first_ethernet(&self.root))
+        {
+            match net::apply_ipv6(&iface, addr, prefix) {
+                Ok(()) => console::info(&format!(
+                    "network: {iface}: IPv6 {addr}/{prefix} via fe80::1 from metadata"
+                )),
+                Err(e) => console::error("network", &e),
+            }
+        }
+    }
+
+    fn rejected(&mut self, err: &SourceError) {
+        console::error("machine config", err);
+    }
+}
+
+fn set_hostname(name: Option<&str>) {
+    if let Some(name) = name {
+        if let Err(e) = nix::unistd::sethostname(name) {
+            console::error("set hostname", &e);
+        }
+    }
+}
+
+/// SNTP against the configured servers in a thread of its own once the network is up:
+/// bounded, logged, never fatal. Success prints `time-synced`.
+fn start_time_sync(servers: Vec<String>, up: NetworkUp) {
+    if servers.is_empty() {
+        console::info("time: no NTP servers in the config; clock left as the hypervisor set it");
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("sntp".into())
+        .spawn(move || {
+            if !up.wait(TIME_SYNC_WAIT) {
+                console::warn("time: network not up; no sync");
+                return;
+            }
+            match sntp::sync(&servers, Duration::from_secs(3), true) {
+                Ok(s) => {
+                    console::info(&format!(
+                        "time: {} ({}) offset {} delay {:?}, clock {}",
+                        s.server,
+                        s.addr,
+                        s.offset,
+                        s.delay,
+                        if s.clock_set { "stepped" } else { "kept" }
+                    ));
+                    console::milestone(Milestone::TimeSynced);
+                }
+                Err(e) => console::error("time sync", &e),
+            }
+        });
+    if let Err(e) = spawned {
+        console::error("start time sync", &e);
+    }
+}
+
+/// PID1's resident memory, read from its own `/proc/self/status` (the figure that
+/// `basalt bench boot` reports): `footprint: PID1 VmRSS 1234 kB, VmHWM 2345 kB`.
+fn report_footprint() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or_else(|| "?".to_owned(), |v| v.trim().to_owned())
+    };
+    console::info(&format!(
+        "footprint: PID1 VmRSS {}, VmHWM {}",
+        field("VmRSS:"),
+        field("VmHWM:")
+    ));
+}
+
+/// Says whether the kernel's CRNG is ready: until it is, getrandom(2) blocks, and with
+/// it TLS and K3s. A VM without RDRAND or virtio-rng can wait minutes.
+fn report_entropy() {
+    let mut byte = [0u8; 1];
+    // SAFETY: one byte into a valid buffer; GRND_NONBLOCK never blocks.
+    let n = unsafe { libc::getrandom(byte.as_mut_ptr().cast(), 1, libc::GRND_NONBLOCK) };
+    if n == 1 {
+        console::info("entropy: kernel CRNG ready");
+    } else {
+        console::warn("entropy: kernel CRNG not ready yet (no RDRAND or virtio-rng?)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::{Call, Recording};
+
+    #[test]
+    fn the_real_steps_work_under_the_root_they_are_given() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let mut sys = Recording::default();
+        let mut node = Node::new(&mut sys, root.path().into());
+        node.mount_kernel_filesystems();
+        node.prepare_kernel_for_k3s();
+        // Without a module index nothing is loaded, probed or coldplugged.
+        node.probe_fw_cfg();
+        node.coldplug();
+        assert!(!node.state_mounted());
+        drop(node);
+        let targets: Vec<_> = sys
+            .calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Mount { target, .. } => Some(target.clone()),
+                _ => None,
+            })
+            .collect();
+        let expected: Vec<_> = mounts::EARLY
+            .iter()
+            .chain(mounts::LATE)
+            .map(|m| root.path().join(m.target.trim_start_matches('/')))
+            .chain([root.path().join("sys/fs/cgroup")])
+            .collect();
+        assert_eq!(targets, expected);
+        assert!(!sys.calls.iter().any(|c| matches!(c, Call::LoadModule(_))));
+    }
+}

@@ -1,0 +1,169 @@
+//! The node API: HTTPS with mutual TLS on `[api] listen` (port 50000 by default), JSON
+//! bodies in the wire format of [`basalt_api::node`], served by PID1 itself.
+//!
+//! Shape: one acceptor thread, one thread per connection (at most [`MAX_CONNECTIONS`]),
+//! one request per connection. TLS by rustls ([`tls`]), HTTP by httparse ([`http`]),
+//! endpoints in [`routes`], what they report in [`status`]. The supervisor stays in
+//! PID1's main loop; API threads reach it through its mailbox,
+//! [`crate::pid1::mailbox`]. Joining the cluster is
+//! [`crate::join`].
+//!
+//! No `[api]` in a machine config means no machine config at all (the key is required),
+//! and then no server: stage 2 says so on the console.
+
+pub mod http;
+pub mod routes;
+pub mod server;
+pub mod status;
+pub mod tls;
+
+use crate::join::Joiner;
+use crate::net::NetworkUp;
+use crate::pid1::mailbox::Control;
+use basalt_api::config::ApiConfig;
+use rustls::ServerConfig;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+pub use server::start;
+
+/// Connections served at once; more are closed at once (and counted).
+pub const MAX_CONNECTIONS: usize = 16;
+/// Refused requests and handshakes are logged at most once per this period.
+pub const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// What every API thread shares.
+pub struct Context {
+    /// `/` on a node; a folder in tests (for `proc/...`).
+    pub root: PathBuf,
+    pub control: Control,
+    pub joiner: Arc<Joiner>,
+    /// Set when the first DHCP lease (or static address) is in.
+    pub network: NetworkUp,
+    /// `state`, `fw_cfg`, `metadata`, `cmdline`, or `None`.
+    config_source: Mutex<Option<String>>,
+    /// Replaced when an applied config brings other certificates.
+    tls: RwLock<Arc<ServerConfig>>,
+    pub metrics: Metrics,
+    refusals: RefusalLog,
+    /// Connections being served now.
+    active: AtomicUsize,
+}
+
+impl Context {
+    pub fn new(
+        root: PathBuf,
+        control: Control,
+        joiner: Arc<Joiner>,
+        network: NetworkUp,
+        config_source: Option<String>,
+        api: &ApiConfig,
+    ) -> Result<Context, tls::TlsError> {
+        Ok(Context {
+            root,
+            control,
+            joiner,
+            network,
+            config_source: Mutex::new(config_source),
+            tls: RwLock::new(tls::server_config(api)?),
+            metrics: Metrics::default(),
+            refusals: RefusalLog::default(),
+            active: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn config_source(&self) -> Option<String> {
+        self.config_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_config_source(&self, source: &str) {
+        *self.config_source.lock().unwrap_or_else(|e| e.into_inner()) = Some(source.into());
+    }
+
+    fn tls(&self) -> Arc<ServerConfig> {
+        self.tls.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_tls(&self, config: Arc<ServerConfig>) {
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
+    /// Logs a refused request or connection, rate-limited.
+    pub fn refused(&self, what: &str) {
+        if let Some(line) = self.refusals.note(Instant::now(), what) {
+            crate::pid1::console::warn(&line);
+        }
+    }
+}
+
+/// Counters for `/v1/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    /// Answered requests by HTTP status.
+    pub requests: Mutex<BTreeMap<u16, u64>>,
+    /// Connections whose TLS handshake failed (no, wrong or expired certificate, ...).
+    pub handshake_failures: AtomicU64,
+    /// Connections closed because [`MAX_CONNECTIONS`] were open.
+    pub over_capacity: AtomicU64,
+}
+
+impl Metrics {
+    pub fn count(&self, status: u16) {
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(status)
+            .or_default() += 1;
+    }
+}
+
+/// At most one line per [`REFUSAL_LOG_PERIOD`], with the count of those left out: a
+/// client that hammers the API cannot flood the console.
+#[derive(Default)]
+struct RefusalLog(Mutex<(Option<Instant>, u64)>);
+
+impl RefusalLog {
+    /// The line to print for a refusal at `now`, if one is due.
+    fn note(&self, now: Instant, what: &str) -> Option<String> {
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, suppressed) = &mut *guard;
+        if last.is_some_and(|t| now.saturating_duration_since(t) < REFUSAL_LOG_PERIOD) {
+            *suppressed += 1;
+            return None;
+        }
+        let more = match *suppressed {
+            0 => String::new(),
+            n => format!(" ({n} more refused since the last report)"),
+        };
+        *last = Some(now);
+        *suppressed = 0;
+        Some(format!("api: refused {what}{more}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_once_per_period_with_a_count() {
+        let log = RefusalLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.note(t0, "a").as_deref(), Some("api: refused a"),);
+        for i in 1..=5 {
+            assert_eq!(log.note(t0 + Duration::from_secs(i), "b"), None);
+        }
+        assert_eq!(
+            log.note(t0 + REFUSAL_LOG_PERIOD, "c").as_deref(),
+            Some("api: refused c (5 more refused since the last report)")
+        );
+        assert_eq!(log.note(t0 + REFUSAL_LOG_PERIOD, "d"), None);
+    }
+}

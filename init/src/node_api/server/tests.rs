@@ -1,0 +1,531 @@
+//! The node API over loopback TLS, with certificates made by rcgen, a main loop with a
+//! real supervisor on a thread, and a K3s server whose CA never matches.
+
+use super::*;
+use crate::join::{CaChecker, Joiner, NodeHost, Retry};
+use crate::net::NetworkUp;
+use crate::pid1::mailbox::{self, Command, Control, LineCounts};
+use crate::pid1::supervise::{Exit, RestartPolicy, ServiceSpec, Supervisor};
+use basalt_api::config::{MachineConfig, Token};
+use basalt_api::k3s::{CaCheck, K3sError};
+use basalt_api::node::{ApplyResponse, ErrorBody, Health, JoinState, Status};
+use rcgen::{
+    date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::rc::Rc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+
+const SERVER_HASH: &str = "3333333333333333333333333333333333333333333333333333333333333333";
+const TOKEN_HASH: &str = "4444444444444444444444444444444444444444444444444444444444444444";
+
+struct Identity {
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+}
+
+struct Pki {
+    ca_pem: String,
+    ca_der: CertificateDer<'static>,
+    node_cert: String,
+    node_key: String,
+    client: Identity,
+    other_ca_client: Identity,
+    expired_client: Identity,
+}
+
+fn ca(cn: &str) -> (String, CertificateDer<'static>, Issuer<'static, KeyPair>) {
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = KeyPair::generate().expect("key");
+    let cert = p.self_signed(&key).expect("self-sign");
+    (cert.pem(), cert.der().clone(), Issuer::new(p, key))
+}
+
+fn leaf(
+    cn: &str,
+    usage: ExtendedKeyUsagePurpose,
+    by: &Issuer<'static, KeyPair>,
+    expired: bool,
+) -> (rcgen::Certificate, KeyPair) {
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.extended_key_usages = vec![usage];
+    p.subject_alt_names = vec![SanType::DnsName(cn.try_into().expect("dns name"))];
+    if expired {
+        p.not_before = date_time_ymd(2000, 1, 1);
+        p.not_after = date_time_ymd(2001, 1, 1);
+    }
+    let key = KeyPair::generate().expect("key");
+    let cert = p.signed_by(&key, by).expect("sign");
+    (cert, key)
+}
+
+fn identity((cert, key): (rcgen::Certificate, KeyPair)) -> Identity {
+    Identity {
+        cert: cert.der().clone(),
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    }
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let (ca_pem, ca_der, issuer) = ca("basalt pool CA");
+        let (_, _, other) = ca("another pool CA");
+        let (node, node_key) = leaf(
+            "node-1",
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &issuer,
+            false,
+        );
+        let client = ExtendedKeyUsagePurpose::ClientAuth;
+        Pki {
+            ca_pem,
+            ca_der,
+            node_cert: node.pem(),
+            node_key: node_key.serialize_pem(),
+            client: identity(leaf("operator", client.clone(), &issuer, false)),
+            other_ca_client: identity(leaf("operator", client.clone(), &other, false)),
+            expired_client: identity(leaf("operator", client, &issuer, true)),
+        }
+    }
+
+    /// A machine config with this PKI's `[api]`, and `extra` after it.
+    fn config(&self, extra: &str) -> String {
+        format!(
+            "version = 1\n[api]\nca = \"\"\"{}\"\"\"\ncert = \"\"\"{}\"\"\"\nkey = \"\"\"{}\"\"\"\n{extra}",
+            self.ca_pem, self.node_cert, self.node_key
+        )
+    }
+}
+
+/// A K3s server whose CA is never the one the token pins.
+struct Mismatch;
+
+impl CaChecker for Mismatch {
+    fn check(&self, server: &str, token: &Token) -> Result<CaCheck, K3sError> {
+        Err(K3sError::CaMismatch {
+            server: server.into(),
+            expected: token.ca_hash().unwrap_or_default().into(),
+            actual: SERVER_HASH.into(),
+        })
+    }
+}
+
+/// PID1's main loop in miniature: answers commands, polls and reaps its services, and
+/// hands power requests to the test.
+fn main_loop(rx: Receiver<Command>, powers: Sender<mailbox::Power>) {
+    let counts = Rc::new(LineCounts::default());
+    let c = counts.clone();
+    let mut sup = Supervisor::new(Box::new(move |name, _| c.add(name)));
+    loop {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(cmd) => {
+                if let Some(p) = mailbox::handle(cmd, &mut sup, &counts) {
+                    let _ = powers.send(p);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        sup.poll(Instant::now());
+        for pid in sup.pids() {
+            let flags = Some(nix::sys::wait::WaitPidFlag::WNOHANG);
+            if let Ok(ws) = nix::sys::wait::waitpid(pid, flags) {
+                if let Some((pid, exit)) = Exit::from_wait(ws) {
+                    sup.reaped(pid, exit);
+                }
+            }
+        }
+    }
+}
+
+struct Node {
+    addr: SocketAddr,
+    pki: Pki,
+    root: tempfile::TempDir,
+    ctx: Arc<Context>,
+    powers: Receiver<mailbox::Power>,
+}
+
+fn node() -> Node {
+    let pki = Pki::new();
+    let root = tempfile::tempdir().expect("tempdir");
+    let (control, rx) = Control::new(Arc::new(|| {}));
+    let (ptx, powers) = mpsc::channel();
+    std::thread::spawn(move || main_loop(rx, ptx));
+    let host = NodeHost {
+        root: root.path().into(),
+        control: control.clone(),
+    };
+    let joiner = Arc::new(Joiner::new(
+        Box::new(Mismatch),
+        Box::new(host),
+        Retry::default(),
+    ));
+    let config = MachineConfig::parse(&pki.config("")).expect("config");
+    let ctx = Arc::new(
+        Context::new(
+            root.path().into(),
+            control,
+            joiner,
+            NetworkUp::default(),
+            None,
+            &config.api,
+        )
+        .expect("context"),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let c = ctx.clone();
+    std::thread::spawn(move || serve(c, listener));
+    Node {
+        addr,
+        pki,
+        root,
+        ctx,
+        powers,
+    }
+}
+
+/// A raw exchange; the status and body, or the client's error.
+fn exchange(n: &Node, who: Option<&Identity>, request: &[u8]) -> io::Result<(u16, String)> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(n.pki.ca_der.clone()).expect("root");
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots);
+    let config = match who {
+        Some(id) => builder
+            .with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())
+            .expect("client cert"),
+        None => builder.with_no_client_auth(),
+    };
+    let name = ServerName::try_from("node-1").expect("name");
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let tcp = TcpStream::connect(n.addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(request)?;
+    tls.flush()?;
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out)?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
+}
+
+fn get(n: &Node, who: Option<&Identity>, path: &str) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: node-1\r\n\r\n");
+    exchange(n, who, req.as_bytes()).expect("exchange")
+}
+
+fn post(n: &Node, who: Option<&Identity>, path: &str, body: &str) -> (u16, String) {
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: node-1\r\nContent-Type: application/toml\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    exchange(n, who, req.as_bytes()).expect("exchange")
+}
+
+fn error_of(body: &str) -> String {
+    serde_json::from_str::<ErrorBody>(body)
+        .unwrap_or_else(|e| panic!("not an ErrorBody ({e}): {body}"))
+        .error
+}
+
+#[test]
+fn health_answers_without_a_client_certificate_and_says_nothing_secret() {
+    let n = node();
+    let (status, body) = get(&n, None, "/v1/health");
+    assert_eq!(status, 200, "{body}");
+    let h: Health = serde_json::from_str(&body).expect("Health");
+    assert_eq!(h.status, "ok");
+    let fields = serde_json::from_str::<serde_json::Value>(&body).expect("json");
+    assert_eq!(fields.as_object().map(|o| o.len()), Some(2), "{body}");
+}
+
+#[test]
+fn every_other_endpoint_needs_a_client_certificate() {
+    let n = node();
+    for path in [
+        "/v1/status",
+        "/v1/metrics",
+        "/v1/logs/k3s",
+        "/v1/no-such-thing",
+    ] {
+        let (status, body) = get(&n, None, path);
+        assert_eq!(status, 401, "{path}: {body}");
+        assert!(error_of(&body).contains("client certificate"), "{body}");
+    }
+    for path in ["/v1/config", "/v1/reboot", "/v1/shutdown"] {
+        let (status, body) = post(&n, None, path, &n.pki.config(""));
+        assert_eq!(status, 401, "{path}: {body}");
+    }
+    assert!(n.powers.try_recv().is_err());
+    assert!(!n
+        .root
+        .path()
+        .join(crate::config_source::STATE_CONFIG)
+        .exists());
+}
+
+#[test]
+fn status_with_a_pool_certificate_reports_the_node() {
+    let n = node();
+    let (status, body) = get(&n, Some(&n.pki.client), "/v1/status");
+    assert_eq!(status, 200, "{body}");
+    let s: Status = serde_json::from_str(&body).expect("Status");
+    assert_eq!(s.versions.basalt, env!("CARGO_PKG_VERSION"));
+    assert_eq!(s.join.state, JoinState::Standby);
+    assert_eq!(s.config_source, None);
+    assert_eq!(s.slot, "unknown");
+    assert!(s.services.is_empty());
+}
+
+/// The rustls error inside what the client saw, if any.
+fn alert(result: io::Result<(u16, String)>) -> Option<rustls::Error> {
+    let err = result.err()?;
+    err.get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .cloned()
+}
+
+#[test]
+fn certificates_from_another_ca_or_expired_fail_the_handshake_with_a_reason() {
+    let n = node();
+    let req = b"GET /v1/health HTTP/1.1\r\n\r\n";
+    let got = alert(exchange(&n, Some(&n.pki.other_ca_client), req));
+    assert_eq!(
+        got,
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::UnknownCA
+        ))
+    );
+    let got = alert(exchange(&n, Some(&n.pki.expired_client), req));
+    assert_eq!(
+        got,
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::CertificateExpired
+        ))
+    );
+    // Counted by the server thread right after it sent the alert the client read.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while n.ctx.metrics.handshake_failures.load(Ordering::Relaxed) < 2 {
+        assert!(Instant::now() < deadline, "handshake failures not counted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(n.ctx.metrics.handshake_failures.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn oversized_malformed_and_misrouted_requests_get_json_errors() {
+    let n = node();
+    let me = Some(&n.pki.client);
+    let big = "x".repeat(http::BODY_LIMIT + 1);
+    let (status, body) = post(&n, me, "/v1/config", &big);
+    assert_eq!(status, 413, "{body}");
+    assert!(error_of(&body).contains("larger than"), "{body}");
+    let (status, body) = exchange(&n, me, b"GET /v1/status HTTP/1.0\r\n\r\n").expect("exchange");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = get(&n, me, "/v1/nope");
+    assert_eq!((status, error_of(&body).contains("/v1/nope")), (404, true));
+    let (status, _) = get(&n, me, "/v1/config");
+    assert_eq!(status, 405);
+    let (status, _) = get(&n, me, "/v1/logs/bad%20name");
+    assert_eq!(status, 400);
+    let (status, _) = get(&n, me, "/v1/logs/k3s");
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn an_invalid_config_is_refused_with_the_key_it_trips_on() {
+    let n = node();
+    let me = Some(&n.pki.client);
+    let cases = [
+        (n.pki.config("[node]\nsurprise = 1\n"), "node.surprise"),
+        ("{\"version\": 1}".to_owned(), "TOML"),
+        (
+            n.pki
+                .config("[cluster]\nserver = \"https://s:6443\"\ntoken = \"K10abc::x:y\"\n"),
+            "cluster.token",
+        ),
+        (
+            n.pki.config("").replace(
+                &n.pki.node_key,
+                "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n",
+            ),
+            "api.key",
+        ),
+    ];
+    for (config, key) in cases {
+        let (status, body) = post(&n, me, "/v1/config", &config);
+        assert_eq!(status, 400, "{body}");
+        assert!(error_of(&body).contains(key), "{key}: {body}");
+    }
+    assert!(!n
+        .root
+        .path()
+        .join(crate::config_source::STATE_CONFIG)
+        .exists());
+}
+
+#[test]
+fn a_join_whose_ca_does_not_match_is_not_applied_and_status_says_why() {
+    let n = node();
+    let me = Some(&n.pki.client);
+    let cluster = format!(
+        "[cluster]\nserver = \"https://10.0.2.2:6443\"\ntoken = \"K10{TOKEN_HASH}::server:pw\"\n"
+    );
+    let (status, body) = post(&n, me, "/v1/config", &n.pki.config(&cluster));
+    assert_eq!(status, 200, "{body}");
+    let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
+    assert!(!a.applied, "{body}");
+    assert_eq!(a.join.state, JoinState::Failed);
+    assert!(
+        a.message.contains(SERVER_HASH) && a.message.contains(TOKEN_HASH),
+        "{body}"
+    );
+    assert!(!n
+        .root
+        .path()
+        .join(crate::config_source::STATE_CONFIG)
+        .exists());
+    let (_, body) = get(&n, me, "/v1/status");
+    let s: Status = serde_json::from_str(&body).expect("Status");
+    assert_eq!(s.join.state, JoinState::Failed);
+    assert!(s.join.last_error.is_some_and(|e| e.contains(SERVER_HASH)));
+    assert!(s.services.is_empty(), "nothing may run: {:?}", s.services);
+}
+
+#[test]
+fn a_standby_config_is_saved_privately_and_becomes_the_source() {
+    let n = node();
+    let me = Some(&n.pki.client);
+    let config = n.pki.config("[node]\nhostname = \"w1\"\n");
+    let (status, body) = post(&n, me, "/v1/config", &config);
+    assert_eq!(status, 200, "{body}");
+    let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
+    assert!(a.applied, "{body}");
+    assert_eq!(
+        (a.source.as_str(), a.join.state),
+        ("state", JoinState::Standby)
+    );
+    let saved = n.root.path().join(crate::config_source::STATE_CONFIG);
+    assert_eq!(std::fs::read_to_string(&saved).expect("saved"), config);
+    assert_eq!(
+        std::fs::metadata(&saved).expect("meta").mode() & 0o777,
+        0o600
+    );
+    let (_, body) = get(&n, me, "/v1/status");
+    let s: Status = serde_json::from_str(&body).expect("Status");
+    assert_eq!(s.config_source.as_deref(), Some("state"));
+}
+
+#[test]
+fn logs_of_a_service_and_following_them() {
+    let n = node();
+    let me = Some(&n.pki.client);
+    let spec = ServiceSpec {
+        name: "chatty".into(),
+        argv: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo one; sleep 0.5; echo two; sleep 30".into(),
+        ],
+        env: vec![],
+        restart: RestartPolicy::default(),
+        stop_timeout: Duration::from_millis(100),
+    };
+    n.ctx.control.start(spec).expect("started");
+    // Followed: the chunked stream brings the second line as it comes.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(n.pki.ca_der.clone()).expect("root");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![n.pki.client.cert.clone()],
+        n.pki.client.key.clone_key(),
+    )
+    .expect("client");
+    let conn = rustls::ClientConnection::new(
+        Arc::new(config),
+        ServerName::try_from("node-1").expect("name"),
+    )
+    .expect("conn");
+    let tcp = TcpStream::connect(n.addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"GET /v1/logs/chatty?follow=1 HTTP/1.1\r\n\r\n")
+        .expect("send");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("two\n") {
+        let k = tls.read(&mut buf).expect("read");
+        assert!(k > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..k]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.contains("Transfer-Encoding: chunked"), "{text}");
+    assert!(text.find("one\n") < text.find("two\n"), "{text}");
+    drop(tls);
+    // Not followed: what is kept, at once.
+    let (status, body) = get(&n, me, "/v1/logs/chatty");
+    assert_eq!((status, body.as_str()), (200, "one\ntwo\n"));
+    let (_, body) = get(&n, me, "/v1/metrics");
+    assert!(
+        body.contains("basalt_service_up{service=\"chatty\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("basalt_api_requests_total{code=\"200\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE basalt_milestone_seconds gauge"),
+        "{body}"
+    );
+    assert!(
+        body.contains("basalt_join_state{state=\"standby\"} 1"),
+        "{body}"
+    );
+}
+
+#[test]
+fn reboot_and_shutdown_answer_first_then_reach_the_main_loop() {
+    let n = node();
+    let me = Some(&n.pki.client);
+    let (status, body) = post(&n, me, "/v1/reboot", "");
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("rebooting"), "{body}");
+    let got = n.powers.recv_timeout(Duration::from_secs(10));
+    assert_eq!(got, Ok(mailbox::Power::Reboot));
+    let (status, _) = post(&n, me, "/v1/shutdown", "");
+    assert_eq!(status, 202);
+    let got = n.powers.recv_timeout(Duration::from_secs(10));
+    assert_eq!(got, Ok(mailbox::Power::PowerOff));
+}

@@ -1,0 +1,196 @@
+//! What the node reports: status (JSON), health, and metrics (Prometheus text).
+
+use super::Context;
+use crate::pid1::console;
+use basalt_api::bootparams::BootParams;
+use basalt_api::node::{Health, JoinState, MilestoneTime, ServiceInfo, Status, Versions};
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+/// `GET /v1/health`: that the node answers, and how far it got. Nothing secret.
+pub fn health() -> Health {
+    Health {
+        status: "ok".into(),
+        milestone: console::milestones()
+            .last()
+            .map_or_else(|| "none".into(), |(n, _)| n.clone()),
+    }
+}
+
+/// `GET /v1/status`; `services` from the main loop (empty if it did not answer).
+pub fn status(ctx: &Context, services: Vec<ServiceInfo>) -> Status {
+    Status {
+        milestones: console::milestones()
+            .into_iter()
+            .map(|(name, t)| MilestoneTime { name, t })
+            .collect(),
+        slot: slot(&ctx.root),
+        versions: Versions {
+            basalt: env!("CARGO_PKG_VERSION").into(),
+            kernel: crate::kmod::modprobe::kernel_release(&ctx.root)
+                .unwrap_or_else(|_| "unknown".into()),
+        },
+        addresses: crate::net::addresses()
+            .into_iter()
+            .map(|(a, p)| format!("{a}/{p}"))
+            .collect(),
+        hostname: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        config_source: ctx.config_source(),
+        services,
+        join: ctx.joiner.status(),
+        rss_kib: rss_kib(&ctx.root),
+    }
+}
+
+/// The active slot from the kernel command line; `unknown` off a basalt boot.
+fn slot(root: &Path) -> String {
+    std::fs::read_to_string(root.join("proc/cmdline"))
+        .ok()
+        .and_then(|c| BootParams::parse(&c).ok())
+        .map_or_else(|| "unknown".into(), |p| p.slot.as_str().into())
+}
+
+/// PID1's VmRSS.
+fn rss_kib(root: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(root.join("proc/self/status")).ok()?;
+    let value = text.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    value.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// `GET /v1/metrics`: Prometheus text exposition.
+pub fn metrics(ctx: &Context, services: &[ServiceInfo]) -> String {
+    let mut out = String::new();
+    help(
+        &mut out,
+        "basalt_milestone_seconds",
+        "gauge",
+        "Seconds since kernel start when a boot milestone was reached.",
+    );
+    for (name, t) in console::milestones() {
+        let _ = writeln!(
+            out,
+            "basalt_milestone_seconds{{milestone=\"{}\"}} {t:.3}",
+            escape(&name)
+        );
+    }
+    write_services(&mut out, services);
+    write_node(&mut out, ctx);
+    out
+}
+
+fn help(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn write_services(out: &mut String, services: &[ServiceInfo]) {
+    help(
+        out,
+        "basalt_service_restarts_total",
+        "counter",
+        "Restarts of a supervised service since boot.",
+    );
+    for s in services {
+        let _ = writeln!(
+            out,
+            "basalt_service_restarts_total{{service=\"{}\"}} {}",
+            escape(&s.name),
+            s.restarts
+        );
+    }
+    help(
+        out,
+        "basalt_service_up",
+        "gauge",
+        "1 while a supervised service runs.",
+    );
+    for s in services {
+        let up = u8::from(s.state == "running");
+        let _ = writeln!(
+            out,
+            "basalt_service_up{{service=\"{}\"}} {up}",
+            escape(&s.name)
+        );
+    }
+}
+
+fn write_node(out: &mut String, ctx: &Context) {
+    help(
+        out,
+        "basalt_network_up",
+        "gauge",
+        "1 once the node has its addresses (the first DHCP lease, or static ones).",
+    );
+    let _ = writeln!(out, "basalt_network_up {}", u8::from(ctx.network.is_up()));
+    help(
+        out,
+        "basalt_join_state",
+        "gauge",
+        "1 for the node's join state.",
+    );
+    let now = ctx.joiner.status().state;
+    for state in [
+        JoinState::Standby,
+        JoinState::Joining,
+        JoinState::Joined,
+        JoinState::Failed,
+    ] {
+        let v = u8::from(state == now);
+        let _ = writeln!(out, "basalt_join_state{{state=\"{state}\"}} {v}");
+    }
+    help(
+        out,
+        "basalt_api_requests_total",
+        "counter",
+        "Node API requests answered, by HTTP status.",
+    );
+    let requests = ctx
+        .metrics
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for (code, n) in requests {
+        let _ = writeln!(out, "basalt_api_requests_total{{code=\"{code}\"}} {n}");
+    }
+    help(
+        out,
+        "basalt_api_handshake_failures_total",
+        "counter",
+        "Node API connections refused in the TLS handshake.",
+    );
+    let _ = writeln!(
+        out,
+        "basalt_api_handshake_failures_total {}",
+        ctx.metrics.handshake_failures.load(Ordering::Relaxed)
+    );
+    help(
+        out,
+        "basalt_api_over_capacity_total",
+        "counter",
+        "Node API connections closed because too many were open.",
+    );
+    let _ = writeln!(
+        out,
+        "basalt_api_over_capacity_total {}",
+        ctx.metrics.over_capacity.load(Ordering::Relaxed)
+    );
+    if let Some(kib) = rss_kib(&ctx.root) {
+        help(
+            out,
+            "basalt_pid1_rss_bytes",
+            "gauge",
+            "PID1's resident memory.",
+        );
+        let _ = writeln!(out, "basalt_pid1_rss_bytes {}", kib * 1024);
+    }
+}
+
+/// A label value as the exposition format quotes it.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

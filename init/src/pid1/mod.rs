@@ -1,0 +1,10 @@
+//! Being PID1: the console and kernel log, the service supervisor and its mailbox (how
+//! other threads reach it), the main loop, reaping, shutdown, and the power button.
+
+pub mod console;
+pub mod mailbox;
+pub mod power;
+pub mod reap;
+pub mod serve;
+pub mod shutdown;
+pub mod supervise;

@@ -1,0 +1,860 @@
+//! The GPT rewrite that moves the last partition's end, and the backup table, to the end
+//! of a disk larger than the image.
+//!
+//! Written by hand rather than with the `gpt` crate (which the builder writes the image
+//! with, and which the tests below read the result back with), for three reasons that
+//! matter in PID1 on a disk in use:
+//! - the crate writes the primary entry array first and flushes once at the end, so a
+//!   power cut in between leaves neither copy valid; here the new backup is written and
+//!   flushed before the primary is touched, so one copy is valid at every instant (the
+//!   kernel falls back to the backup in the disk's last sector);
+//! - it `assert!`s on tables it does not expect (entry size other than 128), and a panic
+//!   in PID1 is a reboot loop;
+//! - it packs the used entries at the start of the array when it writes, which would
+//!   renumber partitions (`vda5`) after a gap.
+
+use super::Sectors;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+/// Less than this to gain and the table is left as it is: a disk a few sectors larger
+/// than the image is not worth a rewrite.
+pub const MIN_GAIN: Sectors = Sectors::from_mib(16);
+
+const SECTOR: usize = Sectors::SIZE as usize;
+const SIGNATURE: &[u8; 8] = b"EFI PART";
+const HEADER_SIZE: usize = 92;
+const ENTRY_SIZE: usize = 128;
+/// Bounds the entry array read from disk (512 KiB); real tables have 128 entries.
+const MAX_ENTRIES: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GptError {
+    #[error("read {len} bytes at byte {offset}")]
+    Read {
+        offset: u64,
+        len: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("write {len} bytes at byte {offset}")]
+    Write {
+        offset: u64,
+        len: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("flush the disk")]
+    Flush(#[source] io::Error),
+    #[error("GPT at LBA {lba}")]
+    Header {
+        lba: u64,
+        #[source]
+        fault: HeaderFault,
+    },
+    #[error("a disk of {0} sectors holds no GPT")]
+    TooSmall(u64),
+    #[error("no partition {number} named {name} in the table")]
+    NotThere { number: u32, name: String },
+    #[error("partition {number} is not the last on the disk")]
+    NotLast { number: u32 },
+    #[error(
+        "partition {number} ends at LBA {end}, beyond the disk's last usable LBA {last_usable}"
+    )]
+    DiskTooSmall {
+        number: u32,
+        end: u64,
+        last_usable: u64,
+    },
+}
+
+/// What is wrong with one copy of the table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderFault {
+    #[error("no \"EFI PART\" signature")]
+    Signature,
+    #[error("header CRC32 {stored:#010x}, computed {computed:#010x}")]
+    HeaderCrc { stored: u32, computed: u32 },
+    #[error("entry array CRC32 {stored:#010x}, computed {computed:#010x}")]
+    EntriesCrc { stored: u32, computed: u32 },
+    #[error("header says it is at LBA {0}")]
+    Misplaced(u64),
+    #[error("unsupported {field} {value}")]
+    Unsupported { field: &'static str, value: u64 },
+}
+
+/// A GPT header (UEFI 2.10 §5.3.2), the 92 bytes every tool writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub revision: u32,
+    pub my_lba: u64,
+    pub alternate_lba: u64,
+    pub first_usable: u64,
+    pub last_usable: u64,
+    pub disk_guid: [u8; 16],
+    pub entries_lba: u64,
+    pub num_entries: u32,
+    pub entries_crc: u32,
+}
+
+impl Header {
+    /// Parses and checks the header in `sector`, read from `lba`.
+    pub fn parse(sector: &[u8; SECTOR], lba: u64) -> Result<Header, HeaderFault> {
+        if &sector[..8] != SIGNATURE {
+            return Err(HeaderFault::Signature);
+        }
+        let size = u32_at(sector, 12);
+        if size as usize != HEADER_SIZE {
+            return Err(unsupported("header size", size.into()));
+        }
+        let stored = u32_at(sector, 16);
+        let mut zeroed = [0u8; HEADER_SIZE];
+        zeroed.copy_from_slice(&sector[..HEADER_SIZE]);
+        zeroed[16..20].fill(0);
+        let computed = crc32fast::hash(&zeroed);
+        if stored != computed {
+            return Err(HeaderFault::HeaderCrc { stored, computed });
+        }
+        let entry_size = u32_at(sector, 84);
+        if entry_size as usize != ENTRY_SIZE {
+            return Err(unsupported("entry size", entry_size.into()));
+        }
+        let mut disk_guid = [0u8; 16];
+        disk_guid.copy_from_slice(&sector[56..72]);
+        let h = Header {
+            revision: u32_at(sector, 8),
+            my_lba: u64_at(sector, 24),
+            alternate_lba: u64_at(sector, 32),
+            first_usable: u64_at(sector, 40),
+            last_usable: u64_at(sector, 48),
+            disk_guid,
+            entries_lba: u64_at(sector, 72),
+            num_entries: u32_at(sector, 80),
+            entries_crc: u32_at(sector, 88),
+        };
+        if h.my_lba != lba {
+            return Err(HeaderFault::Misplaced(h.my_lba));
+        }
+        if h.num_entries == 0 || h.num_entries > MAX_ENTRIES {
+            return Err(unsupported("entry count", h.num_entries.into()));
+        }
+        if h.first_usable > h.last_usable {
+            return Err(unsupported("first usable LBA", h.first_usable));
+        }
+        Ok(h)
+    }
+
+    /// The header's sector, CRC32 filled in.
+    pub fn encode(&self) -> [u8; SECTOR] {
+        let mut s = [0u8; SECTOR];
+        s[..8].copy_from_slice(SIGNATURE);
+        s[8..12].copy_from_slice(&self.revision.to_le_bytes());
+        s[12..16].copy_from_slice(&(HEADER_SIZE as u32).to_le_bytes());
+        s[24..32].copy_from_slice(&self.my_lba.to_le_bytes());
+        s[32..40].copy_from_slice(&self.alternate_lba.to_le_bytes());
+        s[40..48].copy_from_slice(&self.first_usable.to_le_bytes());
+        s[48..56].copy_from_slice(&self.last_usable.to_le_bytes());
+        s[56..72].copy_from_slice(&self.disk_guid);
+        s[72..80].copy_from_slice(&self.entries_lba.to_le_bytes());
+        s[80..84].copy_from_slice(&self.num_entries.to_le_bytes());
+        s[84..88].copy_from_slice(&(ENTRY_SIZE as u32).to_le_bytes());
+        s[88..92].copy_from_slice(&self.entries_crc.to_le_bytes());
+        let crc = crc32fast::hash(&s[..HEADER_SIZE]);
+        s[16..20].copy_from_slice(&crc.to_le_bytes());
+        s
+    }
+
+    fn entries_len(&self) -> usize {
+        self.num_entries as usize * ENTRY_SIZE
+    }
+
+    /// Sectors the entry array takes.
+    fn entries_sectors(&self) -> u64 {
+        self.entries_len().div_ceil(SECTOR) as u64
+    }
+}
+
+fn unsupported(field: &'static str, value: u64) -> HeaderFault {
+    HeaderFault::Unsupported { field, value }
+}
+
+/// One valid copy of the table: header and entry array.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub header: Header,
+    pub entries: Vec<u8>,
+    /// The primary was damaged and this is the backup from the disk's last sector.
+    pub from_backup: bool,
+}
+
+impl Table {
+    /// The primary copy, else the backup in the disk's last sector (where the kernel looks
+    /// too). When neither is valid, the primary's fault.
+    pub fn read(disk: &File, size: Sectors) -> Result<Table, GptError> {
+        let last = size.0.checked_sub(1).filter(|&l| l >= 2);
+        let Some(last) = last else {
+            return Err(GptError::TooSmall(size.0));
+        };
+        match read_copy(disk, 1) {
+            Ok((header, entries)) => Ok(Table {
+                header,
+                entries,
+                from_backup: false,
+            }),
+            Err(primary @ GptError::Header { .. }) => match read_copy(disk, last) {
+                Ok((header, entries)) => Ok(Table {
+                    header,
+                    entries,
+                    from_backup: true,
+                }),
+                Err(_) => Err(primary),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The 128 bytes of entry `index` (0-based; partition number - 1).
+    fn entry(&self, index: usize) -> Option<&[u8]> {
+        self.entries
+            .get(index * ENTRY_SIZE..(index + 1) * ENTRY_SIZE)
+    }
+
+    fn used(&self) -> impl Iterator<Item = (usize, &[u8])> {
+        self.entries
+            .chunks_exact(ENTRY_SIZE)
+            .enumerate()
+            .filter(|(_, e)| e[..16].iter().any(|&b| b != 0))
+    }
+}
+
+fn read_copy(disk: &File, lba: u64) -> Result<(Header, Vec<u8>), GptError> {
+    let fault = |fault| GptError::Header { lba, fault };
+    let mut sector = [0u8; SECTOR];
+    read_at(disk, lba, &mut sector)?;
+    let header = Header::parse(&sector, lba).map_err(fault)?;
+    let mut entries = vec![0u8; header.entries_len()];
+    read_at(disk, header.entries_lba, &mut entries)?;
+    let computed = crc32fast::hash(&entries);
+    if computed != header.entries_crc {
+        return Err(fault(HeaderFault::EntriesCrc {
+            stored: header.entries_crc,
+            computed,
+        }));
+    }
+    Ok((header, entries))
+}
+
+fn read_at(disk: &File, lba: u64, buf: &mut [u8]) -> Result<(), GptError> {
+    let offset = lba.saturating_mul(Sectors::SIZE);
+    disk.read_exact_at(buf, offset)
+        .map_err(|source| GptError::Read {
+            offset,
+            len: buf.len(),
+            source,
+        })
+}
+
+/// The partition's name, UTF-16LE up to the first NUL.
+fn entry_name(entry: &[u8]) -> String {
+    let units: Vec<u16> = entry[56..128]
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .take_while(|&u| u != 0)
+        .collect();
+    String::from_utf16_lossy(&units)
+}
+
+/// Sectors to write at an LBA.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Write {
+    pub lba: u64,
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for Write {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes at LBA {}", self.bytes.len(), self.lba)
+    }
+}
+
+/// The rewrite that grows one partition, in the order it must reach the disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub number: u32,
+    pub start: Sectors,
+    pub old_len: Sectors,
+    pub new_len: Sectors,
+    /// The primary copy was damaged and is rebuilt from the backup.
+    pub repaired: bool,
+    /// Each phase is flushed before the next begins.
+    pub phases: Vec<Vec<Write>>,
+}
+
+/// What it takes to grow partition `number` (which must be called `name`, and be the last
+/// on the disk) to the end of a disk of `size` sectors; `None` when there is less than
+/// [`MIN_GAIN`] to gain and the table is sound.
+pub fn plan(disk: &File, size: Sectors, number: u32, name: &str) -> Result<Option<Plan>, GptError> {
+    let table = Table::read(disk, size)?;
+    let mut mbr = [0u8; SECTOR];
+    read_at(disk, 0, &mut mbr)?;
+    plan_table(&table, &mbr, size, number, name)
+}
+
+/// [`plan`] on a table already read; `mbr` is the disk's sector 0.
+pub fn plan_table(
+    table: &Table,
+    mbr: &[u8; SECTOR],
+    size: Sectors,
+    number: u32,
+    name: &str,
+) -> Result<Option<Plan>, GptError> {
+    let (index, first, last) = last_partition(table, number, name)?;
+    let h = &table.header;
+    let array = h.entries_sectors();
+    let backup_lba = size.0.checked_sub(1).ok_or(GptError::TooSmall(size.0))?;
+    let backup_entries_lba = backup_lba
+        .checked_sub(array)
+        .filter(|&l| l > h.first_usable)
+        .ok_or(GptError::TooSmall(size.0))?;
+    let last_usable = backup_entries_lba - 1;
+    if last_usable < last {
+        return Err(GptError::DiskTooSmall {
+            number,
+            end: last,
+            last_usable,
+        });
+    }
+    let grow = last_usable - last >= MIN_GAIN.0;
+    if !grow && !table.from_backup {
+        return Ok(None);
+    }
+    let new_last = if grow { last_usable } else { last };
+
+    let mut entries = table.entries.clone();
+    entries[index * ENTRY_SIZE + 40..index * ENTRY_SIZE + 48]
+        .copy_from_slice(&new_last.to_le_bytes());
+    let entries_crc = crc32fast::hash(&entries);
+    // Rebuilt from the backup, the primary array goes where every tool puts it.
+    let primary_entries_lba = if table.from_backup { 2 } else { h.entries_lba };
+    if primary_entries_lba < 2 || primary_entries_lba.saturating_add(array) > h.first_usable {
+        return Err(GptError::Header {
+            lba: 1,
+            fault: unsupported("entry array LBA", primary_entries_lba),
+        });
+    }
+    let primary = Header {
+        my_lba: 1,
+        alternate_lba: backup_lba,
+        last_usable,
+        entries_lba: primary_entries_lba,
+        entries_crc,
+        ..h.clone()
+    };
+    let backup = Header {
+        my_lba: backup_lba,
+        alternate_lba: 1,
+        entries_lba: backup_entries_lba,
+        ..primary.clone()
+    };
+
+    let phases = phases(table, mbr, size, entries, &primary, &backup, last);
+    Ok(Some(Plan {
+        number,
+        start: Sectors(first),
+        old_len: Sectors(last + 1 - first),
+        new_len: Sectors(new_last + 1 - first),
+        repaired: table.from_backup,
+        phases,
+    }))
+}
+
+/// Where partition `number` lies, as `(index, first LBA, last LBA)`, once it is sure to be
+/// the one called `name` and the last on the disk.
+fn last_partition(table: &Table, number: u32, name: &str) -> Result<(usize, u64, u64), GptError> {
+    let not_there = || GptError::NotThere {
+        number,
+        name: name.into(),
+    };
+    let index = (number as usize).checked_sub(1).ok_or_else(not_there)?;
+    let entry = table.entry(index).ok_or_else(not_there)?;
+    if entry[..16].iter().all(|&b| b == 0) || entry_name(entry) != name {
+        return Err(not_there());
+    }
+    let (first, last) = (u64_at(entry, 32), u64_at(entry, 40));
+    if last < first {
+        return Err(GptError::Header {
+            lba: table.header.my_lba,
+            fault: unsupported("partition end LBA", last),
+        });
+    }
+    if table
+        .used()
+        .any(|(i, e)| i != index && u64_at(e, 40) >= first)
+    {
+        return Err(GptError::NotLast { number });
+    }
+    Ok((index, first, last))
+}
+
+/// The writes, phase by phase: the new backup first, then the primary (and the
+/// protective MBR), then the old backup header wiped; `last` is the partition's old end.
+fn phases(
+    table: &Table,
+    mbr: &[u8; SECTOR],
+    size: Sectors,
+    entries: Vec<u8>,
+    primary: &Header,
+    backup: &Header,
+    last: u64,
+) -> Vec<Vec<Write>> {
+    let h = &table.header;
+    let mut second = vec![
+        Write {
+            lba: primary.entries_lba,
+            bytes: entries.clone(),
+        },
+        Write {
+            lba: 1,
+            bytes: primary.encode().to_vec(),
+        },
+    ];
+    if let Some(mbr) = protective_mbr(mbr, size) {
+        second.push(Write {
+            lba: 0,
+            bytes: mbr.to_vec(),
+        });
+    }
+    let mut phases = vec![
+        vec![
+            Write {
+                lba: backup.entries_lba,
+                bytes: entries,
+            },
+            Write {
+                lba: backup.my_lba,
+                bytes: backup.encode().to_vec(),
+            },
+        ],
+        second,
+    ];
+    // The old backup header now lies inside the grown partition: wiped once the new
+    // primary (which no longer points at it) is on disk, so no tool mistakes it for a table.
+    let old = h.alternate_lba;
+    if !table.from_backup && old > last && old < backup.entries_lba {
+        phases.push(vec![Write {
+            lba: old,
+            bytes: vec![0; SECTOR],
+        }]);
+    }
+    phases
+}
+
+/// Sector 0 with the protective partition (type 0xEE) covering the whole disk again; `None`
+/// when it already does or when sector 0 is not a plain protective MBR (a hybrid MBR is
+/// left alone).
+fn protective_mbr(mbr: &[u8; SECTOR], size: Sectors) -> Option<[u8; SECTOR]> {
+    let record = 446;
+    if mbr[510..] != [0x55, 0xaa] || mbr[record + 4] != 0xee {
+        return None;
+    }
+    if mbr[record + 16..510].iter().any(|&b| b != 0) {
+        return None;
+    }
+    let want = u32::try_from(size.0 - 1).unwrap_or(u32::MAX);
+    if u32_at(mbr, record + 12) == want {
+        return None;
+    }
+    let mut out = *mbr;
+    out[record + 12..record + 16].copy_from_slice(&want.to_le_bytes());
+    Some(out)
+}
+
+impl Plan {
+    /// Writes the phases in order, flushing the disk after each.
+    pub fn apply(&self, disk: &File) -> Result<(), GptError> {
+        for phase in &self.phases {
+            for w in phase {
+                let offset = w.lba.saturating_mul(Sectors::SIZE);
+                disk.write_all_at(&w.bytes, offset)
+                    .map_err(|source| GptError::Write {
+                        offset,
+                        len: w.bytes.len(),
+                        source,
+                    })?;
+            }
+            disk.sync_all().map_err(GptError::Flush)?;
+        }
+        Ok(())
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+#[cfg(test)]
+pub(crate) mod fixture {
+    //! Disk images laid out like the builder's, written with the `gpt` crate.
+    use super::super::Sectors;
+    use gpt::disk::LogicalBlockSize;
+    use gpt::partition::Partition;
+    use gpt::partition_types;
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    /// BIOS, EFI, ROOT-A, ROOT-B, STATE (MiB), starting at 1 MiB.
+    pub const PARTS: [(&str, u64); 5] = [
+        ("BIOS", 1),
+        ("EFI", 2),
+        ("ROOT-A", 4),
+        ("ROOT-B", 4),
+        ("STATE", 8),
+    ];
+    pub const STATE_START: Sectors = Sectors::from_mib(1 + 1 + 2 + 4 + 4);
+    pub const STATE_LEN: Sectors = Sectors::from_mib(8);
+    /// The image: partitions plus 1 MiB for the backup table.
+    pub const IMAGE: Sectors = Sectors::from_mib(1 + 1 + 2 + 4 + 4 + 8 + 1);
+
+    /// Writes the image to `path` with `parts` (name, MiB) from 1 MiB on, then makes the
+    /// file `size` sectors long (a larger disk).
+    pub fn disk_with(path: &Path, parts: &[(&str, u64)], size: Sectors) {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .expect("create disk");
+        let total: u64 = 1 + 1 + parts.iter().map(|(_, m)| m).sum::<u64>();
+        file.set_len(Sectors::from_mib(total).bytes())
+            .expect("size");
+        let mut disk = gpt::GptConfig::new()
+            .writable(true)
+            .logical_block_size(LogicalBlockSize::Lb512)
+            .create_from_device(&mut file, Some(uuid::Uuid::from_u128(7)))
+            .expect("gpt");
+        let mut entries: BTreeMap<u32, Partition> =
+            (1..=128).map(|i| (i, Partition::zero())).collect();
+        let mut next = Sectors::from_mib(1);
+        for (i, (name, mib)) in parts.iter().enumerate() {
+            let len = Sectors::from_mib(*mib);
+            entries.insert(
+                i as u32 + 1,
+                Partition {
+                    part_type_guid: partition_types::LINUX_FS,
+                    part_guid: uuid::Uuid::from_u128(100 + i as u128),
+                    first_lba: next.0,
+                    last_lba: next.0 + len.0 - 1,
+                    flags: 0,
+                    name: (*name).into(),
+                },
+            );
+            next = Sectors(next.0 + len.0);
+        }
+        disk.update_partitions(entries).expect("partitions");
+        disk.write().expect("write gpt");
+        gpt::mbr::ProtectiveMBR::with_lb_size(
+            u32::try_from(Sectors::from_mib(total).0 - 1).expect("small"),
+        )
+        .overwrite_lba0(&mut file)
+        .expect("mbr");
+        file.set_len(size.bytes()).expect("grow");
+    }
+
+    /// The default layout on a disk of `size` sectors.
+    pub fn disk(path: &Path, size: Sectors) {
+        disk_with(path, &PARTS, size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::{disk, disk_with, IMAGE, PARTS, STATE_LEN, STATE_START};
+    use super::*;
+    use std::path::Path;
+
+    const GROWN: Sectors = Sectors(IMAGE.0 + Sectors::from_mib(64).0);
+
+    fn open(path: &Path) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("open")
+    }
+
+    fn grow(path: &Path, size: Sectors) -> Option<Plan> {
+        let f = open(path);
+        let plan = plan(&f, size, 5, "STATE").expect("plan");
+        if let Some(p) = &plan {
+            p.apply(&f).expect("apply");
+        }
+        plan
+    }
+
+    fn tool(program: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program} (installed?): {e}"));
+        assert!(out.status.success(), "{program} {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Both copies as the `gpt` crate, `sgdisk -v` and `sfdisk` see them.
+    fn assert_valid_and_state_ends_at(path: &Path, size: Sectors, state_last: u64) {
+        let g = gpt::GptConfig::new()
+            .only_valid_headers(true)
+            .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
+            .open(path)
+            .expect("both headers valid for the gpt crate");
+        let (p, b) = (
+            g.primary_header().expect("primary"),
+            g.backup_header().expect("backup"),
+        );
+        assert_eq!((p.current_lba, p.backup_lba), (1, size.0 - 1));
+        assert_eq!((b.current_lba, b.backup_lba), (size.0 - 1, 1));
+        assert_eq!(b.part_start, size.0 - 33);
+        assert_eq!(p.last_usable, size.0 - 34);
+        assert_eq!(b.last_usable, p.last_usable);
+        assert_eq!(p.crc32_parts, b.crc32_parts);
+        let parts = g.partitions();
+        let names: Vec<_> = parts.values().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, PARTS.map(|(n, _)| n));
+        assert_eq!(parts[&5].first_lba, STATE_START.0);
+        assert_eq!(parts[&5].last_lba, state_last);
+        assert_eq!(parts[&4].last_lba, STATE_START.0 - 1, "others untouched");
+
+        let path = path.to_str().expect("utf-8");
+        let v = tool("sgdisk", &["-v", path]);
+        assert!(v.contains("No problems found"), "{v}");
+        let json: String = tool("sfdisk", &["--json", path])
+            .split_whitespace()
+            .collect();
+        assert!(
+            json.contains(&format!("\"lastlba\":{},", size.0 - 34)),
+            "{json}"
+        );
+        let state_size = state_last + 1 - STATE_START.0;
+        assert!(
+            json.contains(&format!(
+                "\"start\":{},\"size\":{state_size},",
+                STATE_START.0
+            )),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn state_grows_to_the_last_usable_lba_and_both_copies_are_valid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.raw");
+        disk(&path, GROWN);
+        let p = grow(&path, GROWN).expect("something to do");
+        assert_eq!(p.start, STATE_START);
+        assert_eq!(p.old_len, STATE_LEN);
+        assert_eq!(p.new_len, Sectors(GROWN.0 - 34 + 1 - STATE_START.0));
+        assert!(!p.repaired);
+        assert_valid_and_state_ends_at(&path, GROWN, GROWN.0 - 34);
+
+        // The protective MBR covers the grown disk; the old backup header is gone.
+        let f = open(&path);
+        let mut s = [0u8; SECTOR];
+        f.read_exact_at(&mut s, 0).expect("read");
+        assert_eq!(u32_at(&s, 446 + 12), (GROWN.0 - 1) as u32);
+        f.read_exact_at(&mut s, (IMAGE.0 - 1) * 512).expect("read");
+        assert_eq!(s, [0u8; SECTOR]);
+    }
+
+    #[test]
+    fn a_second_run_has_nothing_to_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.raw");
+        disk(&path, GROWN);
+        assert!(grow(&path, GROWN).is_some());
+        let before = std::fs::read(&path).expect("read");
+        assert_eq!(grow(&path, GROWN), None);
+        assert!(
+            std::fs::read(&path).expect("read") == before,
+            "disk changed"
+        );
+    }
+
+    #[test]
+    fn less_than_the_minimum_gain_is_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.raw");
+        // The disk whose last usable LBA is `gain` sectors past STATE's end.
+        let state_last = STATE_START.0 + STATE_LEN.0 - 1;
+        let size = |gain: u64| Sectors(state_last + gain + 34);
+        for gain in [0, 1, MIN_GAIN.0 - 1] {
+            disk(&path, size(gain).max(IMAGE));
+            assert_eq!(grow(&path, size(gain).max(IMAGE)), None, "{gain}");
+        }
+        // One sector more and it grows: the threshold is exactly MIN_GAIN.
+        disk(&path, size(MIN_GAIN.0));
+        let p = grow(&path, size(MIN_GAIN.0)).expect("grows");
+        assert_eq!(p.new_len.0 - p.old_len.0, MIN_GAIN.0);
+        assert_valid_and_state_ends_at(&path, size(MIN_GAIN.0), state_last + MIN_GAIN.0);
+    }
+
+    #[test]
+    fn refusals_name_their_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.raw");
+        let mut after = PARTS.to_vec();
+        after.push(("EXTRA", 1));
+        disk_with(&path, &after, Sectors(IMAGE.0 + Sectors::from_mib(64).0));
+        let f = open(&path);
+        let size = Sectors(IMAGE.0 + Sectors::from_mib(64).0);
+        assert!(matches!(
+            plan(&f, size, 5, "STATE"),
+            Err(GptError::NotLast { number: 5 })
+        ));
+        assert!(matches!(
+            plan(&f, size, 4, "STATE"),
+            Err(GptError::NotThere { number: 4, .. })
+        ));
+        assert!(matches!(
+            plan(&f, size, 9, "STATE"),
+            Err(GptError::NotThere { number: 9, .. })
+        ));
+        assert!(matches!(
+            plan(&f, size, 0, "STATE"),
+            Err(GptError::NotThere { number: 0, .. })
+        ));
+        // A disk smaller than the table says: STATE would not fit.
+        disk(&path, GROWN);
+        let f = open(&path);
+        // An entry that ends before it starts.
+        let mut t = Table::read(&f, GROWN).expect("table");
+        t.entries[4 * ENTRY_SIZE + 40..4 * ENTRY_SIZE + 48].copy_from_slice(&1u64.to_le_bytes());
+        assert!(matches!(
+            plan_table(&t, &[0; SECTOR], GROWN, 5, "STATE"),
+            Err(GptError::Header {
+                fault: HeaderFault::Unsupported {
+                    field: "partition end LBA",
+                    value: 1
+                },
+                ..
+            })
+        ));
+        assert!(matches!(
+            plan(&f, Sectors(STATE_START.0 + 100), 5, "STATE"),
+            Err(GptError::DiskTooSmall { number: 5, .. })
+        ));
+    }
+
+    /// A power cut after any single write leaves a table the kernel accepts: the primary,
+    /// or else the backup in the disk's last sector.
+    #[test]
+    fn every_prefix_of_the_writes_leaves_a_valid_copy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.raw");
+        disk(&path, GROWN);
+        let f = open(&path);
+        let p = plan(&f, GROWN, 5, "STATE").expect("plan").expect("grows");
+        let writes: Vec<&Write> = p.phases.iter().flatten().collect();
+        assert!(writes.len() >= 4, "{writes:?}");
+        for w in writes {
+            f.write_all_at(&w.bytes, w.lba * 512).expect("write");
+            let primary = read_copy(&f, 1);
+            let backup = read_copy(&f, GROWN.0 - 1);
+            assert!(
+                primary.is_ok() || backup.is_ok(),
+                "after the write at LBA {}: {primary:?} / {backup:?}",
+                w.lba
+            );
+        }
+        // Primary entries written, primary header not: the kernel's fallback is the new
+        // backup, and the next boot restores the primary from it.
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        let path2 = dir2.path().join("disk.raw");
+        disk(&path2, GROWN);
+        let f2 = open(&path2);
+        let p2 = plan(&f2, GROWN, 5, "STATE").expect("plan").expect("grows");
+        for w in &p2.phases[0] {
+            f2.write_all_at(&w.bytes, w.lba * 512).expect("write");
+        }
+        let entries = &p2.phases[1][0];
+        f2.write_all_at(&entries.bytes, entries.lba * 512)
+            .expect("write");
+        assert!(matches!(
+            read_copy(&f2, 1),
+            Err(GptError::Header {
+                lba: 1,
+                fault: HeaderFault::EntriesCrc { .. }
+            })
+        ));
+        let repair = grow(&path2, GROWN).expect("repair");
+        assert!(repair.repaired);
+        assert_eq!(
+            repair.old_len, repair.new_len,
+            "already grown in the backup"
+        );
+        assert_valid_and_state_ends_at(&path2, GROWN, GROWN.0 - 34);
+        assert_eq!(grow(&path2, GROWN), None);
+    }
+
+    #[test]
+    fn header_faults_are_told_apart() {
+        let h = Header {
+            revision: 0x0001_0000,
+            my_lba: 1,
+            alternate_lba: 999,
+            first_usable: 34,
+            last_usable: 965,
+            disk_guid: [7; 16],
+            entries_lba: 2,
+            num_entries: 128,
+            entries_crc: 0x1234_5678,
+        };
+        let good = h.encode();
+        assert_eq!(Header::parse(&good, 1), Ok(h));
+        type Case = (usize, u8, u64, fn(&HeaderFault) -> bool);
+        let cases: [Case; 5] = [
+            (0, b'X', 1, |f| *f == HeaderFault::Signature),
+            (40, 1, 1, |f| matches!(f, HeaderFault::HeaderCrc { .. })),
+            (12, 93, 1, |f| {
+                matches!(
+                    f,
+                    HeaderFault::Unsupported {
+                        field: "header size",
+                        value: 93
+                    }
+                )
+            }),
+            (200, 0, 2, |f| *f == HeaderFault::Misplaced(1)),
+            (84, 0, 1, |f| {
+                matches!(
+                    f,
+                    HeaderFault::Unsupported {
+                        field: "entry size",
+                        ..
+                    }
+                )
+            }),
+        ];
+        for (at, byte, lba, want) in cases {
+            let mut s = good;
+            s[at] = byte;
+            if at != 40 {
+                // Keep the CRC right so that the later checks are reached.
+                s[16..20].fill(0);
+                let crc = crc32fast::hash(&s[..HEADER_SIZE]);
+                s[16..20].copy_from_slice(&crc.to_le_bytes());
+            }
+            let fault = Header::parse(&s, lba).unwrap_err();
+            assert!(want(&fault), "byte {at} = {byte}: {fault:?}");
+        }
+    }
+}
