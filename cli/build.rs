@@ -16,7 +16,11 @@ use std::process::Command;
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 fn main() {
-    basalt_build_support::probe(&[basalt_build_support::QEMU, basalt_build_support::ROOT]);
+    basalt_build_support::probe(&[
+        basalt_build_support::QEMU,
+        basalt_build_support::ROOT,
+        basalt_build_support::HCLOUD_FAKE,
+    ]);
     let init = match std::env::var_os("BASALT_EMBED_INIT") {
         Some(path) => PathBuf::from(path),
         None => build_init(),

@@ -8,6 +8,8 @@
 //! - `basalt bench boot` ([`boot`]): the boot timeline, against the image's kernel booted
 //!   into a trivial init ([`floor`]); and PID1's footprint.
 //! - `basalt bench size` ([`size`]): the image's size by component.
+//! - `basalt bench upload` ([`upload`]): upload throughput to the fake Hetzner API,
+//!   against one plain SSH stream of the same file to the same sshd.
 
 pub mod boot;
 mod boot_report;
@@ -16,6 +18,7 @@ pub mod floor;
 pub mod join;
 pub mod size;
 pub mod stats;
+pub mod upload;
 
 use basalt_builder::build::{build, BuildError, BuildOptions, InitSource};
 use basalt_builder::image::DiskImage;

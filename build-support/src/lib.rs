@@ -71,6 +71,24 @@ pub const NETNS_DNSMASQ: Prereq = Prereq {
     needs: &[Need::Root, Need::Tool("ip"), Need::Tool("dnsmasq")],
 };
 
+/// Root, OpenSSH's sshd and the tools of its rescue shell: the fake Hetzner API, whose
+/// rescue system is a real sshd with a loop device as its `/dev/sda`.
+pub const HCLOUD_FAKE: Prereq = Prereq {
+    skip_cfg: "basalt_skip_hcloud_fake",
+    what: "the fake Hetzner API (a real sshd as its rescue system, loop devices)",
+    needs: &[
+        Need::Root,
+        Need::Tool("sshd"),
+        Need::Tool("ssh-keygen"),
+        Need::Tool("unshare"),
+        Need::Tool("losetup"),
+        Need::Tool("blkdiscard"),
+        Need::Tool("blockdev"),
+        Need::Tool("zstd"),
+        Need::Tool("sha256sum"),
+    ],
+};
+
 /// Probes each prerequisite and tells cargo. Call it from `build.rs`.
 pub fn probe(prereqs: &[Prereq]) {
     let ci = in_ci();

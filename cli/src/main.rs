@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod hcloud;
+
 /// The static basalt-init built with this `basalt` (see build.rs): an installed `basalt`
 /// builds images without the source tree. `--input basalt-init=PATH` still overrides it.
 const EMBEDDED_INIT: basalt_builder::build::InitSource =
@@ -99,6 +101,8 @@ enum Cmd {
     },
     /// Talk to a node's API over mutual TLS: status, apply a config, logs, reboot, shutdown.
     Node(basalt_client::node::cli::NodeArgs),
+    /// Hetzner Cloud: upload an image as a snapshot, list, prune, clean up.
+    Hcloud(hcloud::HcloudArgs),
 }
 
 #[derive(Subcommand)]
@@ -136,6 +140,16 @@ enum BenchCmd {
         image: PathBuf,
         /// Boots, each promoted once.
         #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Upload throughput to the fake Hetzner API on loopback (its rescue a real sshd),
+    /// against the floor: the same file sent over one plain SSH session to the same sshd
+    /// and decompressed there. Needs root, openssh-server and zstd.
+    Upload {
+        /// A .raw.zst with manifest.json beside it.
+        image: PathBuf,
+        /// Uploads, and as many floor runs, alternating.
+        #[arg(long, default_value_t = 3)]
         runs: usize,
     },
     /// Logical and compressed size of an image by component: kernel, modules, K3s,
@@ -204,6 +218,7 @@ fn run() -> anyhow::Result<()> {
         }
         Cmd::Pki { what } => Ok(basalt_client::pki::cli::run(what)?),
         Cmd::Node(args) => Ok(basalt_client::node::cli::run(args)?),
+        Cmd::Hcloud(args) => Ok(hcloud::run(args)?),
     }
 }
 
@@ -262,6 +277,9 @@ fn bench(what: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Size { image } => {
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             print!("{}", basalt_bench::size::measure(&image, threads)?);
+        }
+        BenchCmd::Upload { image, runs } => {
+            print!("{}", basalt_bench::upload::run(&image, runs)?);
         }
     }
     Ok(())
