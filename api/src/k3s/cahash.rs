@@ -443,6 +443,35 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_reads_as_go_sees_it_and_nothing_may_follow_it() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(2));
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let cert = Cert::parse(&der).unwrap();
+        assert_eq!(cert.der(), der.as_slice());
+        assert!(cert.is_v3());
+        assert_eq!(cert.basic_constraints, Some((true, Some(2))));
+        assert_eq!(cert.key_usage, KEY_USAGE_CERT_SIGN);
+        assert!(cert.server_auth);
+        // rcgen signs with ECDSA P-256/SHA-256: the identifiers rustls matches on.
+        assert_eq!(
+            cert.sig_alg,
+            rustls::pki_types::alg_id::ECDSA_SHA256.as_ref()
+        );
+        assert_eq!(
+            cert.spki_alg,
+            rustls::pki_types::alg_id::ECDSA_P256.as_ref()
+        );
+        let trailing = [der.as_slice(), &[0]].concat();
+        assert!(matches!(
+            Cert::parse(&trailing),
+            Err(CertError::TrailingData)
+        ));
+    }
+
+    #[test]
     fn garbage_is_refused_not_misread() {
         for bad in [
             &[][..],
