@@ -25,6 +25,8 @@ use crate::config::Token;
 mod cahash;
 mod https;
 
+pub use cahash::CertError;
+
 /// The largest `/cacerts` body accepted; a CA bundle is a few KiB.
 pub const CACERTS_LIMIT: usize = 1024 * 1024;
 
