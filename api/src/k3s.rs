@@ -24,7 +24,8 @@ use crate::config::Token;
 
 mod cahash;
 mod https;
-mod x509;
+
+pub use cahash::CertError;
 
 /// The largest `/cacerts` body accepted; a CA bundle is a few KiB.
 pub const CACERTS_LIMIT: usize = 1024 * 1024;
@@ -79,8 +80,12 @@ pub enum K3sError {
     Pem(#[source] rustls::pki_types::pem::Error),
     #[error("the CA bundle holds no certificate")]
     NoCertificates,
-    #[error("certificate {index} of the CA bundle is not valid X.509: {reason}")]
-    BadCertificate { index: usize, reason: &'static str },
+    #[error("certificate {index} of the CA bundle is not valid X.509")]
+    BadCertificate {
+        index: usize,
+        #[source]
+        source: cahash::CertError,
+    },
     #[error("the CA bundle from {url} cannot verify servers")]
     UnusableBundle {
         url: String,
