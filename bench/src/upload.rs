@@ -109,6 +109,8 @@ async fn run_async(image: &Path, runs: usize) -> Result<UploadBench, UploadBench
 }
 
 /// One floor and one plain dd run on a fresh rescue system; their seconds.
+// Over 80 lines: the floor provisions its own rescue system through the API, times two
+// streams on it and always deletes it; one place keeps the cleanup next to the setup.
 async fn floor(
     client: &Client,
     fake: &Fake,

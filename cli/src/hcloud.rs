@@ -24,31 +24,7 @@ pub enum HcloudCmd {
     /// Upload OUT/<name>.raw.zst (or .raw) as a snapshot through the rescue system: the
     /// disk is checked against the manifest's sha256 before the snapshot is taken; the
     /// temporary server and key are always deleted.
-    Upload {
-        image: PathBuf,
-        /// The build's manifest [default: manifest.json beside the image].
-        #[arg(long, value_name = "FILE")]
-        manifest: Option<PathBuf>,
-        #[arg(long, default_value = "fsn1")]
-        location: String,
-        /// The temporary server's type; its disk must hold the raw image.
-        #[arg(long, default_value = "cx22")]
-        server_type: String,
-        /// A label for the snapshot, KEY=VALUE (repeatable); basalt.io/* are basalt's.
-        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
-        #[arg(long)]
-        description: Option<String>,
-        /// The rescue system's SSH port [default: BASALT_HCLOUD_SSH_PORT, else 22].
-        #[arg(long, value_name = "PORT")]
-        ssh_port: Option<u16>,
-        /// Longest wait for the rescue system's SSH, in seconds.
-        #[arg(long, value_name = "SECS", default_value_t = 180)]
-        ssh_timeout: u64,
-        /// Print the snapshot as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Upload(UploadArgs),
     /// basalt's snapshots, newest first, with size, version and sha256.
     Images {
         /// A label selector [default: basalt.io/image, every basalt snapshot].
@@ -77,6 +53,34 @@ pub enum HcloudCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UploadArgs {
+    /// OUT/<name>.raw.zst or .raw.
+    image: PathBuf,
+    /// The build's manifest [default: manifest.json beside the image].
+    #[arg(long, value_name = "FILE")]
+    manifest: Option<PathBuf>,
+    #[arg(long, default_value = "fsn1")]
+    location: String,
+    /// The temporary server's type; its disk must hold the raw image.
+    #[arg(long, default_value = "cx22")]
+    server_type: String,
+    /// A label for the snapshot, KEY=VALUE (repeatable); basalt.io/* are basalt's.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    #[arg(long)]
+    description: Option<String>,
+    /// The rescue system's SSH port [default: BASALT_HCLOUD_SSH_PORT, else 22].
+    #[arg(long, value_name = "PORT")]
+    ssh_port: Option<u16>,
+    /// Longest wait for the rescue system's SSH, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 180)]
+    ssh_timeout: u64,
+    /// Print the snapshot as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,55 +133,7 @@ pub fn run(args: HcloudArgs) -> Result<(), HcloudCliError> {
 
 async fn dispatch(client: Client, cmd: HcloudCmd) -> Result<(), HcloudCliError> {
     match cmd {
-        HcloudCmd::Upload {
-            image,
-            manifest,
-            location,
-            server_type,
-            labels,
-            description,
-            ssh_port,
-            ssh_timeout,
-            json,
-        } => {
-            let mut opts = UploadOptions::new(image);
-            opts.manifest = manifest;
-            opts.location = location;
-            opts.server_type = server_type;
-            opts.labels = labels.into_iter().collect();
-            opts.description = description;
-            opts.ssh_port = match (ssh_port, std::env::var("BASALT_HCLOUD_SSH_PORT")) {
-                (Some(p), _) => p,
-                (None, Ok(v)) => v.trim().parse().map_err(|_| HcloudCliError::SshPort(v))?,
-                (None, Err(_)) => 22,
-            };
-            opts.ssh.bound = Duration::from_secs(ssh_timeout);
-            let cancel = CancellationToken::new();
-            let on_signal = cancel.clone();
-            tokio::spawn(async move {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    eprintln!("basalt: interrupted; deleting the temporary server and key");
-                    on_signal.cancel();
-                }
-            });
-            let done = upload::upload(&client, &opts, cancel).await?;
-            let snap = Snapshot::from(done.snapshot.clone());
-            if json {
-                println!("{}", to_json(&snap)?);
-            } else {
-                let mib = done.bytes as f64 / (1024.0 * 1024.0);
-                eprintln!(
-                    "basalt: streamed {mib:.1} MiB in {:.1} s ({:.1} MiB/s)",
-                    done.stream.as_secs_f64(),
-                    mib / done.stream.as_secs_f64().max(0.001)
-                );
-                println!("snapshot {}", snap.id);
-                for (k, v) in &snap.labels {
-                    println!("  {k}={v}");
-                }
-            }
-            Ok(())
-        }
+        HcloudCmd::Upload(args) => upload_cmd(&client, args).await,
         HcloudCmd::Images { selector, json } => {
             let list = ops::images(&client, selector.as_deref()).await?;
             if json {
@@ -224,6 +180,57 @@ async fn dispatch(client: Client, cmd: HcloudCmd) -> Result<(), HcloudCliError> 
             Ok(())
         }
     }
+}
+
+async fn upload_cmd(client: &Client, args: UploadArgs) -> Result<(), HcloudCliError> {
+    let UploadArgs {
+        image,
+        manifest,
+        location,
+        server_type,
+        labels,
+        description,
+        ssh_port,
+        ssh_timeout,
+        json,
+    } = args;
+    let mut opts = UploadOptions::new(image);
+    opts.manifest = manifest;
+    opts.location = location;
+    opts.server_type = server_type;
+    opts.labels = labels.into_iter().collect();
+    opts.description = description;
+    opts.ssh_port = match (ssh_port, std::env::var("BASALT_HCLOUD_SSH_PORT")) {
+        (Some(p), _) => p,
+        (None, Ok(v)) => v.trim().parse().map_err(|_| HcloudCliError::SshPort(v))?,
+        (None, Err(_)) => 22,
+    };
+    opts.ssh.bound = Duration::from_secs(ssh_timeout);
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("basalt: interrupted; deleting the temporary server and key");
+            on_signal.cancel();
+        }
+    });
+    let done = upload::upload(client, &opts, cancel).await?;
+    let snap = Snapshot::from(done.snapshot.clone());
+    if json {
+        println!("{}", to_json(&snap)?);
+    } else {
+        let mib = done.bytes as f64 / (1024.0 * 1024.0);
+        eprintln!(
+            "basalt: streamed {mib:.1} MiB in {:.1} s ({:.1} MiB/s)",
+            done.stream.as_secs_f64(),
+            mib / done.stream.as_secs_f64().max(0.001)
+        );
+        println!("snapshot {}", snap.id);
+        for (k, v) in &snap.labels {
+            println!("  {k}={v}");
+        }
+    }
+    Ok(())
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String, HcloudCliError> {

@@ -479,6 +479,8 @@ async fn create_server(inner: &Arc<Inner>, body: &Value, fail: Option<&str>) -> 
 
 /// Makes a server and its disk: a copy of a snapshot, or for a system image a sparse
 /// file with a marker where an OS would be.
+// Over 80 lines: the checks under the lock, the disk file and the metadata service
+// outside it, then the insert, in that order so the lock is never held across an await.
 pub(crate) async fn create_server_direct(
     inner: &Arc<Inner>,
     name: &str,
