@@ -49,6 +49,17 @@ pub fn node_devices(restrict: bool, forwards: &[(u16, u16)]) -> Vec<String> {
     .to_vec()
 }
 
+/// The first whole line of `serial` that contains `what`, without its line ending. A last
+/// line still being written (no newline yet) is not returned: under TCG the console is
+/// slow enough that a waiter would otherwise see half a line.
+fn complete_line(serial: &str, what: &str) -> Option<String> {
+    serial
+        .split_inclusive('\n')
+        .filter(|line| line.ends_with('\n'))
+        .find(|line| line.contains(what))
+        .map(|line| line.trim_end_matches(['\n', '\r']).to_string())
+}
+
 /// Configures and starts a [`Vm`].
 #[derive(Clone, Debug)]
 pub struct VmBuilder {
@@ -290,12 +301,7 @@ impl Vm {
         self.poll(
             &format!("{what:?} on the serial console"),
             timeout,
-            |serial| {
-                serial
-                    .lines()
-                    .find(|line| line.contains(what))
-                    .map(|line| line.trim_end_matches('\r').to_string())
-            },
+            |serial| complete_line(serial, what),
         )
     }
 
@@ -423,6 +429,21 @@ impl Drop for Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_still_being_written_is_not_returned() {
+        let serial = "boot\r\n[basalt] joined t=1.0\r\nk3s: config server=x token=12";
+        assert_eq!(
+            complete_line(serial, "joined"),
+            Some("[basalt] joined t=1.0".to_string())
+        );
+        assert_eq!(complete_line(serial, "k3s: config"), None);
+        let done = format!("{serial}34\n");
+        assert_eq!(
+            complete_line(&done, "k3s: config"),
+            Some("k3s: config server=x token=1234".to_string())
+        );
+    }
     use crate::accel::boot_disk;
     use crate::overlay::{json_string_field, QEMU_IMG};
 
