@@ -86,6 +86,8 @@ pub const HCLOUD_FAKE: Prereq = Prereq {
         Need::Tool("blockdev"),
         Need::Tool("zstd"),
         Need::Tool("sha256sum"),
+        // The QEMU cold path's metadata forward (guestfwd to a command per connection).
+        Need::Tool("socat"),
     ],
 };
 

@@ -11,29 +11,13 @@ use basalt_api::node::JoinState;
 use basalt_client::node::{ClientOptions, Endpoint, NodeClient, NodeError};
 use basalt_client::pki::{Ca, CertRequest, Issued, Role, Validity};
 use basalt_qemu::{Vm, VmBuilder};
-use common::{expect_line, Image};
+use common::expect_line;
 use k3s_doubles::K3sServerDouble;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Guest boot budget on KVM; the harness scales it for TCG.
 const BOOT: Duration = Duration::from_secs(60);
-
-/// The default image with the K3s agent double as its `k3s`, built once per binary.
-fn join_image() -> &'static Image {
-    static IMAGE: OnceLock<Image> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let double = k3s_doubles::build_agent_double(&common::workspace())
-            .unwrap_or_else(|e| panic!("building the K3s agent double: {e}"));
-        common::build_with_k3s(
-            "join",
-            &basalt_builder::cache::Cache::default_dir(),
-            &double,
-        )
-        .unwrap_or_else(|e| panic!("building the join image: {e:#}"))
-    })
-}
 
 /// A pool CA, the node's certificate, and client certificates good and bad.
 struct Pki {
@@ -171,7 +155,7 @@ fn chain(e: &NodeError) -> String {
 fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() -> anyhow::Result<()>
 {
     let server = K3sServerDouble::start("127.0.0.1:0")?;
-    let img = join_image();
+    let img = common::join_image();
     let pki = Pki::new()?;
     let port = free_port()?;
     let mut vm = boot(&img.qcow2, port, Some(&pki.config("")), pki.dir.path())?;

@@ -91,6 +91,21 @@ pub fn build_with_k3s(name: &str, cache: &Path, k3s: &Path) -> anyhow::Result<Im
     })
 }
 
+/// The default image with the K3s agent double as its `k3s`, built once per binary.
+pub fn join_image() -> &'static Image {
+    static IMAGE: OnceLock<Image> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let double = k3s_doubles::build_agent_double(&workspace())
+            .unwrap_or_else(|e| panic!("building the K3s agent double: {e}"));
+        build_with_k3s(
+            "join",
+            &basalt_builder::cache::Cache::default_dir(),
+            &double,
+        )
+        .unwrap_or_else(|e| panic!("building the join image: {e:#}"))
+    })
+}
+
 /// Waits for a console line; on failure prints the whole serial log (and what QEMU said)
 /// before returning the error.
 pub fn expect_line(vm: &mut Vm, what: &str, base: Duration) -> anyhow::Result<String> {
