@@ -8,7 +8,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// The pool a server belongs to.
 pub const LABEL_POOL: &str = "basalt.io/pool";
@@ -155,6 +155,32 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Delete a server. Deleting one that is already gone is not an error.
     fn delete(&self, id: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
+
+    /// Take or renew the pool's controller lock for `holder` (one controller per pool).
+    /// `Ok(false)` when another holder renewed it less than `ttl` ago.
+    fn lock(
+        &self,
+        pool: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, ProviderError>> + Send;
+
+    /// Attach a server to a private network at promotion (Hetzner's networks). Providers
+    /// without networks refuse.
+    fn attach_network(
+        &self,
+        id: &str,
+        network: &str,
+    ) -> impl Future<Output = Result<(), ProviderError>> + Send {
+        let _ = (id, network);
+        async move {
+            Err(ProviderError {
+                provider: self.kind(),
+                what: "this provider has no private networks".into(),
+                transient: false,
+            })
+        }
+    }
 }
 
 #[cfg(test)]
