@@ -187,6 +187,21 @@ fn a_bundle_without_a_chain_hashes_the_bytes() {
     assert_eq!(ca_hash(ok.as_bytes()).unwrap(), sha(constrained.der()));
 }
 
+/// Golden vectors made by openssl and sha256sum alone (`api/testdata/cahash/make.sh`), so
+/// that a wrong hash rule cannot pass by agreeing with itself.
+#[test]
+fn golden_vectors_made_by_openssl_and_sha256sum() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/cahash");
+    for name in ["single", "bundle", "unrelated"] {
+        let pem = std::fs::read(dir.join(format!("{name}.pem"))).expect("golden pem");
+        let want = std::fs::read_to_string(dir.join(format!("{name}.sha256"))).expect("golden");
+        assert_eq!(ca_hash(&pem).expect(name), want.trim(), "{name}.pem");
+    }
+    // The vectors differ where the rules differ: a bundle with a chain is not the file's hash.
+    let bundle = std::fs::read(dir.join("bundle.pem")).expect("bundle");
+    assert_ne!(ca_hash(&bundle).expect("bundle"), sha(&bundle));
+}
+
 #[test]
 fn a_bundle_without_certificates_is_an_error() {
     assert!(matches!(ca_hash(b""), Err(K3sError::NoCertificates)));
