@@ -288,5 +288,14 @@ fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() 
     let ops2 = pki.as_client("ops", port2)?;
     wait_for_api(&again, &ops2)?;
     assert_eq!(ops2.status()?.body.join.state, JoinState::Joined);
+
+    // The token's password reaches K3s and nothing else: not the console of either boot.
+    for console in [vm.serial(), again.serial()] {
+        assert!(!console.contains(&token), "the token is on the console");
+        assert!(
+            !console.contains(":secret"),
+            "the token's password is on the console"
+        );
+    }
     Ok(())
 }
