@@ -19,7 +19,14 @@ pub enum Token {
         user: String,
         password: String,
     },
-    /// A shared secret without CA pinning.
+    /// `K10<ca_hash>::<id>.<secret>`: a bootstrap token as `k3s token create` makes it
+    /// (`[a-z0-9]{6}.[a-z0-9]{16}`), sent by K3s as a bearer token; the CA hash as above.
+    Bootstrap {
+        ca_hash: String,
+        id: String,
+        secret: String,
+    },
+    /// A shared secret without CA pinning: a password, or a bare bootstrap token.
     Plain(String),
 }
 
@@ -34,7 +41,7 @@ pub enum TokenError {
     NoSeparator,
     #[error("secure token's CA hash is not 64 lowercase hex digits (sha256)")]
     BadCaHash,
-    #[error("secure token's credentials are not `<user>:<password>`")]
+    #[error("secure token's credentials are neither `<user>:<password>` nor a bootstrap token `<id>.<secret>`")]
     NoCredentials,
     #[error("secure token has an empty user name")]
     EmptyUser,
@@ -63,6 +70,14 @@ impl Token {
         {
             return Err(TokenError::BadCaHash);
         }
+        // K3s (pkg/clientaccess/token.go) tries a bootstrap token first, then basic auth.
+        if let Some((id, secret)) = bootstrap_token(creds) {
+            return Ok(Token::Bootstrap {
+                ca_hash: hash.to_owned(),
+                id: id.to_owned(),
+                secret: secret.to_owned(),
+            });
+        }
         let (user, password) = creds.split_once(':').ok_or(TokenError::NoCredentials)?;
         if user.is_empty() {
             return Err(TokenError::EmptyUser);
@@ -80,7 +95,7 @@ impl Token {
     /// The CA hash to check against the server's `/cacerts`, for a secure token.
     pub fn ca_hash(&self) -> Option<&str> {
         match self {
-            Token::Secure { ca_hash, .. } => Some(ca_hash),
+            Token::Secure { ca_hash, .. } | Token::Bootstrap { ca_hash, .. } => Some(ca_hash),
             Token::Plain(_) => None,
         }
     }
@@ -93,9 +108,26 @@ impl Token {
                 user,
                 password,
             } => format!("K10{ca_hash}::{user}:{password}"),
+            Token::Bootstrap {
+                ca_hash,
+                id,
+                secret,
+            } => format!("K10{ca_hash}::{id}.{secret}"),
             Token::Plain(s) => s.clone(),
         }
     }
+}
+
+/// Kubernetes' bootstrap token form (`kubeadm.NewBootstrapTokenString`): `[a-z0-9]{6}` `.`
+/// `[a-z0-9]{16}`.
+fn bootstrap_token(creds: &str) -> Option<(&str, &str)> {
+    let (id, secret) = creds.split_once('.')?;
+    let ok = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    };
+    (ok(id, 6) && ok(secret, 16)).then_some((id, secret))
 }
 
 impl FromStr for Token {
@@ -109,6 +141,7 @@ impl fmt::Display for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Token::Secure { ca_hash, user, .. } => write!(f, "K10{ca_hash}::{user}:<redacted>"),
+            Token::Bootstrap { ca_hash, id, .. } => write!(f, "K10{ca_hash}::{id}.<redacted>"),
             Token::Plain(_) => f.write_str("<redacted>"),
         }
     }
@@ -122,6 +155,12 @@ impl fmt::Debug for Token {
                 .field("ca_hash", ca_hash)
                 .field("user", user)
                 .field("password", &"<redacted>")
+                .finish(),
+            Token::Bootstrap { ca_hash, id, .. } => f
+                .debug_struct("Bootstrap")
+                .field("ca_hash", ca_hash)
+                .field("id", id)
+                .field("secret", &"<redacted>")
                 .finish(),
             Token::Plain(_) => f.write_str("Plain(<redacted>)"),
         }
@@ -163,6 +202,24 @@ mod tests {
             (
                 format!("K10{HASH}::node:a:b"),
                 Ok(secure(HASH, "node", "a:b")),
+            ),
+            // `k3s token create` makes bootstrap tokens; K3s sends them as bearer tokens.
+            (
+                format!("K10{HASH}::abcdef.0123456789abcdef"),
+                Ok(Token::Bootstrap {
+                    ca_hash: HASH.into(),
+                    id: "abcdef".into(),
+                    secret: "0123456789abcdef".into(),
+                }),
+            ),
+            // Not the bootstrap form (upper case, wrong lengths): neither form, refused.
+            (
+                format!("K10{HASH}::ABCDEF.0123456789abcdef"),
+                Err(TokenError::NoCredentials),
+            ),
+            (
+                format!("K10{HASH}::abcdef.0123456789abcde"),
+                Err(TokenError::NoCredentials),
             ),
             (
                 "just-a-secret".into(),
@@ -226,6 +283,7 @@ mod tests {
             text in prop_oneof![
                 any::<String>(),
                 "K10[0-9a-fA-F]{60,68}(::?)[a-z]{0,4}:?[!-~]{0,12}",
+                "K10[0-9a-f]{64}::[a-z0-9]{5,7}\\.[a-z0-9]{15,17}",
             ]
         ) {
             if let Ok(token) = Token::parse(&text) {
@@ -233,6 +291,9 @@ mod tests {
                 let (secret, public) = match &token {
                     Token::Secure { ca_hash, user, password } => {
                         (password.clone(), format!("K10{ca_hash}::{user}:"))
+                    }
+                    Token::Bootstrap { ca_hash, id, secret } => {
+                        (secret.clone(), format!("K10{ca_hash}::{id}."))
                     }
                     Token::Plain(s) => (s.clone(), String::new()),
                 };
