@@ -62,9 +62,15 @@ pub const MAX_BYTES: u64 = 256 * 1024;
 /// Why a machine config was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The text is not TOML at all; the source carries line and column.
-    #[error("machine config is not valid TOML")]
-    Syntax(#[source] toml::de::Error),
+    /// The text is not TOML at all. Only the place and TOML's message are kept, never the
+    /// offending line: it may be the `token =` or `key =` line, and this error reaches the
+    /// console and the kernel log.
+    #[error("machine config is not valid TOML: line {line}, column {column}: {message}")]
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
     /// `version` names a schema this basalt does not know.
     #[error("version: unsupported {0}, this basalt reads {CONFIG_VERSION}")]
     UnsupportedVersion(i64),
@@ -82,10 +88,30 @@ impl ConfigError {
     /// The dotted path of the offending key, when the error is about one key.
     pub fn key(&self) -> Option<&str> {
         match self {
-            ConfigError::Syntax(_) => None,
+            ConfigError::Syntax { .. } => None,
             ConfigError::UnsupportedVersion(_) => Some("version"),
             ConfigError::Invalid { key, .. } => Some(key),
         }
+    }
+}
+
+/// A TOML error reduced to its line, column (both from 1) and message, without the
+/// snippet of the document `toml::de::Error`'s `Display` would quote.
+fn syntax(text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map_or(0, |span| span.start.min(text.len()));
+    let before = text.get(..at).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .count()
+        + 1;
+    ConfigError::Syntax {
+        line,
+        column,
+        message: e.message().trim().replace('\n', "; "),
     }
 }
 
@@ -213,7 +239,7 @@ pub struct ClusterConfig {
 impl MachineConfig {
     /// Parse and validate a TOML document.
     pub fn parse(text: &str) -> Result<MachineConfig, ConfigError> {
-        let table: toml::Table = toml::from_str(text).map_err(ConfigError::Syntax)?;
+        let table: toml::Table = toml::from_str(text).map_err(|e| syntax(text, &e))?;
         // The version first: a document from a newer basalt may have keys this one does not know.
         match table.get("version") {
             None => return Err(invalid("version", "missing; this basalt reads 1")),

@@ -255,13 +255,40 @@ fn bad_configs_name_the_key() {
 #[test]
 fn syntax_errors_keep_toml_location() {
     let err = MachineConfig::parse("version = 1\n[node\n").unwrap_err();
-    assert!(matches!(err, ConfigError::Syntax(_)), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ConfigError::Syntax {
+                line: 2,
+                column: 6,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert_eq!(err.key(), None);
-    let source = std::error::Error::source(&err).unwrap().to_string();
-    assert!(source.contains("line 2"), "{source}");
+    assert!(err.to_string().contains("line 2, column 6"), "{err}");
     // A key given twice is TOML's business too.
     let err = MachineConfig::parse(&doc("[node]\nhostname = \"a\"\nhostname = \"b\"")).unwrap_err();
-    assert!(matches!(err, ConfigError::Syntax(_)), "{err:?}");
+    assert!(matches!(err, ConfigError::Syntax { .. }), "{err:?}");
+}
+
+/// The offending line may hold the join token or the API key: a syntax error names the
+/// place and never quotes the text.
+#[test]
+fn syntax_errors_never_quote_the_document() {
+    for text in [
+        "version = 1\n[cluster]\ntoken = \"K10abc::server:hunter2-secret\n",
+        "version = 1\n[api]\nkey = hunter2-secret\n",
+        "version = 1\n[cluster]\ntoken = \"a\"\ntoken = \"hunter2-secret\"\n",
+    ] {
+        let err = MachineConfig::parse(text).unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err:?}");
+        for shown in [err.to_string(), format!("{err:?}")] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+        assert!(std::error::Error::source(&err).is_none());
+    }
 }
 
 #[test]
@@ -495,7 +522,7 @@ fn config() -> impl Strategy<Value = MachineConfig> {
 /// An error must name a key or be TOML's own.
 fn check_error(e: &ConfigError) {
     match e {
-        ConfigError::Syntax(_) | ConfigError::UnsupportedVersion(_) => {}
+        ConfigError::Syntax { .. } | ConfigError::UnsupportedVersion(_) => {}
         ConfigError::Invalid { key, message } => {
             assert!(!key.is_empty() && !message.is_empty(), "{e:?}");
             assert!(e.to_string().starts_with(&format!("{key}: ")));
