@@ -130,6 +130,11 @@ pub trait NodeGroupBackend: Send + Sync + 'static {
 
     /// Adds `delta` (at least 1) nodes to the cluster: promotes standbys, creates the rest
     /// cold. Returns once the target size includes them.
+    ///
+    /// The server refuses a delta that would take [`Self::target_size`] above the group's
+    /// max, but two calls at once can both pass that check: the backend enforces its own
+    /// limits (the group's max, the pool's `max`) and answers
+    /// [`BackendError::LimitReached`].
     fn increase_size(
         &self,
         cluster: &str,
