@@ -133,13 +133,45 @@ pub fn run(opts: &BootBenchOptions) -> Result<BootBench, BootBenchError> {
     };
     for n in 1..=opts.runs.max(1) {
         eprintln!("basalt: bench boot run {n}: image");
-        bench.image_runs.push(boot_image(opts, accel, n)?);
+        let image = once_more_if_qemu_crashed(|| boot_image(opts, accel, n))?;
+        bench.image_runs.push(image);
         eprintln!("basalt: bench boot run {n}: floor");
-        bench
-            .floor_runs
-            .push(boot_floor(opts, accel, &floor_boot, n)?);
+        let floor = once_more_if_qemu_crashed(|| boot_floor(opts, accel, &floor_boot, n))?;
+        bench.floor_runs.push(floor);
     }
     Ok(bench)
+}
+
+/// Runs a boot again, once, when QEMU itself died of a fatal signal (a CI run saw QEMU 7.2's
+/// TCG take a general protection fault before the guest printed anything). That is the
+/// emulator's fault, not the guest's: the retry is announced, and a second crash fails.
+fn once_more_if_qemu_crashed<T>(
+    boot: impl Fn() -> Result<T, BootBenchError>,
+) -> Result<T, BootBenchError> {
+    use nix::sys::signal::Signal;
+    use std::os::unix::process::ExitStatusExt;
+    match boot() {
+        Err(BootBenchError::Boot {
+            what,
+            run,
+            source: HarnessError::Exited { status, .. },
+            ..
+        }) if status.signal().is_some_and(|sig| {
+            [
+                Signal::SIGSEGV,
+                Signal::SIGBUS,
+                Signal::SIGILL,
+                Signal::SIGABRT,
+            ]
+            .iter()
+            .any(|s| *s as i32 == sig)
+        }) =>
+        {
+            eprintln!("basalt: bench boot run {run}: QEMU crashed ({status}) {what}; once more");
+            boot()
+        }
+        other => other,
+    }
 }
 
 fn basalt_init_size(image: &Path, boot: &content::DefaultBoot) -> Result<u64, BootBenchError> {

@@ -367,40 +367,48 @@ fn resolve(endpoint: &Endpoint) -> Result<SocketAddr, NodeError> {
 }
 
 fn tls_config(opts: &ClientOptions) -> Result<rustls::ClientConfig, NodeError> {
+    client_tls(&opts.ca, &opts.cert, &opts.key)
+}
+
+/// The mutual-TLS client configuration for a server certified by the pool CA (a node's
+/// API, the pool controller's API): `ca` as the only root, `cert` and `key` as the client's
+/// identity. Errors name the file.
+pub fn client_tls(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::ClientConfig, NodeError> {
     let pem_err = |path: &Path, what| {
         let path = path.to_path_buf();
         move |source| NodeError::Pem { path, what, source }
     };
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(&opts.ca).map_err(pem_err(&opts.ca, "certificate"))? {
-        let cert = cert.map_err(pem_err(&opts.ca, "certificate"))?;
+    for cert in CertificateDer::pem_file_iter(ca).map_err(pem_err(ca, "certificate"))? {
+        let cert = cert.map_err(pem_err(ca, "certificate"))?;
         roots.add(cert).map_err(|source| NodeError::BadCa {
-            path: opts.ca.clone(),
+            path: ca.to_path_buf(),
             source,
         })?;
     }
     if roots.is_empty() {
         return Err(NodeError::Pem {
-            path: opts.ca.clone(),
+            path: ca.to_path_buf(),
             what: "certificate",
             source: rustls::pki_types::pem::Error::NoItemsFound,
         });
     }
-    let chain = CertificateDer::pem_file_iter(&opts.cert)
-        .map_err(pem_err(&opts.cert, "certificate"))?
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(pem_err(cert, "certificate"))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(pem_err(&opts.cert, "certificate"))?;
+        .map_err(pem_err(cert, "certificate"))?;
     if chain.is_empty() {
         return Err(NodeError::Pem {
-            path: opts.cert.clone(),
+            path: cert.to_path_buf(),
             what: "certificate",
             source: rustls::pki_types::pem::Error::NoItemsFound,
         });
     }
-    let key = PrivateKeyDer::from_pem_file(&opts.key).map_err(pem_err(&opts.key, "private key"))?;
+    let key_path = key;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(pem_err(key, "private key"))?;
     let client_auth_err = |source| NodeError::ClientAuth {
-        cert: opts.cert.clone(),
-        key: opts.key.clone(),
+        cert: cert.to_path_buf(),
+        key: key_path.to_path_buf(),
         source,
     };
     // ring explicitly, whatever process-wide provider another crate may install.

@@ -4,4 +4,5 @@
 //! The state of the pool lives in the provider, as labels on its servers ([`provider`]); the
 //! controller is a reconcile loop that can be killed at any instant and restarted.
 
+pub mod admin;
 pub mod provider;
