@@ -59,9 +59,19 @@
 //! `address`, so the server certificate needs that name as a SAN. With the pool CA
 //! (`basalt pki`):
 //!
-//! - server: a node certificate whose DNS SANs include `basalt-pool.basalt-system.svc`;
-//! - each cluster: a client certificate whose CN is that cluster's `client_cert_name`
-//!   (e.g. `customer-a`), and `cacert` = the pool CA's `ca.pem`.
+//! ```text
+//! basalt pki init ca/
+//! # the server: serverAuth, the Service's DNS name as a SAN
+//! basalt pki issue node basalt-pool --dns basalt-pool.basalt-system.svc --ca ca/ --out tls/
+//! # one per cluster: clientAuth, CN = that cluster's client_cert_name
+//! basalt pki issue client customer-a --ca ca/ --out customer-a/
+//! ```
+//!
+//! The server then runs with `cert = tls/basalt-pool.pem`, `key = tls/basalt-pool.key`,
+//! `client_ca = ca/ca.pem` ([`TlsPaths`]); cluster `customer-a`'s autoscaler gets
+//! `customer-a/customer-a.pem`, `.key` and `ca/ca.pem` as `cert`, `key` and `cacert`.
+//! A client certificate must carry the clientAuth usage: a server (node) certificate of the
+//! same CA is refused as a client.
 //!
 //! The autoscaler sends no client certificate unless `cert` is set (it then falls back to
 //! plain text); this server only speaks mutual TLS, so such an autoscaler cannot connect.

@@ -581,6 +581,23 @@ async fn a_certificate_of_another_ca_is_refused() {
         "the server answered a forged certificate: {alert:?}"
     );
 
+    // A certificate of the pool CA without the clientAuth usage (the server's own, a
+    // node certificate) is refused as a client certificate too.
+    let server_cert = basalt_client::pki::Issued {
+        cert_pem: read(&pki.path("server.pem")),
+        key_pem: read(&pki.path("server.key")),
+    };
+    let alert = raw_tls_read(server.addr, &ca, &server_cert).await;
+    assert!(
+        alert.is_err(),
+        "a serverAuth certificate was accepted: {alert:?}"
+    );
+
+    // A client that opens a connection and never handshakes holds up no one.
+    let _silent = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("tcp");
+
     // The real certificate still works on the same server.
     let mut good = client(server.addr, &ca, Some(&pki.client("autoscaler-a")))
         .await
