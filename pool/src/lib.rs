@@ -7,7 +7,11 @@
 //! node API access and the machine configs are [`nodes`]; Hetzner Cloud is [`hetzner`].
 
 pub mod config;
+pub mod controller;
 pub mod hetzner;
+pub mod metrics;
 pub mod nodes;
 pub mod plan;
 pub mod provider;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
