@@ -543,18 +543,32 @@ impl Client {
         self.call(Method::PUT, &path, Some(&body), "server").await
     }
 
-    /// Attaches a server to a private network (`attach_to_network`), waited for. A server
-    /// already attached to it (`server_already_attached`, as after a lost answer) is done.
+    /// Attaches a server to a private network (`attach_to_network`), waited for. A lost
+    /// answer is sent again: a server already attached to it (`server_already_attached`)
+    /// is done, so attaching is idempotent.
     pub async fn attach_to_network(&self, id: u64, network: u64) -> Result<(), ApiError> {
         let body = serde_json::json!({ "network": network });
-        match self
-            .server_action(id, "attach_to_network", Some(&body))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == Some("server_already_attached") => Ok(()),
-            Err(e) => Err(e),
+        let mut last = String::new();
+        for attempt in 1..=self.timing.attempts {
+            match self
+                .server_action(id, "attach_to_network", Some(&body))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.code() == Some("server_already_attached") => return Ok(()),
+                Err(ApiError::Transport { source, .. }) => {
+                    last = format!("no answer: {source}");
+                    self.sleep(self.backoff(attempt)).await?;
+                }
+                Err(e) => return Err(e),
+            }
         }
+        Err(ApiError::Exhausted {
+            method: Method::POST,
+            path: format!("/servers/{id}/actions/attach_to_network"),
+            attempts: self.timing.attempts,
+            last,
+        })
     }
 
     /// Private networks, by name when given.

@@ -117,6 +117,16 @@ pub struct PromoteReport {
     pub cold: u32,
     /// What could be neither promoted nor created (`max` reached, or no image).
     pub unmet: u32,
+    /// Standbys labelled `promoting` whose label answer was lost and could not be
+    /// checked: the next reconcile pass promotes them (they count toward the target).
+    pub deferred: u32,
+}
+
+/// Standbys claimed for one promotion.
+#[derive(Default)]
+struct Claimed {
+    labelled: Vec<Server>,
+    deferred: u32,
 }
 
 /// A node of a cluster, as the autoscaler sees it.
@@ -605,8 +615,16 @@ impl<P: Provider, N: Nodes> Controller<P, N> {
         let mut report = PromoteReport::default();
         let mut remaining = n;
         while remaining > 0 {
-            let batch = self.claim(&cl.name, remaining).await?;
+            let Claimed {
+                labelled: batch,
+                deferred,
+            } = self.claim(&cl.name, remaining).await?;
+            remaining -= deferred;
+            report.deferred += deferred;
             if batch.is_empty() {
+                if deferred > 0 {
+                    continue;
+                }
                 break;
             }
             let results =
@@ -639,7 +657,7 @@ impl<P: Provider, N: Nodes> Controller<P, N> {
 
     /// Picks up to `k` free standbys, newest image first, and labels them `promoting`
     /// for `cluster`. They stay in flight until the caller releases them.
-    async fn claim(&self, cluster: &str, k: u32) -> Result<Vec<Server>, ControllerError> {
+    async fn claim(&self, cluster: &str, k: u32) -> Result<Claimed, ControllerError> {
         let servers = self.list().await?;
         let times = lock(&self.image_times).clone();
         let image_time = |s: &Server| {
@@ -661,21 +679,42 @@ impl<P: Provider, N: Nodes> Controller<P, N> {
             claims.in_flight.extend(picked.iter().map(|s| s.id.clone()));
             picked
         };
-        let mut labelled = Vec::new();
+        let mut claimed = Claimed::default();
         for s in picked {
-            match self
+            let Err(e) = self
                 .set_state(&s, ServerState::Promoting, Some(cluster))
                 .await
-            {
-                Ok(()) => labelled.push(s),
-                Err(e) => {
-                    // If the label did land, the next pass resolves it for this cluster.
+            else {
+                claimed.labelled.push(s);
+                continue;
+            };
+            self.note_error(&s.id, format!("label promoting: {e}"));
+            // The label may have landed all the same (a lost answer): look before
+            // claiming another standby for the same demand.
+            match self.labelled_for(&s.id, cluster).await {
+                Some(true) => claimed.labelled.push(s),
+                Some(false) => {
                     lock(&self.claims).in_flight.remove(&s.id);
-                    self.note_error(&s.id, format!("label promoting: {e}"));
+                }
+                None => {
+                    // Unknown: leave it to the next pass, which resolves a `promoting`
+                    // server for its cluster; do not take another one for it.
+                    lock(&self.claims).in_flight.remove(&s.id);
+                    claimed.deferred += 1;
                 }
             }
         }
-        Ok(labelled)
+        Ok(claimed)
+    }
+
+    /// Whether server `id` is labelled promoting for `cluster` (`None`: cannot tell).
+    async fn labelled_for(&self, id: &str, cluster: &str) -> Option<bool> {
+        let servers = self.list().await.ok()?;
+        Some(servers.iter().any(|s| {
+            s.id == id
+                && s.state() == Some(ServerState::Promoting)
+                && cluster_of(s) == Some(cluster)
+        }))
     }
 
     /// Promotes a claimed server that a pass found ready (a cold start for `cluster`, or
