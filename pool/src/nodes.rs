@@ -265,6 +265,34 @@ mod tests {
         }
     }
 
+    fn server(api: Option<std::net::SocketAddr>) -> Server {
+        Server {
+            id: "7".into(),
+            name: "pool-g7-beef".into(),
+            labels: Default::default(),
+            created: std::time::SystemTime::now(),
+            api,
+        }
+    }
+
+    #[tokio::test]
+    async fn node_api_errors_name_the_server() {
+        let ca = Ca::generate().expect("ca");
+        let api = NodeApi::new(&ca).expect("client certificate");
+        let e = api.health(&server(None)).await.expect_err("no address");
+        assert!(matches!(e, NodeApiError::NoAddress { .. }), "{e}");
+        // Nothing listens on port 1 of the loopback.
+        let e = api
+            .status(&server(Some("127.0.0.1:1".parse().expect("addr"))))
+            .await
+            .expect_err("refused");
+        let text = e.to_string();
+        assert!(
+            text.contains("pool-g7-beef") && text.contains("127.0.0.1:1"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn the_standby_config_parses_and_has_no_cluster() {
         let ca = Ca::generate().expect("ca");
