@@ -94,6 +94,8 @@ pub struct Server {
     pub rescue_enabled: bool,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub private_net: Vec<PrivateNet>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +126,23 @@ pub struct SshKey {
     pub created: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+/// A private network (`GET /networks`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Network {
+    pub id: u64,
+    pub name: String,
+    pub ip_range: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The server's attachment to a private network (`private_net` of a server).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrivateNet {
+    pub network: u64,
+    pub ip: String,
 }
 
 /// `POST /servers`.

@@ -21,12 +21,13 @@
 //!   [`Client::create_server`] and [`Client::create_image`]).
 
 use crate::api::{
-    Action, CreateImage, CreateServer, CreateSshKey, EnableRescue, ErrorBody, Image, Meta, Server,
-    SshKey,
+    Action, CreateImage, CreateServer, CreateSshKey, EnableRescue, ErrorBody, Image, Meta, Network,
+    Server, SshKey,
 };
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
@@ -530,6 +531,52 @@ impl Client {
         }
     }
 
+    /// Replaces a server's labels (`PUT /servers/{id}`). Idempotent: a lost answer is sent
+    /// again.
+    pub async fn update_server_labels(
+        &self,
+        id: u64,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Server, ApiError> {
+        let path = format!("/servers/{id}");
+        let body = serde_json::json!({ "labels": labels });
+        self.call(Method::PUT, &path, Some(&body), "server").await
+    }
+
+    /// Attaches a server to a private network (`attach_to_network`), waited for. A lost
+    /// answer is sent again: a server already attached to it (`server_already_attached`)
+    /// is done, so attaching is idempotent.
+    pub async fn attach_to_network(&self, id: u64, network: u64) -> Result<(), ApiError> {
+        let body = serde_json::json!({ "network": network });
+        let mut last = String::new();
+        for attempt in 1..=self.timing.attempts {
+            match self
+                .server_action(id, "attach_to_network", Some(&body))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.code() == Some("server_already_attached") => return Ok(()),
+                Err(ApiError::Transport { source, .. }) => {
+                    last = format!("no answer: {source}");
+                    self.sleep(self.backoff(attempt)).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ApiError::Exhausted {
+            method: Method::POST,
+            path: format!("/servers/{id}/actions/attach_to_network"),
+            attempts: self.timing.attempts,
+            last,
+        })
+    }
+
+    /// Private networks, by name when given.
+    pub async fn networks(&self, name: Option<&str>) -> Result<Vec<Network>, ApiError> {
+        let q: Vec<(&str, &str)> = name.map(|n| ("name", n)).into_iter().collect();
+        self.list("/networks", &q, "networks").await
+    }
+
     /// A server action (`poweron`, `poweroff`, `shutdown`, `enable_rescue`, …), waited for.
     pub async fn server_action(
         &self,
@@ -672,6 +719,17 @@ impl Client {
             .into_iter()
             .collect();
         self.list("/ssh_keys", &q, "ssh_keys").await
+    }
+
+    /// Replaces an SSH key's labels (`PUT /ssh_keys/{id}`); idempotent.
+    pub async fn update_ssh_key_labels(
+        &self,
+        id: u64,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<SshKey, ApiError> {
+        let path = format!("/ssh_keys/{id}");
+        let body = serde_json::json!({ "labels": labels });
+        self.call(Method::PUT, &path, Some(&body), "ssh_key").await
     }
 
     pub async fn ssh_key_by_name(&self, name: &str) -> Result<Option<SshKey>, ApiError> {

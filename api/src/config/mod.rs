@@ -46,7 +46,8 @@ use serde::{Deserialize, Serialize};
 use keyed::ValueDe;
 pub use token::{Token, TokenError};
 pub use values::{
-    Cidr, Host, Hostname, LabelKey, LabelValue, Pem, SecretPem, ServerUrl, Taint, TaintEffect,
+    Cidr, Host, Hostname, LabelKey, LabelValue, Pem, ProviderId, SecretPem, ServerUrl, Taint,
+    TaintEffect,
 };
 
 /// The config version this basalt reads and writes.
@@ -234,6 +235,10 @@ pub struct ClusterConfig {
     /// RFC 1123 subdomain, so capitals are rejected here (the hostname may keep them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<Hostname>,
+    /// The kubelet's `--provider-id` (set by the warm pool so that autoscalers map the
+    /// Node to its server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<ProviderId>,
 }
 
 impl MachineConfig {
@@ -319,8 +324,8 @@ impl MachineConfig {
 
     /// K3s's `config.yaml` for `k3s agent`, as JSON (valid YAML); `None` in standby.
     ///
-    /// Keys: `server`, `token`, `node-name` (when known), `node-label`, `node-taint`
-    /// and `node-ip` (when given). The token is written in full.
+    /// Keys: `server`, `token`, `node-name` (when known), `node-label`, `node-taint`,
+    /// `node-ip` and `kubelet-arg` with `provider-id=` (when given). The token is written in full.
     pub fn k3s_config_json(&self, node_ip: Option<IpAddr>) -> Option<String> {
         let cluster = self.cluster.as_ref()?;
         let mut map = serde_json::Map::new();
@@ -345,6 +350,12 @@ impl MachineConfig {
         map.insert("node-taint".into(), taints.into());
         if let Some(ip) = node_ip {
             map.insert("node-ip".into(), ip.to_string().into());
+        }
+        if let Some(id) = &cluster.provider_id {
+            map.insert(
+                "kubelet-arg".into(),
+                vec![serde_json::Value::from(format!("provider-id={id}"))].into(),
+            );
         }
         let mut out = serde_json::Value::Object(map).to_string();
         out.push('\n');

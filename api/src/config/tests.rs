@@ -507,6 +507,7 @@ fn config() -> impl Strategy<Value = MachineConfig> {
                 server: format!("https://{host}:6443").parse().unwrap(),
                 token,
                 node_name: name.map(|n| n.parse().unwrap()),
+                provider_id: None,
             }
         }),
     );
@@ -613,5 +614,27 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn provider_id_becomes_a_kubelet_arg() {
+    let c = MachineConfig::parse(&doc(
+        "[cluster]\nserver = \"https://a\"\ntoken = \"t\"\nprovider_id = \"hcloud://42\"",
+    ))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&c.k3s_config_json(None).unwrap()).unwrap();
+    assert_eq!(
+        v["kubelet-arg"],
+        serde_json::json!(["provider-id=hcloud://42"])
+    );
+    let back = MachineConfig::parse(&c.to_toml().unwrap()).unwrap();
+    assert_eq!(back, c);
+    for bad in ["hcloud:42", "hcloud://", "://x", "hcloud://4 2"] {
+        let err = MachineConfig::parse(&doc(&format!(
+            "[cluster]\nserver = \"https://a\"\ntoken = \"t\"\nprovider_id = \"{bad}\""
+        )))
+        .unwrap_err();
+        assert_eq!(err.key(), Some("cluster.provider_id"), "{bad}: {err}");
     }
 }

@@ -421,6 +421,40 @@ impl From<SecretPem> for String {
     }
 }
 
+/// A kubelet provider id, `<scheme>://<id>` (`hcloud://42`, `basalt-qemu://pool-g1-x`):
+/// how an autoscaler maps the Node to its server. Printable ASCII, no whitespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ProviderId(String);
+
+impl ProviderId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for ProviderId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let ok = s.len() <= 253 && s.bytes().all(|b| b.is_ascii_graphic());
+        match s.split_once("://") {
+            Some((scheme, id)) if ok && !scheme.is_empty() && !id.is_empty() => {
+                Ok(ProviderId(s.to_owned()))
+            }
+            _ => Err(format!(
+                "{s:?} is not a provider id (`<scheme>://<id>`, printable, no spaces)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ProviderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+string_type!(ProviderId);
+
 /// The K3s server URL: `https://host[:port][/path]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

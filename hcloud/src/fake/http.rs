@@ -192,6 +192,10 @@ fn op_of(method: &Method, segs: &[&str]) -> Op {
         ("GET", ["v1", "ssh_keys"]) => Op::ListSshKeys,
         ("POST", ["v1", "ssh_keys"]) => Op::CreateSshKey,
         ("DELETE", ["v1", "ssh_keys", _]) => Op::DeleteSshKey,
+        ("PUT", ["v1", "servers", _]) => Op::UpdateServer,
+        ("POST", ["v1", "servers", _, "actions", "attach_to_network"]) => Op::AttachToNetwork,
+        ("GET", ["v1", "networks"]) => Op::ListNetworks,
+        ("PUT", ["v1", "ssh_keys", _]) => Op::UpdateSshKey,
         _ => Op::Any,
     }
 }
@@ -261,6 +265,10 @@ async fn route(
         Op::ListSshKeys => list_keys(inner, query),
         Op::CreateSshKey => create_key(inner, body),
         Op::DeleteSshKey => delete_key(inner, id(2)),
+        Op::UpdateServer => update_server(inner, id(2), body),
+        Op::AttachToNetwork => attach_to_network(inner, id(2), body, fail_action),
+        Op::ListNetworks => list_networks(inner, query),
+        Op::UpdateSshKey => update_key(inner, id(2), body),
         Op::Any => error(
             404,
             "not_found",
@@ -396,7 +404,7 @@ fn server_json(s: &FServer) -> Value {
             "ipv4": {"id": s.id, "ip": s.ip.to_string(), "blocked": false, "dns_ptr": format!("static.{}.fake", s.id)},
             "ipv6": null, "floating_ips": [], "firewalls": []
         },
-        "private_net": [],
+        "private_net": s.private_net.iter().map(|(n, ip)| json!({"network": n, "ip": ip.to_string(), "alias_ips": [], "mac_address": "86:00:00:00:00:01"})).collect::<Vec<_>>(),
         "server_type": {"id": 1, "name": s.server_type, "cores": 2, "memory": 4.0, "disk": 40, "architecture": "x86"},
         "datacenter": {"id": 1, "name": format!("{}-dc14", s.location), "location": {"id": 1, "name": s.location}},
         "image": s.image.map(|id| json!({"id": id})),
@@ -566,6 +574,7 @@ pub(crate) async fn create_server_direct(
             user_data,
             metadata,
             metadata_stop,
+            private_net: Vec::new(),
         },
     );
     Ok(id)
@@ -924,6 +933,117 @@ fn delete_key(inner: &Inner, id: u64) -> Reply {
         },
         None => not_found("ssh_key"),
     }
+}
+
+/// Labels as the API takes them: a JSON object of strings, replacing all.
+fn new_labels(body: &Value) -> Result<BTreeMap<String, String>, Reply> {
+    match body.get("labels") {
+        None => Err(error(400, "invalid_input", "labels are required")),
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| error(400, "invalid_input", &format!("labels: {e}"))),
+    }
+}
+
+fn update_server(inner: &Inner, id: u64, body: &Value) -> Reply {
+    let labels = match new_labels(body) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let mut st = inner.lock();
+    let Some(s) = st.servers.get_mut(&id) else {
+        return not_found("server");
+    };
+    s.labels = labels;
+    if let Some(name) = body.get("name").and_then(Value::as_str) {
+        s.name = name.to_owned();
+    }
+    ok(200, json!({ "server": server_json(s) }))
+}
+
+fn attach_to_network(inner: &Inner, id: u64, body: &Value, fail: Option<&str>) -> Reply {
+    let Some(net) = body.get("network").and_then(Value::as_u64) else {
+        return error(400, "invalid_input", "network (an id) is required");
+    };
+    let mut st = inner.lock();
+    let Some(n) = st.networks.get_mut(&net) else {
+        return error(404, "not_found", "network not found");
+    };
+    let octets: Vec<u8> = n
+        .ip_range
+        .split(['.', '/'])
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let host = n.next_host;
+    let ip = Ipv4Addr::new(
+        octets.first().copied().unwrap_or(10),
+        octets.get(1).copied().unwrap_or(0),
+        (host / 250) as u8,
+        (host % 250) as u8,
+    );
+    let Some(s) = st.servers.get_mut(&id) else {
+        return not_found("server");
+    };
+    if s.private_net.iter().any(|(n, _)| *n == net) {
+        return error(
+            422,
+            "server_already_attached",
+            "server is already attached to this network",
+        );
+    }
+    if fail.is_none() {
+        s.private_net.push((net, ip));
+        if let Some(n) = st.networks.get_mut(&net) {
+            n.next_host += 1;
+        }
+    }
+    let action = new_action(
+        &mut st,
+        inner,
+        "attach_to_network",
+        &[(id, "server"), (net, "network")],
+        fail,
+    );
+    ok(201, json!({ "action": action }))
+}
+
+fn list_networks(inner: &Inner, query: &BTreeMap<String, String>) -> Reply {
+    let st = inner.lock();
+    let items = st
+        .networks
+        .values()
+        .filter(|n| query.get("name").is_none_or(|q| *q == n.name))
+        .map(|n| {
+            let servers: Vec<u64> = st
+                .servers
+                .values()
+                .filter(|s| s.private_net.iter().any(|(id, _)| *id == n.id))
+                .map(|s| s.id)
+                .collect();
+            json!({
+                "id": n.id, "name": n.name, "ip_range": n.ip_range, "subnets": [],
+                "routes": [], "servers": servers, "load_balancers": [],
+                "protection": {"delete": false}, "labels": {}, "created": now(),
+                "expose_routes_to_vswitch": false,
+            })
+        })
+        .collect();
+    page("networks", items, query)
+}
+
+fn update_key(inner: &Inner, id: u64, body: &Value) -> Reply {
+    let labels = match new_labels(body) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let mut st = inner.lock();
+    let Some(k) = st.keys.get_mut(&id) else {
+        return not_found("ssh_key");
+    };
+    k.labels = labels;
+    if let Some(name) = body.get("name").and_then(Value::as_str) {
+        k.name = name.to_owned();
+    }
+    ok(200, json!({ "ssh_key": k.clone() }))
 }
 
 /// `cp --sparse=always`: holes stay holes (SEEK_DATA/SEEK_HOLE), so a 40 GB disk with a

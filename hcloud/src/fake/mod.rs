@@ -51,6 +51,13 @@ pub enum Op {
     ListSshKeys,
     CreateSshKey,
     DeleteSshKey,
+    /// `PUT /servers/{id}` (labels).
+    UpdateServer,
+    /// `POST /servers/{id}/actions/attach_to_network`.
+    AttachToNetwork,
+    ListNetworks,
+    /// `PUT /ssh_keys/{id}` (labels).
+    UpdateSshKey,
 }
 
 /// What goes wrong.
@@ -129,6 +136,8 @@ pub struct ServerView {
     pub disk: PathBuf,
     pub image: Option<u64>,
     pub metadata: SocketAddr,
+    /// The private networks it is attached to.
+    pub networks: Vec<u64>,
 }
 
 /// What a test can see of a snapshot.
@@ -158,6 +167,15 @@ pub(crate) struct FServer {
     user_data: Option<String>,
     metadata: SocketAddr,
     metadata_stop: CancellationToken,
+    /// Attached private networks and the server's address in each.
+    private_net: Vec<(u64, Ipv4Addr)>,
+}
+
+pub(crate) struct FNetwork {
+    id: u64,
+    name: String,
+    ip_range: String,
+    next_host: u32,
 }
 
 pub(crate) struct FImage {
@@ -185,6 +203,7 @@ pub(crate) struct State {
     servers: BTreeMap<u64, FServer>,
     images: BTreeMap<u64, FImage>,
     keys: BTreeMap<u64, SshKey>,
+    networks: BTreeMap<u64, FNetwork>,
     actions: BTreeMap<u64, FAction>,
     faults: Vec<(Op, Fault, u32)>,
     rescue_faults: RescueFaults,
@@ -378,6 +397,7 @@ impl Fake {
                 disk: s.disk.clone(),
                 image: s.image,
                 metadata: s.metadata,
+                networks: s.private_net.iter().map(|(n, _)| *n).collect(),
             })
             .collect()
     }
@@ -437,6 +457,23 @@ impl Fake {
             },
         );
         Ok(id)
+    }
+
+    /// Adds a private network `10.<n>.0.0/16` named `name`, as made in the console.
+    pub fn add_network(&self, name: &str) -> u64 {
+        let mut st = self.inner.lock();
+        let id = st.id();
+        let n = st.networks.len() % 250;
+        st.networks.insert(
+            id,
+            FNetwork {
+                id,
+                name: name.into(),
+                ip_range: format!("10.{n}.0.0/16"),
+                next_host: 2,
+            },
+        );
+        id
     }
 
     /// Creates a server from image `image` (a snapshot's id) directly, as another tool
