@@ -5,3 +5,4 @@
 //! controller is a reconcile loop that can be killed at any instant and restarted.
 
 pub mod provider;
+pub mod qemu;
