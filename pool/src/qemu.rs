@@ -29,6 +29,9 @@
 //! QEMU starts and again with its pid, and the pid file is the fallback in between. Deleting
 //! renames the directory away before removing it. Directories and files whose names start
 //! with a dot are the provider's own (staging, deletion, locks) and are never VMs.
+//! A create retried under the same name (the first answer lost) returns the VM when it runs
+//! with the same labels and image; any other existing VM of that name is an error. A create
+//! that fails removes what it made (and its QEMU, if one started).
 //!
 //! **The controller lock** is `.lock-<pool>.json` in the state directory (holder and
 //! heartbeat time, replaced atomically), read and written under an exclusive `flock` of
@@ -205,11 +208,12 @@ pub struct VmInfo {
 
 /// The qemu provider over one state directory. Cheap to clone; every instance on the same
 /// directory sees the same VMs.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct QemuProvider {
     inner: Arc<Inner>,
 }
 
+#[derive(Debug)]
 struct Inner {
     settings: QemuSettings,
     /// Absolute: QEMU's arguments and the `/proc` check name paths under it.

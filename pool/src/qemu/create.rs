@@ -29,6 +29,10 @@ impl Inner {
             })?;
         let dir = self.vm_dir(name);
         if dir.exists() {
+            if let Some(server) = self.same_running_vm(req, &image)? {
+                // A retried create whose first answer was lost: the VM is already there.
+                return Ok(server);
+            }
             return Err(QemuError::Exists {
                 vm: name.to_owned(),
                 dir,
@@ -53,6 +57,22 @@ impl Inner {
                 Err(e)
             }
         }
+    }
+
+    /// The existing VM `req.name` when it is what `req` asks for (its labels, its image)
+    /// and its QEMU runs.
+    fn same_running_vm(
+        &self,
+        req: &CreateServer,
+        image: &Path,
+    ) -> Result<Option<Server>, QemuError> {
+        let Some(info) = self.inspect(&req.name)? else {
+            return Ok(None);
+        };
+        let same_image = info.image.as_deref() == image.to_str();
+        Ok(self
+            .server(&req.name)?
+            .filter(|s| same_image && s.api.is_some() && s.labels == req.labels))
     }
 
     /// Makes the VM's directory appear with its labels in one rename, so that a listed VM

@@ -371,9 +371,42 @@ fn create_refuses_bad_names_missing_images_and_taken_names_and_leaves_nothing() 
     plant_vm(&provider, "warm-2", &labels("warm", "standby"), None)?;
     let image = dir.path().join("a.raw");
     fs::write(&image, [0u8; 512])?;
-    let taken = rt.block_on(provider.create(&req("warm-2", &image.display().to_string())));
+    let image = image.canonicalize()?.display().to_string();
+    let taken = rt.block_on(provider.create(&req("warm-2", &image)));
     assert!(taken.is_err_and(|e| e.what.contains("warm-2") && e.what.contains("exists")));
     assert_eq!(rt.block_on(provider.servers("warm"))?.len(), 1);
+
+    // A retried create of a running VM with the same labels and image answers with it.
+    let vm3 = plant_vm(&provider, "warm-3", &labels("warm", "creating"), None)?;
+    let mut qemu = fake_qemu(&vm3)?;
+    let record = VmRecord {
+        pid: Some(qemu.id()),
+        api_port: 40_000,
+        image: image.clone(),
+        created_unix_ms: 0,
+    };
+    write_json_atomic(&vm3.join(VM_FILE), &record)?;
+    let again = rt.block_on(provider.create(&req("warm-3", &image)))?;
+    assert_eq!(
+        again.api,
+        Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 40_000)))
+    );
+    let mut other = req("warm-3", &image);
+    other
+        .labels
+        .insert("basalt.io/generation".into(), "2".into());
+    let e = rt.block_on(provider.create(&other));
+    assert!(
+        e.is_err_and(|e| e.what.contains("exists")),
+        "other labels: not a retry"
+    );
+    qemu.kill()?;
+    qemu.wait()?;
+    let e = rt.block_on(provider.create(&req("warm-3", &image)));
+    assert!(
+        e.is_err_and(|e| e.what.contains("exists")),
+        "QEMU gone: not a retry"
+    );
     Ok(())
 }
 
