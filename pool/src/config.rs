@@ -94,28 +94,8 @@ impl std::fmt::Debug for HetznerSettings {
     }
 }
 
-/// Local QEMU VMs (the qemu provider reads these).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct QemuSettings {
-    /// Image files servers may be created from (a `.qcow2` or `.raw` each); the newest
-    /// by modification time is used.
-    pub images: Vec<PathBuf>,
-    /// Where VMs keep their overlays, pid files and consoles.
-    pub state_dir: PathBuf,
-    #[serde(default = "default_memory")]
-    pub memory_mib: u32,
-    #[serde(default = "default_cpus")]
-    pub cpus: u32,
-}
-
-fn default_memory() -> u32 {
-    1024
-}
-
-fn default_cpus() -> u32 {
-    1
-}
+/// Local QEMU VMs: the qemu provider's own settings.
+pub use crate::qemu::QemuSettings;
 
 /// A cluster the pool serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -618,7 +598,11 @@ memory_mib = 2048
             q.images,
             vec![PathBuf::from("/etc/basalt/img/k3s-node.qcow2")]
         );
-        assert_eq!((q.memory_mib, q.cpus), (2048, 1));
+        assert_eq!(
+            (q.memory_mib, q.cpus),
+            (2048, 2),
+            "the provider's default CPUs"
+        );
         assert!(c.clusters.is_empty());
         let e = err(&text.replace("images = [\"img/k3s-node.qcow2\"]", "images = []"));
         assert!(e.contains("provider.images"), "{e}");

@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod nodes;
 pub mod plan;
 pub mod provider;
+pub mod qemu;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -47,7 +47,7 @@ impl Accel {
     }
 
     /// The `-machine`/`-cpu` arguments for this accelerator.
-    pub(crate) fn machine_args(self) -> &'static [&'static str] {
+    pub fn machine_args(self) -> &'static [&'static str] {
         match self {
             Accel::Kvm => &["-machine", "q35,accel=kvm", "-cpu", "host"],
             Accel::Tcg => &["-machine", "q35,accel=tcg"],
