@@ -15,5 +15,6 @@ pub mod nodes;
 pub mod plan;
 pub mod provider;
 pub mod qemu;
+pub mod serve;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
