@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod hcloud;
+mod pool;
 
 /// The static basalt-init built with this `basalt` (see build.rs): an installed `basalt`
 /// builds images without the source tree. `--input basalt-init=PATH` still overrides it.
@@ -103,6 +104,9 @@ enum Cmd {
     Node(basalt_client::node::cli::NodeArgs),
     /// Hetzner Cloud: upload an image as a snapshot, list, prune, clean up.
     Hcloud(hcloud::HcloudArgs),
+    /// The warm pool: run its controller (standby nodes, promoted on cluster-autoscaler's
+    /// demand), or ask a running one for status, a promotion or a deletion.
+    Pool(pool::PoolArgs),
 }
 
 #[derive(Subcommand)]
@@ -219,6 +223,7 @@ fn run() -> anyhow::Result<()> {
         Cmd::Pki { what } => Ok(basalt_client::pki::cli::run(what)?),
         Cmd::Node(args) => Ok(basalt_client::node::cli::run(args)?),
         Cmd::Hcloud(args) => Ok(hcloud::run(args)?),
+        Cmd::Pool(args) => Ok(pool::run(args)?),
     }
 }
 

@@ -22,6 +22,13 @@
 //! labels = { "example.com/customer" = "a" }
 //! taints = ["dedicated=a:NoSchedule"]
 //! network = "customer-a-net"                     # optional Hetzner private network
+//!
+//! [listen]                       # what `basalt pool run` serves, both over mutual TLS
+//! grpc = "0.0.0.0:8086"          # cluster-autoscaler's externalgrpc (the default)
+//! api = "127.0.0.1:8087"         # basalt pool status|promote|delete, /metrics (the default)
+//! cert = "controller.pem"        # the controller's certificate from the pool CA
+//! key = "controller.key"
+//! admins = ["operator"]          # client certificate CNs allowed status/promote/delete
 //! ```
 //!
 //! Secrets (the join tokens, the Hetzner token) are read when the file is loaded and never
@@ -62,6 +69,34 @@ pub struct PoolConfig {
     /// A server that does not reach standby within this is deleted and replaced.
     pub standby_timeout: Duration,
     pub clusters: Vec<ClusterConfig>,
+    /// Where `basalt pool run` serves; needed only to run the controller.
+    pub listen: Option<ListenConfig>,
+}
+
+/// `[listen]`: the controller's two mutual-TLS doors, both with the controller's own
+/// certificate from the pool CA (its SANs must name what autoscalers and admins dial).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// cluster-autoscaler's externalgrpc cloud provider.
+    #[serde(default = "default_grpc")]
+    pub grpc: std::net::SocketAddr,
+    /// The pool API (`basalt pool status|promote|delete`) and `/metrics`.
+    #[serde(default = "default_api")]
+    pub api: std::net::SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Common names of the client certificates allowed status, promote and delete.
+    #[serde(default)]
+    pub admins: Vec<String>,
+}
+
+fn default_grpc() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 8086))
+}
+
+fn default_api() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 8087))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +160,8 @@ struct RawPool {
     standby_timeout: Option<String>,
     #[serde(default, rename = "cluster")]
     clusters: Vec<RawCluster>,
+    #[serde(default)]
+    listen: Option<ListenConfig>,
 }
 
 #[derive(Deserialize)]
@@ -215,6 +252,11 @@ impl PoolConfig {
             ca_dir: cx.relative(&raw.ca_dir),
             standby_timeout,
             clusters,
+            listen: raw.listen.map(|mut l| {
+                l.cert = cx.relative(&l.cert);
+                l.key = cx.relative(&l.key);
+                l
+            }),
         };
         cx.validate(&config)?;
         Ok(config)
