@@ -57,6 +57,13 @@ pub const QEMU: Prereq = Prereq {
     ],
 };
 
+/// util-linux's `sfdisk`: GPTs written by a tool other than ours, for the shared reader.
+pub const SFDISK: Prereq = Prereq {
+    skip_cfg: "basalt_skip_sfdisk",
+    what: "reading GPTs written by sfdisk",
+    needs: &[Need::Tool("sfdisk")],
+};
+
 /// Root privileges, for tests that mount filesystems.
 pub const ROOT: Prereq = Prereq {
     skip_cfg: "basalt_skip_root",

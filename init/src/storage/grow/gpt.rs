@@ -14,20 +14,18 @@
 //!   renumber partitions (`vda5`) after a gap.
 
 use super::Sectors;
+use basalt_api::gpt::{entry_name, read_at, u32_at, u64_at, ReadError, ENTRY_SIZE, SECTOR};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+/// The table as read: the contract crate's reader (shared with `basalt inspect`/`verify`)
+/// checks both copies; this module only plans and writes.
+pub use basalt_api::gpt::{Header, HeaderFault, Table};
+
 /// Less than this to gain and the table is left as it is: a disk a few sectors larger
 /// than the image is not worth a rewrite.
 pub const MIN_GAIN: Sectors = Sectors::from_mib(16);
-
-const SECTOR: usize = Sectors::SIZE as usize;
-const SIGNATURE: &[u8; 8] = b"EFI PART";
-const HEADER_SIZE: usize = 92;
-const ENTRY_SIZE: usize = 128;
-/// Bounds the entry array read from disk (512 KiB); real tables have 128 entries.
-const MAX_ENTRIES: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GptError {
@@ -69,200 +67,27 @@ pub enum GptError {
     },
 }
 
-/// What is wrong with one copy of the table.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HeaderFault {
-    #[error("no \"EFI PART\" signature")]
-    Signature,
-    #[error("header CRC32 {stored:#010x}, computed {computed:#010x}")]
-    HeaderCrc { stored: u32, computed: u32 },
-    #[error("entry array CRC32 {stored:#010x}, computed {computed:#010x}")]
-    EntriesCrc { stored: u32, computed: u32 },
-    #[error("header says it is at LBA {0}")]
-    Misplaced(u64),
-    #[error("unsupported {field} {value}")]
-    Unsupported { field: &'static str, value: u64 },
-}
-
-/// A GPT header (UEFI 2.10 §5.3.2), the 92 bytes every tool writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Header {
-    pub revision: u32,
-    pub my_lba: u64,
-    pub alternate_lba: u64,
-    pub first_usable: u64,
-    pub last_usable: u64,
-    pub disk_guid: [u8; 16],
-    pub entries_lba: u64,
-    pub num_entries: u32,
-    pub entries_crc: u32,
-}
-
-impl Header {
-    /// Parses and checks the header in `sector`, read from `lba`.
-    pub fn parse(sector: &[u8; SECTOR], lba: u64) -> Result<Header, HeaderFault> {
-        if &sector[..8] != SIGNATURE {
-            return Err(HeaderFault::Signature);
+/// The reader's errors, as this module has always named them.
+impl From<ReadError> for GptError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Read {
+                offset,
+                len,
+                source,
+            } => GptError::Read {
+                offset,
+                len,
+                source,
+            },
+            ReadError::Header { lba, fault } => GptError::Header { lba, fault },
+            ReadError::TooSmall(size) => GptError::TooSmall(size),
         }
-        let size = u32_at(sector, 12);
-        if size as usize != HEADER_SIZE {
-            return Err(unsupported("header size", size.into()));
-        }
-        let stored = u32_at(sector, 16);
-        let mut zeroed = [0u8; HEADER_SIZE];
-        zeroed.copy_from_slice(&sector[..HEADER_SIZE]);
-        zeroed[16..20].fill(0);
-        let computed = crc32fast::hash(&zeroed);
-        if stored != computed {
-            return Err(HeaderFault::HeaderCrc { stored, computed });
-        }
-        let entry_size = u32_at(sector, 84);
-        if entry_size as usize != ENTRY_SIZE {
-            return Err(unsupported("entry size", entry_size.into()));
-        }
-        let mut disk_guid = [0u8; 16];
-        disk_guid.copy_from_slice(&sector[56..72]);
-        let h = Header {
-            revision: u32_at(sector, 8),
-            my_lba: u64_at(sector, 24),
-            alternate_lba: u64_at(sector, 32),
-            first_usable: u64_at(sector, 40),
-            last_usable: u64_at(sector, 48),
-            disk_guid,
-            entries_lba: u64_at(sector, 72),
-            num_entries: u32_at(sector, 80),
-            entries_crc: u32_at(sector, 88),
-        };
-        if h.my_lba != lba {
-            return Err(HeaderFault::Misplaced(h.my_lba));
-        }
-        if h.num_entries == 0 || h.num_entries > MAX_ENTRIES {
-            return Err(unsupported("entry count", h.num_entries.into()));
-        }
-        if h.first_usable > h.last_usable {
-            return Err(unsupported("first usable LBA", h.first_usable));
-        }
-        Ok(h)
-    }
-
-    /// The header's sector, CRC32 filled in.
-    pub fn encode(&self) -> [u8; SECTOR] {
-        let mut s = [0u8; SECTOR];
-        s[..8].copy_from_slice(SIGNATURE);
-        s[8..12].copy_from_slice(&self.revision.to_le_bytes());
-        s[12..16].copy_from_slice(&(HEADER_SIZE as u32).to_le_bytes());
-        s[24..32].copy_from_slice(&self.my_lba.to_le_bytes());
-        s[32..40].copy_from_slice(&self.alternate_lba.to_le_bytes());
-        s[40..48].copy_from_slice(&self.first_usable.to_le_bytes());
-        s[48..56].copy_from_slice(&self.last_usable.to_le_bytes());
-        s[56..72].copy_from_slice(&self.disk_guid);
-        s[72..80].copy_from_slice(&self.entries_lba.to_le_bytes());
-        s[80..84].copy_from_slice(&self.num_entries.to_le_bytes());
-        s[84..88].copy_from_slice(&(ENTRY_SIZE as u32).to_le_bytes());
-        s[88..92].copy_from_slice(&self.entries_crc.to_le_bytes());
-        let crc = crc32fast::hash(&s[..HEADER_SIZE]);
-        s[16..20].copy_from_slice(&crc.to_le_bytes());
-        s
-    }
-
-    fn entries_len(&self) -> usize {
-        self.num_entries as usize * ENTRY_SIZE
-    }
-
-    /// Sectors the entry array takes.
-    fn entries_sectors(&self) -> u64 {
-        self.entries_len().div_ceil(SECTOR) as u64
     }
 }
 
 fn unsupported(field: &'static str, value: u64) -> HeaderFault {
     HeaderFault::Unsupported { field, value }
-}
-
-/// One valid copy of the table: header and entry array.
-#[derive(Debug, Clone)]
-pub struct Table {
-    pub header: Header,
-    pub entries: Vec<u8>,
-    /// The primary was damaged and this is the backup from the disk's last sector.
-    pub from_backup: bool,
-}
-
-impl Table {
-    /// The primary copy, else the backup in the disk's last sector (where the kernel looks
-    /// too). When neither is valid, the primary's fault.
-    pub fn read(disk: &File, size: Sectors) -> Result<Table, GptError> {
-        let last = size.0.checked_sub(1).filter(|&l| l >= 2);
-        let Some(last) = last else {
-            return Err(GptError::TooSmall(size.0));
-        };
-        match read_copy(disk, 1) {
-            Ok((header, entries)) => Ok(Table {
-                header,
-                entries,
-                from_backup: false,
-            }),
-            Err(primary @ GptError::Header { .. }) => match read_copy(disk, last) {
-                Ok((header, entries)) => Ok(Table {
-                    header,
-                    entries,
-                    from_backup: true,
-                }),
-                Err(_) => Err(primary),
-            },
-            Err(e) => Err(e),
-        }
-    }
-
-    /// The 128 bytes of entry `index` (0-based; partition number - 1).
-    fn entry(&self, index: usize) -> Option<&[u8]> {
-        self.entries
-            .get(index * ENTRY_SIZE..(index + 1) * ENTRY_SIZE)
-    }
-
-    fn used(&self) -> impl Iterator<Item = (usize, &[u8])> {
-        self.entries
-            .chunks_exact(ENTRY_SIZE)
-            .enumerate()
-            .filter(|(_, e)| e[..16].iter().any(|&b| b != 0))
-    }
-}
-
-fn read_copy(disk: &File, lba: u64) -> Result<(Header, Vec<u8>), GptError> {
-    let fault = |fault| GptError::Header { lba, fault };
-    let mut sector = [0u8; SECTOR];
-    read_at(disk, lba, &mut sector)?;
-    let header = Header::parse(&sector, lba).map_err(fault)?;
-    let mut entries = vec![0u8; header.entries_len()];
-    read_at(disk, header.entries_lba, &mut entries)?;
-    let computed = crc32fast::hash(&entries);
-    if computed != header.entries_crc {
-        return Err(fault(HeaderFault::EntriesCrc {
-            stored: header.entries_crc,
-            computed,
-        }));
-    }
-    Ok((header, entries))
-}
-
-fn read_at(disk: &File, lba: u64, buf: &mut [u8]) -> Result<(), GptError> {
-    let offset = lba.saturating_mul(Sectors::SIZE);
-    disk.read_exact_at(buf, offset)
-        .map_err(|source| GptError::Read {
-            offset,
-            len: buf.len(),
-            source,
-        })
-}
-
-/// The partition's name, UTF-16LE up to the first NUL.
-fn entry_name(entry: &[u8]) -> String {
-    let units: Vec<u16> = entry[56..128]
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
-    String::from_utf16_lossy(&units)
 }
 
 /// Sectors to write at an LBA.
@@ -489,18 +314,6 @@ impl Plan {
     }
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
 #[cfg(test)]
 pub(crate) mod fixture {
     //! Disk images laid out like the builder's, written with the `gpt` crate.
@@ -583,6 +396,11 @@ mod tests {
     use std::path::Path;
 
     const GROWN: Sectors = Sectors(IMAGE.0 + Sectors::from_mib(64).0);
+
+    /// One copy, its errors named as [`plan`]'s are.
+    fn read_copy(disk: &File, lba: u64) -> Result<Table, GptError> {
+        Ok(basalt_api::gpt::read_copy(disk, lba)?)
+    }
 
     fn open(path: &Path) -> File {
         std::fs::OpenOptions::new()
@@ -803,58 +621,5 @@ mod tests {
         );
         assert_valid_and_state_ends_at(&path2, GROWN, GROWN.0 - 34);
         assert_eq!(grow(&path2, GROWN), None);
-    }
-
-    #[test]
-    fn header_faults_are_told_apart() {
-        let h = Header {
-            revision: 0x0001_0000,
-            my_lba: 1,
-            alternate_lba: 999,
-            first_usable: 34,
-            last_usable: 965,
-            disk_guid: [7; 16],
-            entries_lba: 2,
-            num_entries: 128,
-            entries_crc: 0x1234_5678,
-        };
-        let good = h.encode();
-        assert_eq!(Header::parse(&good, 1), Ok(h));
-        type Case = (usize, u8, u64, fn(&HeaderFault) -> bool);
-        let cases: [Case; 5] = [
-            (0, b'X', 1, |f| *f == HeaderFault::Signature),
-            (40, 1, 1, |f| matches!(f, HeaderFault::HeaderCrc { .. })),
-            (12, 93, 1, |f| {
-                matches!(
-                    f,
-                    HeaderFault::Unsupported {
-                        field: "header size",
-                        value: 93
-                    }
-                )
-            }),
-            (200, 0, 2, |f| *f == HeaderFault::Misplaced(1)),
-            (84, 0, 1, |f| {
-                matches!(
-                    f,
-                    HeaderFault::Unsupported {
-                        field: "entry size",
-                        ..
-                    }
-                )
-            }),
-        ];
-        for (at, byte, lba, want) in cases {
-            let mut s = good;
-            s[at] = byte;
-            if at != 40 {
-                // Keep the CRC right so that the later checks are reached.
-                s[16..20].fill(0);
-                let crc = crc32fast::hash(&s[..HEADER_SIZE]);
-                s[16..20].copy_from_slice(&crc.to_le_bytes());
-            }
-            let fault = Header::parse(&s, lba).unwrap_err();
-            assert!(want(&fault), "byte {at} = {byte}: {fault:?}");
-        }
     }
 }
