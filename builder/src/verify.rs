@@ -730,7 +730,7 @@ mod tests {
             checks: vec![
                 Check::new(Status::Ok, "primary GPT", "fine"),
                 Check::new(Status::Skipped, "ROOT-B (slot b)", "not populated"),
-                Check::new(Status::Warning, "EFI", "no manifest"),
+                Check::new(Status::Warning, inspect::ESP, "no manifest"),
             ],
         };
         assert!(r.passed());

@@ -501,6 +501,9 @@ pub(crate) mod fixture {
 mod tests {
     use super::fixture::{node, IMAGE, STATE_LEN, STATE_START};
     use super::*;
+    use basalt_api::layout::Partition;
+
+    const STATE: &str = Partition::State.name();
 
     const GROWN: Sectors = Sectors(IMAGE.0 + Sectors::from_mib(1024).0);
 
@@ -548,7 +551,7 @@ mod tests {
             sysfs: Some((sys.clone(), "vda5".into())),
             ..Default::default()
         };
-        let g = grow_partition(&mut ops, &sys, &dev, &vda5(), "STATE")
+        let g = grow_partition(&mut ops, &sys, &dev, &vda5(), STATE)
             .expect("grow")
             .expect("grown");
         let to = Sectors(GROWN.0 - 34 + 1 - STATE_START.0);
@@ -570,7 +573,7 @@ mod tests {
             }]
         );
         assert_eq!(
-            grow_partition(&mut ops, &sys, &dev, &vda5(), "STATE").expect("again"),
+            grow_partition(&mut ops, &sys, &dev, &vda5(), STATE).expect("again"),
             None
         );
         assert_eq!(ops.calls.len(), 1);
@@ -585,12 +588,12 @@ mod tests {
             fail_blkpg: Some(nix::errno::Errno::EBUSY),
             ..Default::default()
         };
-        let err = grow_partition(&mut ops, &sys, &dev, &vda5(), "STATE").unwrap_err();
+        let err = grow_partition(&mut ops, &sys, &dev, &vda5(), STATE).unwrap_err();
         assert!(matches!(err, GrowError::Blkpg { number: 5, .. }), "{err:?}");
         assert!(crate::pid1::console::chain(&err).contains("Device or resource busy"));
         // The table is grown all the same: the next boot's kernel reads it.
         assert_eq!(
-            grow_partition(&mut Recording::default(), &sys, &dev, &vda5(), "STATE").expect("again"),
+            grow_partition(&mut Recording::default(), &sys, &dev, &vda5(), STATE).expect("again"),
             None
         );
     }
@@ -603,7 +606,7 @@ mod tests {
         std::fs::write(root.path().join("sys/block/vda/vda5/start"), "4096\n").expect("write");
         let before = std::fs::read(dev.join("vda")).expect("read");
         let mut ops = Recording::default();
-        let err = grow_partition(&mut ops, &sys, &dev, &vda5(), "STATE").unwrap_err();
+        let err = grow_partition(&mut ops, &sys, &dev, &vda5(), STATE).unwrap_err();
         assert!(
             matches!(err, GrowError::StartMismatch { kernel: 4096, .. }),
             "{err}"

@@ -318,19 +318,20 @@ impl Plan {
 pub(crate) mod fixture {
     //! Disk images laid out like the builder's, written with the `gpt` crate.
     use super::super::Sectors;
+    use basalt_api::layout::Partition as Part;
     use gpt::disk::LogicalBlockSize;
     use gpt::partition::Partition;
     use gpt::partition_types;
     use std::collections::BTreeMap;
     use std::path::Path;
 
-    /// BIOS, EFI, ROOT-A, ROOT-B, STATE (MiB), starting at 1 MiB.
+    /// The contract's partitions (name, MiB), starting at 1 MiB.
     pub const PARTS: [(&str, u64); 5] = [
-        ("BIOS", 1),
-        ("EFI", 2),
-        ("ROOT-A", 4),
-        ("ROOT-B", 4),
-        ("STATE", 8),
+        (Part::Bios.name(), 1),
+        (Part::Efi.name(), 2),
+        (Part::RootA.name(), 4),
+        (Part::RootB.name(), 4),
+        (Part::State.name(), 8),
     ];
     pub const STATE_START: Sectors = Sectors::from_mib(1 + 1 + 2 + 4 + 4);
     pub const STATE_LEN: Sectors = Sectors::from_mib(8);
@@ -396,6 +397,7 @@ mod tests {
     use std::path::Path;
 
     const GROWN: Sectors = Sectors(IMAGE.0 + Sectors::from_mib(64).0);
+    const STATE: &str = basalt_api::layout::Partition::State.name();
 
     /// One copy, its errors named as [`plan`]'s are.
     fn read_copy(disk: &File, lba: u64) -> Result<Table, GptError> {
@@ -412,7 +414,7 @@ mod tests {
 
     fn grow(path: &Path, size: Sectors) -> Option<Plan> {
         let f = open(path);
-        let plan = plan(&f, size, 5, "STATE").expect("plan");
+        let plan = plan(&f, size, 5, STATE).expect("plan");
         if let Some(p) = &plan {
             p.apply(&f).expect("apply");
         }
@@ -535,19 +537,19 @@ mod tests {
         let f = open(&path);
         let size = Sectors(IMAGE.0 + Sectors::from_mib(64).0);
         assert!(matches!(
-            plan(&f, size, 5, "STATE"),
+            plan(&f, size, 5, STATE),
             Err(GptError::NotLast { number: 5 })
         ));
         assert!(matches!(
-            plan(&f, size, 4, "STATE"),
+            plan(&f, size, 4, STATE),
             Err(GptError::NotThere { number: 4, .. })
         ));
         assert!(matches!(
-            plan(&f, size, 9, "STATE"),
+            plan(&f, size, 9, STATE),
             Err(GptError::NotThere { number: 9, .. })
         ));
         assert!(matches!(
-            plan(&f, size, 0, "STATE"),
+            plan(&f, size, 0, STATE),
             Err(GptError::NotThere { number: 0, .. })
         ));
         // A disk smaller than the table says: STATE would not fit.
@@ -557,7 +559,7 @@ mod tests {
         let mut t = Table::read(&f, GROWN).expect("table");
         t.entries[4 * ENTRY_SIZE + 40..4 * ENTRY_SIZE + 48].copy_from_slice(&1u64.to_le_bytes());
         assert!(matches!(
-            plan_table(&t, &[0; SECTOR], GROWN, 5, "STATE"),
+            plan_table(&t, &[0; SECTOR], GROWN, 5, STATE),
             Err(GptError::Header {
                 fault: HeaderFault::Unsupported {
                     field: "partition end LBA",
@@ -567,7 +569,7 @@ mod tests {
             })
         ));
         assert!(matches!(
-            plan(&f, Sectors(STATE_START.0 + 100), 5, "STATE"),
+            plan(&f, Sectors(STATE_START.0 + 100), 5, STATE),
             Err(GptError::DiskTooSmall { number: 5, .. })
         ));
     }
@@ -580,7 +582,7 @@ mod tests {
         let path = dir.path().join("disk.raw");
         disk(&path, GROWN);
         let f = open(&path);
-        let p = plan(&f, GROWN, 5, "STATE").expect("plan").expect("grows");
+        let p = plan(&f, GROWN, 5, STATE).expect("plan").expect("grows");
         let writes: Vec<&Write> = p.phases.iter().flatten().collect();
         assert!(writes.len() >= 4, "{writes:?}");
         for w in writes {
@@ -599,7 +601,7 @@ mod tests {
         let path2 = dir2.path().join("disk.raw");
         disk(&path2, GROWN);
         let f2 = open(&path2);
-        let p2 = plan(&f2, GROWN, 5, "STATE").expect("plan").expect("grows");
+        let p2 = plan(&f2, GROWN, 5, STATE).expect("plan").expect("grows");
         for w in &p2.phases[0] {
             f2.write_all_at(&w.bytes, w.lba * 512).expect("write");
         }
