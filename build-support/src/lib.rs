@@ -1,4 +1,5 @@
-//! Prerequisites of tests, probed from a build script.
+//! Prerequisites of tests, probed from a build script; and the one static cargo build of
+//! a workspace binary ([`static_build`]).
 //!
 //! libtest cannot skip a test at run time: a test that returns early for lack of QEMU or
 //! root counts as *passed*, and a summary full of such passes proves nothing. So the test
@@ -15,6 +16,8 @@
 //! ```
 
 use std::path::Path;
+
+pub mod static_build;
 
 /// One prerequisite: the cfg set when it is missing outside CI, and what it needs.
 #[derive(Debug)]
