@@ -4,16 +4,15 @@
 //! `basalt-build-support`).
 //!
 //! basalt-init is built as the image library builds it from a checkout
-//! (`basalt_builder::initbuild::build`): release, `+crt-static` for the target only, but
+//! (`basalt_builder::initbuild::build`, both through `basalt_build_support::static_build`):
+//! release, `+crt-static` for the target only, but
 //! without default features, so the test service (`testd`) is not in a release image, and
 //! into its own `target/init-release`, so that the tests' build (with `testd`) never
 //! overwrites the binary this one embeds.
 //! `BASALT_EMBED_INIT=PATH` embeds a prebuilt static basalt-init instead.
 
+use basalt_build_support::static_build::StaticBuild;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 fn main() {
     basalt_build_support::probe(&[
@@ -42,27 +41,14 @@ fn build_init() -> PathBuf {
             workspace.join(input).display()
         );
     }
-    let target_dir = target_root(&workspace).join("init-release");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .current_dir(&workspace)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "basalt-init",
-            "--no-default-features",
-            "--target",
-            TARGET,
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env(
-            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        );
+    let build = StaticBuild {
+        workspace: &workspace,
+        package: "basalt-init",
+        bin: None,
+        target_dir: target_root(&workspace).join("init-release"),
+        default_features: false,
+    };
+    let mut command = build.command();
     // What the outer cargo (or clippy) set for its own build must not leak into this one.
     for var in [
         "RUSTFLAGS",
@@ -74,12 +60,13 @@ fn build_init() -> PathBuf {
     ] {
         command.env_remove(var);
     }
-    let status = command.status().expect("run cargo to build basalt-init");
-    assert!(
-        status.success(),
-        "cargo build of basalt-init (static) failed: {status}"
-    );
-    target_dir.join(TARGET).join("release/basalt-init")
+    match build.run_command(command) {
+        Ok(bin) => bin,
+        Err(e) => panic!(
+            "static basalt-init: {e} ({:?})",
+            std::error::Error::source(&e)
+        ),
+    }
 }
 
 /// The workspace's target folder: `CARGO_TARGET_DIR` when the outer build uses one,

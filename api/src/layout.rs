@@ -136,7 +136,8 @@ impl fmt::Display for Partition {
 /// QEMU fw_cfg: how a local host hands a node its machine config (a hypervisor's host
 /// controls its guest anyway; nothing in a cloud's API can set fw_cfg).
 pub mod fw_cfg {
-    // The names as macros, so that `concat!` can build the sysfs paths as constants.
+    // The names as macros, so that `concat!` can build the sysfs paths as constants: the
+    // one way to name where an entry appears (there are only these two entries).
     macro_rules! config_name {
         () => {
             "opt/basalt/config"
@@ -163,11 +164,6 @@ pub mod fw_cfg {
     pub const TEST_SERVICE_SYSFS: &str = sysfs!(test_service_name!());
     /// How logs and errors name the config source [`CONFIG`].
     pub const CONFIG_LABEL: &str = concat!("fw_cfg ", config_name!());
-
-    /// Where the `qemu_fw_cfg` module exposes entry `name`, relative to the root.
-    pub fn sysfs_path(name: &str) -> String {
-        format!("sys/firmware/qemu_fw_cfg/by_name/{name}/raw")
-    }
 
     /// QEMU's `-fw_cfg` argument that passes `file` as entry `name` (a comma in the path
     /// doubled, as QEMU's option syntax wants).
@@ -210,13 +206,13 @@ mod tests {
     #[test]
     fn fw_cfg_paths_are_where_the_kernel_module_puts_them() {
         assert_eq!(
-            fw_cfg::sysfs_path(fw_cfg::CONFIG),
+            fw_cfg::CONFIG_SYSFS,
             "sys/firmware/qemu_fw_cfg/by_name/opt/basalt/config/raw"
         );
-        assert_eq!(fw_cfg::CONFIG_SYSFS, fw_cfg::sysfs_path(fw_cfg::CONFIG));
         assert_eq!(
             fw_cfg::TEST_SERVICE_SYSFS,
-            fw_cfg::sysfs_path(fw_cfg::TEST_SERVICE)
+            "sys/firmware/qemu_fw_cfg/by_name/opt/basalt/test-service/raw"
         );
+        assert_eq!(fw_cfg::CONFIG_LABEL, "fw_cfg opt/basalt/config");
     }
 }

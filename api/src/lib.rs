@@ -2,12 +2,14 @@
 //!
 //! The boundary: anything both sides of the boot must agree on byte for byte lives here:
 //! the kernel command-line parameters the builder writes and stage 1 reads
-//! ([`bootparams`]), the partition table, sector unit and fw_cfg names ([`layout`]), and the console line format of boot milestones that init prints
-//! and tests and benchmarks read ([`milestone`]). The machine config ([`config`]) is the
+//! ([`bootparams`]), the partition table, sector unit and fw_cfg names ([`layout`]), the
+//! one GPT reader ([`gpt`]), and the console line format of boot milestones that init
+//! prints and tests and benchmarks read ([`milestone`]). The machine config ([`config`]) is the
 //! versioned TOML document the CLI writes, the node API accepts and basalt-init applies.
 
 pub mod bootparams;
 pub mod config;
+pub mod gpt;
 pub mod k3s;
 pub mod layout;
 pub mod milestone;

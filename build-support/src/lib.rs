@@ -1,4 +1,5 @@
-//! Prerequisites of tests, probed from a build script.
+//! Prerequisites of tests, probed from a build script; and the one static cargo build of
+//! a workspace binary ([`static_build`]).
 //!
 //! libtest cannot skip a test at run time: a test that returns early for lack of QEMU or
 //! root counts as *passed*, and a summary full of such passes proves nothing. So the test
@@ -15,6 +16,8 @@
 //! ```
 
 use std::path::Path;
+
+pub mod static_build;
 
 /// One prerequisite: the cfg set when it is missing outside CI, and what it needs.
 #[derive(Debug)]
@@ -55,6 +58,13 @@ pub const QEMU: Prereq = Prereq {
         Need::File("/usr/share/seabios/bios-256k.bin"),
         Need::File("/usr/share/OVMF/OVMF_CODE_4M.fd"),
     ],
+};
+
+/// util-linux's `sfdisk`: GPTs written by a tool other than ours, for the shared reader.
+pub const SFDISK: Prereq = Prereq {
+    skip_cfg: "basalt_skip_sfdisk",
+    what: "reading GPTs written by sfdisk",
+    needs: &[Need::Tool("sfdisk")],
 };
 
 /// Root privileges, for tests that mount filesystems.

@@ -250,7 +250,7 @@ mod tests {
     fn partitions_are_contiguous_and_mib_aligned() {
         let l = layout();
         let names: Vec<_> = l.partitions.iter().map(|p| p.name).collect();
-        assert_eq!(names, ["BIOS", "EFI", "ROOT-A", "ROOT-B", "STATE"]);
+        assert_eq!(names, Partition::ALL.map(Partition::name));
         for w in l.partitions.windows(2) {
             assert_eq!(w[0].first_lba.0 + w[0].sectors.0, w[1].first_lba.0);
         }
@@ -313,7 +313,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            matches!(err, DiskError::TooLarge { ref partition, .. } if partition == "BIOS"),
+            matches!(err, DiskError::TooLarge { ref partition, .. } if partition == Partition::Bios.name()),
             "{err}"
         );
     }

@@ -1,6 +1,7 @@
 //! The EFI system partition: a FAT filesystem written into a file with `fatfs`, no mounts.
 //! Times are the FAT epoch (fatfs without a clock), the volume id comes from the caller.
 
+use basalt_api::layout::Partition;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,15 @@ pub enum EspError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The FAT volume label: the partition's GPT name, space-padded to FAT's 11 bytes.
+fn volume_label() -> [u8; 11] {
+    let mut label = [b' '; 11];
+    let name = Partition::Efi.name().as_bytes();
+    let n = name.len().min(label.len());
+    label[..n].copy_from_slice(&name[..n]);
+    label
 }
 
 /// Creates a FAT image of `size` bytes at `out` holding `files` (path → bytes).
@@ -36,7 +46,7 @@ pub fn write(
         .map_err(|e| EspError::Create(out.into(), e))?;
     let opts = fatfs::FormatVolumeOptions::new()
         .volume_id(volume_id)
-        .volume_label(*b"EFI        ");
+        .volume_label(volume_label());
     fatfs::format_volume(&mut img, opts).map_err(|e| EspError::Format(out.into(), e))?;
     let fs = fatfs::FileSystem::new(&mut img, fatfs::FsOptions::new())
         .map_err(|e| EspError::Format(out.into(), e))?;

@@ -2,6 +2,7 @@
 //! copy by `qemu-img`), the GPT, the ESP's FAT, a root slot's squashfs and its dm-verity
 //! superblock. Read-only, no root, no loop devices; `inspect` and `verify` build on it.
 
+use basalt_api::gpt::{self, guid_string, u32_at, u64_at, HeaderFault, ReadError};
 use basalt_api::layout::Sectors;
 use serde::Serialize;
 use std::fs::File;
@@ -11,10 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
-const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
 const VERITY_MAGIC: &[u8; 8] = b"verity\0\0";
-/// Largest partition entry array accepted (the usual one is 16 KiB).
-const MAX_ENTRY_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -69,8 +67,10 @@ pub enum ImageError {
         path: PathBuf,
         copy: GptCopy,
         lba: u64,
-        fault: GptFault,
+        fault: HeaderFault,
     },
+    #[error("{path} is {sectors} sectors long, too small to hold a GPT")]
+    TooSmall { path: PathBuf, sectors: u64 },
     #[error("{path} has no partition named {name}")]
     NoPartition { path: PathBuf, name: String },
     #[error("mount the FAT in {partition} of {path}")]
@@ -94,21 +94,6 @@ pub enum ImageError {
         partition: String,
         reason: &'static str,
     },
-}
-
-/// What is wrong with one GPT copy.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum GptFault {
-    #[error("no \"EFI PART\" signature")]
-    Signature,
-    #[error("header size {0} is out of range")]
-    HeaderSize(u32),
-    #[error("header CRC32 is {stored:08x}, computed {computed:08x}")]
-    HeaderCrc { stored: u32, computed: u32 },
-    #[error("partition entry array of {count} entries of {size} bytes is not supported")]
-    EntryGeometry { count: u32, size: u32 },
-    #[error("partition entry array CRC32 is {stored:08x}, computed {computed:08x}")]
-    EntriesCrc { stored: u32, computed: u32 },
 }
 
 /// The image, open for reading. A qcow2 is read through a raw copy that lives as long as
@@ -176,47 +161,49 @@ impl DiskImage {
         Ok(buf)
     }
 
-    /// One GPT copy: header checked (signature, size, CRC32) and its entry array read and
-    /// checked against the header's CRC32. The primary is at LBA 1, the backup in the
-    /// disk's last sector.
+    /// One GPT copy, read and checked by the contract crate's reader (the one basalt-init
+    /// reads STATE's table with). The primary is at LBA 1, the backup in the disk's last
+    /// sector.
     pub fn gpt(&self, copy: GptCopy) -> Result<Gpt, ImageError> {
         let lba = match copy {
             GptCopy::Primary => 1,
             GptCopy::Backup => self.sectors().0.saturating_sub(1),
         };
-        let fault = |fault| ImageError::Gpt {
-            path: self.path.clone(),
-            copy,
-            lba,
-            fault,
-        };
-        let sector = self.read_vec(Sectors(lba).bytes(), Sectors::SIZE as usize)?;
-        let header = GptHeader::parse(&sector).map_err(fault)?;
-        let entries = self.read_vec(
-            Sectors(header.entries_lba).bytes(),
-            header.entry_bytes() as usize,
-        )?;
-        let computed = crc32fast::hash(&entries);
-        if computed != header.entries_crc32 {
-            return Err(fault(GptFault::EntriesCrc {
-                stored: header.entries_crc32,
-                computed,
-            }));
-        }
-        let partitions = parse_entries(&entries, header.entry_size);
-        Ok(Gpt {
-            header,
-            lba,
-            entries,
-            partitions,
-        })
+        let table = gpt::read_copy(&self.file, lba).map_err(|e| self.gpt_error(e, copy))?;
+        Ok(Gpt::new(table, lba))
     }
 
     /// The partition table: the primary copy, else the backup (`verify` says which is
     /// damaged). When neither is good, the primary's error.
     pub fn table(&self) -> Result<Gpt, ImageError> {
-        self.gpt(GptCopy::Primary)
-            .or_else(|primary| self.gpt(GptCopy::Backup).map_err(|_| primary))
+        let table = gpt::Table::read(&self.file, self.sectors())
+            .map_err(|e| self.gpt_error(e, GptCopy::Primary))?;
+        let lba = table.header.my_lba;
+        Ok(Gpt::new(table, lba))
+    }
+
+    /// The reader's error, naming this image and the copy.
+    fn gpt_error(&self, e: ReadError, copy: GptCopy) -> ImageError {
+        let path = self.path.clone();
+        match e {
+            ReadError::Read {
+                offset,
+                len,
+                source,
+            } => ImageError::Read {
+                path,
+                offset,
+                len,
+                source,
+            },
+            ReadError::Header { lba, fault } => ImageError::Gpt {
+                path,
+                copy,
+                lba,
+                fault,
+            },
+            ReadError::TooSmall(sectors) => ImageError::TooSmall { path, sectors },
+        }
     }
 
     /// A reader confined to one partition.
@@ -428,7 +415,7 @@ impl Fat {
 /// One parsed GPT copy.
 #[derive(Debug, Clone)]
 pub struct Gpt {
-    pub header: GptHeader,
+    pub header: gpt::Header,
     /// Where the header was read.
     pub lba: u64,
     /// The raw partition entry array.
@@ -436,70 +423,24 @@ pub struct Gpt {
     pub partitions: Vec<GptPartition>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GptHeader {
-    pub my_lba: u64,
-    pub alternate_lba: u64,
-    pub first_usable_lba: u64,
-    pub last_usable_lba: u64,
-    pub disk_guid: uuid::Uuid,
-    pub entries_lba: u64,
-    pub entry_count: u32,
-    pub entry_size: u32,
-    pub entries_crc32: u32,
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from(u32_at(b, at)) | (u64::from(u32_at(b, at + 4)) << 32)
-}
-
-fn guid_at(b: &[u8], at: usize) -> uuid::Uuid {
-    let mut g = [0u8; 16];
-    g.copy_from_slice(&b[at..at + 16]);
-    uuid::Uuid::from_bytes_le(g)
-}
-
-impl GptHeader {
-    /// Parses a header sector, checking signature, size and CRC32 (UEFI spec 5.3.2).
-    pub fn parse(sector: &[u8]) -> Result<Self, GptFault> {
-        if sector.len() < Sectors::SIZE as usize || &sector[..8] != GPT_SIGNATURE {
-            return Err(GptFault::Signature);
+impl Gpt {
+    fn new(table: gpt::Table, lba: u64) -> Self {
+        let partitions = gpt::entries(&table.entries)
+            .map(|e| GptPartition {
+                number: e.number,
+                type_guid: guid_string(&e.type_guid),
+                guid: guid_string(&e.guid),
+                first_lba: Sectors(e.first_lba),
+                sectors: e.sectors(),
+                name: e.name,
+            })
+            .collect();
+        Gpt {
+            header: table.header,
+            lba,
+            entries: table.entries,
+            partitions,
         }
-        let size = u32_at(sector, 12);
-        if !(92..=Sectors::SIZE as u32).contains(&size) {
-            return Err(GptFault::HeaderSize(size));
-        }
-        let stored = u32_at(sector, 16);
-        let mut h = sector[..size as usize].to_vec();
-        h[16..20].fill(0);
-        let computed = crc32fast::hash(&h);
-        if computed != stored {
-            return Err(GptFault::HeaderCrc { stored, computed });
-        }
-        let (count, esize) = (u32_at(sector, 80), u32_at(sector, 84));
-        let bytes = u64::from(count) * u64::from(esize);
-        if esize < 128 || !esize.is_power_of_two() || count == 0 || bytes > MAX_ENTRY_BYTES {
-            return Err(GptFault::EntryGeometry { count, size: esize });
-        }
-        Ok(GptHeader {
-            my_lba: u64_at(sector, 24),
-            alternate_lba: u64_at(sector, 32),
-            first_usable_lba: u64_at(sector, 40),
-            last_usable_lba: u64_at(sector, 48),
-            disk_guid: guid_at(sector, 56),
-            entries_lba: u64_at(sector, 72),
-            entry_count: count,
-            entry_size: esize,
-            entries_crc32: u32_at(sector, 88),
-        })
-    }
-
-    pub fn entry_bytes(&self) -> u64 {
-        u64::from(self.entry_count) * u64::from(self.entry_size)
     }
 }
 
@@ -522,31 +463,6 @@ impl GptPartition {
     pub fn size(&self) -> u64 {
         self.sectors.bytes()
     }
-}
-
-/// The used entries of a partition entry array (type GUID not all zero).
-pub fn parse_entries(array: &[u8], entry_size: u32) -> Vec<GptPartition> {
-    array
-        .chunks_exact(entry_size as usize)
-        .enumerate()
-        .filter(|(_, e)| e[..16].iter().any(|&b| b != 0))
-        .map(|(i, e)| {
-            let utf16: Vec<u16> = e[56..128]
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .take_while(|&c| c != 0)
-                .collect();
-            let (first, last) = (u64_at(e, 32), u64_at(e, 40));
-            GptPartition {
-                number: i as u32 + 1,
-                name: String::from_utf16_lossy(&utf16),
-                type_guid: guid_at(e, 0).to_string().to_uppercase(),
-                guid: guid_at(e, 16).to_string().to_uppercase(),
-                first_lba: Sectors(first),
-                sectors: Sectors((last + 1).saturating_sub(first)),
-            }
-        })
-        .collect()
 }
 
 /// The named partition, or an error naming the image and the partition.
@@ -629,7 +545,10 @@ mod tests {
         assert_eq!(primary.header.my_lba, 1);
         assert_eq!(primary.header.alternate_lba, l.total.0 - 1);
         assert_eq!(backup.header.my_lba, l.total.0 - 1);
-        assert_eq!(primary.header.disk_guid, l.disk_guid);
+        assert_eq!(
+            guid_string(&primary.header.disk_guid),
+            l.disk_guid.to_string().to_uppercase()
+        );
         assert_eq!(primary.entries, backup.entries);
         let got: Vec<_> = primary
             .partitions
@@ -684,7 +603,7 @@ mod tests {
                 ImageError::Gpt {
                     copy: GptCopy::Primary,
                     lba: 1,
-                    fault: GptFault::HeaderCrc { .. },
+                    fault: HeaderFault::HeaderCrc { .. },
                     ..
                 }
             ),
@@ -696,7 +615,7 @@ mod tests {
                 err,
                 ImageError::Gpt {
                     copy: GptCopy::Backup,
-                    fault: GptFault::EntriesCrc { .. },
+                    fault: HeaderFault::EntriesCrc { .. },
                     ..
                 }
             ),

@@ -2,17 +2,15 @@
 //! the program that builds (the `basalt` CLI), or taken from `--input basalt-init=PATH`;
 //! whichever, it must be statically linked.
 
+use basalt_build_support::static_build::{StaticBuild, StaticBuildError};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitBuildError {
     #[error("cannot find the basalt source tree above {0} (set BASALT_SOURCE, or pass --input basalt-init=PATH)")]
     NoWorkspace(PathBuf),
-    #[error("run cargo to build {0}")]
-    Spawn(String, #[source] std::io::Error),
-    #[error("cargo build of {0} failed (exit {1})")]
-    Cargo(String, std::process::ExitStatus),
+    #[error(transparent)]
+    Build(#[from] StaticBuildError),
     #[error("read {0}")]
     Read(PathBuf, #[source] std::io::Error),
     #[error("write {0}")]
@@ -41,34 +39,22 @@ pub fn build(workspace: &Path) -> Result<PathBuf, InitBuildError> {
 }
 
 /// Builds the workspace package `package` (its binary of the same name) release and
-/// statically linked, into `target/<target_dir>` so that it neither waits on nor
-/// invalidates the caller's own build, and checks that the result is static.
+/// statically linked (`basalt_build_support::static_build`, as the CLI's build script and
+/// the K3s agent double are built), into `target/<target_dir>` so that it neither waits
+/// on nor invalidates the caller's own build, and checks that the result is static.
 pub fn build_static(
     workspace: &Path,
     package: &str,
     target_dir: &str,
 ) -> Result<PathBuf, InitBuildError> {
-    let target_dir = workspace.join("target").join(target_dir);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace)
-        .args(["build", "--release", "--locked", "-p", package])
-        .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
-        .arg(&target_dir)
-        // Per-target flags: build scripts and proc macros stay ordinary host binaries.
-        .env(
-            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        )
-        .env_remove("RUSTFLAGS")
-        .status()
-        .map_err(|e| InitBuildError::Spawn(package.to_owned(), e))?;
-    if !status.success() {
-        return Err(InitBuildError::Cargo(package.to_owned(), status));
+    let bin = StaticBuild {
+        workspace,
+        package,
+        bin: None,
+        target_dir: workspace.join("target").join(target_dir),
+        default_features: true,
     }
-    let bin = target_dir
-        .join("x86_64-unknown-linux-gnu/release")
-        .join(package);
+    .run()?;
     check_static(&bin)?;
     Ok(bin)
 }

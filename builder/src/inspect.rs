@@ -270,7 +270,7 @@ pub fn inspect(path: &Path) -> Result<ImageInfo, InspectError> {
         image: path.into(),
         format: img.format(),
         sectors: img.sectors(),
-        disk_guid: gpt.header.disk_guid.to_string().to_uppercase(),
+        disk_guid: basalt_api::gpt::guid_string(&gpt.header.disk_guid),
         active_slot: slots
             .iter()
             .find(|s| s.active)

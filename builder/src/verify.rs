@@ -6,9 +6,10 @@
 //! and the data or hash block; `veritysetup verify` is the oracle in the tests.
 
 use crate::image::VeritySuperblock;
-use crate::image::{self, DiskImage, Fat, Gpt, GptCopy, GptHeader, GptPartition, ImageError};
+use crate::image::{self, DiskImage, Fat, Gpt, GptCopy, GptPartition, ImageError};
 use crate::inspect;
 use basalt_api::bootparams::{Verity, VERITY_BLOCK_SIZE};
+use basalt_api::gpt::{Header, ENTRY_SIZE};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -171,19 +172,17 @@ fn gpt_copy(
             return None;
         }
     };
+    // The reader refused a header that is not where it says it is (`Misplaced`).
     let h = &gpt.header;
     let mut problems = Problems::default();
-    if h.my_lba != my {
-        problems.push(format!("header at LBA {my} says it is at LBA {}", h.my_lba));
-    }
     if h.alternate_lba != alternate {
         let other = h.alternate_lba;
         problems.push(format!(
             "header points at the other copy at LBA {other}, not {alternate}"
         ));
     }
-    let array_end = h.entries_lba + h.entry_bytes().div_ceil(512);
-    let array_in_use = array_end > h.first_usable_lba && h.entries_lba <= h.last_usable_lba;
+    let array_end = h.entries_lba + h.entries_sectors();
+    let array_in_use = array_end > h.first_usable && h.entries_lba <= h.last_usable;
     if h.entries_lba < 2 || array_in_use || (h.entries_lba..array_end).contains(&my) {
         let at = h.entries_lba;
         problems.push(format!(
@@ -192,7 +191,7 @@ fn gpt_copy(
     }
     for p in &gpt.partitions {
         let end = p.first_lba.0 + p.sectors.0;
-        if p.first_lba.0 < h.first_usable_lba || end > h.last_usable_lba + 1 || p.sectors.0 == 0 {
+        if p.first_lba.0 < h.first_usable || end > h.last_usable + 1 || p.sectors.0 == 0 {
             let (n, name) = (p.number, &p.name);
             problems.push(format!(
                 "partition {n} ({name}) lies outside the usable area"
@@ -209,16 +208,15 @@ fn gpt_copy(
 fn compare_copies(p: &Gpt, b: &Gpt) -> Check {
     let mut problems = Problems::default();
     if p.entries != b.entries {
-        let size = p.header.entry_size as usize;
-        let (x, y) = (p.entries.chunks(size), b.entries.chunks(size));
+        let (x, y) = (p.entries.chunks(ENTRY_SIZE), b.entries.chunks(ENTRY_SIZE));
         let first = x.zip(y).position(|(x, y)| x != y).map_or(0, |i| i + 1);
         problems.push(format!(
             "partition entry {first} differs between the copies"
         ));
     }
-    let key = |h: &GptHeader| {
-        let usable = (h.first_usable_lba, h.last_usable_lba);
-        (h.disk_guid, usable, h.entry_count, h.entry_size)
+    let key = |h: &Header| {
+        let usable = (h.first_usable, h.last_usable);
+        (h.disk_guid, usable, h.num_entries)
     };
     if key(&p.header) != key(&b.header) {
         problems.push("headers disagree on disk GUID, usable area or entry array size".into());
@@ -732,7 +730,7 @@ mod tests {
             checks: vec![
                 Check::new(Status::Ok, "primary GPT", "fine"),
                 Check::new(Status::Skipped, "ROOT-B (slot b)", "not populated"),
-                Check::new(Status::Warning, "EFI", "no manifest"),
+                Check::new(Status::Warning, inspect::ESP, "no manifest"),
             ],
         };
         assert!(r.passed());

@@ -307,7 +307,7 @@ fn the_embedded_basalt_init_is_a_release_build_without_the_test_service() {
     };
     assert!(grep("[basalt]"), "not basalt-init?");
     assert!(
-        !grep("opt/basalt/test-service"),
+        !grep(basalt_api::layout::fw_cfg::TEST_SERVICE),
         "the test service is in the release basalt-init"
     );
 }

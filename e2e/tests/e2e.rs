@@ -279,7 +279,10 @@ fn a_config_from_fw_cfg_is_kept_on_state_and_not_read_again() -> anyhow::Result<
         .spawn()?;
     expect_line(
         &mut first,
-        "machine config from fw_cfg opt/basalt/config: no [cluster], standby",
+        &format!(
+            "machine config from {}: no [cluster], standby",
+            fw_cfg::CONFIG_LABEL
+        ),
         BOOT,
     )?;
     expect_line(&mut first, "[basalt] standby t=", BOOT)?;
@@ -288,7 +291,10 @@ fn a_config_from_fw_cfg_is_kept_on_state_and_not_read_again() -> anyhow::Result<
     let mut second = VmBuilder::new(first.overlay()).spawn()?;
     expect_line(
         &mut second,
-        "machine config from STATE: no [cluster], standby",
+        &format!(
+            "machine config from {}: no [cluster], standby",
+            Partition::State
+        ),
         BOOT,
     )?;
     Ok(())

@@ -1,51 +1,29 @@
 //! Building the agent double as a static binary for a test image, the way the builder
-//! builds basalt-init: its own target directory, so it neither waits on nor invalidates
-//! the caller's build.
+//! builds basalt-init (`basalt_build_support::static_build`): its own target directory,
+//! so it neither waits on nor invalidates the caller's build.
 
+use basalt_build_support::static_build::{StaticBuild, StaticBuildError};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Builds `k3s-agent-double` (release, statically linked) from the workspace at
-/// `workspace` into `workspace/target/doubles`, and returns the binary's path.
-///
-/// The command, for running by hand:
-/// `CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static"
-/// cargo build --release --locked -p k3s-doubles --bin k3s-agent-double
-/// --target x86_64-unknown-linux-gnu --target-dir target/doubles`
+/// `workspace` into `workspace/target/doubles`, and returns the binary's path. The
+/// command is in [`basalt_build_support::static_build`], with `-p k3s-doubles --bin
+/// k3s-agent-double --target-dir target/doubles`.
 pub fn build_agent_double(workspace: &Path) -> io::Result<PathBuf> {
-    let target_dir = workspace.join("target/doubles");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "k3s-doubles",
-            "--bin",
-            "k3s-agent-double",
-            "--target",
-            TARGET,
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        // Per-target flags, so build scripts and proc macros stay dynamic host binaries.
-        .env(
-            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        )
-        .env_remove("RUSTFLAGS")
-        .status()?;
-    if !status.success() {
-        return Err(io::Error::other(format!(
-            "cargo build of k3s-agent-double failed ({status})"
-        )));
-    }
-    let bin = target_dir.join(TARGET).join("release/k3s-agent-double");
+    let build = StaticBuild {
+        workspace,
+        package: "k3s-doubles",
+        bin: Some("k3s-agent-double"),
+        target_dir: workspace.join("target/doubles"),
+        default_features: true,
+    };
+    let bin = build.run().map_err(|e| match e {
+        StaticBuildError::Spawn(_, e) => e,
+        StaticBuildError::Cargo(_, status) => {
+            io::Error::other(format!("cargo build of k3s-agent-double failed ({status})"))
+        }
+    })?;
     if !is_static_elf(&std::fs::read(&bin)?) {
         return Err(io::Error::other(format!(
             "{} is not a static ELF executable",
@@ -89,6 +67,7 @@ fn is_static_elf(data: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     #[test]
     fn a_dynamic_executable_is_not_static() {

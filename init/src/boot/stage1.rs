@@ -194,6 +194,7 @@ mod tests {
     use super::*;
     use crate::sys::{Call, Recording};
     use basalt_api::bootparams::{Slot, Verity};
+    use basalt_api::layout::Partition;
 
     struct FakeDm {
         opened: Vec<(String, u64, String)>,
@@ -325,13 +326,15 @@ mod tests {
             matches!(
                 err,
                 Stage1Error::Corrupted {
-                    partition: "ROOT-A",
+                    partition: p,
                     ..
-                }
+                } if p == Partition::RootA.name()
             ),
             "{err:?}"
         );
-        assert!(err.to_string().contains("dm-verity rejected ROOT-A"));
+        assert!(err
+            .to_string()
+            .contains(&format!("dm-verity rejected {}", Partition::RootA)));
         assert!(!sys.calls.iter().any(|c| matches!(c, Call::SwitchRoot(_))));
     }
 

@@ -77,6 +77,7 @@ pub fn wait(sys_root: &Path, partname: &str, timeout: Duration) -> Result<BlockD
 #[cfg(test)]
 mod tests {
     use super::*;
+    use basalt_api::layout::Partition;
 
     fn add(sys: &Path, dev: &str, uevent: &str) {
         let dir = sys.join("class/block").join(dev);
@@ -95,14 +96,20 @@ mod tests {
         add(
             sys.path(),
             "vda2",
-            "MAJOR=254\nMINOR=2\nDEVNAME=vda2\nDEVTYPE=partition\nPARTN=2\nPARTNAME=EFI\n",
+            &format!(
+                "MAJOR=254\nMINOR=2\nDEVNAME=vda2\nDEVTYPE=partition\nPARTN=2\nPARTNAME={}\n",
+                Partition::Efi
+            ),
         );
         add(
             sys.path(),
             "vda3",
-            "MAJOR=254\nMINOR=3\nDEVNAME=vda3\nDEVTYPE=partition\nPARTN=3\nPARTNAME=ROOT-A\n",
+            &format!(
+                "MAJOR=254\nMINOR=3\nDEVNAME=vda3\nDEVTYPE=partition\nPARTN=3\nPARTNAME={}\n",
+                Partition::RootA
+            ),
         );
-        let dev = find(sys.path(), "ROOT-A").expect("found");
+        let dev = find(sys.path(), Partition::RootA.name()).expect("found");
         assert_eq!(
             dev,
             BlockDev {
@@ -112,13 +119,14 @@ mod tests {
             }
         );
         assert_eq!(dev.dev_path(), PathBuf::from("/dev/vda3"));
-        assert_eq!(find(sys.path(), "ROOT-B"), None);
+        assert_eq!(find(sys.path(), Partition::RootB.name()), None);
     }
 
     #[test]
     fn wait_gives_up_after_the_bound_and_names_the_partition() {
         let sys = tempfile::tempdir().expect("tempdir");
-        let err = wait(sys.path(), "ROOT-A", Duration::from_millis(30)).unwrap_err();
-        assert!(err.to_string().contains("ROOT-A"), "{err}");
+        let root_a = Partition::RootA.name();
+        let err = wait(sys.path(), root_a, Duration::from_millis(30)).unwrap_err();
+        assert!(err.to_string().contains(root_a), "{err}");
     }
 }

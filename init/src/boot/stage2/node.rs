@@ -16,6 +16,7 @@ use crate::pid1::{console, power, serve};
 use crate::storage::state;
 use crate::sys::System;
 use basalt_api::config::MachineConfig;
+use basalt_api::layout::Partition;
 use basalt_api::milestone::Milestone;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -113,7 +114,7 @@ impl Machine for Node<'_> {
                 self.state_mounted = true;
             }
             // A node without STATE still serves read-only: say why and go on.
-            Err(e) => console::error("STATE", &e),
+            Err(e) => console::error(Partition::State.name(), &e),
         }
         self.state_mounted
     }

@@ -14,20 +14,18 @@
 //!   renumber partitions (`vda5`) after a gap.
 
 use super::Sectors;
+use basalt_api::gpt::{entry_name, read_at, u32_at, u64_at, ReadError, ENTRY_SIZE, SECTOR};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+/// The table as read: the contract crate's reader (shared with `basalt inspect`/`verify`)
+/// checks both copies; this module only plans and writes.
+pub use basalt_api::gpt::{Header, HeaderFault, Table};
+
 /// Less than this to gain and the table is left as it is: a disk a few sectors larger
 /// than the image is not worth a rewrite.
 pub const MIN_GAIN: Sectors = Sectors::from_mib(16);
-
-const SECTOR: usize = Sectors::SIZE as usize;
-const SIGNATURE: &[u8; 8] = b"EFI PART";
-const HEADER_SIZE: usize = 92;
-const ENTRY_SIZE: usize = 128;
-/// Bounds the entry array read from disk (512 KiB); real tables have 128 entries.
-const MAX_ENTRIES: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GptError {
@@ -69,200 +67,27 @@ pub enum GptError {
     },
 }
 
-/// What is wrong with one copy of the table.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HeaderFault {
-    #[error("no \"EFI PART\" signature")]
-    Signature,
-    #[error("header CRC32 {stored:#010x}, computed {computed:#010x}")]
-    HeaderCrc { stored: u32, computed: u32 },
-    #[error("entry array CRC32 {stored:#010x}, computed {computed:#010x}")]
-    EntriesCrc { stored: u32, computed: u32 },
-    #[error("header says it is at LBA {0}")]
-    Misplaced(u64),
-    #[error("unsupported {field} {value}")]
-    Unsupported { field: &'static str, value: u64 },
-}
-
-/// A GPT header (UEFI 2.10 §5.3.2), the 92 bytes every tool writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Header {
-    pub revision: u32,
-    pub my_lba: u64,
-    pub alternate_lba: u64,
-    pub first_usable: u64,
-    pub last_usable: u64,
-    pub disk_guid: [u8; 16],
-    pub entries_lba: u64,
-    pub num_entries: u32,
-    pub entries_crc: u32,
-}
-
-impl Header {
-    /// Parses and checks the header in `sector`, read from `lba`.
-    pub fn parse(sector: &[u8; SECTOR], lba: u64) -> Result<Header, HeaderFault> {
-        if &sector[..8] != SIGNATURE {
-            return Err(HeaderFault::Signature);
+/// The reader's errors, as this module has always named them.
+impl From<ReadError> for GptError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Read {
+                offset,
+                len,
+                source,
+            } => GptError::Read {
+                offset,
+                len,
+                source,
+            },
+            ReadError::Header { lba, fault } => GptError::Header { lba, fault },
+            ReadError::TooSmall(size) => GptError::TooSmall(size),
         }
-        let size = u32_at(sector, 12);
-        if size as usize != HEADER_SIZE {
-            return Err(unsupported("header size", size.into()));
-        }
-        let stored = u32_at(sector, 16);
-        let mut zeroed = [0u8; HEADER_SIZE];
-        zeroed.copy_from_slice(&sector[..HEADER_SIZE]);
-        zeroed[16..20].fill(0);
-        let computed = crc32fast::hash(&zeroed);
-        if stored != computed {
-            return Err(HeaderFault::HeaderCrc { stored, computed });
-        }
-        let entry_size = u32_at(sector, 84);
-        if entry_size as usize != ENTRY_SIZE {
-            return Err(unsupported("entry size", entry_size.into()));
-        }
-        let mut disk_guid = [0u8; 16];
-        disk_guid.copy_from_slice(&sector[56..72]);
-        let h = Header {
-            revision: u32_at(sector, 8),
-            my_lba: u64_at(sector, 24),
-            alternate_lba: u64_at(sector, 32),
-            first_usable: u64_at(sector, 40),
-            last_usable: u64_at(sector, 48),
-            disk_guid,
-            entries_lba: u64_at(sector, 72),
-            num_entries: u32_at(sector, 80),
-            entries_crc: u32_at(sector, 88),
-        };
-        if h.my_lba != lba {
-            return Err(HeaderFault::Misplaced(h.my_lba));
-        }
-        if h.num_entries == 0 || h.num_entries > MAX_ENTRIES {
-            return Err(unsupported("entry count", h.num_entries.into()));
-        }
-        if h.first_usable > h.last_usable {
-            return Err(unsupported("first usable LBA", h.first_usable));
-        }
-        Ok(h)
-    }
-
-    /// The header's sector, CRC32 filled in.
-    pub fn encode(&self) -> [u8; SECTOR] {
-        let mut s = [0u8; SECTOR];
-        s[..8].copy_from_slice(SIGNATURE);
-        s[8..12].copy_from_slice(&self.revision.to_le_bytes());
-        s[12..16].copy_from_slice(&(HEADER_SIZE as u32).to_le_bytes());
-        s[24..32].copy_from_slice(&self.my_lba.to_le_bytes());
-        s[32..40].copy_from_slice(&self.alternate_lba.to_le_bytes());
-        s[40..48].copy_from_slice(&self.first_usable.to_le_bytes());
-        s[48..56].copy_from_slice(&self.last_usable.to_le_bytes());
-        s[56..72].copy_from_slice(&self.disk_guid);
-        s[72..80].copy_from_slice(&self.entries_lba.to_le_bytes());
-        s[80..84].copy_from_slice(&self.num_entries.to_le_bytes());
-        s[84..88].copy_from_slice(&(ENTRY_SIZE as u32).to_le_bytes());
-        s[88..92].copy_from_slice(&self.entries_crc.to_le_bytes());
-        let crc = crc32fast::hash(&s[..HEADER_SIZE]);
-        s[16..20].copy_from_slice(&crc.to_le_bytes());
-        s
-    }
-
-    fn entries_len(&self) -> usize {
-        self.num_entries as usize * ENTRY_SIZE
-    }
-
-    /// Sectors the entry array takes.
-    fn entries_sectors(&self) -> u64 {
-        self.entries_len().div_ceil(SECTOR) as u64
     }
 }
 
 fn unsupported(field: &'static str, value: u64) -> HeaderFault {
     HeaderFault::Unsupported { field, value }
-}
-
-/// One valid copy of the table: header and entry array.
-#[derive(Debug, Clone)]
-pub struct Table {
-    pub header: Header,
-    pub entries: Vec<u8>,
-    /// The primary was damaged and this is the backup from the disk's last sector.
-    pub from_backup: bool,
-}
-
-impl Table {
-    /// The primary copy, else the backup in the disk's last sector (where the kernel looks
-    /// too). When neither is valid, the primary's fault.
-    pub fn read(disk: &File, size: Sectors) -> Result<Table, GptError> {
-        let last = size.0.checked_sub(1).filter(|&l| l >= 2);
-        let Some(last) = last else {
-            return Err(GptError::TooSmall(size.0));
-        };
-        match read_copy(disk, 1) {
-            Ok((header, entries)) => Ok(Table {
-                header,
-                entries,
-                from_backup: false,
-            }),
-            Err(primary @ GptError::Header { .. }) => match read_copy(disk, last) {
-                Ok((header, entries)) => Ok(Table {
-                    header,
-                    entries,
-                    from_backup: true,
-                }),
-                Err(_) => Err(primary),
-            },
-            Err(e) => Err(e),
-        }
-    }
-
-    /// The 128 bytes of entry `index` (0-based; partition number - 1).
-    fn entry(&self, index: usize) -> Option<&[u8]> {
-        self.entries
-            .get(index * ENTRY_SIZE..(index + 1) * ENTRY_SIZE)
-    }
-
-    fn used(&self) -> impl Iterator<Item = (usize, &[u8])> {
-        self.entries
-            .chunks_exact(ENTRY_SIZE)
-            .enumerate()
-            .filter(|(_, e)| e[..16].iter().any(|&b| b != 0))
-    }
-}
-
-fn read_copy(disk: &File, lba: u64) -> Result<(Header, Vec<u8>), GptError> {
-    let fault = |fault| GptError::Header { lba, fault };
-    let mut sector = [0u8; SECTOR];
-    read_at(disk, lba, &mut sector)?;
-    let header = Header::parse(&sector, lba).map_err(fault)?;
-    let mut entries = vec![0u8; header.entries_len()];
-    read_at(disk, header.entries_lba, &mut entries)?;
-    let computed = crc32fast::hash(&entries);
-    if computed != header.entries_crc {
-        return Err(fault(HeaderFault::EntriesCrc {
-            stored: header.entries_crc,
-            computed,
-        }));
-    }
-    Ok((header, entries))
-}
-
-fn read_at(disk: &File, lba: u64, buf: &mut [u8]) -> Result<(), GptError> {
-    let offset = lba.saturating_mul(Sectors::SIZE);
-    disk.read_exact_at(buf, offset)
-        .map_err(|source| GptError::Read {
-            offset,
-            len: buf.len(),
-            source,
-        })
-}
-
-/// The partition's name, UTF-16LE up to the first NUL.
-fn entry_name(entry: &[u8]) -> String {
-    let units: Vec<u16> = entry[56..128]
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
-    String::from_utf16_lossy(&units)
 }
 
 /// Sectors to write at an LBA.
@@ -489,35 +314,24 @@ impl Plan {
     }
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
 #[cfg(test)]
 pub(crate) mod fixture {
     //! Disk images laid out like the builder's, written with the `gpt` crate.
     use super::super::Sectors;
+    use basalt_api::layout::Partition as Part;
     use gpt::disk::LogicalBlockSize;
     use gpt::partition::Partition;
     use gpt::partition_types;
     use std::collections::BTreeMap;
     use std::path::Path;
 
-    /// BIOS, EFI, ROOT-A, ROOT-B, STATE (MiB), starting at 1 MiB.
+    /// The contract's partitions (name, MiB), starting at 1 MiB.
     pub const PARTS: [(&str, u64); 5] = [
-        ("BIOS", 1),
-        ("EFI", 2),
-        ("ROOT-A", 4),
-        ("ROOT-B", 4),
-        ("STATE", 8),
+        (Part::Bios.name(), 1),
+        (Part::Efi.name(), 2),
+        (Part::RootA.name(), 4),
+        (Part::RootB.name(), 4),
+        (Part::State.name(), 8),
     ];
     pub const STATE_START: Sectors = Sectors::from_mib(1 + 1 + 2 + 4 + 4);
     pub const STATE_LEN: Sectors = Sectors::from_mib(8);
@@ -577,284 +391,4 @@ pub(crate) mod fixture {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::fixture::{disk, disk_with, IMAGE, PARTS, STATE_LEN, STATE_START};
-    use super::*;
-    use std::path::Path;
-
-    const GROWN: Sectors = Sectors(IMAGE.0 + Sectors::from_mib(64).0);
-
-    fn open(path: &Path) -> File {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .expect("open")
-    }
-
-    fn grow(path: &Path, size: Sectors) -> Option<Plan> {
-        let f = open(path);
-        let plan = plan(&f, size, 5, "STATE").expect("plan");
-        if let Some(p) = &plan {
-            p.apply(&f).expect("apply");
-        }
-        plan
-    }
-
-    fn tool(program: &str, args: &[&str]) -> String {
-        let out = std::process::Command::new(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("run {program} (installed?): {e}"));
-        assert!(out.status.success(), "{program} {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Both copies as the `gpt` crate, `sgdisk -v` and `sfdisk` see them.
-    fn assert_valid_and_state_ends_at(path: &Path, size: Sectors, state_last: u64) {
-        let g = gpt::GptConfig::new()
-            .only_valid_headers(true)
-            .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
-            .open(path)
-            .expect("both headers valid for the gpt crate");
-        let (p, b) = (
-            g.primary_header().expect("primary"),
-            g.backup_header().expect("backup"),
-        );
-        assert_eq!((p.current_lba, p.backup_lba), (1, size.0 - 1));
-        assert_eq!((b.current_lba, b.backup_lba), (size.0 - 1, 1));
-        assert_eq!(b.part_start, size.0 - 33);
-        assert_eq!(p.last_usable, size.0 - 34);
-        assert_eq!(b.last_usable, p.last_usable);
-        assert_eq!(p.crc32_parts, b.crc32_parts);
-        let parts = g.partitions();
-        let names: Vec<_> = parts.values().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, PARTS.map(|(n, _)| n));
-        assert_eq!(parts[&5].first_lba, STATE_START.0);
-        assert_eq!(parts[&5].last_lba, state_last);
-        assert_eq!(parts[&4].last_lba, STATE_START.0 - 1, "others untouched");
-
-        let path = path.to_str().expect("utf-8");
-        let v = tool("sgdisk", &["-v", path]);
-        assert!(v.contains("No problems found"), "{v}");
-        let json: String = tool("sfdisk", &["--json", path])
-            .split_whitespace()
-            .collect();
-        assert!(
-            json.contains(&format!("\"lastlba\":{},", size.0 - 34)),
-            "{json}"
-        );
-        let state_size = state_last + 1 - STATE_START.0;
-        assert!(
-            json.contains(&format!(
-                "\"start\":{},\"size\":{state_size},",
-                STATE_START.0
-            )),
-            "{json}"
-        );
-    }
-
-    #[test]
-    fn state_grows_to_the_last_usable_lba_and_both_copies_are_valid() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("disk.raw");
-        disk(&path, GROWN);
-        let p = grow(&path, GROWN).expect("something to do");
-        assert_eq!(p.start, STATE_START);
-        assert_eq!(p.old_len, STATE_LEN);
-        assert_eq!(p.new_len, Sectors(GROWN.0 - 34 + 1 - STATE_START.0));
-        assert!(!p.repaired);
-        assert_valid_and_state_ends_at(&path, GROWN, GROWN.0 - 34);
-
-        // The protective MBR covers the grown disk; the old backup header is gone.
-        let f = open(&path);
-        let mut s = [0u8; SECTOR];
-        f.read_exact_at(&mut s, 0).expect("read");
-        assert_eq!(u32_at(&s, 446 + 12), (GROWN.0 - 1) as u32);
-        f.read_exact_at(&mut s, (IMAGE.0 - 1) * 512).expect("read");
-        assert_eq!(s, [0u8; SECTOR]);
-    }
-
-    #[test]
-    fn a_second_run_has_nothing_to_do() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("disk.raw");
-        disk(&path, GROWN);
-        assert!(grow(&path, GROWN).is_some());
-        let before = std::fs::read(&path).expect("read");
-        assert_eq!(grow(&path, GROWN), None);
-        assert!(
-            std::fs::read(&path).expect("read") == before,
-            "disk changed"
-        );
-    }
-
-    #[test]
-    fn less_than_the_minimum_gain_is_left_alone() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("disk.raw");
-        // The disk whose last usable LBA is `gain` sectors past STATE's end.
-        let state_last = STATE_START.0 + STATE_LEN.0 - 1;
-        let size = |gain: u64| Sectors(state_last + gain + 34);
-        for gain in [0, 1, MIN_GAIN.0 - 1] {
-            disk(&path, size(gain).max(IMAGE));
-            assert_eq!(grow(&path, size(gain).max(IMAGE)), None, "{gain}");
-        }
-        // One sector more and it grows: the threshold is exactly MIN_GAIN.
-        disk(&path, size(MIN_GAIN.0));
-        let p = grow(&path, size(MIN_GAIN.0)).expect("grows");
-        assert_eq!(p.new_len.0 - p.old_len.0, MIN_GAIN.0);
-        assert_valid_and_state_ends_at(&path, size(MIN_GAIN.0), state_last + MIN_GAIN.0);
-    }
-
-    #[test]
-    fn refusals_name_their_reason() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("disk.raw");
-        let mut after = PARTS.to_vec();
-        after.push(("EXTRA", 1));
-        disk_with(&path, &after, Sectors(IMAGE.0 + Sectors::from_mib(64).0));
-        let f = open(&path);
-        let size = Sectors(IMAGE.0 + Sectors::from_mib(64).0);
-        assert!(matches!(
-            plan(&f, size, 5, "STATE"),
-            Err(GptError::NotLast { number: 5 })
-        ));
-        assert!(matches!(
-            plan(&f, size, 4, "STATE"),
-            Err(GptError::NotThere { number: 4, .. })
-        ));
-        assert!(matches!(
-            plan(&f, size, 9, "STATE"),
-            Err(GptError::NotThere { number: 9, .. })
-        ));
-        assert!(matches!(
-            plan(&f, size, 0, "STATE"),
-            Err(GptError::NotThere { number: 0, .. })
-        ));
-        // A disk smaller than the table says: STATE would not fit.
-        disk(&path, GROWN);
-        let f = open(&path);
-        // An entry that ends before it starts.
-        let mut t = Table::read(&f, GROWN).expect("table");
-        t.entries[4 * ENTRY_SIZE + 40..4 * ENTRY_SIZE + 48].copy_from_slice(&1u64.to_le_bytes());
-        assert!(matches!(
-            plan_table(&t, &[0; SECTOR], GROWN, 5, "STATE"),
-            Err(GptError::Header {
-                fault: HeaderFault::Unsupported {
-                    field: "partition end LBA",
-                    value: 1
-                },
-                ..
-            })
-        ));
-        assert!(matches!(
-            plan(&f, Sectors(STATE_START.0 + 100), 5, "STATE"),
-            Err(GptError::DiskTooSmall { number: 5, .. })
-        ));
-    }
-
-    /// A power cut after any single write leaves a table the kernel accepts: the primary,
-    /// or else the backup in the disk's last sector.
-    #[test]
-    fn every_prefix_of_the_writes_leaves_a_valid_copy() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("disk.raw");
-        disk(&path, GROWN);
-        let f = open(&path);
-        let p = plan(&f, GROWN, 5, "STATE").expect("plan").expect("grows");
-        let writes: Vec<&Write> = p.phases.iter().flatten().collect();
-        assert!(writes.len() >= 4, "{writes:?}");
-        for w in writes {
-            f.write_all_at(&w.bytes, w.lba * 512).expect("write");
-            let primary = read_copy(&f, 1);
-            let backup = read_copy(&f, GROWN.0 - 1);
-            assert!(
-                primary.is_ok() || backup.is_ok(),
-                "after the write at LBA {}: {primary:?} / {backup:?}",
-                w.lba
-            );
-        }
-        // Primary entries written, primary header not: the kernel's fallback is the new
-        // backup, and the next boot restores the primary from it.
-        let dir2 = tempfile::tempdir().expect("tempdir");
-        let path2 = dir2.path().join("disk.raw");
-        disk(&path2, GROWN);
-        let f2 = open(&path2);
-        let p2 = plan(&f2, GROWN, 5, "STATE").expect("plan").expect("grows");
-        for w in &p2.phases[0] {
-            f2.write_all_at(&w.bytes, w.lba * 512).expect("write");
-        }
-        let entries = &p2.phases[1][0];
-        f2.write_all_at(&entries.bytes, entries.lba * 512)
-            .expect("write");
-        assert!(matches!(
-            read_copy(&f2, 1),
-            Err(GptError::Header {
-                lba: 1,
-                fault: HeaderFault::EntriesCrc { .. }
-            })
-        ));
-        let repair = grow(&path2, GROWN).expect("repair");
-        assert!(repair.repaired);
-        assert_eq!(
-            repair.old_len, repair.new_len,
-            "already grown in the backup"
-        );
-        assert_valid_and_state_ends_at(&path2, GROWN, GROWN.0 - 34);
-        assert_eq!(grow(&path2, GROWN), None);
-    }
-
-    #[test]
-    fn header_faults_are_told_apart() {
-        let h = Header {
-            revision: 0x0001_0000,
-            my_lba: 1,
-            alternate_lba: 999,
-            first_usable: 34,
-            last_usable: 965,
-            disk_guid: [7; 16],
-            entries_lba: 2,
-            num_entries: 128,
-            entries_crc: 0x1234_5678,
-        };
-        let good = h.encode();
-        assert_eq!(Header::parse(&good, 1), Ok(h));
-        type Case = (usize, u8, u64, fn(&HeaderFault) -> bool);
-        let cases: [Case; 5] = [
-            (0, b'X', 1, |f| *f == HeaderFault::Signature),
-            (40, 1, 1, |f| matches!(f, HeaderFault::HeaderCrc { .. })),
-            (12, 93, 1, |f| {
-                matches!(
-                    f,
-                    HeaderFault::Unsupported {
-                        field: "header size",
-                        value: 93
-                    }
-                )
-            }),
-            (200, 0, 2, |f| *f == HeaderFault::Misplaced(1)),
-            (84, 0, 1, |f| {
-                matches!(
-                    f,
-                    HeaderFault::Unsupported {
-                        field: "entry size",
-                        ..
-                    }
-                )
-            }),
-        ];
-        for (at, byte, lba, want) in cases {
-            let mut s = good;
-            s[at] = byte;
-            if at != 40 {
-                // Keep the CRC right so that the later checks are reached.
-                s[16..20].fill(0);
-                let crc = crc32fast::hash(&s[..HEADER_SIZE]);
-                s[16..20].copy_from_slice(&crc.to_le_bytes());
-            }
-            let fault = Header::parse(&s, lba).unwrap_err();
-            assert!(want(&fault), "byte {at} = {byte}: {fault:?}");
-        }
-    }
-}
+mod tests;
