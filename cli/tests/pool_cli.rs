@@ -75,6 +75,8 @@ impl Setup {
 standby = 2
 max = 3
 ca_dir = "ca"
+tick = "1s"
+lock_ttl = "4s"
 
 [provider]
 kind = "hetzner"
@@ -266,6 +268,45 @@ async fn the_controller_keeps_its_standbys_and_answers_only_admins() {
     assert!(
         !said.contains(fake.token()),
         "the Hetzner token is in the log"
+    );
+
+    // SIGKILL: nothing is cleaned up, the lock stays until its TTL. A new controller then
+    // takes over and finds the pool complete: no server created twice, none leaked.
+    let before: Vec<_> = fake.servers().into_iter().map(|s| s.id).collect();
+    let start_one = |what: &str| {
+        wait_for(what, Duration::from_secs(60), || {
+            let mut c = setup.run(&fake, &config);
+            std::thread::sleep(Duration::from_secs(2));
+            match c.try_wait().expect("wait") {
+                None => Some(c),
+                Some(_) => None,
+            }
+        })
+    };
+    let mut killed = start_one("a controller after the first one's lock expired");
+    // It holds the lock and serves: the pool API answers.
+    wait_for("the pool API", Duration::from_secs(30), || {
+        setup
+            .api("operator", &["status"])
+            .status
+            .success()
+            .then_some(())
+    });
+    assert!(killed.try_wait().expect("wait").is_none(), "it runs");
+    killed.kill().expect("SIGKILL");
+    let _ = killed.wait();
+    let restarted = start_one("a controller after the killed one's lock expired");
+    std::thread::sleep(Duration::from_secs(3));
+    let after: Vec<_> = fake.servers().into_iter().map(|s| s.id).collect();
+    assert_eq!(
+        after, before,
+        "the same two servers, nothing new, nothing lost"
+    );
+    let out = stop(restarted);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     fake.shutdown().await;
 }

@@ -6,6 +6,8 @@
 //! max = 10                       # every server of the pool together, whatever its state
 //! ca_dir = "/etc/basalt/pool-ca" # the pool CA (ca.pem, ca.key)
 //! standby_timeout = "10m"        # optional: create → standby deadline
+//! tick = "10s"                   # optional: one reconcile pass (and lock heartbeat) this often
+//! lock_ttl = "60s"               # optional: a lock not renewed for this long may be taken over
 //!
 //! [provider]
 //! kind = "hetzner"
@@ -68,6 +70,10 @@ pub struct PoolConfig {
     pub ca_dir: PathBuf,
     /// A server that does not reach standby within this is deleted and replaced.
     pub standby_timeout: Duration,
+    /// How often the controller reconciles and renews its lock.
+    pub tick: Duration,
+    /// How long a lock that is not renewed keeps another controller out (at least 3 ticks).
+    pub lock_ttl: Duration,
     pub clusters: Vec<ClusterConfig>,
     /// Where `basalt pool run` serves; needed only to run the controller.
     pub listen: Option<ListenConfig>,
@@ -158,6 +164,10 @@ struct RawPool {
     ca_dir: PathBuf,
     #[serde(default)]
     standby_timeout: Option<String>,
+    #[serde(default)]
+    tick: Option<String>,
+    #[serde(default)]
+    lock_ttl: Option<String>,
     #[serde(default, rename = "cluster")]
     clusters: Vec<RawCluster>,
     #[serde(default)]
@@ -204,6 +214,11 @@ struct RawCluster {
     network: Option<String>,
 }
 
+/// Default time between reconcile passes (and lock renewals).
+pub const DEFAULT_TICK: Duration = Duration::from_secs(10);
+/// Default time after which a lock that was not renewed may be taken over.
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(60);
+
 /// Default create → standby deadline (a cold boot from a snapshot, with room).
 pub const DEFAULT_STANDBY_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -239,11 +254,29 @@ impl PoolConfig {
             .enumerate()
             .map(|(i, c)| cx.cluster(i, c))
             .collect::<Result<Vec<_>, _>>()?;
-        let standby_timeout = match raw.standby_timeout {
-            None => DEFAULT_STANDBY_TIMEOUT,
-            Some(t) => humantime::parse_duration(&t)
-                .map_err(|e| cx.invalid("standby_timeout", format!("{t:?}: {e}")))?,
+        let duration = |key: &str, value: Option<String>, default: Duration| match value {
+            None => Ok(default),
+            Some(t) => {
+                humantime::parse_duration(&t).map_err(|e| cx.invalid(key, format!("{t:?}: {e}")))
+            }
         };
+        let standby_timeout = duration(
+            "standby_timeout",
+            raw.standby_timeout,
+            DEFAULT_STANDBY_TIMEOUT,
+        )?;
+        let tick = duration("tick", raw.tick, DEFAULT_TICK)?;
+        let lock_ttl = duration("lock_ttl", raw.lock_ttl, DEFAULT_LOCK_TTL)?;
+        if tick.is_zero() || lock_ttl < tick * 3 {
+            return Err(cx.invalid(
+                "lock_ttl",
+                format!(
+                    "{} must be at least 3 ticks ({} each): a live controller renews its lock every tick",
+                    humantime::format_duration(lock_ttl),
+                    humantime::format_duration(tick)
+                ),
+            ));
+        }
         let config = PoolConfig {
             name: raw.name,
             provider,
@@ -251,6 +284,8 @@ impl PoolConfig {
             max: raw.max,
             ca_dir: cx.relative(&raw.ca_dir),
             standby_timeout,
+            tick,
+            lock_ttl,
             clusters,
             listen: raw.listen.map(|mut l| {
                 l.cert = cx.relative(&l.cert);
@@ -503,6 +538,29 @@ client_name = "autoscaler-b"
 
     fn err(text: &str) -> String {
         parse(text).expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn tick_and_lock_ttl_default_and_are_checked_together() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!((c.tick, c.lock_ttl), (DEFAULT_TICK, DEFAULT_LOCK_TTL));
+        let fast = GOOD.replace(
+            "standby_timeout = \"90s\"",
+            "tick = \"1s\"\nlock_ttl = \"4s\"",
+        );
+        let c = parse(&fast).expect("valid");
+        assert_eq!(
+            (c.tick, c.lock_ttl),
+            (Duration::from_secs(1), Duration::from_secs(4))
+        );
+        // A lock that expires between two renewals would let a second controller in.
+        let e = err(&GOOD.replace(
+            "standby_timeout = \"90s\"",
+            "tick = \"30s\"\nlock_ttl = \"60s\"",
+        ));
+        assert!(e.contains("lock_ttl") && e.contains("3 ticks"), "{e}");
+        let e = err(&GOOD.replace("standby_timeout = \"90s\"", "tick = \"soon\""));
+        assert!(e.contains("tick"), "{e}");
     }
 
     #[test]

@@ -74,8 +74,8 @@ impl Settings {
             max: c.max,
             standby_timeout: c.standby_timeout,
             promote_timeout: Duration::from_secs(120),
-            tick: Duration::from_secs(10),
-            lock_ttl: Duration::from_secs(60),
+            tick: c.tick,
+            lock_ttl: c.lock_ttl,
             holder: holder_id(),
             clusters: c.clusters.clone(),
         }
