@@ -10,12 +10,15 @@
 //! - `basalt bench size` ([`size`]): the image's size by component.
 //! - `basalt bench upload` ([`upload`]): upload throughput to the fake Hetzner API,
 //!   against one plain SSH stream of the same file to the same sshd.
+//! - `basalt bench pool` ([`pool`]): the warm pool, demand → joined, a warm promote
+//!   against a cold start (create, boot, join) in the same run.
 
 pub mod boot;
 mod boot_report;
 pub mod content;
 pub mod floor;
 pub mod join;
+pub mod pool;
 pub mod size;
 pub mod stats;
 pub mod upload;

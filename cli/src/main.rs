@@ -146,6 +146,16 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// The warm pool: cluster-autoscaler's demand (gRPC NodeGroupIncreaseSize) → joined
+    /// and → the agent reporting, a warm promote against a cold start, N times each, with
+    /// the qemu provider. The image must carry the K3s agent double, as for `bench join`.
+    Pool {
+        /// A .raw or .qcow2 image.
+        image: PathBuf,
+        /// Warm promotes, and as many cold starts.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Upload throughput to the fake Hetzner API on loopback (its rescue a real sshd),
     /// against the floor: the same file sent over one plain SSH session to the same sshd
     /// and decompressed there. Needs root, openssh-server and zstd.
@@ -278,6 +288,10 @@ fn bench(what: BenchCmd) -> anyhow::Result<()> {
         }
         BenchCmd::Join { image, runs } => {
             print!("{}", join::run(&join::JoinBenchOptions { image, runs })?);
+        }
+        BenchCmd::Pool { image, runs } => {
+            let opts = basalt_bench::pool::PoolBenchOptions { image, runs };
+            print!("{}", basalt_bench::pool::run(&opts)?);
         }
         BenchCmd::Size { image } => {
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -1,13 +1,16 @@
-//! `basalt bench boot --runs 1` on the default image, through the library function the
-//! command calls: the benchmark must parse the milestones of a real boot and find the
-//! floor's marker, so that it cannot rot silently. Times are never asserted here: figures
-//! come from the benchmark command, not from tests.
+//! `basalt bench boot --runs 1` on the default image, and `basalt bench pool --runs 1` on
+//! the join image, through the library functions the commands call: the benchmarks must
+//! parse the milestones of a real boot and find the floor's marker, and see a warm promote
+//! and a cold start through to the agent double, so that they cannot rot silently. Times
+//! are not asserted here (figures come from the benchmark commands, not from tests), only
+//! that a cold start, which boots a VM, takes longer than promoting a booted one.
 
 mod common;
 
 use anyhow::Context;
 use basalt_api::milestone::Milestone;
 use basalt_bench::boot::{self, BootBenchOptions};
+use basalt_bench::pool::{self, PoolBenchOptions};
 use basalt_qemu::Firmware;
 
 #[test]
@@ -71,5 +74,45 @@ fn bench_boot_parses_a_real_boot_and_finds_the_floor() -> anyhow::Result<()> {
         assert!(report.contains(m.name()), "{report}");
     }
     assert!(report.contains("see `basalt bench join`"), "{report}");
+    Ok(())
+}
+
+#[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
+fn bench_pool_sees_a_warm_promote_and_a_cold_start_join() -> anyhow::Result<()> {
+    let img = common::join_image();
+    let bench = pool::run(&PoolBenchOptions {
+        image: img.raw.clone(),
+        runs: 1,
+    })?;
+    let report = bench.to_string();
+    println!("{report}");
+
+    let [run] = bench.runs.as_slice() else {
+        anyhow::bail!("expected one run, got {}", bench.runs.len());
+    };
+    assert_ne!(
+        run.warm.server, run.cold.server,
+        "two servers, one per pool"
+    );
+    for (start, d) in [("warm", &run.warm), ("cold", &run.cold)] {
+        let joined = d.joined().with_context(|| format!("{start}: no joined"))?;
+        let agent = d.agent().with_context(|| format!("{start}: no agent"))?;
+        assert!(joined > 0.0 && agent >= joined, "{start}: {d:?}");
+        assert!(d.active > 0.0, "{start}: {d:?}");
+    }
+    // A cold call answers once the server exists, long before it joins.
+    assert!(run.cold.answered < run.cold.active, "{run:?}");
+
+    let warm = pool::parse_summary(&report, "warm").context("the warm line")?;
+    let cold = pool::parse_summary(&report, "cold").context("the cold line")?;
+    assert!(cold.0 > warm.0, "cold joined {cold:?} vs warm {warm:?}");
+    assert!(cold.1 > warm.1, "cold agent {cold:?} vs warm {warm:?}");
+    let (joined, agent) = bench.ratios().context("no ratio")?;
+    assert!(joined > 1.0 && agent > 1.0, "{joined} {agent}");
+    assert!(report.contains("cold/warm ratio: joined "), "{report}");
     Ok(())
 }
