@@ -42,7 +42,7 @@ pub enum HeaderFault {
     Signature,
     #[error("header CRC32 {stored:#010x}, computed {computed:#010x}")]
     HeaderCrc { stored: u32, computed: u32 },
-    #[error("entry array CRC32 {stored:#010x}, computed {computed:#010x}")]
+    #[error("partition entry array CRC32 {stored:#010x}, computed {computed:#010x}")]
     EntriesCrc { stored: u32, computed: u32 },
     #[error("header says it is at LBA {0}")]
     Misplaced(u64),
