@@ -7,6 +7,7 @@
 //! boot-sector guest to check the process handling quickly.
 
 mod common;
+use common::{console, process_runs};
 
 use anyhow::Context;
 use basalt_api::node::JoinState;
@@ -65,25 +66,6 @@ impl Drop for Cleanup {
             }
         }
     }
-}
-
-/// Whether `pid` is still a running process, read from `/proc/<pid>/stat` (a zombie
-/// left unreaped by whoever adopted the daemon counts as gone).
-fn process_runs(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the parenthesised command name.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
-    !matches!(state, Some("Z" | "X") | None)
-}
-
-fn console(path: &Path) -> String {
-    std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
 }
 
 /// The pool CA, the VM's node certificate (named by the VM) in a standby machine

@@ -6,6 +6,7 @@
 //! provider id, and the controller boots a new standby to refill the pool.
 
 mod common;
+use common::{console, process_runs};
 
 use anyhow::Context;
 use basalt_autoscaler::proto::externalgrpc as pb;
@@ -21,7 +22,6 @@ use basalt_pool::serve::Pool;
 use k3s_doubles::K3sServerDouble;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -61,24 +61,6 @@ impl Drop for Cleanup {
             }
         });
     }
-}
-
-/// Whether `pid` is still a running process, read from `/proc/<pid>/stat` (a zombie
-/// counts as gone).
-fn process_runs(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
-    !matches!(state, Some("Z" | "X") | None)
-}
-
-fn console(path: &Path) -> String {
-    std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
 }
 
 fn count(status: &PoolStatus, state: &str) -> usize {

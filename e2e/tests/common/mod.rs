@@ -228,3 +228,23 @@ pub fn extract_from(img: &Image, raw: &Path, name: &str, out: &Path) -> anyhow::
     dst.flush()?;
     Ok(())
 }
+
+/// Whether `pid` is still a running process, read from `/proc/<pid>/stat` (a zombie left
+/// unreaped by whoever adopted a daemonized QEMU counts as gone).
+pub fn process_runs(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
+}
+
+/// A serial console log as text so far (empty before QEMU has written it).
+pub fn console(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
