@@ -106,6 +106,8 @@ pub fn run() -> ! {
     if let Err(e) = boot(&mut env) {
         fatal(&e)
     }
+    // The console queue does not survive the exec.
+    console::flush(console::FLUSH_TIMEOUT);
     let err = exec_stage2();
     fatal(&err)
 }
@@ -181,6 +183,7 @@ fn exec_stage2() -> Errno {
 fn fatal(err: &dyn std::error::Error) -> ! {
     console::error("stage 1 failed", err);
     console::info("powering off in 3 s");
+    console::flush(console::FLUSH_TIMEOUT);
     std::thread::sleep(Duration::from_secs(3));
     nix::unistd::sync();
     loop {

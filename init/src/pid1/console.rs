@@ -12,12 +12,20 @@
 //! `join: agent exec`) predate levels and stay as they are. In the kernel log each line
 //! has its level's priority (KERN_INFO, KERN_WARNING, KERN_ERR), so `dmesg --level=err`
 //! finds PID1's errors.
+//!
+//! Nobody waits for the console: lines go through a bounded queue to a writer thread
+//! ([`queue`]), and what does not fit is dropped and counted ([`dropped`]).
+
+mod queue;
+
+pub use queue::{Origin, QUEUE_LINES, SERVICE_LINES};
 
 use basalt_api::milestone::{self, Milestone};
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 /// Every milestone of this boot as `(name, seconds since kernel start)`, in the order
 /// reached: what the node API's status and metrics report.
@@ -35,7 +43,7 @@ pub fn uptime() -> f64 {
 pub fn milestone(m: Milestone) {
     let t = uptime();
     record(m.name(), t);
-    write_line(&milestone::format(m, t), Level::Info);
+    write_line(&milestone::format(m, t), Level::Info, Origin::Pid1);
 }
 
 /// Writes a milestone already printed to the kernel log only: `init-start` comes before
@@ -158,7 +166,7 @@ pub fn error(context: &str, err: &dyn std::error::Error) {
 
 /// One line at `level`, on the console and in the kernel log.
 pub fn log(level: Level, msg: &str) {
-    write_line(&format_line(level, msg), level);
+    write_line(&format_line(level, msg), level, Origin::Pid1);
 }
 
 /// `err: cause: cause` in one line.
@@ -173,27 +181,76 @@ pub fn chain(err: &dyn std::error::Error) -> String {
     s
 }
 
-fn write_line(text: &str, level: Level) {
+/// A supervised service's output line, as `[name] line`: queued for the console within
+/// the service share of the queue, and written to the kernel log.
+pub fn service_line(service: &str, line: &str) {
+    write_line(
+        &format_line(Level::Info, &format!("[{service}] {line}")),
+        Level::Info,
+        Origin::Service,
+    );
+}
+
+/// Lines the console queue dropped since boot because the console did not keep up.
+pub fn dropped() -> u64 {
+    match CONSOLE.get() {
+        Some(Some(q)) => q.dropped(),
+        _ => 0,
+    }
+}
+
+/// Waits, at most `timeout`, until every queued line is on the console: before stage 1
+/// execs stage 2 (the queue would be lost with the program image), and before a reboot.
+/// Returns whether everything was written.
+pub fn flush(timeout: Duration) -> bool {
+    match CONSOLE.get() {
+        Some(Some(q)) => q.flush(timeout),
+        _ => true,
+    }
+}
+
+/// How long [`flush`] waits where PID1 is about to exec or reboot: a console that takes
+/// longer has lost those lines, which the kernel log still has.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The console's queue, made with its writer thread at the first line; `None` when the
+/// thread could not be started, and lines are then written synchronously.
+static CONSOLE: OnceLock<Option<&'static queue::Queue>> = OnceLock::new();
+
+fn console() -> Option<&'static queue::Queue> {
+    *CONSOLE.get_or_init(|| {
+        // Leaked once: the queue lives as long as PID1.
+        let q: &'static queue::Queue = Box::leak(Box::default());
+        std::thread::Builder::new()
+            .name("console".into())
+            .spawn(move || {
+                // Signals are the main loop's alone (it takes them with sigtimedwait); a
+                // thread that left them open could die of a SIGUSR1 meant as a wake-up.
+                let _ = nix::sys::signal::SigSet::all().thread_block();
+                q.run(&mut std::io::stdout())
+            })
+            .ok()
+            .map(|_| q)
+    })
+}
+
+fn write_line(text: &str, level: Level, origin: Origin) {
     // Both writes are best effort: PID1 must not stop because a console is missing.
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{text}");
-    let _ = out.flush();
+    match console() {
+        Some(q) => {
+            q.push(text.to_owned(), origin);
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{text}");
+            let _ = out.flush();
+        }
+    }
     if let Ok(mut kmsg) = OpenOptions::new().write(true).open("/dev/kmsg") {
         // Info (<6>) stays out of a quiet console, where stdout already showed it.
         let priority = level.kmsg_priority();
         let _ = kmsg.write_all(format!("<{priority}>{text}\n").as_bytes());
     }
-}
-
-/// A panic in PID1 is a kernel panic with no explanation; log it and reboot on purpose.
-pub fn install_panic_hook() {
-    std::panic::set_hook(Box::new(|info| {
-        log(Level::Error, &format!("panic: {info}; rebooting in 5 s"));
-        std::thread::sleep(std::time::Duration::from_secs(5));
-        nix::unistd::sync();
-        let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
-        std::process::abort();
-    }));
 }
 
 #[cfg(test)]

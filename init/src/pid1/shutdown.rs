@@ -62,19 +62,41 @@ fn mounts_on_state(mountinfo: &str) -> Vec<String> {
         .collect()
 }
 
-/// Stops services (SIGTERM, bounded wait, SIGKILL), then every other process the same
-/// way, syncs, unmounts STATE and powers off or reboots. Each step is logged.
-pub fn shutdown(supervisor: &mut Supervisor, mode: RebootMode) -> ! {
-    let what = if mode == RebootMode::RB_AUTOBOOT {
+fn describe(mode: RebootMode) -> &'static str {
+    if mode == RebootMode::RB_AUTOBOOT {
         "reboot"
     } else {
         "power-off"
-    };
+    }
+}
+
+/// Stops services (SIGTERM, bounded wait, SIGKILL), then every other process the same
+/// way, syncs, unmounts STATE and powers off or reboots. Each step is logged.
+pub fn shutdown(supervisor: &mut Supervisor, mode: RebootMode) -> ! {
+    let what = describe(mode);
     console::info(&format!("shutdown ({what}): stopping services"));
     let killed = supervisor.stop_all(STOP_GRACE, &mut reap);
     for name in killed {
         console::warn(&format!("shutdown: service {name} needed SIGKILL"));
     }
+    stop_the_rest(mode)
+}
+
+/// Shutdown without the supervisor, for a panic where the main loop cannot do it (the
+/// main thread panicked, or did not answer): services are stopped with every other
+/// process, then the same sync, unmounting and reboot as [`shutdown`].
+pub fn emergency(mode: RebootMode) -> ! {
+    console::warn(&format!(
+        "emergency shutdown ({}): stopping every process",
+        describe(mode)
+    ));
+    stop_the_rest(mode)
+}
+
+/// Every process but PID1 (SIGTERM, bounded wait, SIGKILL), sync, what is on STATE,
+/// STATE, then `mode`.
+fn stop_the_rest(mode: RebootMode) -> ! {
+    let what = describe(mode);
     console::info(&format!("shutdown ({what}): stopping processes"));
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
     let deadline = Instant::now() + STOP_GRACE;
@@ -92,12 +114,15 @@ pub fn shutdown(supervisor: &mut Supervisor, mode: RebootMode) -> ! {
     console::info("shutdown: syncing filesystems");
     nix::unistd::sync();
     unmount_on_state();
-    // STATE is the one writable disk filesystem: leave it clean.
+    // STATE is the one writable disk filesystem: leave it clean. Not mounted (stage 1,
+    // or a boot without STATE) is nothing to report.
     match nix::mount::umount(crate::storage::state::MOUNT_POINT) {
         Ok(()) => console::info("shutdown: STATE unmounted"),
+        Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
         Err(e) => console::error("shutdown: unmount STATE", &e),
     }
     console::info(&format!("shutdown: {what}"));
+    console::flush(console::FLUSH_TIMEOUT);
     loop {
         let _ = nix::sys::reboot::reboot(mode);
         std::thread::sleep(Duration::from_secs(1));

@@ -12,7 +12,7 @@ use crate::net::{self, sntp, NetworkUp};
 use crate::node_api;
 use crate::pid1::mailbox::{Command, Control, LineCounts};
 use crate::pid1::supervise::Supervisor;
-use crate::pid1::{console, power, serve};
+use crate::pid1::{console, panic, power, serve};
 use crate::storage::state;
 use crate::sys::System;
 use basalt_api::config::MachineConfig;
@@ -55,7 +55,7 @@ impl<'a> Node<'a> {
         let sink_counts = Rc::clone(&counts);
         let supervisor = Supervisor::new(Box::new(move |name, line| {
             sink_counts.add(name);
-            console::info(&format!("[{name}] {line}"));
+            console::service_line(name, line);
         }));
         let (control, commands) = Control::new(Arc::new(serve::wake_main_loop));
         let joiner = Arc::new(Joiner::new(
@@ -84,8 +84,10 @@ impl<'a> Node<'a> {
     }
 
     /// What PID1's main loop owns from here on: the supervisor, the mailbox's receiving
-    /// end and the line counts.
+    /// end and the line counts. The caller's thread becomes the main loop's: a panic in
+    /// any other thread is handed to it from now on ([`panic`]).
     pub fn into_main_loop(self) -> (Supervisor, Receiver<Command>, Rc<LineCounts>) {
+        panic::register_main_loop(self.control.clone());
         (self.supervisor, self.commands, self.counts)
     }
 }
