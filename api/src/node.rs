@@ -11,6 +11,36 @@ use serde::{Deserialize, Serialize};
 /// The port the node API listens on unless `[api] listen` says otherwise.
 pub const DEFAULT_PORT: u16 = 50000;
 
+/// What a node API client must keep to; a node closes a connection that does not. A
+/// client on any working link never meets these: they are there so that slow or idle
+/// connections cannot hold the node's few connection slots.
+///
+/// The node also serves a bounded number of connections at once: a few for clients still
+/// in the TLS handshake or without a client certificate (the oldest of those is closed
+/// to make room for a new connection), and as many again kept for clients whose
+/// certificate the handshake verified, so that a flood of anonymous connections cannot
+/// lock a pool certificate out.
+pub mod limits {
+    use std::time::Duration;
+
+    /// The TLS handshake must be complete this long after the TCP connection was
+    /// accepted: a few round trips and one signature, seconds even over a bad link.
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// The request head (request line and headers, at most 16 KiB) must be complete this
+    /// long after the handshake.
+    pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+    /// A request body must arrive at this rate at least (32 kbit/s, slower than any link
+    /// a pool controller uses)...
+    pub const BODY_MIN_BYTES_PER_SEC: u64 = 4 * 1024;
+    /// ...with this much time on top, whatever its length (the body's deadline is this plus
+    /// `Content-Length` / [`BODY_MIN_BYTES_PER_SEC`] seconds): a machine config of a few KiB
+    /// has 11 s, the largest one ([`crate::config::MAX_BYTES`]) 74 s.
+    pub const BODY_TIMEOUT_FLOOR: Duration = Duration::from_secs(10);
+    /// Connections open at once from one source address (an IPv6 /64 counts as one
+    /// address); more are closed at once. A pool controller needs one or two per node.
+    pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 8;
+}
+
 /// Paths of the endpoints, version 1.
 pub mod path {
     /// `GET`: [`super::Health`]; answered without a client certificate.

@@ -73,11 +73,28 @@ impl HttpError {
     }
 }
 
+/// A request whose head has been read: its [`Request`] without the body yet.
+#[derive(Debug)]
+pub struct Head {
+    pub request: Request,
+    /// `Content-Length` (0 without one); at most [`BODY_LIMIT`].
+    pub length: usize,
+    /// What of the body came with the head.
+    early: Vec<u8>,
+}
+
 /// Reads one request, answering `100 Continue` when the client waits for it.
 pub fn read_request<S: Read + Write>(stream: &mut S) -> Result<Request, HttpError> {
+    let head = read_head(stream)?;
+    read_body(stream, head)
+}
+
+/// Reads and checks a request head (its size, `Content-Length`), not reading further
+/// than the bytes that came with it: whether to read the body is decided on the head.
+pub fn read_head<S: Read>(stream: &mut S) -> Result<Head, HttpError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
-    let (mut request, head_len) = loop {
+    let (request, head_len) = loop {
         let n = match stream.read(&mut chunk) {
             Ok(0) if buf.is_empty() => return Err(HttpError::Closed),
             Ok(0) => return Err(HttpError::Malformed("the request ended in its head".into())),
@@ -109,12 +126,27 @@ pub fn read_request<S: Read + Write>(stream: &mut S) -> Result<Request, HttpErro
     if length > BODY_LIMIT {
         return Err(HttpError::BodyTooLarge);
     }
-    let mut body = buf.split_off(head_len);
-    if body.len() > length {
+    let early = buf.split_off(head_len);
+    if early.len() > length {
         return Err(HttpError::Malformed(
             "more bytes than Content-Length (one request per connection)".into(),
         ));
     }
+    Ok(Head {
+        request,
+        length,
+        early,
+    })
+}
+
+/// Reads the body of `head`'s request, first answering `100 Continue` when the client
+/// waits for it.
+pub fn read_body<S: Read + Write>(stream: &mut S, head: Head) -> Result<Request, HttpError> {
+    let Head {
+        mut request,
+        length,
+        early: mut body,
+    } = head;
     if length > body.len()
         && request
             .header("expect")
@@ -391,6 +423,27 @@ mod tests {
                 assert!(!body.error.is_empty());
             }
         }
+    }
+
+    #[test]
+    fn a_head_is_read_without_its_body() {
+        let raw =
+            b"POST /v1/config HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nabcde";
+        let mut t = Trickle {
+            data: raw,
+            step: raw.len() - 5,
+            sent: Vec::new(),
+        };
+        let head = read_head(&mut t).expect("head");
+        assert_eq!((head.request.path.as_str(), head.length), ("/v1/config", 5));
+        assert_eq!(t.data, b"abcde", "no body byte read");
+        assert!(
+            t.sent.is_empty(),
+            "no 100 Continue before the body is wanted"
+        );
+        let req = read_body(&mut t, head).expect("body");
+        assert_eq!(req.body, b"abcde");
+        assert_eq!(t.sent, b"HTTP/1.1 100 Continue\r\n\r\n");
     }
 
     #[test]

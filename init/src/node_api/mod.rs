@@ -1,8 +1,9 @@
 //! The node API: HTTPS with mutual TLS on `[api] listen` (port 50000 by default), JSON
 //! bodies in the wire format of [`basalt_api::node`], served by PID1 itself.
 //!
-//! Shape: one acceptor thread, one thread per connection (at most [`MAX_CONNECTIONS`]),
-//! one request per connection. TLS by rustls ([`tls`]), HTTP by httparse ([`http`]),
+//! Shape: one acceptor thread, one thread per connection (at most [`OPEN_SLOTS`] +
+//! [`AUTHENTICATED_SLOTS`], admitted by [`slots`]), one request per connection, each
+//! phase of it under a deadline ([`Limits`]). TLS by rustls ([`tls`]), HTTP by httparse ([`http`]),
 //! endpoints in [`routes`], what they report in [`status`]. The supervisor stays in
 //! PID1's main loop; API threads reach it through its mailbox,
 //! [`crate::pid1::mailbox`]. Joining the cluster is
@@ -14,6 +15,7 @@
 pub mod http;
 pub mod routes;
 pub mod server;
+pub mod slots;
 pub mod status;
 pub mod tls;
 
@@ -24,14 +26,65 @@ use basalt_api::config::ApiConfig;
 use rustls::ServerConfig;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub use server::start;
 
-/// Connections served at once; more are closed at once (and counted).
-pub const MAX_CONNECTIONS: usize = 16;
+/// Connections served at once in the TLS handshake or without a verified client
+/// certificate; a new one beyond them shuts the oldest of them down ([`slots`]).
+pub const OPEN_SLOTS: usize = 16;
+/// Connections served at once whose handshake verified a client certificate, on top of
+/// [`OPEN_SLOTS`]: no anonymous client can take these.
+pub const AUTHENTICATED_SLOTS: usize = 16;
+/// A closed connection is drained of what the client still sends (so that closing does
+/// not reset the connection under the answer) for this long at most.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// What the server allows each connection: the contract's
+/// [`basalt_api::node::limits`] and this server's slots. Tests shorten them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// TCP accepted → handshake complete.
+    pub handshake: Duration,
+    /// Handshake complete → request head complete.
+    pub head: Duration,
+    /// A body's deadline is this...
+    pub body_floor: Duration,
+    /// ...plus its length at this many bytes per second.
+    pub body_min_rate: u64,
+    pub open_slots: usize,
+    pub authenticated_slots: usize,
+    /// Connections open at once from one source address.
+    pub per_address: usize,
+    /// How long a closed connection is drained at most.
+    pub linger: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        use basalt_api::node::limits::*;
+        Limits {
+            handshake: HANDSHAKE_TIMEOUT,
+            head: HEAD_TIMEOUT,
+            body_floor: BODY_TIMEOUT_FLOOR,
+            body_min_rate: BODY_MIN_BYTES_PER_SEC,
+            open_slots: OPEN_SLOTS,
+            authenticated_slots: AUTHENTICATED_SLOTS,
+            per_address: MAX_CONNECTIONS_PER_ADDRESS,
+            linger: LINGER,
+        }
+    }
+}
+
+impl Limits {
+    /// How long a body of `length` bytes may take to arrive.
+    pub fn body(&self, length: usize) -> Duration {
+        let rate = self.body_min_rate.max(1);
+        self.body_floor + Duration::from_millis((length as u64).saturating_mul(1000) / rate)
+    }
+}
 /// Refused requests and handshakes are logged at most once per this period.
 pub const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
 
@@ -49,8 +102,9 @@ pub struct Context {
     tls: RwLock<Arc<ServerConfig>>,
     pub metrics: Metrics,
     refusals: RefusalLog,
+    limits: Limits,
     /// Connections being served now.
-    active: AtomicUsize,
+    slots: Arc<slots::Slots>,
 }
 
 impl Context {
@@ -71,8 +125,25 @@ impl Context {
             tls: RwLock::new(tls::server_config(api)?),
             metrics: Metrics::default(),
             refusals: RefusalLog::default(),
-            active: AtomicUsize::new(0),
+            limits: Limits::default(),
+            slots: slots::Slots::new(&Limits::default()),
         })
+    }
+
+    /// With other limits than the contract's (tests).
+    pub fn with_limits(mut self, limits: Limits) -> Context {
+        self.slots = slots::Slots::new(&limits);
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Connections in open and in authenticated slots now.
+    pub fn connections(&self) -> (usize, usize) {
+        self.slots.counts()
     }
 
     pub fn config_source(&self) -> Option<String> {
@@ -109,7 +180,8 @@ pub struct Metrics {
     pub requests: Mutex<BTreeMap<u16, u64>>,
     /// Connections whose TLS handshake failed (no, wrong or expired certificate, ...).
     pub handshake_failures: AtomicU64,
-    /// Connections closed because [`MAX_CONNECTIONS`] were open.
+    /// Connections closed for capacity: one over its address's cap, or the oldest open
+    /// one shut down to make room ([`slots`]).
     pub over_capacity: AtomicU64,
 }
 
@@ -151,6 +223,14 @@ impl RefusalLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_has_the_floor_plus_its_length_at_the_minimum_rate() {
+        let l = Limits::default();
+        assert_eq!(l.body(0), Duration::from_secs(10));
+        assert_eq!(l.body(4 * 1024), Duration::from_secs(11));
+        assert_eq!(l.body(http::BODY_LIMIT), Duration::from_secs(74));
+    }
 
     #[test]
     fn refusals_are_logged_once_per_period_with_a_count() {

@@ -4,6 +4,7 @@
 use super::*;
 use crate::join::{CaChecker, Joiner, NodeHost, Retry};
 use crate::net::NetworkUp;
+use crate::node_api::Limits;
 use crate::pid1::mailbox::{self, Command, Control, LineCounts};
 use crate::pid1::supervise::{Exit, RestartPolicy, ServiceSpec, Supervisor};
 use basalt_api::config::{MachineConfig, Token};
@@ -15,8 +16,10 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::fs::MetadataExt;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 
 const SERVER_HASH: &str = "3333333333333333333333333333333333333333333333333333333333333333";
@@ -158,6 +161,10 @@ struct Node {
 }
 
 fn node() -> Node {
+    node_with(Limits::default())
+}
+
+fn node_with(limits: Limits) -> Node {
     let pki = Pki::new();
     let root = tempfile::tempdir().expect("tempdir");
     let (control, rx) = Control::new(Arc::new(|| {}));
@@ -182,7 +189,8 @@ fn node() -> Node {
             None,
             &config.api,
         )
-        .expect("context"),
+        .expect("context")
+        .with_limits(limits),
     );
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -197,27 +205,55 @@ fn node() -> Node {
     }
 }
 
-/// A raw exchange; the status and body, or the client's error.
-fn exchange(n: &Node, who: Option<&Identity>, request: &[u8]) -> io::Result<(u16, String)> {
+/// A client that trusts the pool CA, with `who`'s certificate or none.
+fn client_config(
+    ca: &CertificateDer<'static>,
+    who: Option<&Identity>,
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(n.pki.ca_der.clone()).expect("root");
+    roots.add(ca.clone()).expect("root");
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .expect("versions")
     .with_root_certificates(roots);
-    let config = match who {
+    Arc::new(match who {
         Some(id) => builder
             .with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())
             .expect("client cert"),
         None => builder.with_no_client_auth(),
-    };
+    })
+}
+
+/// A TLS connection to the node over `tcp`, the handshake not done yet.
+fn tls_over(
+    config: Arc<rustls::ClientConfig>,
+    tcp: TcpStream,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     let name = ServerName::try_from("node-1").expect("name");
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let conn = rustls::ClientConnection::new(config, name).expect("client");
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// A raw exchange; the status and body, or the client's error.
+fn exchange(n: &Node, who: Option<&Identity>, request: &[u8]) -> io::Result<(u16, String)> {
     let tcp = TcpStream::connect(n.addr)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    exchange_over(n, who, tcp, request)
+}
+
+/// [`exchange`] over a connection the caller made (from another source address, or with
+/// a shorter read time-out).
+fn exchange_over(
+    n: &Node,
+    who: Option<&Identity>,
+    tcp: TcpStream,
+    request: &[u8],
+) -> io::Result<(u16, String)> {
+    if tcp.read_timeout()?.is_none() {
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    }
+    let mut tls = tls_over(client_config(&n.pki.ca_der, who), tcp);
     tls.write_all(request)?;
     tls.flush()?;
     let mut out = Vec::new();
@@ -529,3 +565,339 @@ fn reboot_and_shutdown_answer_first_then_reach_the_main_loop() {
     let got = n.powers.recv_timeout(Duration::from_secs(10));
     assert_eq!(got, Ok(mailbox::Power::PowerOff));
 }
+
+/// A connection to the node from `from`: every address of 127/8 is loopback's, so the
+/// tests can be many clients.
+fn connect_from(from: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream> {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let SocketAddr::V4(to) = to else {
+        panic!("the test node listens on IPv4 loopback")
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(SocketAddrV4::new(from, 0)),
+    )?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(to))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// How a slow client holds its connection.
+#[derive(Debug, Clone, Copy)]
+enum Slow {
+    /// A TLS record header, then the record one byte at a time: the handshake never ends.
+    Handshake,
+    /// A handshake without a certificate, then a request head one byte at a time.
+    Head,
+}
+
+/// A slow client from `from`: keeps a connection open by sending a byte every `every`,
+/// and opens a new one each time the node closes it, until `stop`. `opened` counts the
+/// connections that got as far as `how` needs.
+struct SlowClient {
+    ca: CertificateDer<'static>,
+    node: SocketAddr,
+    from: Ipv4Addr,
+    how: Slow,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    opened: Arc<AtomicUsize>,
+}
+
+impl SlowClient {
+    fn spawn(self) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            while !self.stop.load(Ordering::SeqCst) {
+                let _ = self.hold();
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    }
+
+    /// One connection, until the node closes it.
+    fn hold(&self) -> io::Result<()> {
+        let tcp = connect_from(self.from, self.node)?;
+        tcp.set_write_timeout(Some(Duration::from_secs(2)))?;
+        let mut sink: Box<dyn Write> = match self.how {
+            Slow::Handshake => {
+                let mut tcp = tcp;
+                // A handshake record of 512 bytes, announced.
+                tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])?;
+                Box::new(tcp)
+            }
+            Slow::Head => {
+                let mut tls = tls_over(client_config(&self.ca, None), tcp);
+                while tls.conn.is_handshaking() {
+                    tls.conn.complete_io(&mut tls.sock)?;
+                }
+                tls.write_all(b"G")?;
+                tls.flush()?;
+                Box::new(tls)
+            }
+        };
+        self.opened.fetch_add(1, Ordering::SeqCst);
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(self.every);
+            sink.write_all(b"E")?;
+            sink.flush()?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn slow_clients_holding_every_open_slot_do_not_lock_out_a_pool_certificate() {
+    let n = node();
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    // As many as the node has slots for connections without a certificate, each from an
+    // address of its own (so no per-address cap stops them), half of them in the
+    // handshake, half in the request head, a byte every half second: well inside any
+    // per-read time-out.
+    let slow = u8::try_from(crate::node_api::OPEN_SLOTS).expect("a few");
+    let clients: Vec<_> = (0..slow)
+        .map(|i| {
+            SlowClient {
+                ca: n.pki.ca_der.clone(),
+                node: n.addr,
+                from: Ipv4Addr::new(127, 0, 0, 2 + i),
+                how: if i % 2 == 0 {
+                    Slow::Handshake
+                } else {
+                    Slow::Head
+                },
+                every: Duration::from_millis(500),
+                stop: stop.clone(),
+                opened: opened.clone(),
+            }
+            .spawn()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while opened.load(Ordering::SeqCst) < usize::from(slow) {
+        assert!(
+            Instant::now() < deadline,
+            "the slow clients did not connect"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_for("every open slot taken", || {
+        n.ctx.connections().0 == crate::node_api::OPEN_SLOTS
+    });
+
+    let me = Some(&n.pki.client);
+    let t = Instant::now();
+    let (status, body) = get(&n, me, "/v1/status");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&n, me, "/v1/config", &n.pki.config(""));
+    assert_eq!(status, 200, "{body}");
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "status and apply took {took:?} under the slow load"
+    );
+    assert!(
+        n.ctx.metrics.over_capacity.load(Ordering::Relaxed) > 0,
+        "slow clients were shut down to make room"
+    );
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().expect("slow client");
+    }
+}
+
+#[test]
+fn a_client_without_a_certificate_is_refused_on_the_head_before_any_body() {
+    let n = node();
+    for expect in ["", "Expect: 100-continue\r\n"] {
+        let tcp = TcpStream::connect(n.addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let head = format!(
+            "POST /v1/config HTTP/1.1\r\nHost: node-1\r\n{expect}Content-Length: {}\r\n\r\n",
+            http::BODY_LIMIT
+        );
+        let t = Instant::now();
+        let (status, body) =
+            exchange_over(&n, None, tcp, head.as_bytes()).expect("an answer without the body");
+        assert_eq!(status, 401, "{body}");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
+}
+
+#[test]
+fn a_followed_log_ends_when_the_client_keeps_sending() {
+    let n = node();
+    let spec = ServiceSpec {
+        name: "quiet".into(),
+        argv: vec!["/bin/sh".into(), "-c".into(), "echo one; sleep 30".into()],
+        env: vec![],
+        restart: RestartPolicy::default(),
+        stop_timeout: Duration::from_millis(100),
+    };
+    n.ctx.control.start(spec).expect("started");
+    let tcp = TcpStream::connect(n.addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    tcp.set_write_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut tls = tls_over(client_config(&n.pki.ca_der, Some(&n.pki.client)), tcp);
+    tls.write_all(b"GET /v1/logs/quiet?follow=1 HTTP/1.1\r\n\r\n")
+        .expect("send");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("one\n") {
+        let k = tls.read(&mut buf).expect("read");
+        assert!(k > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..k]);
+    }
+    // A client that keeps talking to a followed log: the node stops following (and
+    // drains what is left, so the end reaches us) instead of spinning on it.
+    let t = Instant::now();
+    for _ in 0..32 {
+        if tls.write_all(&[b'x'; 8192]).is_err() {
+            break;
+        }
+    }
+    let _ = tls.flush();
+    loop {
+        match tls.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => seen.extend_from_slice(&buf[..k]),
+            Err(e) => panic!(
+                "the follow did not end ({e}): {}",
+                String::from_utf8_lossy(&seen)
+            ),
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&seen).ends_with("0\r\n\r\n"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+/// Waits (5 s at most) until `done`.
+fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether the other side closed `r` (end of stream, or the connection reset) rather
+/// than the read timing out.
+fn closed(got: io::Result<usize>) -> bool {
+    match got {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn one_address_gets_its_cap_of_connections_and_no_more() {
+    let n = node_with(Limits {
+        per_address: 2,
+        ..Limits::default()
+    });
+    let a = Ipv4Addr::new(127, 0, 0, 3);
+    let first = connect_from(a, n.addr).expect("first");
+    let _second = connect_from(a, n.addr).expect("second");
+    wait_for("two connections admitted", || n.ctx.connections().0 == 2);
+    let mut third = connect_from(a, n.addr).expect("third");
+    third
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let t = Instant::now();
+    assert!(closed(third.read(&mut [0u8; 64])), "a third is closed");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(n.ctx.metrics.over_capacity.load(Ordering::Relaxed), 1);
+    // Another address is served meanwhile.
+    let health = b"GET /v1/health HTTP/1.1\r\n\r\n";
+    let other = connect_from(Ipv4Addr::new(127, 0, 0, 4), n.addr).expect("other");
+    let (status, body) = exchange_over(&n, None, other, health).expect("other address");
+    assert_eq!(status, 200, "{body}");
+    // A closed connection gives its place back.
+    drop(first);
+    wait_for("the first given back", || n.ctx.connections().0 == 1);
+    let again = connect_from(a, n.addr).expect("again");
+    let (status, body) = exchange_over(&n, None, again, health).expect("again");
+    assert_eq!(status, 200, "{body}");
+}
+
+/// How a client trickles one phase of a connection.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Handshake,
+    Head,
+    Body,
+}
+
+#[test]
+fn each_phase_has_a_deadline_however_the_client_trickles() {
+    let short = Duration::from_millis(400);
+    let n = node_with(Limits {
+        handshake: short,
+        head: short,
+        body_floor: short,
+        body_min_rate: 1 << 30,
+        ..Limits::default()
+    });
+    for phase in [Phase::Handshake, Phase::Head, Phase::Body] {
+        let tcp = TcpStream::connect(n.addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let t = Instant::now();
+        // A byte every 100 ms, well inside any per-read time-out, until the node closes.
+        let mut conn: Box<dyn ReadWrite> = match phase {
+            Phase::Handshake => {
+                let mut tcp = tcp;
+                tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+                    .expect("send");
+                Box::new(tcp)
+            }
+            Phase::Head | Phase::Body => {
+                let mut tls = tls_over(client_config(&n.pki.ca_der, Some(&n.pki.client)), tcp);
+                let start: &[u8] = match phase {
+                    Phase::Head => b"GET /v1/status HTTP/1.1\r\nX: ",
+                    _ => b"POST /v1/config HTTP/1.1\r\nContent-Length: 100000\r\n\r\n",
+                };
+                tls.write_all(start).expect("send");
+                Box::new(tls)
+            }
+        };
+        let ended = loop {
+            let mut buf = [0u8; 1024];
+            let got = conn.read(&mut buf);
+            if closed(got) {
+                break t.elapsed();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(8),
+                "{phase:?}: still open after 8 s"
+            );
+            if conn.write_all(b"a").and_then(|()| conn.flush()).is_err() {
+                break t.elapsed();
+            }
+        };
+        assert!(
+            ended >= short / 2 && ended < short + Duration::from_secs(3),
+            "{phase:?}: closed after {ended:?}"
+        );
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
