@@ -4,6 +4,7 @@
 //! `fuzzing/README.md`); the corpora they grew are checked in under `fuzz/corpus/<name>/`
 //! and replayed through these same functions by `tests/replay.rs` in every test run.
 
+pub mod api;
 pub mod config;
 pub mod dhcp;
 pub mod gpt;
@@ -19,6 +20,7 @@ pub const TARGETS: &[Target] = &[
     ("ca_hash", config::ca_hash),
     ("gpt", gpt::table),
     ("dhcp", dhcp::client),
+    ("api_request", api::request),
 ];
 
 /// The target named `name`.

@@ -80,3 +80,16 @@ fn the_config_seeds_with_a_secret_parse_or_fail_as_expected() {
     );
     assert!(MachineConfig::parse(&text("syntax.toml")).is_err());
 }
+
+#[test]
+fn the_api_seeds_reach_the_refusal_and_the_health_answer() {
+    use basalt_init::node_api::http::read_head;
+    use basalt_init::node_api::routes::authorize;
+    let head = |name| {
+        let data = std::fs::read(seed("api_request", name)).expect("seed");
+        read_head(&mut &data[1..]).expect("a head")
+    };
+    let refused = authorize(&head("apply.txt").request, false).expect_err("a stranger's apply");
+    assert_eq!(refused.status, 401);
+    assert!(authorize(&head("health.txt").request, false).is_ok());
+}
