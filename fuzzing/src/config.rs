@@ -87,8 +87,9 @@ pub fn boot_params(data: &[u8]) {
     }
 }
 
-/// `Token::parse`. Properties: `Display` and `Debug` never show the password or secret
-/// (where it is not also part of what may be shown), and the full form round-trips.
+/// `Token::parse`. Properties: the full form round-trips, and `Display` and `Debug`
+/// do not depend on the password or secret: the same token with another secret shows
+/// exactly the same.
 pub fn token(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -96,29 +97,22 @@ pub fn token(data: &[u8]) {
     let Ok(token) = Token::parse(text) else {
         return;
     };
-    assert_eq!(
-        token.secret_string(),
-        text,
-        "the token as K3s reads it changed"
-    );
-    let shown = format!("{token} {token:?}");
-    let (secret, visible) = match &token {
-        Token::Secure {
+    assert_eq!(token.secret_string(), text, "the token as K3s reads it changed");
+    let other = match token.clone() {
+        Token::Secure { ca_hash, user, .. } => Token::Secure {
             ca_hash,
             user,
-            password,
-        } => (password, format!("K10{ca_hash}::{user}:Secure")),
-        Token::Bootstrap {
+            password: "other".into(),
+        },
+        Token::Bootstrap { ca_hash, id, .. } => Token::Bootstrap {
             ca_hash,
             id,
-            secret,
-        } => (secret, format!("K10{ca_hash}::{id}.Bootstrap")),
-        Token::Plain(s) => (s, String::new()),
+            secret: "0000000000000000".into(),
+        },
+        Token::Plain(_) => Token::Plain("other".into()),
     };
-    let public = format!("{visible} <redacted> ca_hash user id password secret Plain");
-    if secret.len() >= 4 && !public.contains(secret.as_str()) {
-        assert!(!shown.contains(secret.as_str()), "a token shows its secret");
-    }
+    assert_eq!(format!("{token}"), format!("{other}"), "Display shows the secret");
+    assert_eq!(format!("{token:?}"), format!("{other:?}"), "Debug shows the secret");
 }
 
 /// `ca_hash` over the input as a `/cacerts` body. Property: an answer is 64 lowercase
