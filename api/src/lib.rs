@@ -4,8 +4,10 @@
 //! the kernel command-line parameters the builder writes and stage 1 reads
 //! ([`bootparams`]), the partition table, sector unit and fw_cfg names ([`layout`]), the
 //! one GPT reader ([`gpt`]), and the console line format of boot milestones that init
-//! prints and tests and benchmarks read ([`milestone`]). The machine config ([`config`]) is the
-//! versioned TOML document the CLI writes, the node API accepts and basalt-init applies.
+//! prints and tests and benchmarks read ([`milestone`]), and the time floor the builder
+//! writes into the root and init keeps the clock above ([`time_floor`]). The machine
+//! config ([`config`]) is the versioned TOML document the CLI writes, the node API
+//! accepts and basalt-init applies.
 
 pub mod bootparams;
 pub mod config;
@@ -14,3 +16,4 @@ pub mod k3s;
 pub mod layout;
 pub mod milestone;
 pub mod node;
+pub mod time_floor;

@@ -65,6 +65,9 @@ pub enum JoinError {
     Persist(PathBuf, #[source] std::io::Error),
     #[error("start k3s agent: {0}")]
     Start(String),
+    /// The agent is not started with the metadata service open to its pods.
+    #[error("close the metadata service (169.254.169.254) before starting k3s agent")]
+    BlockMetadata(#[source] crate::net::netlink::NetlinkError),
     /// Under supervision, which restarts it with backoff, but not running.
     #[error("k3s agent is supervised but not running (restarted with backoff): {0}")]
     NotRunning(String),

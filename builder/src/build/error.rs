@@ -18,6 +18,8 @@ pub enum BuildError {
     #[error("basalt-init")]
     Init(#[from] initbuild::InitBuildError),
     #[error(transparent)]
+    TimeFloor(#[from] basalt_api::time_floor::TimeFloorError),
+    #[error(transparent)]
     Deb(#[from] deb::DebError),
     #[error("kernel package")]
     Kernel(#[source] std::io::Error),

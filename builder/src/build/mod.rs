@@ -74,10 +74,12 @@ struct Ctx {
     spec: Spec,
     inputs: BTreeMap<String, cache::Resolved>,
     init: InitBinary,
-    /// sha256 over the spec, every input, basalt-init and basalt's version: same seed,
-    /// same bytes.
+    /// sha256 over the spec, every input, basalt-init, basalt's version and the time
+    /// floor: same seed, same bytes.
     seed: String,
     store: Store,
+    /// Written into the root's os-release for init's clock ([`basalt_api::time_floor`]).
+    time_floor: u64,
 }
 
 impl Ctx {
@@ -109,7 +111,9 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
 
     progress.start("basalt-init");
     let init = inputs::init_binary(opts)?;
-    let seed = seed(&spec.text, &inputs, &init.sha256);
+    let time_floor =
+        basalt_api::time_floor::for_build(std::env::var("SOURCE_DATE_EPOCH").ok().as_deref())?;
+    let seed = seed(&spec.text, &inputs, &init.sha256, time_floor);
     let store = Store::open(&opts.cache_dir)?;
     let ctx = Ctx {
         spec,
@@ -117,6 +121,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         init,
         seed,
         store,
+        time_floor,
     };
     let work = outputs::WorkDir::create(&opts.out_dir, &ctx.spec.spec.name)?;
 
@@ -163,7 +168,12 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
 }
 
 /// Everything below the inputs is derived from this: same inputs, same bytes.
-fn seed(spec_text: &[u8], inputs: &BTreeMap<String, cache::Resolved>, init_sha: &str) -> String {
+fn seed(
+    spec_text: &[u8],
+    inputs: &BTreeMap<String, cache::Resolved>,
+    init_sha: &str,
+    time_floor: u64,
+) -> String {
     let mut h = Sha256::new();
     h.update(spec_text);
     for r in inputs.values() {
@@ -171,5 +181,6 @@ fn seed(spec_text: &[u8], inputs: &BTreeMap<String, cache::Resolved>, init_sha: 
     }
     h.update(init_sha.as_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(time_floor.to_be_bytes());
     hex::encode(h.finalize())
 }

@@ -34,6 +34,7 @@ pub fn root(ctx: &Ctx, kernel: &Kernel, graph: &kmod::ModuleGraph) -> Result<Roo
             graph,
             &ctx.seed,
             ctx.uuid("verity"),
+            ctx.time_floor,
         )
     })?;
     let info_path = dir.join("root.json");
@@ -52,6 +53,18 @@ pub fn root(ctx: &Ctx, kernel: &Kernel, graph: &kmod::ModuleGraph) -> Result<Roo
     })
 }
 
+/// The root's `/etc/os-release`: basalt's version, the image's inputs, and the time floor
+/// init keeps the clock above.
+fn os_release(spec: &ImageSpec, kver: &str, time_floor: u64) -> String {
+    format!(
+        "NAME=basalt\nID=basalt\nPRETTY_NAME=\"basalt {v}\"\nVERSION_ID={v}\nBASALT_IMAGE={}\nBASALT_KERNEL={kver}\nBASALT_K3S={}\n{}",
+        spec.name,
+        spec.k3s.version,
+        basalt_api::time_floor::os_release_line(time_floor),
+        v = env!("CARGO_PKG_VERSION")
+    )
+}
+
 /// Squashfs of the root tree, padded to whole verity blocks, hash tree appended;
 /// `root.img` and `root.json` in `dir`.
 #[allow(clippy::too_many_arguments)]
@@ -66,13 +79,9 @@ fn make_root(
     graph: &kmod::ModuleGraph,
     seed: &str,
     uuid: uuid::Uuid,
+    time_floor: u64,
 ) -> Result<(), BuildError> {
-    let os_release = format!(
-        "NAME=basalt\nID=basalt\nPRETTY_NAME=\"basalt {v}\"\nVERSION_ID={v}\nBASALT_IMAGE={}\nBASALT_KERNEL={kver}\nBASALT_K3S={}\n",
-        spec.name,
-        spec.k3s.version,
-        v = env!("CARGO_PKG_VERSION")
-    );
+    let os_release = os_release(spec, kver, time_floor);
     let tree = rootfs::tree(&rootfs::RootContent {
         init,
         k3s: &inputs["k3s"].path,
@@ -110,4 +119,26 @@ fn make_root(
         serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_release_carries_the_time_floor_init_reads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/k3s-node.toml");
+        let spec = ImageSpec::load(&path).expect("default spec");
+        let text = os_release(&spec, "6.1.0-test", 1_900_000_123);
+        assert_eq!(
+            basalt_api::time_floor::from_os_release(&text),
+            Some(1_900_000_123)
+        );
+        let keys = crate::inspect::parse_os_release(&text);
+        assert_eq!(
+            keys.get("BASALT_KERNEL").map(String::as_str),
+            Some("6.1.0-test")
+        );
+        assert_eq!(keys.get("NAME").map(String::as_str), Some("basalt"));
+    }
 }

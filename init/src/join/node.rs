@@ -41,7 +41,11 @@ impl Host for NodeHost {
         write_secret(&path, json.as_bytes()).map_err(|e| JoinError::Write(path, e))
     }
 
+    /// Closes the metadata service first (see [`crate::net::metadata_block`]): no
+    /// agent, and so no pod, ever runs with the user-data readable. A failure to close
+    /// it fails the start.
     fn start_agent(&self) -> Result<(), JoinError> {
+        crate::net::metadata_block::block().map_err(JoinError::BlockMetadata)?;
         self.control.start(agent_spec()).map_err(|e| match e {
             StartError::Refused(why) => JoinError::Start(why),
             StartError::NotRunning(why) => JoinError::NotRunning(why),

@@ -7,6 +7,7 @@
 
 pub mod dhcp;
 pub mod metadata;
+pub mod metadata_block;
 pub mod netlink;
 pub mod sntp;
 

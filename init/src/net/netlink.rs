@@ -194,6 +194,18 @@ impl Netlink {
         .map(drop)
     }
 
+    /// Adds (or replaces) a `prohibit` route to `to/prefix_len` in the main table: the
+    /// kernel refuses local sends there with EACCES and answers forwarded packets with
+    /// ICMP "administratively prohibited". No output interface, no gateway.
+    pub fn add_prohibit_route(&mut self, to: Ipv4Addr, prefix_len: u8) -> Result<(), NetlinkError> {
+        self.request(
+            "RTM_NEWROUTE",
+            RouteNetlinkMessage::NewRoute(prohibit_route(to, prefix_len)),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(drop)
+    }
+
     /// Sends one request with NLM_F_ACK and collects what comes back until the ACK.
     fn request(
         &mut self,
@@ -327,6 +339,19 @@ fn static_route(index: u32, to: IpAddr, prefix_len: u8, via: IpAddr) -> RouteMes
     msg.attributes
         .push(RouteAttribute::Gateway(route_address(via)));
     msg.attributes.push(RouteAttribute::Oif(index));
+    msg
+}
+
+fn prohibit_route(to: Ipv4Addr, prefix_len: u8) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.protocol = RouteProtocol::Static;
+    msg.header.scope = RouteScope::Universe;
+    msg.header.kind = RouteType::Prohibit;
+    msg.header.destination_prefix_length = prefix_len;
+    msg.attributes
+        .push(RouteAttribute::Destination(RouteAddress::Inet(to)));
     msg
 }
 

@@ -175,7 +175,7 @@ impl Machine for Node<'_> {
     }
 
     fn start_time_sync(&mut self, servers: Vec<String>) {
-        start_time_sync(servers, self.up.clone());
+        start_time_sync(&self.root, servers, self.up.clone());
     }
 
     /// Only in a basalt-init built with the `testd` feature.
@@ -310,11 +310,14 @@ fn set_hostname(name: Option<&str>) {
 
 /// SNTP against the configured servers in a thread of its own once the network is up:
 /// bounded, logged, never fatal. Success prints `time-synced`.
-fn start_time_sync(servers: Vec<String>, up: NetworkUp) {
+fn start_time_sync(root: &Path, servers: Vec<String>, up: NetworkUp) {
     if servers.is_empty() {
         console::info("time: no NTP servers in the config; clock left as the hypervisor set it");
         return;
     }
+    // The image's time floor, from the verified root (basalt_api::time_floor).
+    let os_release = std::fs::read_to_string(root.join(basalt_api::time_floor::OS_RELEASE_PATH));
+    let policy = sntp::StepPolicy::from_os_release(os_release.as_deref().ok());
     let spawned = std::thread::Builder::new()
         .name("sntp".into())
         .spawn(move || {
@@ -322,7 +325,7 @@ fn start_time_sync(servers: Vec<String>, up: NetworkUp) {
                 console::warn("time: network not up; no sync");
                 return;
             }
-            match sntp::sync(&servers, Duration::from_secs(3), true) {
+            match sntp::sync(&servers, Duration::from_secs(3), policy, true) {
                 Ok(s) => {
                     console::info(&format!(
                         "time: {} ({}) offset {} delay {:?}, clock {}",

@@ -7,6 +7,14 @@ use std::time::Duration;
 /// RFC 2131 §4.4.5 defaults when the server sends no T1 (option 58) or T2 (option 59).
 const T1_FRACTION: f64 = 0.5;
 const T2_FRACTION: f64 = 0.875;
+/// The shortest lease acted on. A server's shorter lease (0 included) is held for this
+/// long, its T1/T2 taken against it: with a lease of 0 the address would expire the
+/// moment it was bound, be removed, asked for again, bound again, and so on, flapping
+/// the node's address and everything bound to it. RFC 2131 sets no minimum; dhcpcd
+/// clamps to the same 20 s (its `DHCP_MIN_LEASE`), long enough for a renewal at T1
+/// (10 s) and a rebinding before expiry. Refusing such offers instead would leave a node
+/// behind a misconfigured server with no address at all.
+pub const MIN_LEASE_SECS: u32 = 20;
 
 /// A lease as granted; times are relative to the moment the REQUEST was sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +28,7 @@ pub struct Lease {
     pub dns: Vec<Ipv4Addr>,
     /// Server identifier (option 54): where RENEWING unicasts to.
     pub server: Ipv4Addr,
-    /// Option 51.
+    /// Option 51, at least [`MIN_LEASE_SECS`].
     pub lease_time: Duration,
     /// Option 58, or half the lease.
     pub t1: Duration,
@@ -53,7 +61,7 @@ impl Lease {
             _ => return Err(LeaseError::NoServerId),
         };
         let lease_secs = match opts.get(OptionCode::AddressLeaseTime) {
-            Some(DhcpOption::AddressLeaseTime(s)) => *s,
+            Some(DhcpOption::AddressLeaseTime(s)) => (*s).max(MIN_LEASE_SECS),
             _ => return Err(LeaseError::NoLeaseTime),
         };
         let prefix_len = match opts.get(OptionCode::SubnetMask) {
@@ -189,6 +197,27 @@ mod tests {
                 "lease {lease} t1 {t1:?} t2 {t2:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_lease_shorter_than_the_floor_is_held_for_the_floor() {
+        for (granted, t1, t2) in [(0, None, None), (1, Some(0), Some(1)), (19, None, None)] {
+            let mut opts = vec![SERVER, DhcpOption::AddressLeaseTime(granted)];
+            opts.extend(t1.map(DhcpOption::Renewal));
+            opts.extend(t2.map(DhcpOption::Rebinding));
+            let lease = Lease::from_reply(&ack(&opts)).expect("valid ack");
+            assert_eq!(lease.lease_time, Duration::from_secs(20), "lease {granted}");
+            assert!(
+                lease.t1 <= lease.t2 && lease.t2 <= lease.lease_time,
+                "lease {granted}: {lease:?}"
+            );
+            // The server's own T1/T2 below the floor are kept; missing ones default
+            // against the floor.
+            let want_t1 = t1.map_or(10, u64::from);
+            assert_eq!(lease.t1, Duration::from_secs(want_t1), "lease {granted}");
+        }
+        let long = Lease::from_reply(&ack(&[SERVER, DhcpOption::AddressLeaseTime(21)]));
+        assert_eq!(long.expect("valid").lease_time, Duration::from_secs(21));
     }
 
     #[test]

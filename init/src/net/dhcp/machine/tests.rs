@@ -160,6 +160,49 @@ fn rebinds_at_t2_by_broadcast_and_rebinds() {
     assert_eq!(m.deadline(), t0 + SECS(110));
 }
 
+/// A server that grants a lease of 0 s: the address must not be removed and re-added in a
+/// loop. Today's code expired it at the instant it was bound.
+#[test]
+fn a_lease_of_zero_does_not_flap_the_address() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    let zero = |req: &Message, kind| {
+        let mut msg = reply(req, kind);
+        let opts = msg.opts_mut();
+        opts.insert(DhcpOption::AddressLeaseTime(0));
+        opts.remove(OptionCode::Renewal);
+        opts.remove(OptionCode::Rebinding);
+        msg
+    };
+    let out = m.on_timeout(t0);
+    let discover = sent(&out)[0].0.clone();
+    let out = m.on_packet(t0, &zero(&discover, MessageType::Offer));
+    let request = sent(&out)[0].0.clone();
+    let out = m.on_packet(t0, &zero(&request, MessageType::Ack));
+    assert!(matches!(events(&out)[..], [Event::Bound(_)]));
+    let mut all = Vec::new();
+    // Drive the timer as the run loop would, for the first 19 s, answering nothing.
+    let mut now = t0;
+    while now < t0 + SECS(19) {
+        all.extend(m.on_timeout(now));
+        now = m.deadline().max(now + Duration::from_millis(100));
+    }
+    assert!(
+        !all.iter().any(|a| matches!(
+            a,
+            Action::Deconfigure(_) | Action::Event(Event::Expired { .. })
+        )),
+        "address dropped within the floor: {all:?}"
+    );
+    assert_eq!(m.lease().map(|l| l.addr), Some(ADDR));
+    // Renewal starts at T1, half the floor, by unicast to the server.
+    assert_eq!(
+        sent(&all).first().map(|(_, to)| *to),
+        Some(Destination::Server(SERVER)),
+        "{all:?}"
+    );
+}
+
 #[test]
 fn expiry_removes_the_address_and_starts_over() {
     let t0 = Instant::now();
