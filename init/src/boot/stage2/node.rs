@@ -18,6 +18,7 @@ use crate::sys::System;
 use basalt_api::config::MachineConfig;
 use basalt_api::layout::Partition;
 use basalt_api::milestone::Milestone;
+use basalt_api::node::{ConfigReport, RejectedSource};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::mpsc::Receiver;
@@ -193,6 +194,7 @@ impl Machine for Node<'_> {
         );
         match ctx {
             Ok(ctx) => {
+                ctx.set_config_report(config_report(chosen));
                 if let Err(e) = node_api::start(Arc::new(ctx), chosen.config.api.listen) {
                     console::error("api: start", &e);
                 }
@@ -251,10 +253,17 @@ impl Sources for Node<'_> {
         }
         match metadata::fetch(metadata::BASE_URL, Duration::from_secs(2)) {
             Ok(m) => {
+                let id = m
+                    .instance_id
+                    .map_or_else(|| "?".to_owned(), |i| i.to_string());
                 console::info(&format!(
-                    "metadata: Hetzner instance {}, hostname {:?}",
-                    m.instance_id, m.hostname
+                    "metadata: Hetzner instance {id}, hostname {:?}",
+                    m.hostname
                 ));
+                // Each item stands alone: the others are used all the same.
+                for (_, why) in &m.failed {
+                    console::warn(&format!("metadata: left out: {why}"));
+                }
                 Some(m)
             }
             Err(e) => {
@@ -295,6 +304,21 @@ impl Sources for Node<'_> {
 
     fn rejected(&mut self, err: &SourceError) {
         console::error("machine config", err);
+    }
+}
+
+/// The node API's account of what went wrong with the config sources at boot.
+fn config_report(chosen: &Chosen) -> ConfigReport {
+    ConfigReport {
+        rejected: chosen
+            .rejected
+            .iter()
+            .map(|r| RejectedSource {
+                source: r.source.key().to_owned(),
+                reason: r.reason.clone(),
+            })
+            .collect(),
+        warnings: chosen.warnings.clone(),
     }
 }
 
