@@ -106,11 +106,13 @@ impl Machine for Node<'_> {
         match state::mount(self.sys, &self.root, STATE_TIMEOUT) {
             Ok(m) => {
                 console::milestone(Milestone::StateMounted);
+                let boot = m
+                    .boot
+                    .map_or_else(|| "not counted".to_owned(), |n| n.to_string());
                 console::info(&format!(
-                    "STATE {} mounted on {}, boot {}",
+                    "STATE {} mounted on {}, boot {boot}",
                     m.device.name,
                     state::MOUNT_POINT,
-                    m.boot
                 ));
                 self.state_mounted = true;
             }
