@@ -88,11 +88,36 @@ pub struct Status {
     /// `None` when the node has none.
     #[serde(default)]
     pub config_source: Option<String>,
+    /// What went wrong with the config sources at boot; empty when nothing did.
+    #[serde(default)]
+    pub config_report: ConfigReport,
     pub services: Vec<ServiceInfo>,
     pub join: JoinStatus,
     /// PID1's resident memory.
     #[serde(default)]
     pub rss_kib: Option<u64>,
+}
+
+/// What went wrong with the machine config's sources at boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigReport {
+    /// Sources that held a config the node did not use (invalid, unreadable, or a
+    /// `[cluster]` on the kernel command line), in the order asked, each with why.
+    #[serde(default)]
+    pub rejected: Vec<RejectedSource>,
+    /// About the config in use, e.g. that it could not be saved to STATE, so the next
+    /// boot will not find it there.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// A config source passed over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedSource {
+    /// As [`Status::config_source`] names sources (`state`, `fw_cfg`, ...).
+    pub source: String,
+    /// The error, naming the key or the file; never the config's text.
+    pub reason: String,
 }
 
 /// One boot milestone and when it was reached.
@@ -194,6 +219,8 @@ mod tests {
         "addresses": ["10.0.2.15/24"],
         "hostname": "node-1",
         "config_source": null,
+        "config_report": {"rejected": [{"source": "fw_cfg", "reason": "machine config from fw_cfg opt/basalt/config: node.surprise: unknown key"}],
+                          "warnings": ["not kept for the next boot"]},
         "services": [{"name": "k3s", "state": "backoff", "restarts": 3, "last_exit": "exit 1"}],
         "join": {"state": "failed", "server": "https://10.0.2.2:6443",
                  "last_error": "CA hash mismatch"},
@@ -208,6 +235,9 @@ mod tests {
         assert_eq!(s.milestones[1].t, 1.904);
         assert_eq!(s.versions.kernel, "6.1.0-28-cloud-amd64");
         assert_eq!(s.config_source, None);
+        assert_eq!(s.config_report.rejected[0].source, "fw_cfg");
+        assert!(s.config_report.rejected[0].reason.contains("node.surprise"));
+        assert_eq!(s.config_report.warnings, ["not kept for the next boot"]);
         assert_eq!(s.services[0].last_exit.as_deref(), Some("exit 1"));
         assert_eq!(s.join.state, JoinState::Failed);
         assert_eq!(s.join.last_error.as_deref(), Some("CA hash mismatch"));
@@ -260,5 +290,12 @@ mod tests {
             serde_json::from_str(r#"{"status": "ok", "milestone": "standby"}"#).expect("parse");
         assert_eq!(h.milestone, "standby");
         assert_eq!(path::logs("k3s"), "/v1/logs/k3s");
+    }
+
+    #[test]
+    fn a_status_from_an_older_node_has_an_empty_config_report() {
+        let old = STATUS_JSON.replace("\"config_report\"", "\"x_config_report\"");
+        let s: Status = serde_json::from_str(&old).expect("parse");
+        assert_eq!(s.config_report, ConfigReport::default());
     }
 }

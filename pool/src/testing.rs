@@ -381,6 +381,7 @@ fn status_of(name: &str, join: JoinStatus) -> Status {
         addresses: vec![],
         hostname: name.into(),
         config_source: Some("metadata".into()),
+        config_report: Default::default(),
         services: vec![],
         join,
         rss_kib: None,

@@ -22,6 +22,12 @@ pub fn status(s: &Status) -> String {
         "config:    {}",
         s.config_source.as_deref().unwrap_or("none")
     );
+    for r in &s.config_report.rejected {
+        let _ = writeln!(out, "  passed over {}: {}", r.source, r.reason);
+    }
+    for w in &s.config_report.warnings {
+        let _ = writeln!(out, "  warning: {w}");
+    }
     out.push_str(&join(&s.join));
     if let Some(rss) = s.rss_kib {
         let _ = writeln!(out, "pid1 rss:  {rss} KiB");
@@ -86,7 +92,9 @@ fn join(j: &JoinStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use basalt_api::node::{JoinState, MilestoneTime, ServiceInfo, Versions};
+    use basalt_api::node::{
+        ConfigReport, JoinState, MilestoneTime, RejectedSource, ServiceInfo, Versions,
+    };
 
     fn sample() -> Status {
         Status {
@@ -108,6 +116,7 @@ mod tests {
             addresses: vec!["10.0.2.15/24".into()],
             hostname: "node-1".into(),
             config_source: Some("state".into()),
+            config_report: Default::default(),
             services: vec![ServiceInfo {
                 name: "k3s".into(),
                 state: "backoff".into(),
@@ -140,6 +149,24 @@ services:
   k3s  backoff  restarts 3  last exit: exit 1
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn sources_passed_over_and_config_warnings_follow_the_source() {
+        let mut s = sample();
+        s.config_source = Some("cmdline".into());
+        s.config_report = ConfigReport {
+            rejected: vec![RejectedSource {
+                source: "fw_cfg".into(),
+                reason: "node.surprise: unknown key".into(),
+            }],
+            warnings: vec!["not kept for the next boot".into()],
+        };
+        let text = status(&s);
+        assert!(
+            text.contains("config:    cmdline\n  passed over fw_cfg: node.surprise: unknown key\n  warning: not kept for the next boot\njoin:"),
+            "{text}"
+        );
     }
 
     #[test]

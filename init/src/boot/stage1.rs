@@ -4,7 +4,7 @@ use crate::boot::mounts::{self, MountError};
 use crate::kmod::modules::{self, ModuleError};
 use crate::pid1::console;
 use crate::storage::dm;
-use crate::storage::partition::{self, NotFound};
+use crate::storage::partition::{self, PartitionError};
 use crate::sys::{Real, System};
 use basalt_api::bootparams::{BootParams, BootParamsError};
 use basalt_api::milestone::Milestone;
@@ -31,7 +31,7 @@ pub enum Stage1Error {
     #[error("storage modules")]
     Modules(#[from] ModuleError),
     #[error("root disk")]
-    Disk(#[from] NotFound),
+    Disk(#[from] PartitionError),
     #[error("set up dm-verity over {partition} ({device})")]
     Verity {
         partition: &'static str,

@@ -1,8 +1,12 @@
 //! Where the machine config comes from, first found wins: STATE (what was applied
 //! before) → QEMU fw_cfg `opt/basalt/config` → Hetzner metadata user-data → the kernel
 //! command line (`basalt.config=`) → none. A source that is present but invalid is
-//! reported and the next one is tried. A config first read from any source but STATE is
-//! written to STATE, so later boots do not depend on the hypervisor passing it again.
+//! reported, on the console and in the node API's status ([`Chosen::rejected`]), and the
+//! next one is tried. A config first read from any source but STATE is written to STATE,
+//! so later boots do not depend on the hypervisor passing it again; when that write fails
+//! (STATE full or read-only) the config is used all the same, with a warning
+//! ([`Chosen::warnings`]). The command line may not carry a `[cluster]`: every process
+//! can read `/proc/cmdline`, and the join token with it.
 //!
 //! The network sits in the middle of that order: the metadata service needs it, and the
 //! network wants the config's `[network]`. So [`choose`] reads the local sources, starts
@@ -59,6 +63,18 @@ impl Source {
 pub struct Chosen {
     pub source: Source,
     pub config: MachineConfig,
+    /// The sources asked before it that were present but not used, in order.
+    pub rejected: Vec<Rejected>,
+    /// What went wrong with the config in use (it could not be saved to STATE).
+    pub warnings: Vec<String>,
+}
+
+/// A source that was present but not used, and why (the error chain, never the
+/// config's text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub source: Source,
+    pub reason: String,
 }
 
 /// What [`choose`] needs of the node besides the sources' files; the real node in stage 2,
@@ -91,38 +107,47 @@ pub trait Sources {
 pub fn choose(node: &mut dyn Sources) -> Option<Chosen> {
     let hetzner = node.on_hetzner();
     node.probe_fw_cfg();
-    let mut chosen = first_valid(node, &[Source::State, Source::FwCfg], None);
+    let mut rejected = Vec::new();
+    let mut chosen = first_valid(node, &[Source::State, Source::FwCfg], None, &mut rejected);
     if chosen.is_none() {
         console::info("machine config: none in STATE or fw_cfg");
         // No metadata service to come before it: the command line is local here.
         if !hetzner {
-            chosen = first_valid(node, &[Source::Cmdline], None);
+            chosen = first_valid(node, &[Source::Cmdline], None, &mut rejected);
         }
     }
     node.start_network(chosen.as_ref().map(|c| &c.config));
-    if !hetzner {
-        return chosen;
-    }
-    let meta = node.fetch_metadata();
-    if chosen.is_none() {
-        chosen = first_valid(node, &[Source::Metadata, Source::Cmdline], meta.as_ref());
-        // The network started without it: its static part comes now.
-        if let Some(c) = &chosen {
-            node.apply_static_network(&c.config);
+    if hetzner {
+        let meta = node.fetch_metadata();
+        if chosen.is_none() {
+            chosen = first_valid(
+                node,
+                &[Source::Metadata, Source::Cmdline],
+                meta.as_ref(),
+                &mut rejected,
+            );
+            // The network started without it: its static part comes now.
+            if let Some(c) = &chosen {
+                node.apply_static_network(&c.config);
+            }
+        }
+        if let Some(m) = &meta {
+            node.apply_metadata(m, chosen.as_ref().map(|c| &c.config));
         }
     }
-    if let Some(m) = &meta {
-        node.apply_metadata(m, chosen.as_ref().map(|c| &c.config));
+    if let Some(c) = &mut chosen {
+        c.rejected = rejected;
     }
     chosen
 }
 
-/// The first of `sources` that holds a valid config; an invalid one is reported and
-/// passed over.
+/// The first of `sources` that holds a valid config; an invalid one is reported, added
+/// to `rejected` and passed over.
 fn first_valid(
     node: &mut dyn Sources,
     sources: &[Source],
     meta: Option<&Metadata>,
+    rejected: &mut Vec<Rejected>,
 ) -> Option<Chosen> {
     for &source in sources {
         let found = match (source, meta) {
@@ -132,19 +157,39 @@ fn first_valid(
         };
         match found {
             Ok(Found::None) => {}
-            Ok(Found::Config(source, config)) => {
+            Ok(Found::Config(source, config, unsaved)) => {
                 let what = if config.is_standby() {
                     "no [cluster], standby"
                 } else {
                     "[cluster] present, joining"
                 };
                 console::info(&format!("machine config from {}: {what}", source.name()));
+                let warnings = unsaved
+                    .map(|e| {
+                        let line = format!(
+                            "machine config from {} is used, but not kept for the next boot: {}",
+                            source.name(),
+                            console::chain(&e)
+                        );
+                        console::warn(&line);
+                        line
+                    })
+                    .into_iter()
+                    .collect();
                 return Some(Chosen {
                     source,
                     config: *config,
+                    rejected: Vec::new(),
+                    warnings,
                 });
             }
-            Err(e) => node.rejected(&e),
+            Err(e) => {
+                node.rejected(&e);
+                rejected.push(Rejected {
+                    source,
+                    reason: console::chain(&e),
+                });
+            }
         }
     }
     None
@@ -153,6 +198,7 @@ fn first_valid(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::metadata::Item;
     use base64::Engine as _;
     use std::path::{Path, PathBuf};
 
@@ -160,6 +206,15 @@ mod tests {
     fn config(host: &str) -> String {
         format!(
             "version = 1\n[node]\nhostname = \"{host}\"\n[api]\nca = \"-----BEGIN CERTIFICATE-----\\nAA==\\n-----END CERTIFICATE-----\\n\"\ncert = \"-----BEGIN CERTIFICATE-----\\nAA==\\n-----END CERTIFICATE-----\\n\"\nkey = \"-----BEGIN PRIVATE KEY-----\\nAA==\\n-----END PRIVATE KEY-----\\n\"\n"
+        )
+    }
+
+    /// A joining config: with a `[cluster]`.
+    fn with_cluster(host: &str) -> String {
+        format!(
+            "{}[cluster]\nserver = \"https://10.0.0.1:6443\"\ntoken = \"K10{}::server:secret\"\n",
+            config(host),
+            "ab".repeat(32)
         )
     }
 
@@ -189,6 +244,8 @@ mod tests {
         hetzner: bool,
         /// User-data of the metadata service; None: the service cannot be reached.
         userdata: Option<Option<String>>,
+        /// The metadata items the service failed to give.
+        meta_failed: Vec<(Item, String)>,
         calls: Vec<Call>,
     }
 
@@ -199,6 +256,7 @@ mod tests {
                 state_mounted: true,
                 hetzner: false,
                 userdata: None,
+                meta_failed: Vec::new(),
                 calls: Vec::new(),
             }
         }
@@ -245,10 +303,11 @@ mod tests {
             let userdata = self.userdata.clone()?;
             Some(Metadata {
                 hostname: "from-metadata".into(),
-                instance_id: 1,
+                instance_id: Some(1),
                 public_ipv4: None,
                 ipv6: None,
                 userdata,
+                failed: self.meta_failed.clone(),
             })
         }
         fn apply_static_network(&mut self, config: &MachineConfig) {
@@ -258,13 +317,9 @@ mod tests {
             self.calls.push(Call::ApplyMetadata(config.and_then(host)));
         }
         fn rejected(&mut self, err: &SourceError) {
-            let source = match err {
-                SourceError::Invalid(s, _)
-                | SourceError::NotBase64(s, _)
-                | SourceError::NotUtf8(s)
-                | SourceError::SourceTooLarge(s) => *s,
-                other => panic!("unexpected error {other:?}"),
-            };
+            let source = err
+                .source_of()
+                .unwrap_or_else(|| panic!("unexpected error {err:?}"));
             self.calls.push(Call::Rejected(source));
         }
     }
@@ -405,5 +460,102 @@ mod tests {
         assert_eq!(f.choose(), Some((Source::FwCfg, some("fw-cfg"))));
         let kept = std::fs::read_to_string(f.root.path().join(STATE_CONFIG)).expect("read");
         assert_eq!(kept, config("state"));
+    }
+
+    #[test]
+    fn the_sources_passed_over_and_why_come_with_the_config_that_won() {
+        let mut f = Fake::new();
+        f.put(STATE_CONFIG, &invalid("state"));
+        f.put(FW_CFG, "version = 1\n[node\n");
+        f.cmdline(&config("cmdline"));
+        let chosen = choose(&mut f).expect("chosen");
+        assert_eq!(chosen.source, Source::Cmdline);
+        let sources: Vec<_> = chosen.rejected.iter().map(|r| r.source).collect();
+        assert_eq!(sources, [Source::State, Source::FwCfg]);
+        let (state, fw_cfg) = (&chosen.rejected[0].reason, &chosen.rejected[1].reason);
+        assert!(
+            state.contains("STATE") && state.contains("node.surprise"),
+            "{state}"
+        );
+        assert!(
+            fw_cfg.contains("fw_cfg") && fw_cfg.contains("not valid TOML: line 2"),
+            "{fw_cfg}"
+        );
+        assert_eq!(chosen.warnings, Vec::<String>::new());
+        // The first source valid: nothing passed over.
+        let chosen = choose(&mut f).expect("chosen");
+        assert_eq!((chosen.source, chosen.rejected.len()), (Source::State, 0));
+    }
+
+    #[test]
+    fn a_config_that_cannot_be_saved_is_used_with_a_warning() {
+        let mut f = Fake::new();
+        // The atomic write's temporary file cannot be made: a folder is in its way.
+        f.put("var/lib/basalt/.config.toml.tmp/x", "");
+        f.put(FW_CFG, &with_cluster("fw-cfg"));
+        let chosen = choose(&mut f).expect("a valid config was thrown away");
+        assert_eq!(chosen.source, Source::FwCfg);
+        assert!(chosen.config.cluster.is_some());
+        assert_eq!(chosen.rejected, []);
+        assert_eq!(chosen.warnings.len(), 1, "{:?}", chosen.warnings);
+        let w = &chosen.warnings[0];
+        assert!(
+            w.contains("fw_cfg")
+                && w.contains("not kept for the next boot")
+                && w.contains(STATE_CONFIG),
+            "{w}"
+        );
+        assert_eq!(
+            f.calls,
+            [Call::ProbeFwCfg, Call::StartNetwork(some("fw-cfg"))]
+        );
+    }
+
+    #[test]
+    fn a_cluster_on_the_command_line_is_refused_and_nothing_else_wins() {
+        let mut f = Fake::new();
+        f.cmdline(&with_cluster("cmdline"));
+        assert_eq!(f.choose(), None);
+        assert_eq!(
+            f.calls,
+            [
+                Call::ProbeFwCfg,
+                Call::Rejected(Source::Cmdline),
+                Call::StartNetwork(None),
+            ]
+        );
+        assert!(!f.root.path().join(STATE_CONFIG).exists());
+        // [api], [node] and [network] alone still come from the command line.
+        f.calls.clear();
+        f.cmdline(&config("cmdline"));
+        assert_eq!(f.choose(), Some((Source::Cmdline, some("cmdline"))));
+    }
+
+    #[test]
+    fn on_hetzner_user_data_the_service_failed_to_give_falls_through_with_its_reason() {
+        let mut f = Fake::new();
+        f.hetzner = true;
+        f.userdata = Some(None);
+        f.meta_failed = vec![(Item::Userdata, "GET …/userdata: HTTP status 403".into())];
+        f.cmdline(&config("cmdline"));
+        let chosen = choose(&mut f).expect("chosen");
+        assert_eq!(chosen.source, Source::Cmdline);
+        assert_eq!(chosen.rejected.len(), 1);
+        assert_eq!(chosen.rejected[0].source, Source::Metadata);
+        assert!(
+            chosen.rejected[0].reason.contains("HTTP status 403"),
+            "{:?}",
+            chosen.rejected
+        );
+        // A failed network-config leaves the user-data to win.
+        let mut f = Fake::new();
+        f.hetzner = true;
+        f.userdata = Some(Some(config("metadata")));
+        f.meta_failed = vec![(
+            Item::NetworkConfig,
+            "not a cloud-init network config".into(),
+        )];
+        f.cmdline(&config("cmdline"));
+        assert_eq!(f.choose(), Some((Source::Metadata, some("metadata"))));
     }
 }

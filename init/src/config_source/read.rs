@@ -3,7 +3,7 @@
 //! module's.
 
 use super::Source;
-use crate::net::metadata::Metadata;
+use crate::net::metadata::{Item, Metadata};
 use basalt_api::config::{ConfigError, MachineConfig};
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::{DecodePaddingMode, Engine};
@@ -40,14 +40,38 @@ pub enum SourceError {
     NotUtf8(Source),
     #[error("machine config from {}", .0.name())]
     Invalid(Source, #[source] ConfigError),
+    /// `[cluster]` holds the join token, and every process on the node can read the
+    /// kernel command line (`/proc/cmdline`).
+    #[error("machine config from {} has a [cluster]: refused, since every process on the node can read the kernel command line (/proc/cmdline) and with it the join token; pass [cluster] in fw_cfg, Hetzner user-data or with `basalt node apply` (only [api], [node] and [network] may come from the command line)", Source::Cmdline.name())]
+    ClusterOnCmdline,
+    /// The source is there but its content could not be had (the metadata service's
+    /// user-data failed while its other items answered).
+    #[error("machine config from {}: {}", .0.name(), .1)]
+    Unavailable(Source, String),
     #[error("save the machine config to {0}")]
     Save(PathBuf, #[source] std::io::Error),
 }
 
-/// The outcome of looking: no config at all, or one source and what it held.
+impl SourceError {
+    /// The source the error is about; None for a file read or save, which the path names.
+    pub fn source_of(&self) -> Option<Source> {
+        match self {
+            SourceError::SourceTooLarge(s)
+            | SourceError::NotBase64(s, _)
+            | SourceError::NotUtf8(s)
+            | SourceError::Invalid(s, _)
+            | SourceError::Unavailable(s, _) => Some(*s),
+            SourceError::ClusterOnCmdline => Some(Source::Cmdline),
+            SourceError::Read(..) | SourceError::TooLarge(..) | SourceError::Save(..) => None,
+        }
+    }
+}
+
+/// The outcome of looking: no config at all, or one source, what it held, and why it
+/// could not be saved to STATE when it could not (the config is used all the same).
 pub enum Found {
     None,
-    Config(Source, Box<MachineConfig>),
+    Config(Source, Box<MachineConfig>, Option<SourceError>),
 }
 
 /// Reads one source: STATE (only when `state_mounted`), fw_cfg or the kernel command
@@ -75,7 +99,10 @@ pub fn from_metadata(
     state_mounted: bool,
 ) -> Result<Found, SourceError> {
     let Some(text) = meta.userdata.as_deref().filter(|u| !u.trim().is_empty()) else {
-        return Ok(Found::None);
+        return match meta.failure(Item::Userdata) {
+            Some(why) => Err(SourceError::Unavailable(Source::Metadata, why.to_owned())),
+            None => Ok(Found::None),
+        };
     };
     if text.len() as u64 > MAX_BYTES {
         return Err(SourceError::SourceTooLarge(Source::Metadata));
@@ -100,7 +127,9 @@ pub fn from_cmdline(root: &Path, state_mounted: bool) -> Result<Found, SourceErr
     accept(root, source, &text, state_mounted)
 }
 
-/// Parses a config found in `source` and, unless it came from STATE, saves it there.
+/// Parses a config found in `source` and, unless it came from STATE, saves it there. A
+/// config whose save failed (STATE full or read-only) is still the config: the failure
+/// comes with it, to be reported as a warning.
 fn accept(
     root: &Path,
     source: Source,
@@ -108,13 +137,18 @@ fn accept(
     state_mounted: bool,
 ) -> Result<Found, SourceError> {
     let config = MachineConfig::parse(text).map_err(|e| SourceError::Invalid(source, e))?;
+    if source == Source::Cmdline && config.cluster.is_some() {
+        return Err(SourceError::ClusterOnCmdline);
+    }
+    let mut unsaved = None;
     if source != Source::State && state_mounted {
         let dest = root.join(STATE_CONFIG);
         // The config holds the API key and the join token: 0600.
-        crate::atomic_file::write_mode(&dest, text.as_bytes(), 0o600)
-            .map_err(|e| SourceError::Save(dest, e))?;
+        if let Err(e) = crate::atomic_file::write_mode(&dest, text.as_bytes(), 0o600) {
+            unsaved = Some(SourceError::Save(dest, e));
+        }
     }
-    Ok(Found::Config(source, Box::new(config)))
+    Ok(Found::Config(source, Box::new(config), unsaved))
 }
 
 /// The value of the last `basalt.config=` word; the kernel lets a value be quoted.
@@ -182,7 +216,7 @@ mod tests {
         put(d.path(), FW_CFG, GOOD);
         assert!(matches!(
             read(d.path(), Source::FwCfg, true),
-            Ok(Found::Config(Source::FwCfg, _))
+            Ok(Found::Config(Source::FwCfg, _, None))
         ));
         assert_eq!(
             std::fs::read_to_string(d.path().join(STATE_CONFIG)).expect("saved"),
@@ -197,7 +231,7 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert!(matches!(
             read(d.path(), Source::State, true),
-            Ok(Found::Config(Source::State, _))
+            Ok(Found::Config(Source::State, _, None))
         ));
     }
 
@@ -207,7 +241,7 @@ mod tests {
         put(d.path(), FW_CFG, GOOD);
         assert!(matches!(
             read(d.path(), Source::FwCfg, false),
-            Ok(Found::Config(Source::FwCfg, _))
+            Ok(Found::Config(Source::FwCfg, _, None))
         ));
         assert!(!d.path().join(STATE_CONFIG).exists());
         // Nor is a STATE that is not mounted read (the file is the image's, not STATE's).
@@ -258,10 +292,11 @@ mod tests {
     fn meta(userdata: Option<&str>) -> Metadata {
         Metadata {
             hostname: "w1".into(),
-            instance_id: 1,
+            instance_id: Some(1),
             public_ipv4: None,
             ipv6: None,
             userdata: userdata.map(str::to_owned),
+            failed: vec![],
         }
     }
 
@@ -274,7 +309,7 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         assert!(matches!(
             from_metadata(d.path(), &meta(Some(GOOD)), true),
-            Ok(Found::Config(Source::Metadata, _))
+            Ok(Found::Config(Source::Metadata, _, None))
         ));
         assert_eq!(
             std::fs::read_to_string(d.path().join(STATE_CONFIG)).expect("saved"),
@@ -283,7 +318,7 @@ mod tests {
         // And the next boot takes it from STATE.
         assert!(matches!(
             read(d.path(), Source::State, true),
-            Ok(Found::Config(Source::State, _))
+            Ok(Found::Config(Source::State, _, None))
         ));
     }
 
@@ -325,7 +360,7 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         assert!(matches!(
             from_metadata(d.path(), &meta(Some(GOOD)), false),
-            Ok(Found::Config(Source::Metadata, _))
+            Ok(Found::Config(Source::Metadata, _, None))
         ));
         assert!(!d.path().join(STATE_CONFIG).exists());
     }
@@ -350,7 +385,7 @@ mod tests {
             assert!(
                 matches!(
                     from_cmdline(d.path(), true),
-                    Ok(Found::Config(Source::Cmdline, _))
+                    Ok(Found::Config(Source::Cmdline, _, None))
                 ),
                 "case {i}"
             );
@@ -372,7 +407,7 @@ mod tests {
         );
         assert!(matches!(
             from_cmdline(d.path(), false),
-            Ok(Found::Config(Source::Cmdline, _))
+            Ok(Found::Config(Source::Cmdline, _, None))
         ));
         assert!(!d.path().join(STATE_CONFIG).exists());
     }
@@ -438,7 +473,113 @@ mod tests {
         );
         assert!(matches!(
             from_cmdline(d.path(), true),
-            Ok(Found::Config(Source::Cmdline, _))
+            Ok(Found::Config(Source::Cmdline, _, None))
         ));
+    }
+
+    /// A config with a `[cluster]`; its token's password is what must not leak.
+    fn with_cluster() -> String {
+        format!(
+            "{GOOD}[cluster]\nserver = \"https://10.0.0.1:6443\"\ntoken = \"K10{}::server:s3cretpassword\"\n",
+            "ab".repeat(32)
+        )
+    }
+
+    #[test]
+    fn a_cluster_on_the_command_line_is_refused_clearly_and_not_saved() {
+        let d = tempfile::tempdir().expect("tempdir");
+        // The same config parses: only the command line refuses it.
+        assert!(MachineConfig::parse(&with_cluster()).is_ok());
+        put(
+            d.path(),
+            CMDLINE,
+            &format!("{CMDLINE_PARAM}={}", standard_b64(&with_cluster())),
+        );
+        let err = match from_cmdline(d.path(), true) {
+            Err(e) => e,
+            Ok(_) => panic!("a [cluster] from the command line was accepted"),
+        };
+        assert!(matches!(err, SourceError::ClusterOnCmdline), "{err:?}");
+        assert_eq!(err.source_of(), Some(Source::Cmdline));
+        let text = crate::pid1::console::chain(&err);
+        for part in [
+            "kernel command line",
+            "[cluster]",
+            "/proc/cmdline",
+            "join token",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        assert!(!text.contains("s3cretpassword"), "{text}");
+        assert!(!d.path().join(STATE_CONFIG).exists());
+        // The same config through fw_cfg is fine.
+        put(d.path(), FW_CFG, &with_cluster());
+        assert!(matches!(
+            read(d.path(), Source::FwCfg, true),
+            Ok(Found::Config(Source::FwCfg, _, None))
+        ));
+    }
+
+    #[test]
+    fn a_config_that_cannot_be_saved_is_used_and_says_why() {
+        let d = tempfile::tempdir().expect("tempdir");
+        // STATE's folder for the config is a file: the save fails (even for root).
+        put(d.path(), "var/lib/basalt", "not a folder");
+        put(d.path(), FW_CFG, GOOD);
+        put(
+            d.path(),
+            CMDLINE,
+            &format!("{CMDLINE_PARAM}={}", standard_b64(GOOD)),
+        );
+        let meta = meta(Some(GOOD));
+        let found = [
+            read(d.path(), Source::FwCfg, true),
+            from_cmdline(d.path(), true),
+            from_metadata(d.path(), &meta, true),
+        ];
+        for (found, expected) in
+            found
+                .into_iter()
+                .zip([Source::FwCfg, Source::Cmdline, Source::Metadata])
+        {
+            match found {
+                Ok(Found::Config(source, config, Some(why))) => {
+                    assert_eq!(source, expected);
+                    assert_eq!(
+                        config.node.hostname.as_ref().map(|h| h.as_str()),
+                        Some("w1")
+                    );
+                    let text = crate::pid1::console::chain(&why);
+                    assert!(
+                        text.contains("save the machine config to") && text.contains(STATE_CONFIG),
+                        "{text}"
+                    );
+                }
+                Ok(Found::Config(_, _, None)) => panic!("{expected:?}: saved into a file?"),
+                Ok(Found::None) => panic!("{expected:?}: not found"),
+                Err(e) => panic!("{expected:?}: {}", crate::pid1::console::chain(&e)),
+            }
+        }
+    }
+
+    #[test]
+    fn userdata_the_service_failed_to_give_is_a_reason_not_an_absence() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut m = meta(None);
+        m.failed.push((
+            Item::Userdata,
+            "GET http://169.254.169.254/hetzner/v1/userdata: HTTP status 403".into(),
+        ));
+        let err = match from_metadata(d.path(), &m, true) {
+            Err(e) => e,
+            Ok(_) => panic!("failed user-data was taken as none"),
+        };
+        assert_eq!(err.source_of(), Some(Source::Metadata));
+        let text = crate::pid1::console::chain(&err);
+        assert!(text.contains("userdata: HTTP status 403"), "{text}");
+        // Another item's failure says nothing about the user-data.
+        let mut m = meta(None);
+        m.failed.push((Item::NetworkConfig, "bad".into()));
+        assert!(matches!(from_metadata(d.path(), &m, true), Ok(Found::None)));
     }
 }

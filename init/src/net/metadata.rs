@@ -40,18 +40,58 @@ pub fn on_hetzner(root: &Path) -> bool {
     std::fs::read_to_string(root.join(DMI_SYS_VENDOR)).is_ok_and(|v| v.trim() == "Hetzner")
 }
 
-/// What the metadata service said about this server.
+/// What the metadata service said about this server. Each item is asked on its own: one
+/// that cannot be had (a bad network-config, a 403 on the hostname) is left out and named
+/// in [`Metadata::failed`], and the others are used all the same.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Metadata {
+    /// Empty when the service did not give one.
     pub hostname: String,
-    pub instance_id: u64,
+    /// None when the service did not give one.
+    pub instance_id: Option<u64>,
     /// None for a server without a public IPv4 address.
     pub public_ipv4: Option<Ipv4Addr>,
     /// The server's address in its public /64 and the prefix length; the gateway is
     /// [`IPV6_GATEWAY`].
     pub ipv6: Option<(Ipv6Addr, u8)>,
-    /// Raw user-data; None when the service had none or only whitespace.
+    /// Raw user-data; None when the service had none or only whitespace, or when it
+    /// could not be had (then [`Metadata::failed`] says why).
     pub userdata: Option<String>,
+    /// The items that could not be had, each with why (the error, naming the URL).
+    pub failed: Vec<(Item, String)>,
+}
+
+impl Metadata {
+    /// Why `item` could not be had; None when it was had (or the service said it has none).
+    pub fn failure(&self, item: Item) -> Option<&str> {
+        self.failed
+            .iter()
+            .find(|(i, _)| *i == item)
+            .map(|(_, why)| why.as_str())
+    }
+}
+
+/// The items the service is asked for, in the order asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Item {
+    Hostname,
+    InstanceId,
+    PublicIpv4,
+    NetworkConfig,
+    Userdata,
+}
+
+impl Item {
+    /// The item's path under the base URL.
+    pub fn path(self) -> &'static str {
+        match self {
+            Item::Hostname => HOSTNAME,
+            Item::InstanceId => INSTANCE_ID,
+            Item::PublicIpv4 => PUBLIC_IPV4,
+            Item::NetworkConfig => NETWORK_CONFIG,
+            Item::Userdata => USERDATA,
+        }
+    }
 }
 
 // By hand: user-data holds the join token and the API's private key, which must not end
@@ -70,6 +110,7 @@ impl std::fmt::Debug for Metadata {
                     .as_ref()
                     .map(|u| format!("<{} bytes>", u.len())),
             )
+            .field("failed", &self.failed)
             .finish()
     }
 }
@@ -132,38 +173,74 @@ pub fn fetch(base: &str, timeout: Duration) -> Result<Metadata, MetadataError> {
 }
 
 /// [`fetch`] with a chosen retry policy. The hostname is asked first: when the service
-/// is not there, that is the only URL that costs the retries.
+/// does not answer it at all, that is the only URL that costs the retries, and the
+/// error is the whole answer. Past that, each item is asked on its own, and one that
+/// fails is left out and named in [`Metadata::failed`].
 pub fn fetch_with(base: &str, timeout: Duration, retry: Retry) -> Result<Metadata, MetadataError> {
     let client = Client::new(base, timeout, retry);
-
-    let (url, hostname) = client.get(HOSTNAME, PLAIN_LIMIT)?;
-    let hostname = required(url, hostname)?;
-
-    let (url, id) = client.get(INSTANCE_ID, PLAIN_LIMIT)?;
-    let id = required(url.clone(), id)?;
-    let instance_id = id
-        .parse::<u64>()
-        .map_err(|_| MetadataError::BadInstanceId { url, value: id })?;
-
-    let (url, ipv4) = client.get(PUBLIC_IPV4, PLAIN_LIMIT)?;
-    let public_ipv4 = match trimmed(ipv4) {
-        None => None,
-        Some(v) => Some(
-            v.parse::<Ipv4Addr>()
-                .map_err(|_| MetadataError::BadIpv4 { url, value: v })?,
-        ),
+    let mut failed = Vec::new();
+    let mut note = |item: Item, e: MetadataError| {
+        failed.push((item, crate::pid1::console::chain(&e)));
     };
 
-    let (url, net) = client.get(NETWORK_CONFIG, NETWORK_CONFIG_LIMIT)?;
-    let ipv6 = match net {
-        None => None,
-        Some(text) => {
-            parse_ipv6(&text).map_err(|source| MetadataError::BadNetworkConfig { url, source })?
+    let hostname = match client
+        .get(HOSTNAME, PLAIN_LIMIT)
+        .and_then(|(url, v)| required(url, v))
+    {
+        Ok(h) => h,
+        Err(e @ MetadataError::Unreachable { .. }) => return Err(e),
+        Err(e) => {
+            note(Item::Hostname, e);
+            String::new()
         }
     };
 
-    let (_, userdata) = client.get(USERDATA, USERDATA_LIMIT)?;
-    let userdata = userdata.filter(|u| !u.trim().is_empty());
+    let instance_id = match client.get(INSTANCE_ID, PLAIN_LIMIT).and_then(|(url, v)| {
+        let id = required(url.clone(), v)?;
+        id.parse::<u64>()
+            .map_err(|_| MetadataError::BadInstanceId { url, value: id })
+    }) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            note(Item::InstanceId, e);
+            None
+        }
+    };
+
+    let public_ipv4 = client
+        .get(PUBLIC_IPV4, PLAIN_LIMIT)
+        .and_then(|(url, v)| match trimmed(v) {
+            None => Ok(None),
+            Some(v) => v
+                .parse::<Ipv4Addr>()
+                .map(Some)
+                .map_err(|_| MetadataError::BadIpv4 { url, value: v }),
+        })
+        .unwrap_or_else(|e| {
+            note(Item::PublicIpv4, e);
+            None
+        });
+
+    let ipv6 = client
+        .get(NETWORK_CONFIG, NETWORK_CONFIG_LIMIT)
+        .and_then(|(url, net)| match net {
+            None => Ok(None),
+            Some(text) => {
+                parse_ipv6(&text).map_err(|source| MetadataError::BadNetworkConfig { url, source })
+            }
+        })
+        .unwrap_or_else(|e| {
+            note(Item::NetworkConfig, e);
+            None
+        });
+
+    let userdata = client
+        .get(USERDATA, USERDATA_LIMIT)
+        .map(|(_, u)| u.filter(|u| !u.trim().is_empty()))
+        .unwrap_or_else(|e| {
+            note(Item::Userdata, e);
+            None
+        });
 
     Ok(Metadata {
         hostname,
@@ -171,6 +248,7 @@ pub fn fetch_with(base: &str, timeout: Duration, retry: Retry) -> Result<Metadat
         public_ipv4,
         ipv6,
         userdata,
+        failed,
     })
 }
 
@@ -490,10 +568,11 @@ mod tests {
             m,
             Metadata {
                 hostname: "w1".into(),
-                instance_id: 4242,
+                instance_id: Some(4242),
                 public_ipv4: Some(Ipv4Addr::new(203, 0, 113, 7)),
                 ipv6: Some(("2a01:4f8:1:2::1".parse().expect("v6"), 64)),
                 userdata: Some("version = 1\n".into()),
+                failed: vec![],
             }
         );
         assert!(!format!("{m:?}").contains("version = 1"), "{m:?}");
@@ -535,30 +614,31 @@ mod tests {
             body: "version".into(),
         };
         let double = HetznerMetadataDouble::start(&full(reply));
-        let err = fetch_with(&double.base, Duration::from_secs(2), quick()).expect_err("fetch");
+        let m = fetch_with(&double.base, Duration::from_secs(2), quick()).expect("fetch");
+        assert_eq!(m.userdata, None);
+        let why = m.failure(Item::Userdata).expect("userdata failed");
         assert!(
-            matches!(&err, MetadataError::Unreachable { url, attempts: 3, .. } if url.ends_with("/hetzner/v1/userdata")),
-            "{err:?}"
+            why.contains("/hetzner/v1/userdata") && why.contains("3 attempts"),
+            "{why}"
         );
         assert_eq!(double.hits(USERDATA), 3);
+        // The rest was had all the same.
+        assert_eq!((m.hostname.as_str(), m.instance_id), ("w1", Some(4242)));
+        assert_eq!(m.failed.len(), 1, "{m:?}");
     }
 
     #[test]
     fn a_huge_body_is_refused_without_retry() {
         let huge = "#".repeat(USERDATA_LIMIT as usize + 1);
         let double = HetznerMetadataDouble::start(&full(Reply::Ok(huge)));
-        let err = fetch_with(&double.base, Duration::from_secs(2), quick()).expect_err("fetch");
-        let text = crate::pid1::console::chain(&err);
+        let m = fetch_with(&double.base, Duration::from_secs(2), quick()).expect("fetch");
+        let why = m.failure(Item::Userdata).expect("userdata failed");
         assert!(
-            matches!(
-                err,
-                MetadataError::TooLarge {
-                    limit: USERDATA_LIMIT,
-                    ..
-                }
-            ) && text.contains("/hetzner/v1/userdata"),
-            "{text}"
+            why.contains("/hetzner/v1/userdata")
+                && why.contains(&format!("larger than {USERDATA_LIMIT} bytes")),
+            "{why}"
         );
+        assert_eq!(m.userdata, None);
         assert_eq!(double.hits(USERDATA), 1);
     }
 
@@ -614,32 +694,50 @@ mod tests {
     }
 
     #[test]
-    fn bad_values_are_errors_naming_the_url() {
-        type Check = fn(&MetadataError) -> bool;
-        let cases: &[(&str, Reply, Check)] = &[
-            (HOSTNAME, Reply::Ok("\n".into()), |e| {
-                matches!(e, MetadataError::Empty { .. })
-            }),
-            (INSTANCE_ID, Reply::Ok("<html>".into()), |e| {
-                matches!(e, MetadataError::BadInstanceId { .. })
-            }),
-            (PUBLIC_IPV4, Reply::Ok("1.2.3".into()), |e| {
-                matches!(e, MetadataError::BadIpv4 { .. })
-            }),
-            (NETWORK_CONFIG, Reply::Ok("config: 7\n".into()), |e| {
-                matches!(e, MetadataError::BadNetworkConfig { .. })
-            }),
-            (HOSTNAME, Reply::Status(403), |e| {
-                matches!(e, MetadataError::Status { status: 403, .. })
-            }),
+    fn a_bad_item_is_left_out_naming_the_url_and_the_others_are_kept() {
+        let userdata = Reply::Ok("version = 1\n".into());
+        let cases: &[(Item, Reply, &str)] = &[
+            (Item::Hostname, Reply::Ok("\n".into()), "empty"),
+            (Item::Hostname, Reply::Status(403), "HTTP status 403"),
+            (
+                Item::InstanceId,
+                Reply::Ok("<html>".into()),
+                "not a server id",
+            ),
+            (
+                Item::PublicIpv4,
+                Reply::Ok("1.2.3".into()),
+                "not an IPv4 address",
+            ),
+            (
+                Item::NetworkConfig,
+                Reply::Ok("config: 7\n".into()),
+                "not a cloud-init network config",
+            ),
+            (Item::NetworkConfig, Reply::Status(403), "HTTP status 403"),
         ];
-        for (path, reply, expected) in cases {
-            let mut replies = full(Reply::Status(404));
-            set(&mut replies, path, reply.clone());
+        for (item, reply, message) in cases {
+            let mut replies = full(userdata.clone());
+            set(&mut replies, item.path(), reply.clone());
             let double = HetznerMetadataDouble::start(&replies);
-            let err = fetch_with(&double.base, Duration::from_secs(2), quick()).expect_err(path);
-            assert!(expected(&err), "{path}: {err:?}");
-            assert!(err.to_string().contains(path), "{path}: {err}");
+            let m = fetch_with(&double.base, Duration::from_secs(2), quick())
+                .unwrap_or_else(|e| panic!("{item:?}: {e}"));
+            assert_eq!(m.failed.len(), 1, "{item:?}: {m:?}");
+            let why = m
+                .failure(*item)
+                .unwrap_or_else(|| panic!("{item:?}: {m:?}"));
+            assert!(
+                why.contains(item.path()) && why.contains(message),
+                "{item:?}: {why}"
+            );
+            // Above all, the user-data (the machine config) is not lost with it.
+            assert_eq!(m.userdata.as_deref(), Some("version = 1\n"), "{item:?}");
+            if *item != Item::NetworkConfig {
+                assert!(m.ipv6.is_some(), "{item:?}");
+            }
+            if *item != Item::InstanceId {
+                assert_eq!(m.instance_id, Some(4242), "{item:?}");
+            }
         }
     }
 

@@ -98,6 +98,8 @@ pub struct Context {
     pub network: NetworkUp,
     /// `state`, `fw_cfg`, `metadata`, `cmdline`, or `None`.
     config_source: Mutex<Option<String>>,
+    /// What went wrong with the config sources at boot; cleared by an apply.
+    config_report: Mutex<basalt_api::node::ConfigReport>,
     /// Replaced when an applied config brings other certificates.
     tls: RwLock<Arc<ServerConfig>>,
     pub metrics: Metrics,
@@ -122,6 +124,7 @@ impl Context {
             joiner,
             network,
             config_source: Mutex::new(config_source),
+            config_report: Mutex::default(),
             tls: RwLock::new(tls::server_config(api)?),
             metrics: Metrics::default(),
             refusals: RefusalLog::default(),
@@ -155,6 +158,20 @@ impl Context {
 
     fn set_config_source(&self, source: &str) {
         *self.config_source.lock().unwrap_or_else(|e| e.into_inner()) = Some(source.into());
+        // The boot's config is replaced, and what was wrong with its sources with it.
+        self.set_config_report(basalt_api::node::ConfigReport::default());
+    }
+
+    /// What went wrong with the config sources at boot, for status.
+    pub fn config_report(&self) -> basalt_api::node::ConfigReport {
+        self.config_report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_config_report(&self, report: basalt_api::node::ConfigReport) {
+        *self.config_report.lock().unwrap_or_else(|e| e.into_inner()) = report;
     }
 
     fn tls(&self) -> Arc<ServerConfig> {

@@ -39,6 +39,7 @@ pub fn status(ctx: &Context, services: Vec<ServiceInfo>) -> Status {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default(),
         config_source: ctx.config_source(),
+        config_report: ctx.config_report(),
         services,
         join: ctx.joiner.status(),
         rss_kib: rss_kib(&ctx.root),

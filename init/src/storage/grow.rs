@@ -468,6 +468,48 @@ pub(crate) mod fixture {
         f.write_all_at(&sb, 1024).expect("write");
     }
 
+    /// Under `root`: partition `part` (ROOT-A) of `disk` and the verified root over it,
+    /// as the kernel shows them after stage 1: `sys/block/dm-0` named `basalt-root`,
+    /// whose `slaves/` holds `part`, with their `sys/class/block` links.
+    pub fn root_on(root: &Path, disk: &str, part: &str) {
+        let sys = root.join("sys");
+        let dir = sys.join("block").join(disk).join(part);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join("uevent"),
+            format!(
+                "MAJOR=254\nMINOR=3\nDEVNAME={part}\nDEVTYPE=partition\nPARTN=3\nPARTNAME=ROOT-A\n"
+            ),
+        )
+        .expect("write");
+        std::fs::write(dir.join("partition"), "3\n").expect("write");
+        let dm = sys.join("block/dm-0");
+        std::fs::create_dir_all(dm.join("dm")).expect("mkdir");
+        std::fs::create_dir_all(dm.join("slaves")).expect("mkdir");
+        std::fs::write(
+            dm.join("dm/name"),
+            format!("{}\n", crate::boot::stage1::DM_NAME),
+        )
+        .expect("write");
+        std::fs::write(
+            dm.join("uevent"),
+            "MAJOR=252\nMINOR=0\nDEVNAME=dm-0\nDEVTYPE=disk\n",
+        )
+        .expect("write");
+        std::os::unix::fs::symlink(format!("../../{disk}/{part}"), dm.join("slaves").join(part))
+            .expect("link");
+        let class = sys.join("class/block");
+        std::fs::create_dir_all(&class).expect("mkdir");
+        for (name, to) in [
+            (part.to_owned(), format!("../../block/{disk}/{part}")),
+            ("dm-0".to_owned(), "../../block/dm-0".to_owned()),
+        ] {
+            if !class.join(&name).exists() {
+                std::os::unix::fs::symlink(to, class.join(name)).expect("link");
+            }
+        }
+    }
+
     /// Under `root`: `sys/block/vda/{size,queue/logical_block_size}`, `sys/block/vda/vda5`
     /// with `uevent`, `partition`, `start`, `size`, the `sys/class/block` links the kernel
     /// makes, `dev/vda` holding the image's GPT on a disk of `size`, and `dev/vda5` holding
@@ -491,6 +533,7 @@ pub(crate) mod fixture {
         std::fs::create_dir_all(&class).expect("mkdir");
         std::os::unix::fs::symlink("../../block/vda", class.join("vda")).expect("link");
         std::os::unix::fs::symlink("../../block/vda/vda5", class.join("vda5")).expect("link");
+        root_on(root, "vda", "vda3");
         std::fs::create_dir_all(root.join("dev")).expect("mkdir");
         disk::disk(&root.join("dev/vda"), size);
         ext4(&root.join("dev/vda5"), 4096, STATE_LEN.bytes() / 4096);

@@ -3,10 +3,12 @@
 //! to the end of a disk larger than the image ([`grow`]).
 
 use crate::atomic_file;
+use crate::boot::stage1::DM_NAME;
 use crate::pid1::console;
 use crate::storage::grow::{self, GrowError, Resize, Sectors};
-use crate::storage::partition::{self, BlockDev, NotFound};
+use crate::storage::partition::{self, BlockDev, PartitionError};
 use crate::sys::System;
+use nix::errno::Errno;
 use nix::mount::MsFlags;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,12 +23,12 @@ pub const BOOTS: &str = "lib/basalt/boots";
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("find the STATE partition")]
-    Find(#[from] NotFound),
+    Find(#[from] PartitionError),
     #[error("mount {device} (ext4) on {MOUNT_POINT}")]
     Mount {
         device: String,
         #[source]
-        source: nix::errno::Errno,
+        source: Errno,
     },
     #[error("write {0}")]
     Write(PathBuf, #[source] std::io::Error),
@@ -36,8 +38,10 @@ pub enum StateError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mounted {
     pub device: BlockDev,
-    /// This boot's number on this STATE (1 on first boot).
-    pub boot: u64,
+    /// This boot's number on this STATE (1 on first boot); None when the counter could
+    /// not be written (STATE full, out of inodes, read-only). STATE is mounted all the
+    /// same: what it holds (the applied config above all) is still there to be read.
+    pub boot: Option<u64>,
 }
 
 /// A console line, gathered while mounting so that tests read what the console would.
@@ -46,9 +50,11 @@ pub enum Note {
     Info(String),
     /// Growing failed; STATE is used as it is.
     Failed(&'static str, GrowError),
+    /// Something on STATE could not be written (the boot counter); STATE is used as it is.
+    Warn(String),
 }
 
-/// Finds STATE, grows it if its disk is larger, mounts it on `/var` under `root`, counts
+/// Finds STATE on the disk of the verified root, grows it if its disk is larger, mounts it on `/var` under `root`, counts
 /// the boot; says on the console what it grew and how large STATE is.
 pub fn mount(sys: &mut dyn System, root: &Path, timeout: Duration) -> Result<Mounted, StateError> {
     let mut notes = Vec::new();
@@ -57,13 +63,15 @@ pub fn mount(sys: &mut dyn System, root: &Path, timeout: Duration) -> Result<Mou
         match note {
             Note::Info(line) => console::info(line),
             Note::Failed(what, e) => console::error(what, e),
+            Note::Warn(line) => console::warn(line),
         }
     }
     mounted
 }
 
-/// [`mount`] with the resize ioctls and the console lines in the caller's hands. Growing
-/// never fails the mount: its errors become notes.
+/// [`mount`] with the resize ioctls and the console lines in the caller's hands. Only
+/// finding and mounting STATE can fail: growing it and counting the boot are notes, so a
+/// full or read-only STATE is still mounted and its saved config still read.
 pub fn mount_with(
     sys: &mut dyn System,
     ops: &mut dyn Resize,
@@ -72,20 +80,33 @@ pub fn mount_with(
     notes: &mut Vec<Note>,
 ) -> Result<Mounted, StateError> {
     let sys_root = root.join("sys");
-    let device = partition::wait(&sys_root, PARTITION, timeout)?;
+    // Only on the verified root's disk: an attached volume's STATE never wins.
+    let device = partition::wait_on_root_disk(&sys_root, DM_NAME, PARTITION, timeout)?;
     let name = &device.name;
     let (just_grown, len) = grow_partition(ops, root, &device, notes);
 
     let target = root.join(MOUNT_POINT.trim_start_matches('/'));
     let dev_path = root.join("dev").join(name);
-    sys.mount(
-        &dev_path.to_string_lossy(),
-        &target,
-        Some("ext4"),
-        MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
-        None,
-    )
-    .map_err(|source| StateError::Mount {
+    let source = dev_path.to_string_lossy();
+    let flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+    let mounted = match sys.mount(&source, &target, Some("ext4"), flags, None) {
+        // A read-only device (or a filesystem the kernel will only open read-only):
+        // STATE read-only still holds the applied config.
+        Err(e @ (Errno::EROFS | Errno::EACCES)) => {
+            notes.push(Note::Warn(format!(
+                "STATE {name}: read-write mount refused ({e}); mounted read-only"
+            )));
+            sys.mount(
+                &source,
+                &target,
+                Some("ext4"),
+                flags | MsFlags::MS_RDONLY,
+                None,
+            )
+        }
+        other => other,
+    };
+    mounted.map_err(|source| StateError::Mount {
         device: dev_path.display().to_string(),
         source,
     })?;
@@ -109,7 +130,16 @@ pub fn mount_with(
         ))),
         Err(e) => notes.push(Note::Failed("STATE size", e)),
     }
-    let boot = count_boot(&target.join(BOOTS))?;
+    let boot = match count_boot(&target.join(BOOTS)) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            notes.push(Note::Warn(format!(
+                "STATE {name}: boot not counted ({}); STATE is used as it is",
+                console::chain(&e)
+            )));
+            None
+        }
+    };
     Ok(Mounted { device, boot })
 }
 
@@ -196,6 +226,7 @@ mod tests {
             .map(|n| match n {
                 Note::Info(line) => line.as_str(),
                 Note::Failed(what, e) => panic!("{what}: {}", console::chain(e)),
+                Note::Warn(line) => panic!("{line}"),
             })
             .collect()
     }
@@ -210,7 +241,7 @@ mod tests {
             let mut notes = vec![];
             let m = mount_with(&mut sys, &mut ops, p, Duration::from_millis(20), &mut notes)
                 .expect("mounted");
-            assert_eq!(m.boot, expected);
+            assert_eq!(m.boot, Some(expected));
             assert_eq!(m.device.name, "vda5");
             assert_eq!(
                 sys.calls,
@@ -249,7 +280,7 @@ mod tests {
             &mut notes,
         )
         .expect("mounted");
-        assert_eq!(m.boot, 1);
+        assert_eq!(m.boot, Some(1));
         // 8 MiB, then to the last usable sector: 1024 MiB more, plus the image's 1 MiB
         // tail, less the 33 sectors of the backup GPT.
         let len = Sectors(size.0 - 33 - STATE_START.0);
@@ -285,7 +316,7 @@ mod tests {
             &mut notes,
         )
         .expect("mounted");
-        assert_eq!(m.boot, 2);
+        assert_eq!(m.boot, Some(2));
         assert_eq!(again.calls, []);
         let lines = infos(&notes);
         assert_eq!(lines.len(), 1, "{lines:?}");
@@ -304,7 +335,7 @@ mod tests {
         let mut notes = vec![];
         let m = mount_with(&mut sys, &mut ops, p, Duration::from_millis(20), &mut notes)
             .expect("mounted");
-        assert_eq!(m.boot, 1);
+        assert_eq!(m.boot, Some(1));
         assert_eq!(sys.calls.len(), 1);
         assert!(
             matches!(
@@ -349,6 +380,38 @@ mod tests {
     }
 
     #[test]
+    fn an_attached_volume_with_a_state_partition_is_never_mounted() {
+        let root = fake_root(IMAGE);
+        let p = root.path();
+        // sda sorts before vda: by name alone, the volume's STATE would win.
+        let sda1 = p.join("sys/block/sda/sda1");
+        std::fs::create_dir_all(&sda1).expect("mkdir");
+        std::fs::write(
+            sda1.join("uevent"),
+            "MAJOR=8\nMINOR=1\nDEVNAME=sda1\nDEVTYPE=partition\nPARTN=1\nPARTNAME=STATE\n",
+        )
+        .expect("write");
+        std::fs::write(sda1.join("partition"), "1\n").expect("write");
+        std::os::unix::fs::symlink("../../block/sda/sda1", p.join("sys/class/block/sda1"))
+            .expect("link");
+        let mut sys = Recording::default();
+        let m = mount_with(
+            &mut sys,
+            &mut kernel(p),
+            p,
+            Duration::from_millis(20),
+            &mut vec![],
+        )
+        .expect("mounted");
+        assert_eq!(m.device.name, "vda5");
+        assert!(
+            matches!(&sys.calls[..], [Call::Mount { source, .. }] if source.ends_with("dev/vda5")),
+            "{:?}",
+            sys.calls
+        );
+    }
+
+    #[test]
     fn a_garbled_counter_restarts_at_one_and_no_temp_file_is_left() {
         let d = tempfile::tempdir().expect("tempdir");
         let f = d.path().join("lib/basalt/boots");
@@ -361,5 +424,223 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(names, ["boots"]);
+    }
+}
+
+/// STATE as a real ext4 on a loop device: only a kernel filesystem says what a full, an
+/// inode-less or a read-only STATE does to the boot. Needs root (mount, losetup) and
+/// mkfs.ext4; skipped without them, except under CI.
+#[cfg(test)]
+mod on_ext4 {
+    use super::*;
+    use crate::config_source::{self, Found, Source, STATE_CONFIG};
+    use crate::storage::grow::fixture::{node, IMAGE, STATE_LEN};
+    use crate::storage::grow::Recording as Ioctls;
+    use crate::sys::Real;
+    use std::process::Command;
+
+    const SAVED: &str = "version = 1\n[node]\nhostname = \"saved\"\n[api]\nca = \"-----BEGIN CERTIFICATE-----\\nAA==\\n-----END CERTIFICATE-----\\n\"\ncert = \"-----BEGIN CERTIFICATE-----\\nAA==\\n-----END CERTIFICATE-----\\n\"\nkey = \"-----BEGIN PRIVATE KEY-----\\nAA==\\n-----END PRIVATE KEY-----\\n\"\n";
+
+    /// Whether this test can run; false (with a note) when it cannot, and a failure under
+    /// CI, which must never pass by skipping.
+    fn can_run() -> bool {
+        // SAFETY: geteuid(2) takes nothing and always succeeds.
+        let root = unsafe { libc::geteuid() } == 0;
+        let tools = ["mkfs.ext4", "losetup"].iter().all(|t| {
+            Command::new(t)
+                .arg("-V")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        if root && tools {
+            return true;
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the STATE-on-ext4 tests need root, mkfs.ext4 and losetup under CI"
+        );
+        eprintln!("skipped: needs root, mkfs.ext4 and losetup");
+        false
+    }
+
+    fn run(cmd: &mut Command) -> String {
+        let out = cmd.output().expect("spawn");
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// A loop device over an image file; detached on drop.
+    struct Loop(PathBuf);
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+
+    /// A mount made here; lazily unmounted on drop, so a failed assertion leaks nothing.
+    struct Mount(PathBuf);
+
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Trouble {
+        Full,
+        NoInodes,
+        ReadOnly,
+    }
+
+    /// Writes files of each size in turn into `dir` until the filesystem refuses one.
+    fn fill(dir: &Path, sizes: &[usize]) {
+        use std::io::Write;
+        for (n, &size) in sizes.iter().enumerate() {
+            let data = vec![0x5a; size];
+            for i in 0.. {
+                let written = std::fs::File::create(dir.join(format!("fill{n}-{i}")))
+                    .and_then(|mut f| f.write_all(&data).and_then(|()| f.sync_all()));
+                if let Err(e) = written {
+                    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A node whose STATE is a real ext4 that holds an applied config and a boot counter
+    /// at 4, in the given trouble (read-only: the loop device itself, as a write-protected
+    /// disk is); STATE is not mounted yet.
+    fn node_in(trouble: Trouble) -> Option<(tempfile::TempDir, Loop)> {
+        if !can_run() {
+            return None;
+        }
+        let root = tempfile::tempdir().expect("tempdir");
+        let p = root.path();
+        node(p, IMAGE);
+        std::fs::create_dir_all(p.join("var")).expect("mkdir");
+        let image = p.join("state.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(STATE_LEN.bytes()))
+            .expect("image");
+        let mut mkfs = Command::new("mkfs.ext4");
+        mkfs.args(["-q", "-F", "-b", "4096"]);
+        if trouble == Trouble::NoInodes {
+            mkfs.args(["-N", "16"]);
+        }
+        run(mkfs.arg(&image));
+        let attach = |read_only: bool| {
+            let mut losetup = Command::new("losetup");
+            losetup.args(["--find", "--show"]);
+            if read_only {
+                losetup.arg("--read-only");
+            }
+            Loop(PathBuf::from(run(losetup.arg(&image))))
+        };
+        let dev = attach(false);
+
+        let prep = p.join("prep");
+        std::fs::create_dir_all(&prep).expect("mkdir");
+        Real.mount(
+            &dev.0.to_string_lossy(),
+            &prep,
+            Some("ext4"),
+            MsFlags::empty(),
+            None,
+        )
+        .expect("mount for preparing");
+        let mounted = Mount(prep.clone());
+        let saved = prep.join(STATE_CONFIG.trim_start_matches("var/"));
+        atomic_file::write_mode(&saved, SAVED.as_bytes(), 0o600).expect("save config");
+        atomic_file::write(&prep.join(BOOTS), b"4\n").expect("counter");
+        match trouble {
+            Trouble::Full => fill(&prep, &[64 * 1024, 4096, 1]),
+            Trouble::NoInodes => fill(&prep, &[0]),
+            Trouble::ReadOnly => {}
+        }
+        if trouble != Trouble::ReadOnly {
+            // The trouble is real: not even a small new file fits.
+            let e = std::fs::write(prep.join("one-more"), b"x").expect_err("STATE has room");
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        }
+        drop(mounted);
+        let dev = if trouble == Trouble::ReadOnly {
+            drop(dev);
+            attach(true)
+        } else {
+            dev
+        };
+        // STATE is that device: the fixture's file gives way to it.
+        std::fs::remove_file(p.join("dev/vda5")).expect("rm");
+        std::os::unix::fs::symlink(&dev.0, p.join("dev/vda5")).expect("link");
+        Some((root, dev))
+    }
+
+    fn boots_with_its_saved_config(trouble: Trouble) {
+        let Some((root, _dev)) = node_in(trouble) else {
+            return;
+        };
+        let p = root.path();
+        let mut ops = Ioctls::default();
+        let mut notes = vec![];
+        let mounted = mount_with(&mut Real, &mut ops, p, Duration::ZERO, &mut notes);
+        let _var = Mount(p.join("var"));
+        let m = mounted.unwrap_or_else(|e| panic!("{trouble:?}: {}", console::chain(&e)));
+        assert_eq!(m.boot, None, "{trouble:?}");
+        let warnings: Vec<_> = notes
+            .iter()
+            .filter_map(|n| match n {
+                Note::Warn(line) => Some(line.as_str()),
+                _ => None,
+            })
+            .collect();
+        let counted = warnings.last().copied().unwrap_or_default();
+        assert!(
+            counted.contains("boot not counted") && counted.contains(BOOTS),
+            "{trouble:?}: {notes:?}"
+        );
+        if trouble == Trouble::ReadOnly {
+            assert!(
+                warnings.len() == 2 && warnings[0].contains("mounted read-only"),
+                "{notes:?}"
+            );
+        } else {
+            assert_eq!(warnings.len(), 1, "{trouble:?}: {notes:?}");
+        }
+        // The counter is as it was, and the applied config is what this boot uses.
+        assert_eq!(
+            std::fs::read_to_string(p.join("var").join(BOOTS)).expect("counter"),
+            "4\n"
+        );
+        match config_source::read(p, Source::State, true) {
+            Ok(Found::Config(Source::State, c, _)) => assert_eq!(
+                c.node.hostname.as_ref().map(|h| h.as_str()),
+                Some("saved"),
+                "{trouble:?}"
+            ),
+            Ok(_) => panic!("{trouble:?}: no config on STATE"),
+            Err(e) => panic!("{trouble:?}: {}", console::chain(&e)),
+        }
+    }
+
+    #[test]
+    fn a_full_state_is_mounted_and_its_config_used() {
+        boots_with_its_saved_config(Trouble::Full);
+    }
+
+    #[test]
+    fn a_state_out_of_inodes_is_mounted_and_its_config_used() {
+        boots_with_its_saved_config(Trouble::NoInodes);
+    }
+
+    #[test]
+    fn a_read_only_state_is_mounted_and_its_config_used() {
+        boots_with_its_saved_config(Trouble::ReadOnly);
     }
 }

@@ -18,6 +18,7 @@ use crate::sys::System;
 use basalt_api::config::MachineConfig;
 use basalt_api::layout::Partition;
 use basalt_api::milestone::Milestone;
+use basalt_api::node::{ConfigReport, RejectedSource};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::mpsc::Receiver;
@@ -107,11 +108,13 @@ impl Machine for Node<'_> {
         match state::mount(self.sys, &self.root, STATE_TIMEOUT) {
             Ok(m) => {
                 console::milestone(Milestone::StateMounted);
+                let boot = m
+                    .boot
+                    .map_or_else(|| "not counted".to_owned(), |n| n.to_string());
                 console::info(&format!(
-                    "STATE {} mounted on {}, boot {}",
+                    "STATE {} mounted on {}, boot {boot}",
                     m.device.name,
                     state::MOUNT_POINT,
-                    m.boot
                 ));
                 self.state_mounted = true;
             }
@@ -195,6 +198,7 @@ impl Machine for Node<'_> {
         );
         match ctx {
             Ok(ctx) => {
+                ctx.set_config_report(config_report(chosen));
                 if let Err(e) = node_api::start(Arc::new(ctx), chosen.config.api.listen) {
                     console::error("api: start", &e);
                 }
@@ -253,10 +257,17 @@ impl Sources for Node<'_> {
         }
         match metadata::fetch(metadata::BASE_URL, Duration::from_secs(2)) {
             Ok(m) => {
+                let id = m
+                    .instance_id
+                    .map_or_else(|| "?".to_owned(), |i| i.to_string());
                 console::info(&format!(
-                    "metadata: Hetzner instance {}, hostname {:?}",
-                    m.instance_id, m.hostname
+                    "metadata: Hetzner instance {id}, hostname {:?}",
+                    m.hostname
                 ));
+                // Each item stands alone: the others are used all the same.
+                for (_, why) in &m.failed {
+                    console::warn(&format!("metadata: left out: {why}"));
+                }
                 Some(m)
             }
             Err(e) => {
@@ -297,6 +308,21 @@ impl Sources for Node<'_> {
 
     fn rejected(&mut self, err: &SourceError) {
         console::error("machine config", err);
+    }
+}
+
+/// The node API's account of what went wrong with the config sources at boot.
+fn config_report(chosen: &Chosen) -> ConfigReport {
+    ConfigReport {
+        rejected: chosen
+            .rejected
+            .iter()
+            .map(|r| RejectedSource {
+                source: r.source.key().to_owned(),
+                reason: r.reason.clone(),
+            })
+            .collect(),
+        warnings: chosen.warnings.clone(),
     }
 }
 

@@ -478,6 +478,32 @@ fn a_standby_config_is_saved_privately_and_becomes_the_source() {
 }
 
 #[test]
+fn status_says_which_config_sources_were_passed_over_until_a_config_is_applied() {
+    use basalt_api::node::{ConfigReport, RejectedSource};
+    let n = node();
+    let me = Some(&n.pki.client);
+    let report = ConfigReport {
+        rejected: vec![RejectedSource {
+            source: "fw_cfg".into(),
+            reason: "machine config from fw_cfg opt/basalt/config: node.surprise: unknown key"
+                .into(),
+        }],
+        warnings: vec!["machine config from kernel command line basalt.config is used, but not kept for the next boot".into()],
+    };
+    n.ctx.set_config_report(report.clone());
+    let (status, body) = get(&n, me, "/v1/status");
+    assert_eq!(status, 200, "{body}");
+    let s: Status = serde_json::from_str(&body).expect("Status");
+    assert_eq!(s.config_report, report);
+    // An applied config replaces the boot's, and what was wrong with its sources.
+    let (status, body) = post(&n, me, "/v1/config", &n.pki.config(""));
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = get(&n, me, "/v1/status");
+    let s: Status = serde_json::from_str(&body).expect("Status");
+    assert_eq!(s.config_report, ConfigReport::default());
+}
+
+#[test]
 fn logs_of_a_service_and_following_them() {
     let n = node();
     let me = Some(&n.pki.client);
