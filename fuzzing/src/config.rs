@@ -97,7 +97,11 @@ pub fn token(data: &[u8]) {
     let Ok(token) = Token::parse(text) else {
         return;
     };
-    assert_eq!(token.secret_string(), text, "the token as K3s reads it changed");
+    assert_eq!(
+        token.secret_string(),
+        text,
+        "the token as K3s reads it changed"
+    );
     let other = match token.clone() {
         Token::Secure { ca_hash, user, .. } => Token::Secure {
             ca_hash,
@@ -111,8 +115,16 @@ pub fn token(data: &[u8]) {
         },
         Token::Plain(_) => Token::Plain("other".into()),
     };
-    assert_eq!(format!("{token}"), format!("{other}"), "Display shows the secret");
-    assert_eq!(format!("{token:?}"), format!("{other:?}"), "Debug shows the secret");
+    assert_eq!(
+        format!("{token}"),
+        format!("{other}"),
+        "Display shows the secret"
+    );
+    assert_eq!(
+        format!("{token:?}"),
+        format!("{other:?}"),
+        "Debug shows the secret"
+    );
 }
 
 /// `ca_hash` over the input as a `/cacerts` body. Property: an answer is 64 lowercase

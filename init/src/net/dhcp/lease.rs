@@ -40,6 +40,8 @@ pub struct Lease {
 pub enum LeaseError {
     #[error("no address offered (yiaddr is 0.0.0.0)")]
     NoAddress,
+    #[error("address {0} offered, which is not a host address (broadcast, multicast, loopback or reserved)")]
+    NotAHostAddress(Ipv4Addr),
     #[error("no server identifier (option 54)")]
     NoServerId,
     #[error("no lease time (option 51)")]
@@ -54,6 +56,9 @@ impl Lease {
         let addr = msg.yiaddr();
         if addr.is_unspecified() {
             return Err(LeaseError::NoAddress);
+        }
+        if !is_host_address(addr) {
+            return Err(LeaseError::NotAHostAddress(addr));
         }
         let opts = msg.opts();
         let server = match opts.get(OptionCode::ServerIdentifier) {
@@ -126,10 +131,44 @@ fn prefix_of(mask: Ipv4Addr) -> Result<u8, LeaseError> {
     Ok(ones as u8)
 }
 
+/// Whether `addr` can be an interface's own address: not broadcast, multicast,
+/// loopback, "this network" (0.0.0.0/8) or reserved (240.0.0.0/4). A server offering one
+/// of those would have the node configure it (the `dhcp` fuzz target found
+/// 255.255.255.255 accepted).
+fn is_host_address(addr: Ipv4Addr) -> bool {
+    let first = addr.octets()[0];
+    !(addr.is_broadcast()
+        || addr.is_multicast()
+        || addr.is_loopback()
+        || first == 0
+        || first >= 240)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use dhcproto::v4::MessageType;
+
+    #[test]
+    fn an_address_that_is_no_host_address_is_refused() {
+        for bad in [
+            Ipv4Addr::BROADCAST,
+            Ipv4Addr::new(224, 0, 0, 1),
+            Ipv4Addr::new(127, 0, 0, 1),
+            Ipv4Addr::new(0, 1, 2, 3),
+            Ipv4Addr::new(240, 0, 0, 1),
+        ] {
+            let mut msg = ack(&[SERVER, DhcpOption::AddressLeaseTime(3600)]);
+            msg.set_yiaddr(bad);
+            assert_eq!(
+                Lease::from_reply(&msg),
+                Err(LeaseError::NotAHostAddress(bad))
+            );
+        }
+        let mut msg = ack(&[SERVER, DhcpOption::AddressLeaseTime(3600)]);
+        msg.set_yiaddr(Ipv4Addr::new(10, 0, 0, 50));
+        assert!(Lease::from_reply(&msg).is_ok());
+    }
 
     fn ack(opts: &[DhcpOption]) -> Message {
         let mut msg = Message::new_with_id(
