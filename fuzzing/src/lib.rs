@@ -8,6 +8,7 @@ pub mod api;
 pub mod config;
 pub mod dhcp;
 pub mod gpt;
+pub mod node;
 
 /// A target: its corpus folder's name and the function it runs.
 pub type Target = (&'static str, fn(&[u8]));
@@ -21,6 +22,9 @@ pub const TARGETS: &[Target] = &[
     ("gpt", gpt::table),
     ("dhcp", dhcp::client),
     ("api_request", api::request),
+    ("sntp", node::sntp),
+    ("network_config", node::network_config),
+    ("cmdline", node::cmdline),
 ];
 
 /// The target named `name`.

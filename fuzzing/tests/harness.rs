@@ -93,3 +93,51 @@ fn the_api_seeds_reach_the_refusal_and_the_health_answer() {
     assert_eq!(refused.status, 401);
     assert!(authorize(&head("health.txt").request, false).is_ok());
 }
+
+#[test]
+fn the_boot_network_seeds_reach_acceptance_and_refusal() {
+    use basalt_init::config_source::{from_cmdline, Found, SourceError, CMDLINE};
+    use basalt_init::net::sntp::{check_step, validate, StepPolicy, MAX_STEP};
+    // SNTP: the good answer is taken and its 5 s step allowed; the 10 000 s one refused.
+    let sample = |name| {
+        let data = std::fs::read(seed("sntp", name)).expect("seed");
+        let t = |i: usize| i64::from_le_bytes(data[i..i + 8].try_into().expect("8"));
+        let server = ([192, 0, 2, 1], 123).into();
+        let s = validate(server, &data[26..], t(0).into(), t(8).into()).expect("valid");
+        let policy = StepPolicy {
+            floor_secs: 1_700_000_000,
+            max_step: MAX_STEP,
+        };
+        check_step(server, &s, t(16).into(), &policy).map(|()| s.offset.as_secs_f64())
+    };
+    let offset = sample("good.bin").expect("a 5 s step");
+    assert!((offset - 5.0).abs() < 0.1, "{offset}");
+    assert!(sample("big-step.bin").is_err());
+    // The network-config's address, as the seed spells it.
+    let yaml = std::fs::read_to_string(seed("network_config", "hetzner.yaml")).expect("seed");
+    let (addr, prefix) = basalt_init::net::metadata::parse_ipv6(&yaml)
+        .expect("YAML")
+        .expect("an address");
+    assert_eq!(
+        (addr.to_string(), prefix),
+        ("2a01:4f8:c17:1234::1".into(), 64)
+    );
+    // The command line: a standby config is taken, a [cluster] refused.
+    let cmdline = |name| {
+        let root = tempfile::tempdir().expect("root");
+        let path = root.path().join(CMDLINE);
+        std::fs::create_dir_all(path.parent().expect("proc")).expect("proc");
+        std::fs::copy(seed("cmdline", name), &path).expect("copy");
+        from_cmdline(root.path(), false)
+    };
+    match cmdline("standby.txt") {
+        Ok(Found::Config(..)) => {}
+        Ok(Found::None) => panic!("standby.txt: no config found"),
+        Err(e) => panic!("standby.txt: {}", basalt_init::pid1::console::chain(&e)),
+    }
+    assert!(matches!(cmdline("urlsafe.txt"), Ok(Found::Config(..))));
+    assert!(matches!(
+        cmdline("cluster.txt"),
+        Err(SourceError::ClusterOnCmdline)
+    ));
+}

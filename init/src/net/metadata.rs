@@ -281,7 +281,7 @@ struct Subnet {
 }
 
 /// The first `address: <IPv6>/<prefix>` of any interface; None when there is none.
-fn parse_ipv6(yaml: &str) -> Result<Option<(Ipv6Addr, u8)>, serde_yaml_ng::Error> {
+pub fn parse_ipv6(yaml: &str) -> Result<Option<(Ipv6Addr, u8)>, serde_yaml_ng::Error> {
     let doc: NetworkConfig = serde_yaml_ng::from_str(yaml)?;
     let found = doc
         .config

@@ -253,7 +253,7 @@ pub fn query(server: SocketAddr, timeout: Duration) -> Result<Sample, SntpError>
 
 /// Checks a reply to our request (its origin already matched) and computes the sample.
 /// `t1` and `t4` are our clock at sending and at arrival, in Unix nanoseconds.
-fn validate(server: SocketAddr, reply: &[u8], t1: i128, t4: i128) -> Result<Sample, SntpError> {
+pub fn validate(server: SocketAddr, reply: &[u8], t1: i128, t4: i128) -> Result<Sample, SntpError> {
     let bogus = |why| Err(SntpError::Bogus { server, why });
     if reply.len() < PACKET_LEN {
         return bogus("reply is shorter than an NTP header");
@@ -310,7 +310,7 @@ fn validate(server: SocketAddr, reply: &[u8], t1: i128, t4: i128) -> Result<Samp
 }
 
 /// Whether `policy` lets `sample` move a clock that reads `now` (Unix nanoseconds).
-fn check_step(
+pub fn check_step(
     server: SocketAddr,
     sample: &Sample,
     now: i128,
