@@ -124,15 +124,12 @@ pub fn connection(ctx: &Context, mut tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     }
-    let authenticated = conn.peer_certificates().is_some_and(|c| !c.is_empty());
+    let client = super::guard::Client::from_peer(conn.peer_certificates());
     let mut stream = rustls::Stream::new(&mut conn, &mut tcp);
     let (reply, what) = match http::read_request(&mut stream) {
         Ok(req) => {
             let what = format!("{} {}", req.method, req.path);
-            (
-                routes::route(ctx, &req, authenticated, Instant::now()),
-                what,
-            )
+            (routes::route(ctx, &req, &client, Instant::now()), what)
         }
         Err(HttpError::Closed) | Err(HttpError::Io(_)) => return close(&mut conn, &mut tcp),
         Err(e) => match e.response() {

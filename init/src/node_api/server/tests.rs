@@ -13,6 +13,7 @@ use rcgen::{
     date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -29,12 +30,99 @@ struct Identity {
 
 struct Pki {
     ca_pem: String,
+    other_ca_pem: String,
+    /// Made by openssl with the admin role OID, serial 0x0a01.
+    admin: Identity,
+    /// Made by openssl with the read role OID, serial 0x0b02.
+    reader: Identity,
     ca_der: CertificateDer<'static>,
     node_cert: String,
     node_key: String,
-    client: Identity,
+    /// rcgen, clientAuth only: a certificate from before roles.
+    unmarked: Identity,
     other_ca_client: Identity,
     expired_client: Identity,
+}
+
+/// A client certificate made by openssl (an oracle independent of rcgen and of
+/// basalt's own encoding of the role OIDs), signed by the CA in `ca_pem`/`ca_key`.
+fn openssl_client(ca_pem: &str, ca_key: &str, cn: &str, eku: &str, serial: &str) -> Identity {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |f: &str| dir.path().join(f);
+    std::fs::write(p("ca.pem"), ca_pem).expect("write");
+    std::fs::write(p("ca.key"), ca_key).expect("write");
+    std::fs::write(
+        p("ext.cnf"),
+        format!("basicConstraints=CA:FALSE\nextendedKeyUsage={eku}\n"),
+    )
+    .expect("write");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl is installed (scripts/install-host-tools)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        "c.key",
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        "c.key",
+        "-subj",
+        &format!("/CN={cn}"),
+        "-out",
+        "c.csr",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "c.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        serial,
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "c.pem",
+    ]);
+    let cert = CertificateDer::from_pem_file(p("c.pem")).expect("cert");
+    let key = PrivateKeyDer::from_pem_file(p("c.key")).expect("key");
+    Identity { cert, key }
+}
+
+/// `openssl x509 -noout <what>` of a PEM certificate, its answer after the `=`.
+fn openssl_field(pem: &str, what: &str) -> String {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("c.pem"), pem).expect("write");
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", what, "-in", "c.pem"])
+        .current_dir(dir.path())
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    text.split_once('=')
+        .map(|(_, v)| v.to_owned())
+        .expect("field")
 }
 
 fn ca(cn: &str) -> (String, CertificateDer<'static>, Issuer<'static, KeyPair>) {
@@ -48,6 +136,10 @@ fn ca(cn: &str) -> (String, CertificateDer<'static>, Issuer<'static, KeyPair>) {
     let key = KeyPair::generate().expect("key");
     let cert = p.self_signed(&key).expect("self-sign");
     (cert.pem(), cert.der().clone(), Issuer::new(p, key))
+}
+
+fn ca_key(issuer: &Issuer<'static, KeyPair>) -> String {
+    issuer.key().serialize_pem()
 }
 
 fn leaf(
@@ -80,7 +172,10 @@ fn identity((cert, key): (rcgen::Certificate, KeyPair)) -> Identity {
 impl Pki {
     fn new() -> Pki {
         let (ca_pem, ca_der, issuer) = ca("basalt pool CA");
-        let (_, _, other) = ca("another pool CA");
+        let (other_ca_pem, _, other) = ca("another pool CA");
+        let key = ca_key(&issuer);
+        let admin_eku = format!("clientAuth,{}", basalt_api::node::access::ADMIN_OID);
+        let read_eku = format!("clientAuth,{}", basalt_api::node::access::READ_OID);
         let (node, node_key) = leaf(
             "node-1",
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -89,11 +184,14 @@ impl Pki {
         );
         let client = ExtendedKeyUsagePurpose::ClientAuth;
         Pki {
+            admin: openssl_client(&ca_pem, &key, "operator", &admin_eku, "0x0a01"),
+            reader: openssl_client(&ca_pem, &key, "dashboard", &read_eku, "0x0b02"),
+            other_ca_pem,
             ca_pem,
             ca_der,
             node_cert: node.pem(),
             node_key: node_key.serialize_pem(),
-            client: identity(leaf("operator", client.clone(), &issuer, false)),
+            unmarked: identity(leaf("old-operator", client.clone(), &issuer, false)),
             other_ca_client: identity(leaf("operator", client.clone(), &other, false)),
             expired_client: identity(leaf("operator", client, &issuer, true)),
         }
@@ -292,7 +390,7 @@ fn every_other_endpoint_needs_a_client_certificate() {
 #[test]
 fn status_with_a_pool_certificate_reports_the_node() {
     let n = node();
-    let (status, body) = get(&n, Some(&n.pki.client), "/v1/status");
+    let (status, body) = get(&n, Some(&n.pki.admin), "/v1/status");
     assert_eq!(status, 200, "{body}");
     let s: Status = serde_json::from_str(&body).expect("Status");
     assert_eq!(s.versions.basalt, env!("CARGO_PKG_VERSION"));
@@ -340,7 +438,7 @@ fn certificates_from_another_ca_or_expired_fail_the_handshake_with_a_reason() {
 #[test]
 fn oversized_malformed_and_misrouted_requests_get_json_errors() {
     let n = node();
-    let me = Some(&n.pki.client);
+    let me = Some(&n.pki.admin);
     let big = "x".repeat(http::BODY_LIMIT + 1);
     let (status, body) = post(&n, me, "/v1/config", &big);
     assert_eq!(status, 413, "{body}");
@@ -360,7 +458,7 @@ fn oversized_malformed_and_misrouted_requests_get_json_errors() {
 #[test]
 fn an_invalid_config_is_refused_with_the_key_it_trips_on() {
     let n = node();
-    let me = Some(&n.pki.client);
+    let me = Some(&n.pki.admin);
     let cases = [
         (n.pki.config("[node]\nsurprise = 1\n"), "node.surprise"),
         ("{\"version\": 1}".to_owned(), "TOML"),
@@ -392,7 +490,7 @@ fn an_invalid_config_is_refused_with_the_key_it_trips_on() {
 #[test]
 fn a_join_whose_ca_does_not_match_is_not_applied_and_status_says_why() {
     let n = node();
-    let me = Some(&n.pki.client);
+    let me = Some(&n.pki.admin);
     let cluster = format!(
         "[cluster]\nserver = \"https://10.0.2.2:6443\"\ntoken = \"K10{TOKEN_HASH}::server:pw\"\n"
     );
@@ -420,8 +518,8 @@ fn a_join_whose_ca_does_not_match_is_not_applied_and_status_says_why() {
 #[test]
 fn a_standby_config_is_saved_privately_and_becomes_the_source() {
     let n = node();
-    let me = Some(&n.pki.client);
-    let config = n.pki.config("[node]\nhostname = \"w1\"\n");
+    let me = Some(&n.pki.admin);
+    let config = n.pki.config("[node]\nhostname = \"node-1\"\n");
     let (status, body) = post(&n, me, "/v1/config", &config);
     assert_eq!(status, 200, "{body}");
     let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
@@ -444,7 +542,7 @@ fn a_standby_config_is_saved_privately_and_becomes_the_source() {
 #[test]
 fn logs_of_a_service_and_following_them() {
     let n = node();
-    let me = Some(&n.pki.client);
+    let me = Some(&n.pki.admin);
     let spec = ServiceSpec {
         name: "chatty".into(),
         argv: vec![
@@ -466,10 +564,7 @@ fn logs_of_a_service_and_following_them() {
     .with_safe_default_protocol_versions()
     .expect("versions")
     .with_root_certificates(roots)
-    .with_client_auth_cert(
-        vec![n.pki.client.cert.clone()],
-        n.pki.client.key.clone_key(),
-    )
+    .with_client_auth_cert(vec![n.pki.admin.cert.clone()], n.pki.admin.key.clone_key())
     .expect("client");
     let conn = rustls::ClientConnection::new(
         Arc::new(config),
@@ -518,7 +613,7 @@ fn logs_of_a_service_and_following_them() {
 #[test]
 fn reboot_and_shutdown_answer_first_then_reach_the_main_loop() {
     let n = node();
-    let me = Some(&n.pki.client);
+    let me = Some(&n.pki.admin);
     let (status, body) = post(&n, me, "/v1/reboot", "");
     assert_eq!(status, 202, "{body}");
     assert!(body.contains("rebooting"), "{body}");
@@ -528,4 +623,197 @@ fn reboot_and_shutdown_answer_first_then_reach_the_main_loop() {
     assert_eq!(status, 202);
     let got = n.powers.recv_timeout(Duration::from_secs(10));
     assert_eq!(got, Ok(mailbox::Power::PowerOff));
+}
+
+#[test]
+fn routes_need_read_or_admin_from_the_head_alone() {
+    use basalt_api::node::access::Access;
+    assert_eq!(routes::needs("GET", "/v1/health"), None);
+    for (m, p) in [
+        ("GET", "/v1/status"),
+        ("GET", "/v1/metrics"),
+        ("GET", "/v1/logs/k3s"),
+        ("GET", "/v1/nope"),
+    ] {
+        assert_eq!(routes::needs(m, p), Some(Access::Read), "{m} {p}");
+    }
+    for p in ["/v1/config", "/v1/reboot", "/v1/shutdown"] {
+        assert_eq!(routes::needs("POST", p), Some(Access::Admin), "{p}");
+        // A wrong method still needs admin before it learns it is wrong.
+        assert_eq!(routes::needs("GET", p), Some(Access::Admin), "{p}");
+    }
+}
+
+#[test]
+fn read_and_unmarked_certificates_see_the_node_but_cannot_change_it() {
+    let n = node();
+    for (who, unmarked) in [(&n.pki.reader, false), (&n.pki.unmarked, true)] {
+        let me = Some(who);
+        let (status, body) = get(&n, me, "/v1/status");
+        assert_eq!(status, 200, "{body}");
+        let (status, _) = get(&n, me, "/v1/metrics");
+        assert_eq!(status, 200);
+        let (status, body) = get(&n, me, "/v1/logs/k3s");
+        assert_eq!(status, 404, "a read route, no such service: {body}");
+        for path in ["/v1/config", "/v1/reboot", "/v1/shutdown"] {
+            let (status, body) = post(&n, me, path, &n.pki.config(""));
+            assert_eq!(status, 403, "{path}: {body}");
+            let error = error_of(&body);
+            assert!(error.contains("needs the admin role"), "{error}");
+            assert_eq!(error.contains("--role admin"), unmarked, "{error}");
+        }
+    }
+    assert!(n.powers.try_recv().is_err(), "nothing powered off");
+    assert!(!n
+        .root
+        .path()
+        .join(crate::config_source::STATE_CONFIG)
+        .exists());
+    // The admin certificate (openssl's encoding of the admin OID) may.
+    let (status, body) = post(&n, Some(&n.pki.admin), "/v1/reboot", "");
+    assert_eq!(status, 202, "{body}");
+}
+
+#[test]
+fn a_revoked_serial_is_refused_on_the_next_connection() {
+    let n = node();
+    let (status, _) = get(&n, Some(&n.pki.reader), "/v1/status");
+    assert_eq!(status, 200);
+    // openssl prints the serial it set as 0B02; the config takes it in that form.
+    assert_eq!(
+        openssl_field(&pem_of(&n.pki.reader.cert), "-serial"),
+        "0B02"
+    );
+    let config = n
+        .pki
+        .config("")
+        .replace("key = \"\"\"", "revoked = [\"0B:02\"]\nkey = \"\"\"");
+    let (status, body) = post(&n, Some(&n.pki.admin), "/v1/config", &config);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(&n, Some(&n.pki.reader), "/v1/status");
+    assert_eq!(status, 401, "{body}");
+    assert!(error_of(&body).contains("serial b02 is revoked"), "{body}");
+    let (status, _) = get(&n, Some(&n.pki.admin), "/v1/status");
+    assert_eq!(status, 200, "others still get in");
+}
+
+/// A DER certificate as PEM, for openssl.
+fn pem_of(der: &CertificateDer<'_>) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+#[test]
+fn an_apply_that_would_lock_out_its_client_or_serve_a_bad_cert_is_refused() {
+    let n = node();
+    let me = Some(&n.pki.admin);
+    // A node certificate for another name, and an expired one, from the same CA.
+    let (_, _, pool) = ca("pool CA 2");
+    let (wrong, wrong_key) = leaf("node-2", ExtendedKeyUsagePurpose::ServerAuth, &pool, false);
+    let (old, old_key) = leaf("node-1", ExtendedKeyUsagePurpose::ServerAuth, &pool, true);
+    let with_cert = |cert: &str, key: &str| {
+        format!(
+            "version = 1\n[node]\nhostname = \"node-1\"\n[api]\nca = \"\"\"{}\"\"\"\ncert = \"\"\"{cert}\"\"\"\nkey = \"\"\"{key}\"\"\"\n",
+            n.pki.ca_pem
+        )
+    };
+    let cases = [
+        (
+            n.pki.config("").replace(&n.pki.ca_pem, &n.pki.other_ca_pem),
+            "api.ca: would not verify the client certificate",
+        ),
+        (
+            n.pki
+                .config("")
+                .replace("key = \"\"\"", "revoked = [\"a01\"]\nkey = \"\"\""),
+            "api.revoked: lists serial a01",
+        ),
+        (
+            with_cert(&old.pem(), &old_key.serialize_pem()),
+            "api.cert: expired on",
+        ),
+        (
+            with_cert(&wrong.pem(), &wrong_key.serialize_pem()),
+            "api.cert: issued for [\"node-2\"], not for the node's name \"node-1\"",
+        ),
+    ];
+    for (config, want) in cases {
+        let (status, body) = post(&n, me, "/v1/config", &config);
+        assert_eq!(status, 400, "{want}: {body}");
+        assert!(error_of(&body).contains(want), "{want}: {body}");
+    }
+    assert!(!n
+        .root
+        .path()
+        .join(crate::config_source::STATE_CONFIG)
+        .exists());
+    // The node's name, when the config has none, is the running hostname.
+    std::fs::create_dir_all(n.root.path().join("proc/sys/kernel")).expect("mkdir");
+    std::fs::write(n.root.path().join("proc/sys/kernel/hostname"), "node-9\n").expect("write");
+    let (status, body) = post(&n, me, "/v1/config", &n.pki.config(""));
+    assert_eq!(status, 400, "{body}");
+    assert!(error_of(&body).contains("\"node-9\""), "{body}");
+    std::fs::write(n.root.path().join("proc/sys/kernel/hostname"), "node-1\n").expect("write");
+    let (status, body) = post(&n, me, "/v1/config", &n.pki.config(""));
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn status_and_metrics_show_when_the_node_certificate_expires() {
+    let n = node();
+    let me = Some(&n.pki.reader);
+    let (_, body) = get(&n, me, "/v1/status");
+    let s: Status = serde_json::from_str(&body).expect("Status");
+    let cert = s.api_cert.expect("api_cert in status");
+    // openssl's reading of the same certificate, and date(1)'s of openssl's date.
+    let end = openssl_field(&n.pki.node_cert, "-enddate");
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &end, "+%s"])
+        .output()
+        .expect("date");
+    let epoch: i64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("seconds");
+    assert_eq!(cert.not_after, epoch);
+    let serial = openssl_field(&n.pki.node_cert, "-serial").to_ascii_lowercase();
+    assert_eq!(cert.serial, serial.trim_start_matches('0'));
+    let (_, body) = get(&n, me, "/v1/metrics");
+    assert!(
+        body.contains(&format!("basalt_api_cert_not_after_seconds {epoch}\n")),
+        "{body}"
+    );
+    assert!(body.contains("# TYPE basalt_api_cert_not_after_seconds gauge"));
+}
+
+#[test]
+fn a_token_without_a_ca_pin_is_named_in_the_answer() {
+    let n = node();
+    let me = Some(&n.pki.admin);
+    let plain = "[cluster]\nserver = \"https://10.0.2.2:6443\"\ntoken = \"just-a-password\"\n";
+    let (status, body) = post(&n, me, "/v1/config", &n.pki.config(plain));
+    assert_eq!(status, 200, "{body}");
+    let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
+    assert_eq!(a.warnings.len(), 1, "{body}");
+    assert!(
+        a.warnings[0].contains("cluster.token has no CA pin"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("just-a-password"),
+        "the secret is not echoed"
+    );
+    let pinned = format!(
+        "[cluster]\nserver = \"https://10.0.2.2:6443\"\ntoken = \"K10{TOKEN_HASH}::server:pw\"\n"
+    );
+    let (_, body) = post(&n, me, "/v1/config", &n.pki.config(&pinned));
+    let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
+    assert!(a.warnings.is_empty(), "{body}");
 }
