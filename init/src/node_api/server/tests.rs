@@ -19,6 +19,7 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::rc::Rc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Mutex;
 
 const SERVER_HASH: &str = "3333333333333333333333333333333333333333333333333333333333333333";
 const TOKEN_HASH: &str = "4444444444444444444444444444444444444444444444444444444444444444";
@@ -30,6 +31,7 @@ struct Identity {
 
 struct Pki {
     ca_pem: String,
+    issuer: Issuer<'static, KeyPair>,
     other_ca_pem: String,
     /// Made by openssl with the admin role OID, serial 0x0a01.
     admin: Identity,
@@ -194,6 +196,7 @@ impl Pki {
             unmarked: identity(leaf("old-operator", client.clone(), &issuer, false)),
             other_ca_client: identity(leaf("operator", client.clone(), &other, false)),
             expired_client: identity(leaf("operator", client, &issuer, true)),
+            issuer,
         }
     }
 
@@ -216,6 +219,37 @@ impl CaChecker for Mismatch {
             expected: token.ca_hash().unwrap_or_default().into(),
             actual: SERVER_HASH.into(),
         })
+    }
+}
+
+/// A K3s server whose CA is always the one the token pins.
+struct Match;
+
+impl CaChecker for Match {
+    fn check(&self, _: &str, token: &Token) -> Result<CaCheck, K3sError> {
+        Ok(CaCheck::Matched {
+            hash: token.ca_hash().unwrap_or_default().into(),
+        })
+    }
+}
+
+/// A node whose agent always starts: what is persisted is recorded, nothing runs.
+#[derive(Clone, Default)]
+struct AgentStarts(Arc<Mutex<Vec<String>>>);
+
+impl crate::join::Host for AgentStarts {
+    fn persist(&self, text: &str) -> Result<(), crate::join::JoinError> {
+        self.0.lock().expect("lock").push(text.into());
+        Ok(())
+    }
+    fn node_ip(&self, _: &MachineConfig) -> Option<std::net::IpAddr> {
+        None
+    }
+    fn write_k3s_config(&self, _: &str) -> Result<(), crate::join::JoinError> {
+        Ok(())
+    }
+    fn start_agent(&self) -> Result<(), crate::join::JoinError> {
+        Ok(())
     }
 }
 
@@ -256,20 +290,27 @@ struct Node {
 }
 
 fn node() -> Node {
+    node_with(None)
+}
+
+/// With `joining`, a K3s server that always matches and an agent that always starts
+/// (recorded, not run) instead of a mismatching server and the real node host.
+fn node_with(joining: Option<Box<dyn crate::join::Host>>) -> Node {
     let pki = Pki::new();
     let root = tempfile::tempdir().expect("tempdir");
     let (control, rx) = Control::new(Arc::new(|| {}));
     let (ptx, powers) = mpsc::channel();
     std::thread::spawn(move || main_loop(rx, ptx));
-    let host = NodeHost {
-        root: root.path().into(),
-        control: control.clone(),
-    };
-    let joiner = Arc::new(Joiner::new(
-        Box::new(Mismatch),
-        Box::new(host),
-        Retry::default(),
-    ));
+    let joiner = Arc::new(match joining {
+        Some(host) => Joiner::new(Box::new(Match), host, Retry::default()),
+        None => {
+            let host = NodeHost {
+                root: root.path().into(),
+                control: control.clone(),
+            };
+            Joiner::new(Box::new(Mismatch), Box::new(host), Retry::default())
+        }
+    });
     let config = MachineConfig::parse(&pki.config("")).expect("config");
     let ctx = Arc::new(
         Context::new(
@@ -816,4 +857,69 @@ fn a_token_without_a_ca_pin_is_named_in_the_answer() {
     let (_, body) = post(&n, me, "/v1/config", &n.pki.config(&pinned));
     let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
     assert!(a.warnings.is_empty(), "{body}");
+}
+
+/// The certificate the node serves to a new connection.
+fn served_cert(n: &Node) -> CertificateDer<'static> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(n.pki.ca_der.clone()).expect("root");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = ServerName::try_from("node-1").expect("name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut tcp = TcpStream::connect(n.addr).expect("connect");
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).expect("handshake");
+    }
+    conn.peer_certificates().expect("certs")[0]
+        .clone()
+        .into_owned()
+}
+
+#[test]
+fn a_joined_node_rotates_its_api_certificate_but_keeps_its_cluster() {
+    let host = AgentStarts::default();
+    let n = node_with(Some(Box::new(host.clone())));
+    let me = Some(&n.pki.admin);
+    let cluster = format!(
+        "[node]\nhostname = \"node-1\"\n[cluster]\nserver = \"https://10.0.2.2:6443\"\ntoken = \"K10{TOKEN_HASH}::server:pw\"\n"
+    );
+    let joined = n.pki.config(&cluster);
+    let (status, body) = post(&n, me, "/v1/config", &joined);
+    assert_eq!(status, 200, "{body}");
+    let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
+    assert_eq!(a.join.state, JoinState::Joined, "{body}");
+    let old = served_cert(&n);
+    // The same [cluster], a new certificate for the node from the same CA.
+    let (fresh, fresh_key) = leaf(
+        "node-1",
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &n.pki.issuer,
+        false,
+    );
+    let rotated = joined
+        .replace(&n.pki.node_cert, &fresh.pem())
+        .replace(&n.pki.node_key, &fresh_key.serialize_pem());
+    assert_ne!(rotated, joined);
+    let (status, body) = post(&n, me, "/v1/config", &rotated);
+    assert_eq!(status, 200, "{body}");
+    let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
+    assert!(a.applied, "{body}");
+    assert_eq!(a.join.state, JoinState::Joined, "{body}");
+    assert!(a.message.contains("keeps running"), "{body}");
+    assert_eq!(host.0.lock().expect("lock").last(), Some(&rotated));
+    let served = served_cert(&n);
+    assert_ne!(served, old);
+    assert_eq!(served, fresh.der().clone());
+    // Another [cluster] while the agent runs: 409, and nothing saved.
+    let other = rotated.replace("server:pw", "server:other");
+    let (status, body) = post(&n, me, "/v1/config", &other);
+    assert_eq!(status, 409, "{body}");
+    assert!(error_of(&body).contains("no other [cluster]"), "{body}");
+    assert_eq!(host.0.lock().expect("lock").len(), 2);
 }
