@@ -6,6 +6,8 @@
 //! read back as `None` when missing, and readers ignore fields they do not know, so a newer
 //! node can add fields without breaking an older client.
 
+pub mod access;
+
 use serde::{Deserialize, Serialize};
 
 /// The port the node API listens on unless `[api] listen` says otherwise.
@@ -96,6 +98,20 @@ pub struct Status {
     /// PID1's resident memory.
     #[serde(default)]
     pub rss_kib: Option<u64>,
+    /// The certificate the node API serves (from `[api] cert`).
+    #[serde(default)]
+    pub api_cert: Option<ApiCert>,
+}
+
+/// The node API's own certificate, so that its expiry is seen before it happens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiCert {
+    /// Seconds since the Unix epoch.
+    pub not_after: i64,
+    /// The same, for people (`Nov 30 15:44:59 2027 +00:00`).
+    pub not_after_text: String,
+    /// Its serial, lowercase hex.
+    pub serial: String,
 }
 
 /// What went wrong with the machine config's sources at boot.
@@ -199,6 +215,9 @@ pub struct ApplyResponse {
     pub join: JoinStatus,
     /// A sentence for people.
     pub message: String,
+    /// What was accepted but deserves a look (e.g. a token without a CA pin).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// The body of every 4xx/5xx response.

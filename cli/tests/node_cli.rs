@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-const STATUS_JSON: &str = r#"{"milestones":[{"name":"init-start","t":0.512},{"name":"standby","t":1.904}],"slot":"a","versions":{"basalt":"0.1.0","kernel":"6.1.0-28-cloud-amd64"},"addresses":["10.0.2.15/24"],"hostname":"node-1","config_source":"state","services":[{"name":"k3s","state":"backoff","restarts":3,"last_exit":"exit 1"}],"join":{"state":"failed","server":"https://10.0.2.2:6443","last_error":"CA hash mismatch: server has sha256:aa, token wants sha256:bb"},"rss_kib":2048}"#;
+const STATUS_JSON: &str = r#"{"milestones":[{"name":"init-start","t":0.512},{"name":"standby","t":1.904}],"slot":"a","versions":{"basalt":"0.1.0","kernel":"6.1.0-28-cloud-amd64"},"addresses":["10.0.2.15/24"],"hostname":"node-1","config_source":"state","services":[{"name":"k3s","state":"backoff","restarts":3,"last_exit":"exit 1"}],"join":{"state":"failed","server":"https://10.0.2.2:6443","last_error":"CA hash mismatch: server has sha256:aa, token wants sha256:bb"},"rss_kib":2048,"api_cert":{"not_after":1827078299,"not_after_text":"Nov 23 15:44:59 2027 +00:00","serial":"5a3f"}}"#;
 
 fn basalt(args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_basalt"))
@@ -266,7 +266,7 @@ fn routes() -> HashMap<&'static str, Canned> {
             "POST /v1/config",
             json(
                 200,
-                r#"{"applied":true,"source":"state","join":{"state":"joining","server":"https://10.0.2.2:6443","last_error":null},"message":"joining https://10.0.2.2:6443"}"#,
+                r#"{"applied":true,"source":"state","join":{"state":"joining","server":"https://10.0.2.2:6443","last_error":null},"message":"joining https://10.0.2.2:6443","warnings":["cluster.token has no CA pin"]}"#,
             ),
         ),
         (
@@ -321,6 +321,10 @@ fn status_prints_a_summary() {
     assert!(text.contains("  last error: CA hash mismatch: server has sha256:aa"));
     assert!(text.contains("  standby        1.904 s\n"), "{text}");
     assert!(text.contains("  k3s  backoff  restarts 3  last exit: exit 1\n"));
+    assert!(
+        text.contains("api cert:  expires Nov 23 15:44:59 2027 +00:00  serial 5a3f\n"),
+        "{text}"
+    );
     let reqs = server.requests();
     assert_eq!(reqs.len(), 1);
     assert_eq!(
@@ -358,6 +362,7 @@ fn apply_sends_the_file() {
     );
     assert!(out.status.success());
     assert!(stdout(&out).starts_with("applied (state): joining https://10.0.2.2:6443\n"));
+    assert!(stdout(&out).contains("warning:   cluster.token has no CA pin\n"));
     let reqs = server.requests();
     assert_eq!(reqs.len(), 1);
     assert_eq!(
@@ -591,4 +596,57 @@ fn unreachable_nodes_and_missing_files_are_named() {
     let out = basalt(&args);
     assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(stderr(&out).contains("expected HOST:PORT"));
+}
+
+/// `openssl x509 -text` of a certificate file: the independent reading of what
+/// `basalt pki issue client` wrote.
+fn openssl_text(pem: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(pem)
+        .output()
+        .expect("openssl is installed (scripts/install-host-tools)");
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+}
+
+/// The line after `X509v3 Extended Key Usage:`.
+fn eku_line(text: &str) -> String {
+    let mut lines = text.lines();
+    lines
+        .find(|l| l.contains("X509v3 Extended Key Usage"))
+        .and_then(|_| lines.next())
+        .map(|l| l.trim().to_owned())
+        .unwrap_or_else(|| panic!("no extended key usage in\n{text}"))
+}
+
+#[test]
+fn pki_issue_client_sets_the_role_openssl_sees() {
+    use basalt_api::node::access::{ADMIN_OID, READ_OID};
+    let pool = Pool::new();
+    let ca = pool.ca_dir.to_str().expect("utf8");
+    let c = pool.certs.to_str().expect("utf8");
+    for (name, role, oid) in [
+        ("ro", Some("read"), READ_OID),
+        ("rw", Some("admin"), ADMIN_OID),
+        ("default", None, ADMIN_OID),
+    ] {
+        let mut args = vec!["pki", "issue", "client", name, "--ca", ca, "--out", c];
+        if let Some(role) = role {
+            args.extend(["--role", role]);
+        }
+        let out = basalt(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let eku = eku_line(&openssl_text(&pool.certs.join(format!("{name}.pem"))));
+        assert_eq!(
+            eku,
+            format!("TLS Web Client Authentication, {oid}"),
+            "{name}"
+        );
+    }
+    let out = basalt(&[
+        "pki", "issue", "client", "x", "--role", "root", "--ca", ca, "--out", c,
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("admin, read"), "{}", stderr(&out));
 }

@@ -1,7 +1,9 @@
 //! The pool CA and the certificates it issues (`basalt pki`).
 //!
 //! One CA per pool signs two kinds of leaf: client certificates (clientAuth), which the
-//! node API requires for anything beyond health, and node certificates (serverAuth, with
+//! node API requires for anything beyond health, each with a role as a second extended
+//! key usage ([`basalt_api::node::access`]: admin for every route, read for status, logs
+//! and metrics), and node certificates (serverAuth, with
 //! the node's name and addresses as SANs), which the client checks because the join token
 //! crosses that wire. All keys are ECDSA P-256. Key files are written 0600, every file
 //! atomically (a temporary file beside it, then a rename), and nothing is replaced unless
@@ -9,9 +11,10 @@
 
 pub mod cli;
 
+use basalt_api::node::access::{oid_content, Access};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
 use std::io::Write;
 use std::net::IpAddr;
@@ -86,8 +89,11 @@ pub enum PkiError {
 /// What an issued certificate is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
-    /// A client of the node API (EKU clientAuth).
+    /// An admin client of the node API: every route (EKU clientAuth and the admin role).
     Client,
+    /// A read-only client: status, health, logs and metrics (EKU clientAuth and the read
+    /// role).
+    ReadClient,
     /// A node's API server (EKU serverAuth). The name is always a DNS SAN; these are added.
     Node { ips: Vec<IpAddr>, dns: Vec<String> },
 }
@@ -224,9 +230,8 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
         match &req.role {
-            Role::Client => {
-                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            }
+            Role::Client => params.custom_extensions = vec![client_eku(Access::Admin)],
+            Role::ReadClient => params.custom_extensions = vec![client_eku(Access::Read)],
             Role::Node { ips, dns } => {
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
                 params.subject_alt_names = node_sans(&req.name, ips, dns)?;
@@ -291,6 +296,46 @@ pub fn issue(
     )?;
     let ca = Ca::load(ca_dir)?;
     ca.issue(req)?.write(out_dir, &req.name, force)
+}
+
+/// Extended key usage `clientAuth` plus the role's OID. rcgen's own EKU list takes arcs
+/// of 64 bits at most, and the role OIDs have a UUID arc, so the extension is written
+/// here: `SEQUENCE OF OBJECT IDENTIFIER`.
+fn client_eku(access: Access) -> CustomExtension {
+    let mut oids = Vec::new();
+    for oid in [
+        oid_content(CLIENT_AUTH_OID).unwrap_or_default(),
+        access.oid_der(),
+    ] {
+        oids.push(0x06);
+        oids.extend(der_len(oid.len()));
+        oids.extend(oid);
+    }
+    let mut seq = vec![0x30];
+    seq.extend(der_len(oids.len()));
+    seq.extend(oids);
+    CustomExtension::from_oid_content(EKU_EXTENSION, seq)
+}
+
+/// id-kp-clientAuth.
+const CLIENT_AUTH_OID: &str = "1.3.6.1.5.5.7.3.2";
+/// id-ce-extKeyUsage.
+const EKU_EXTENSION: &[u64] = &[2, 5, 29, 37];
+
+fn der_len(n: usize) -> Vec<u8> {
+    if n < 0x80 {
+        // Short form: below 128.
+        vec![n as u8]
+    } else {
+        let bytes: Vec<u8> = n
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|&b| b == 0)
+            .collect();
+        let mut out = vec![0x80 | bytes.len() as u8];
+        out.extend(bytes);
+        out
+    }
 }
 
 fn set_validity(params: &mut CertificateParams, v: Validity) -> Result<(), PkiError> {
@@ -579,6 +624,36 @@ mod tests {
         assert!(cert.subject_alternative_name().expect("ext").is_none());
         verify_client(&ca, &issued.cert_pem).expect("chains to the CA");
         assert!(verify_client(&Ca::generate().expect("ca"), &issued.cert_pem).is_err());
+    }
+
+    #[test]
+    fn client_certs_carry_their_role_and_still_verify_as_clients() {
+        use basalt_api::node::access::CertFacts;
+        let ca = Ca::generate().expect("ca");
+        for (role, access) in [
+            (Role::Client, Access::Admin),
+            (Role::ReadClient, Access::Read),
+        ] {
+            let mut req = client_req("ops");
+            req.role = role;
+            let issued = ca.issue(&req).expect("issue");
+            let der = der(&issued.cert_pem);
+            let (_, cert) = X509Certificate::from_der(&der).expect("x509");
+            let eku = cert.extended_key_usage().expect("ext").expect("eku").value;
+            assert!(eku.client_auth && !eku.server_auth);
+            assert_eq!(eku.other.len(), 1, "one role");
+            assert_eq!(
+                CertFacts::from_der(&der).expect("facts").access,
+                Some(access)
+            );
+            verify_client(&ca, &issued.cert_pem).expect("webpki takes the extra EKU");
+        }
+        // A node certificate has no role.
+        let node = ca.issue(&node_req("node-1")).expect("issue");
+        assert_eq!(
+            CertFacts::from_pem(&node.cert_pem).expect("facts").access,
+            None
+        );
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! before any certificate is asked for.
 
 use basalt_api::node::path;
+use basalt_init::node_api::guard::Client;
 use basalt_init::node_api::http::{read_body, read_head, BODY_LIMIT, HEAD_LIMIT};
-use basalt_init::node_api::routes::authorize;
+use basalt_init::node_api::routes::authorize_with;
 use std::io::{self, Read, Write};
 
 /// The request's bytes, handed out in pieces of a size the input's first byte sets (as
@@ -54,7 +55,9 @@ pub fn request(data: &[u8]) {
         consumed <= HEAD_LIMIT + 4096 * 2,
         "read {consumed} bytes for a head"
     );
-    if let Err(refusal) = authorize(&head.request, false) {
+    let stranger = Client::from_peer(None);
+    let req = &head.request;
+    if let Err(refusal) = authorize_with(&[], &req.method, &req.path, &stranger) {
         assert_ne!(head.request.path, path::HEALTH);
         assert_eq!(refusal.status, 401);
         assert!(

@@ -83,15 +83,20 @@ fn the_config_seeds_with_a_secret_parse_or_fail_as_expected() {
 
 #[test]
 fn the_api_seeds_reach_the_refusal_and_the_health_answer() {
+    use basalt_init::node_api::guard::Client;
     use basalt_init::node_api::http::read_head;
-    use basalt_init::node_api::routes::authorize;
+    use basalt_init::node_api::routes::authorize_with;
+    let stranger = Client::from_peer(None);
+    let authorize = |req: &basalt_init::node_api::http::Request| {
+        authorize_with(&[], &req.method, &req.path, &stranger)
+    };
     let head = |name| {
         let data = std::fs::read(seed("api_request", name)).expect("seed");
         read_head(&mut &data[1..]).expect("a head")
     };
-    let refused = authorize(&head("apply.txt").request, false).expect_err("a stranger's apply");
+    let refused = authorize(&head("apply.txt").request).expect_err("a stranger's apply");
     assert_eq!(refused.status, 401);
-    assert!(authorize(&head("health.txt").request, false).is_ok());
+    assert!(authorize(&head("health.txt").request).is_ok());
 }
 
 #[test]

@@ -14,9 +14,12 @@
 //! worker thread, retried with backoff for as long as it fails, with the last error in
 //! status. A later apply supersedes a boot join still trying.
 //!
-//! Applying again once the agent runs: the same config is a no-op; any other is refused
-//! ([`ApplyError::AlreadyJoined`], HTTP 409). A node's cluster identity is changed by
-//! replacing the node, not by re-joining it under a running agent.
+//! Applying again once the agent runs: the same config is a no-op; one with the same
+//! `[cluster]` and other changes (a rotated `[api]` certificate, say) is saved and kept
+//! for the API and the next boot while the agent runs on ([`Applied::Updated`]); one
+//! with another `[cluster]` is refused ([`ApplyError::AlreadyJoined`], HTTP 409). A
+//! node's cluster identity is changed by replacing the node, not by re-joining it under
+//! a running agent.
 
 mod node;
 
@@ -77,8 +80,8 @@ pub enum JoinError {
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(
-        "k3s agent already runs, joined to {server}; a joined node takes no other config \
-         (replace the node to change its cluster)"
+        "k3s agent already runs, joined to {server}; a joined node takes no other [cluster] \
+         (replace the node to change its cluster; other sections may change)"
     )]
     AlreadyJoined { server: String },
     #[error(transparent)]
@@ -94,6 +97,9 @@ pub enum Applied {
     Joined { exec: Duration },
     /// The same config the agent already runs with.
     Unchanged,
+    /// The agent runs with the same `[cluster]`; the rest of the config changed and was
+    /// persisted (the agent is not touched).
+    Updated,
     /// The CA check failed: nothing persisted, nothing started.
     Refused { error: String },
     /// Persisted, but the agent could not be started (or is supervised but not running).
@@ -227,6 +233,12 @@ impl Joiner {
             if let Some(running) = &inner.agent {
                 if running == config {
                     return Ok(Applied::Unchanged);
+                }
+                if running.cluster == config.cluster {
+                    // Persisted under the inner lock: a boot join cannot interleave.
+                    self.host.persist(text).map_err(ApplyError::Persist)?;
+                    inner.agent = Some(config.clone());
+                    return Ok(Applied::Updated);
                 }
                 let server = running
                     .cluster

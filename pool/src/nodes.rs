@@ -175,6 +175,7 @@ fn api_section(ca: &Ca, name: &str) -> Result<ApiConfig, NodeApiError> {
             .key_pem
             .parse::<SecretPem>()
             .map_err(|e| cert_err(&e))?,
+        revoked: Vec::new(),
     })
 }
 

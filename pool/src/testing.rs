@@ -385,6 +385,7 @@ fn status_of(name: &str, join: JoinStatus) -> Status {
         services: vec![],
         join,
         rss_kib: None,
+        api_cert: None,
     }
 }
 
@@ -443,6 +444,7 @@ impl Nodes for FakeNodes {
             source: "state".into(),
             join,
             message: "applied (double)".into(),
+            warnings: Vec::new(),
         })
     }
 }

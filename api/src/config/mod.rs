@@ -19,6 +19,7 @@
 //! ca = "-----BEGIN CERTIFICATE-----\n…\n-----END CERTIFICATE-----\n"
 //! cert = "…"
 //! key = "…"
+//! revoked = ["5A3F…"]            # client certificate serials refused
 //!
 //! [cluster]                      # absent: the node stays in standby
 //! server = "https://10.0.0.2:6443"
@@ -46,8 +47,8 @@ use serde::{Deserialize, Serialize};
 use keyed::ValueDe;
 pub use token::{Token, TokenError};
 pub use values::{
-    Cidr, Host, Hostname, LabelKey, LabelValue, Pem, ProviderId, SecretPem, ServerUrl, Taint,
-    TaintEffect,
+    CertSerial, Cidr, Host, Hostname, LabelKey, LabelValue, Pem, ProviderId, SecretPem, ServerUrl,
+    Taint, TaintEffect,
 };
 
 /// The config version this basalt reads and writes.
@@ -219,6 +220,10 @@ pub struct ApiConfig {
     pub cert: Pem,
     /// The node's private key.
     pub key: SecretPem,
+    /// Serials of pool client certificates the node refuses (hex, as
+    /// `openssl x509 -noout -serial` prints them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<CertSerial>,
 }
 
 fn default_listen() -> SocketAddr {

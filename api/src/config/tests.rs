@@ -220,6 +220,21 @@ fn bad_cases() -> Vec<(String, String, &'static str)> {
             "api.extra",
             "unknown field",
         ),
+        (
+            format!("{}revoked = [\"0a\", \"xyz\"]\n", api_section()).replace("[api]", "version = 1\n[api]"),
+            "api.revoked[1]",
+            "not a certificate serial",
+        ),
+        (
+            format!("{}revoked = [\"{}\"]\n", api_section(), "a".repeat(43)).replace("[api]", "version = 1\n[api]"),
+            "api.revoked[0]",
+            "20 octets",
+        ),
+        (
+            format!("{}revoked = \"0a\"\n", api_section()).replace("[api]", "version = 1\n[api]"),
+            "api.revoked",
+            "invalid type",
+        ),
     ];
     let mut cases: Vec<(String, String, &'static str)> = cases
         .into_iter()
@@ -500,6 +515,7 @@ fn config() -> impl Strategy<Value = MachineConfig> {
         ca: PEM_CERT.parse().unwrap(),
         cert: format!("{PEM_CERT}{PEM_CERT}").parse().unwrap(),
         key: PEM_KEY.parse().unwrap(),
+        revoked: Vec::new(),
     });
     let cluster = proptest::option::of(
         (hostname(), token(), proptest::option::of(hostname())).prop_map(|(host, token, name)| {
@@ -637,4 +653,21 @@ fn provider_id_becomes_a_kubelet_arg() {
         .unwrap_err();
         assert_eq!(err.key(), Some("cluster.provider_id"), "{bad}: {err}");
     }
+}
+
+#[test]
+fn revoked_serials_read_as_openssl_prints_them_and_are_normalized() {
+    let text = format!(
+        "version = 1\n{}revoked = [\"5A:3F:00\", \"00ab\", \"0\"]\n",
+        api_section()
+    );
+    let c = MachineConfig::parse(&text).expect("valid");
+    let got: Vec<&str> = c.api.revoked.iter().map(CertSerial::as_str).collect();
+    assert_eq!(got, ["5a3f00", "ab", "0"]);
+    let again = MachineConfig::parse(&c.to_toml().expect("toml")).expect("round trip");
+    assert_eq!(again, c);
+    // Absent: none revoked, and nothing written back.
+    let c = MachineConfig::parse(&doc("")).expect("valid");
+    assert!(c.api.revoked.is_empty());
+    assert!(!c.to_toml().expect("toml").contains("revoked"));
 }

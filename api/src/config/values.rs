@@ -382,6 +382,50 @@ impl fmt::Display for Pem {
 }
 string_type!(Pem);
 
+/// A certificate serial number in hex, as `openssl x509 -serial` prints it: colons and
+/// case do not matter, leading zeros neither. Kept normalized (lowercase, no colons, no
+/// leading zeros), the form [`crate::node::access::serial_hex`] gives a certificate's.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CertSerial(String);
+
+impl CertSerial {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for CertSerial {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let hex: String = s.chars().filter(|&c| c != ':').collect();
+        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "{s:?} is not a certificate serial (hex digits, optionally with ':')"
+            ));
+        }
+        // RFC 5280: at most 20 octets; DER may add a zero octet in front.
+        if hex.len() > 42 {
+            return Err(format!(
+                "{s:?} is longer than a certificate serial (20 octets)"
+            ));
+        }
+        let trimmed = hex.trim_start_matches('0').to_ascii_lowercase();
+        Ok(CertSerial(if trimmed.is_empty() {
+            "0".into()
+        } else {
+            trimmed
+        }))
+    }
+}
+
+impl fmt::Display for CertSerial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+string_type!(CertSerial);
+
 /// PEM text of a private key: framing checked; `Debug` does not print it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

@@ -29,6 +29,13 @@ pub fn status(s: &Status) -> String {
         let _ = writeln!(out, "  warning: {w}");
     }
     out.push_str(&join(&s.join));
+    if let Some(c) = &s.api_cert {
+        let _ = writeln!(
+            out,
+            "api cert:  expires {}  serial {}",
+            c.not_after_text, c.serial
+        );
+    }
     if let Some(rss) = s.rss_kib {
         let _ = writeln!(out, "pid1 rss:  {rss} KiB");
     }
@@ -66,6 +73,9 @@ pub fn apply(a: &ApplyResponse) -> String {
     let verdict = if a.applied { "applied" } else { "not applied" };
     let _ = writeln!(out, "{verdict} ({}): {}", a.source, a.message);
     out.push_str(&join(&a.join));
+    for w in &a.warnings {
+        let _ = writeln!(out, "warning:   {w}");
+    }
     out
 }
 
@@ -93,7 +103,7 @@ fn join(j: &JoinStatus) -> String {
 mod tests {
     use super::*;
     use basalt_api::node::{
-        ConfigReport, JoinState, MilestoneTime, RejectedSource, ServiceInfo, Versions,
+        ApiCert, ConfigReport, JoinState, MilestoneTime, RejectedSource, ServiceInfo, Versions,
     };
 
     fn sample() -> Status {
@@ -129,6 +139,11 @@ mod tests {
                 last_error: Some("CA hash mismatch".into()),
             },
             rss_kib: Some(2048),
+            api_cert: Some(ApiCert {
+                not_after: 1_827_078_299,
+                not_after_text: "Nov 23 15:44:59 2027 +00:00".into(),
+                serial: "5a3f".into(),
+            }),
         }
     }
 
@@ -141,6 +156,7 @@ addresses: 10.0.2.15/24
 config:    state
 join:      failed  server https://10.0.2.2:6443
   last error: CA hash mismatch
+api cert:  expires Nov 23 15:44:59 2027 +00:00  serial 5a3f
 pid1 rss:  2048 KiB
 milestones:
   init-start     0.500 s
@@ -198,10 +214,12 @@ services:
                 last_error: None,
             },
             message: "joining https://s:6443".into(),
+            warnings: vec!["token has no CA pin".into()],
         };
         assert_eq!(
             apply(&a),
-            "applied (state): joining https://s:6443\njoin:      joining  server https://s:6443\n"
+            "applied (state): joining https://s:6443\njoin:      joining  server https://s:6443\n\
+             warning:   token has no CA pin\n"
         );
         let v = serde_json::json!({"message": "rebooting"});
         assert_eq!(accepted("reboot", &v), "rebooting\n");

@@ -22,10 +22,14 @@ pub enum PkiCmd {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum IssueCmd {
-    /// A client certificate (clientAuth) for `basalt node`.
+    /// A client certificate (clientAuth) for `basalt node`, with its role.
     Client {
         /// The subject's common name and the files' name.
         name: String,
+        /// admin: every route (apply, reboot, poweroff); read: status, health, logs and
+        /// metrics only.
+        #[arg(long, value_enum, default_value_t = ClientRole::Admin)]
+        role: ClientRole,
         #[command(flatten)]
         common: IssueArgs,
     },
@@ -42,6 +46,13 @@ pub enum IssueCmd {
         #[command(flatten)]
         common: IssueArgs,
     },
+}
+
+/// `--role` of a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientRole {
+    Admin,
+    Read,
 }
 
 #[derive(Debug, clap::Args)]
@@ -68,8 +79,14 @@ pub fn run(cmd: PkiCmd) -> Result<(), PkiError> {
             (cert, key)
         }
         PkiCmd::Issue {
-            what: IssueCmd::Client { name, common },
-        } => issue(name, Role::Client, &common)?,
+            what: IssueCmd::Client { name, role, common },
+        } => {
+            let role = match role {
+                ClientRole::Admin => Role::Client,
+                ClientRole::Read => Role::ReadClient,
+            };
+            issue(name, role, &common)?
+        }
         PkiCmd::Issue {
             what:
                 IssueCmd::Node {

@@ -333,3 +333,48 @@ fn rancher_is_bound_once_and_secrets_are_written_0600() {
         [K3S_BIN, "agent", "--config", "/etc/rancher/k3s/config.yaml"]
     );
 }
+
+#[test]
+fn a_joined_node_takes_a_new_api_section_but_not_another_cluster() {
+    let server = Arc::new(FakeServer::new(HASH, 0));
+    let host = Arc::new(FakeHost::default());
+    let j = joiner(&server, &host);
+    let (c, text) = config(true);
+    assert!(matches!(
+        j.apply(&c, &text, Instant::now()).expect("answered"),
+        Applied::Joined { .. }
+    ));
+    // Same [cluster], a rotated [api] cert and another label: saved, agent untouched.
+    let rotated_text = text
+        .replace(
+            "cert = \"-----BEGIN CERTIFICATE-----\\nAA==",
+            "cert = \"-----BEGIN CERTIFICATE-----\\nBB==",
+        )
+        .replace("\"warm\"", "\"hot\"");
+    assert_ne!(rotated_text, text);
+    let rotated = MachineConfig::parse(&rotated_text).expect("valid");
+    assert_eq!(rotated.cluster, c.cluster);
+    assert_eq!(
+        j.apply(&rotated, &rotated_text, Instant::now())
+            .expect("answered"),
+        Applied::Updated
+    );
+    assert_eq!(host.calls().persisted.last(), Some(&rotated_text));
+    assert_eq!(host.calls().started, 1, "the agent is not restarted");
+    assert_eq!(server.checks.load(Ordering::SeqCst), 1, "no new CA check");
+    assert_eq!(j.status().state, JoinState::Joined);
+    // The rotated config is now the running one.
+    assert_eq!(
+        j.apply(&rotated, &rotated_text, Instant::now())
+            .expect("answered"),
+        Applied::Unchanged
+    );
+    // Another [cluster] is still a conflict, and nothing is saved for it.
+    let other_text = rotated_text.replace("server:pw", "server:other");
+    let other = MachineConfig::parse(&other_text).expect("valid");
+    assert!(matches!(
+        j.apply(&other, &other_text, Instant::now()),
+        Err(ApplyError::AlreadyJoined { .. })
+    ));
+    assert_eq!(host.calls().persisted.len(), 2);
+}

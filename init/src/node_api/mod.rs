@@ -12,6 +12,7 @@
 //! No `[api]` in a machine config means no machine config at all (the key is required),
 //! and then no server: stage 2 says so on the console.
 
+pub mod guard;
 pub mod http;
 pub mod routes;
 pub mod server;
@@ -22,7 +23,8 @@ pub mod tls;
 use crate::join::Joiner;
 use crate::net::NetworkUp;
 use crate::pid1::mailbox::Control;
-use basalt_api::config::ApiConfig;
+use basalt_api::config::{ApiConfig, CertSerial};
+use basalt_api::node::access::CertFacts;
 use rustls::ServerConfig;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -102,6 +104,8 @@ pub struct Context {
     config_report: Mutex<basalt_api::node::ConfigReport>,
     /// Replaced when an applied config brings other certificates.
     tls: RwLock<Arc<ServerConfig>>,
+    /// What the routes check from `[api]`, replaced with [`Context::tls`].
+    api: RwLock<ApiState>,
     pub metrics: Metrics,
     refusals: RefusalLog,
     limits: Limits,
@@ -126,6 +130,7 @@ impl Context {
             config_source: Mutex::new(config_source),
             config_report: Mutex::default(),
             tls: RwLock::new(tls::server_config(api)?),
+            api: RwLock::new(ApiState::of(api)),
             metrics: Metrics::default(),
             refusals: RefusalLog::default(),
             limits: Limits::default(),
@@ -178,14 +183,39 @@ impl Context {
         self.tls.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn set_tls(&self, config: Arc<ServerConfig>) {
+    /// The TLS config and `[api]` state of an applied `[api]`, for new connections.
+    fn set_api(&self, config: Arc<ServerConfig>, api: &ApiConfig) {
+        *self.api.write().unwrap_or_else(|e| e.into_inner()) = ApiState::of(api);
         *self.tls.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
+    pub fn api_state(&self) -> ApiState {
+        self.api.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Logs a refused request or connection, rate-limited.
     pub fn refused(&self, what: &str) {
         if let Some(line) = self.refusals.note(Instant::now(), what) {
             crate::pid1::console::warn(&line);
+        }
+    }
+}
+
+/// What the routes and status use of the `[api]` in force.
+#[derive(Debug, Clone, Default)]
+pub struct ApiState {
+    /// `[api] revoked`: client certificates refused.
+    pub revoked: Vec<CertSerial>,
+    /// The served certificate's facts (`None` if it cannot be read, which
+    /// [`tls::server_config`] would already have refused).
+    pub cert: Option<CertFacts>,
+}
+
+impl ApiState {
+    fn of(api: &ApiConfig) -> ApiState {
+        ApiState {
+            revoked: api.revoked.clone(),
+            cert: CertFacts::from_pem(api.cert.as_str()).ok(),
         }
     }
 }

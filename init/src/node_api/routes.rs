@@ -1,18 +1,84 @@
 //! The endpoints. `GET /v1/health` answers anyone who completed the handshake; every
 //! other path needs a client certificate from the pool CA (401 otherwise, before the
-//! path is even looked at, so an anonymous client learns nothing of the API).
+//! path is even looked at, so an anonymous client learns nothing of the API), whose
+//! serial is not in `[api] revoked` (401), and whose role allows the route (403):
+//! [`needs`] says which. Read: status, metrics, logs. Admin: apply, reboot, shutdown.
+//! A certificate without a role OID is read-only ([`Access::of_unmarked`]).
 //!
-//! Apply (`POST /v1/config`, a TOML machine config): invalid → 400 naming the key; the
-//! join check failed → 200 with `applied: false` and `join.state: failed` (the client
-//! shows the whole answer and exits non-zero); a joined node and another config → 409.
+//! Apply (`POST /v1/config`, a TOML machine config): invalid → 400 naming the key; an
+//! `[api]` that would lock the applying client out, or whose certificate is expired or
+//! not for the node's name → 400 naming the key ([`guard`]); the join check failed →
+//! 200 with `applied: false` and `join.state: failed` (the client shows the whole answer
+//! and exits non-zero); a joined node and another `[cluster]` → 409. A token without a
+//! CA pin is applied with a warning in the answer.
 
+use super::guard::{self, Client};
 use super::http::{Request, Response, PROMETHEUS, TEXT};
 use super::{status, tls, Context};
 use crate::join::{Applied, ApplyError};
 use crate::pid1::mailbox::Power;
-use basalt_api::config::MachineConfig;
+use basalt_api::config::{CertSerial, MachineConfig, Token};
+use basalt_api::node::access::Access;
 use basalt_api::node::{path, ApplyResponse};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
+
+/// The role a request needs: `None` for health (anyone), [`Access::Admin`] for the
+/// routes that change the node, [`Access::Read`] for everything else (unknown paths
+/// included, so that they answer 404 only to pool clients). From the head alone, so a
+/// server can refuse before it reads a body.
+pub fn needs(_method: &str, path: &str) -> Option<Access> {
+    match path {
+        path::HEALTH => None,
+        path::CONFIG | path::REBOOT | path::SHUTDOWN => Some(Access::Admin),
+        _ => Some(Access::Read),
+    }
+}
+
+/// Whether `client` may send `method path`: `Err` is the answer to send instead (401
+/// without a certificate or with a revoked one, 403 with too small a role).
+pub fn authorize(ctx: &Context, method: &str, path: &str, client: &Client) -> Result<(), Response> {
+    authorize_with(&ctx.api_state().revoked, method, path, client)
+}
+
+/// [`authorize`] against the serials in `revoked`.
+pub fn authorize_with(
+    revoked: &[CertSerial],
+    method: &str,
+    path: &str,
+    client: &Client,
+) -> Result<(), Response> {
+    let Some(needed) = needs(method, path) else {
+        return Ok(());
+    };
+    let (Some(facts), Some(access)) = (&client.facts, client.access()) else {
+        return Err(Response::error(
+            401,
+            "a client certificate from the pool CA is required",
+        ));
+    };
+    if revoked.iter().any(|s| s.as_str() == facts.serial) {
+        return Err(Response::error(
+            401,
+            &format!(
+                "client certificate serial {} is revoked ([api] revoked)",
+                facts.serial
+            ),
+        ));
+    }
+    if access < needed {
+        let why = if facts.access.is_none() {
+            " (it carries no basalt role, as certificates issued before roles; \
+             re-issue it with `basalt pki issue client NAME --role admin`)"
+        } else {
+            ""
+        };
+        return Err(Response::error(
+            403,
+            &format!("{method} {path} needs the {needed} role; this certificate has {access}{why}"),
+        ));
+    }
+    Ok(())
+}
 
 /// What the connection does with a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -25,17 +91,15 @@ pub enum Reply {
 }
 
 /// Routes one request; `received` is when its head arrived (the join measures from it).
-pub fn route(ctx: &Context, req: &Request, authenticated: bool, received: Instant) -> Reply {
+pub fn route(ctx: &Context, req: &Request, client: &Client, received: Instant) -> Reply {
     let p = req.path.as_str();
-    if p == path::HEALTH {
-        return only(req, "GET", || {
-            Reply::Done(Response::json(200, &status::health()))
-        });
-    }
-    if let Err(refusal) = authorize(req, authenticated) {
-        return Reply::Done(refusal);
+    if let Err(refused) = authorize(ctx, &req.method, p, client) {
+        return Reply::Done(refused);
     }
     match p {
+        path::HEALTH => only(req, "GET", || {
+            Reply::Done(Response::json(200, &status::health()))
+        }),
         path::STATUS => only(req, "GET", || {
             let services = ctx.control.services().unwrap_or_default();
             Reply::Done(Response::json(200, &status::status(ctx, services)))
@@ -48,7 +112,9 @@ pub fn route(ctx: &Context, req: &Request, authenticated: bool, received: Instan
                 status::metrics(ctx, &services),
             ))
         }),
-        path::CONFIG => only(req, "POST", || Reply::Done(apply(ctx, req, received))),
+        path::CONFIG => only(req, "POST", || {
+            Reply::Done(apply(ctx, req, client, received))
+        }),
         path::REBOOT => only(req, "POST", || power(Power::Reboot, "rebooting")),
         path::SHUTDOWN => only(req, "POST", || power(Power::PowerOff, "powering off")),
         _ => match p
@@ -59,18 +125,6 @@ pub fn route(ctx: &Context, req: &Request, authenticated: bool, received: Instan
             None => Reply::Done(Response::error(404, &format!("no endpoint {p}"))),
         },
     }
-}
-
-/// Whether the client may make this request, decided on the request head alone: the
-/// connection answers a refusal before it reads any of the body. [`route`] asks too.
-pub fn authorize(req: &Request, authenticated: bool) -> Result<(), Response> {
-    if authenticated || req.path == path::HEALTH {
-        return Ok(());
-    }
-    Err(Response::error(
-        401,
-        "a client certificate from the pool CA is required",
-    ))
 }
 
 fn only(req: &Request, method: &str, then: impl FnOnce() -> Reply) -> Reply {
@@ -109,7 +163,33 @@ fn logs(ctx: &Context, req: &Request, service: &str) -> Reply {
     }
 }
 
-fn apply(ctx: &Context, req: &Request, received: Instant) -> Response {
+/// The node's name for its certificate: `[node] hostname`, else the running one.
+fn node_name(ctx: &Context, config: &MachineConfig) -> Option<String> {
+    if let Some(h) = &config.node.hostname {
+        return Some(h.as_str().to_owned());
+    }
+    let running = std::fs::read_to_string(ctx.root.join("proc/sys/kernel/hostname")).ok()?;
+    let running = running.trim();
+    (!running.is_empty() && running != "(none)").then(|| running.to_owned())
+}
+
+/// What is applied but deserves a word in the answer.
+fn warnings(config: &MachineConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(c) = &config.cluster {
+        if matches!(c.token, Token::Plain(_)) {
+            out.push(
+                "cluster.token has no CA pin (the short form, not K10<ca hash>::...): \
+                 the K3s server's CA is not checked, so any server at cluster.server is \
+                 trusted"
+                    .into(),
+            );
+        }
+    }
+    out
+}
+
+fn apply(ctx: &Context, req: &Request, client: &Client, received: Instant) -> Response {
     let Ok(text) = std::str::from_utf8(&req.body) else {
         return Response::error(400, "the machine config is not UTF-8");
     };
@@ -125,6 +205,10 @@ fn apply(ctx: &Context, req: &Request, received: Instant) -> Response {
         Ok(t) => t,
         Err(e) => return Response::error(400, &crate::pid1::console::chain(&e)),
     };
+    let name = node_name(ctx, &config);
+    if let Err(e) = guard::check_apply(&config.api, name.as_deref(), client, SystemTime::now()) {
+        return Response::error(400, &crate::pid1::console::chain(&e));
+    }
     let applied = match ctx.joiner.apply(&config, text, received) {
         Ok(a) => a,
         Err(e @ ApplyError::AlreadyJoined { .. }) => return Response::error(409, &e.to_string()),
@@ -148,6 +232,12 @@ fn apply(ctx: &Context, req: &Request, received: Instant) -> Response {
             true,
             "k3s agent is already supervised with this config".into(),
         ),
+        Applied::Updated => (
+            true,
+            "saved to STATE; [cluster] unchanged, so the k3s agent keeps running; new \
+             connections use the new [api] certificates"
+                .into(),
+        ),
         Applied::Refused { error } => (false, format!("nothing saved or started: {error}")),
         Applied::Failed { error } => (
             true,
@@ -156,11 +246,11 @@ fn apply(ctx: &Context, req: &Request, received: Instant) -> Response {
     };
     if matches!(
         applied,
-        Applied::Standby | Applied::Joined { .. } | Applied::Failed { .. }
+        Applied::Standby | Applied::Joined { .. } | Applied::Failed { .. } | Applied::Updated
     ) {
         // New connections use the new certificates; the listen address, network and
         // hostname take effect at the next boot.
-        ctx.set_tls(tls);
+        ctx.set_api(tls, &config.api);
         ctx.set_config_source("state");
     }
     let body = ApplyResponse {
@@ -168,6 +258,7 @@ fn apply(ctx: &Context, req: &Request, received: Instant) -> Response {
         source: ctx.config_source().unwrap_or_else(|| "none".into()),
         join: ctx.joiner.status(),
         message,
+        warnings: warnings(&config),
     };
     Response::json(200, &body)
 }

@@ -146,7 +146,7 @@ enum Received {
 }
 
 /// Reads the head under its deadline, authorizes it, then reads the body under its own.
-fn receive(ctx: &Context, stream: &mut Tls<'_>, authenticated: bool) -> Received {
+fn receive(ctx: &Context, stream: &mut Tls<'_>, client: &super::guard::Client) -> Received {
     let refusal = |e: HttpError| match e.response() {
         Some(resp) => Received::Answer(resp, e.to_string()),
         None => Received::Gone,
@@ -158,7 +158,7 @@ fn receive(ctx: &Context, stream: &mut Tls<'_>, authenticated: bool) -> Received
     };
     let received = Instant::now();
     let what = format!("{} {}", head.request.method, head.request.path);
-    if let Err(resp) = routes::authorize(&head.request, authenticated) {
+    if let Err(resp) = routes::authorize(ctx, &head.request.method, &head.request.path, client) {
         return Received::Answer(resp, what);
     }
     stream.sock.deadline = received + ctx.limits.body(head.length);
@@ -191,15 +191,15 @@ pub fn connection(ctx: &Context, tcp: TcpStream, peer: SocketAddr, mut admission
             return;
         }
     }
-    let authenticated = conn.peer_certificates().is_some_and(|c| !c.is_empty());
-    if authenticated {
+    let client = super::guard::Client::from_peer(conn.peer_certificates());
+    if client.facts.is_some() {
         admission.authenticate();
     }
     let mut stream = rustls::Stream::new(&mut conn, &mut io);
-    let (reply, what) = match receive(ctx, &mut stream, authenticated) {
+    let (reply, what) = match receive(ctx, &mut stream, &client) {
         Received::Request(req, received) => {
             let what = format!("{} {}", req.method, req.path);
-            (routes::route(ctx, &req, authenticated, received), what)
+            (routes::route(ctx, &req, &client, received), what)
         }
         Received::Answer(resp, what) => (Reply::Done(resp), what),
         Received::Gone => return close(ctx, &mut conn, &mut io),

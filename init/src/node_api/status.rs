@@ -3,7 +3,7 @@
 use super::Context;
 use crate::pid1::console;
 use basalt_api::bootparams::BootParams;
-use basalt_api::node::{Health, JoinState, MilestoneTime, ServiceInfo, Status, Versions};
+use basalt_api::node::{ApiCert, Health, JoinState, MilestoneTime, ServiceInfo, Status, Versions};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -43,6 +43,11 @@ pub fn status(ctx: &Context, services: Vec<ServiceInfo>) -> Status {
         services,
         join: ctx.joiner.status(),
         rss_kib: rss_kib(&ctx.root),
+        api_cert: ctx.api_state().cert.map(|c| ApiCert {
+            not_after: c.not_after,
+            not_after_text: c.not_after_text,
+            serial: c.serial,
+        }),
     }
 }
 
@@ -178,6 +183,15 @@ fn write_node(out: &mut String, ctx: &Context) {
         "basalt_api_over_capacity_total {}",
         ctx.metrics.over_capacity.load(Ordering::Relaxed)
     );
+    if let Some(cert) = ctx.api_state().cert {
+        help(
+            out,
+            "basalt_api_cert_not_after_seconds",
+            "gauge",
+            "When the node API's certificate expires, in seconds since the Unix epoch.",
+        );
+        let _ = writeln!(out, "basalt_api_cert_not_after_seconds {}", cert.not_after);
+    }
     if let Some(kib) = rss_kib(&ctx.root) {
         help(
             out,

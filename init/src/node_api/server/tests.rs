@@ -14,6 +14,7 @@ use rcgen::{
     date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -21,6 +22,7 @@ use std::os::unix::fs::MetadataExt;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Mutex;
 
 const SERVER_HASH: &str = "3333333333333333333333333333333333333333333333333333333333333333";
 const TOKEN_HASH: &str = "4444444444444444444444444444444444444444444444444444444444444444";
@@ -32,12 +34,100 @@ struct Identity {
 
 struct Pki {
     ca_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+    other_ca_pem: String,
+    /// Made by openssl with the admin role OID, serial 0x0a01.
+    admin: Identity,
+    /// Made by openssl with the read role OID, serial 0x0b02.
+    reader: Identity,
     ca_der: CertificateDer<'static>,
     node_cert: String,
     node_key: String,
-    client: Identity,
+    /// rcgen, clientAuth only: a certificate from before roles.
+    unmarked: Identity,
     other_ca_client: Identity,
     expired_client: Identity,
+}
+
+/// A client certificate made by openssl (an oracle independent of rcgen and of
+/// basalt's own encoding of the role OIDs), signed by the CA in `ca_pem`/`ca_key`.
+fn openssl_client(ca_pem: &str, ca_key: &str, cn: &str, eku: &str, serial: &str) -> Identity {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = |f: &str| dir.path().join(f);
+    std::fs::write(p("ca.pem"), ca_pem).expect("write");
+    std::fs::write(p("ca.key"), ca_key).expect("write");
+    std::fs::write(
+        p("ext.cnf"),
+        format!("basicConstraints=CA:FALSE\nextendedKeyUsage={eku}\n"),
+    )
+    .expect("write");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl is installed (scripts/install-host-tools)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        "c.key",
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        "c.key",
+        "-subj",
+        &format!("/CN={cn}"),
+        "-out",
+        "c.csr",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "c.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        serial,
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "c.pem",
+    ]);
+    let cert = CertificateDer::from_pem_file(p("c.pem")).expect("cert");
+    let key = PrivateKeyDer::from_pem_file(p("c.key")).expect("key");
+    Identity { cert, key }
+}
+
+/// `openssl x509 -noout <what>` of a PEM certificate, its answer after the `=`.
+fn openssl_field(pem: &str, what: &str) -> String {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("c.pem"), pem).expect("write");
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", what, "-in", "c.pem"])
+        .current_dir(dir.path())
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    text.split_once('=')
+        .map(|(_, v)| v.to_owned())
+        .expect("field")
 }
 
 fn ca(cn: &str) -> (String, CertificateDer<'static>, Issuer<'static, KeyPair>) {
@@ -51,6 +141,10 @@ fn ca(cn: &str) -> (String, CertificateDer<'static>, Issuer<'static, KeyPair>) {
     let key = KeyPair::generate().expect("key");
     let cert = p.self_signed(&key).expect("self-sign");
     (cert.pem(), cert.der().clone(), Issuer::new(p, key))
+}
+
+fn ca_key(issuer: &Issuer<'static, KeyPair>) -> String {
+    issuer.key().serialize_pem()
 }
 
 fn leaf(
@@ -83,7 +177,10 @@ fn identity((cert, key): (rcgen::Certificate, KeyPair)) -> Identity {
 impl Pki {
     fn new() -> Pki {
         let (ca_pem, ca_der, issuer) = ca("basalt pool CA");
-        let (_, _, other) = ca("another pool CA");
+        let (other_ca_pem, _, other) = ca("another pool CA");
+        let key = ca_key(&issuer);
+        let admin_eku = format!("clientAuth,{}", basalt_api::node::access::ADMIN_OID);
+        let read_eku = format!("clientAuth,{}", basalt_api::node::access::READ_OID);
         let (node, node_key) = leaf(
             "node-1",
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -92,13 +189,17 @@ impl Pki {
         );
         let client = ExtendedKeyUsagePurpose::ClientAuth;
         Pki {
+            admin: openssl_client(&ca_pem, &key, "operator", &admin_eku, "0x0a01"),
+            reader: openssl_client(&ca_pem, &key, "dashboard", &read_eku, "0x0b02"),
+            other_ca_pem,
             ca_pem,
             ca_der,
             node_cert: node.pem(),
             node_key: node_key.serialize_pem(),
-            client: identity(leaf("operator", client.clone(), &issuer, false)),
+            unmarked: identity(leaf("old-operator", client.clone(), &issuer, false)),
             other_ca_client: identity(leaf("operator", client.clone(), &other, false)),
             expired_client: identity(leaf("operator", client, &issuer, true)),
+            issuer,
         }
     }
 
@@ -121,6 +222,37 @@ impl CaChecker for Mismatch {
             expected: token.ca_hash().unwrap_or_default().into(),
             actual: SERVER_HASH.into(),
         })
+    }
+}
+
+/// A K3s server whose CA is always the one the token pins.
+struct Match;
+
+impl CaChecker for Match {
+    fn check(&self, _: &str, token: &Token) -> Result<CaCheck, K3sError> {
+        Ok(CaCheck::Matched {
+            hash: token.ca_hash().unwrap_or_default().into(),
+        })
+    }
+}
+
+/// A node whose agent always starts: what is persisted is recorded, nothing runs.
+#[derive(Clone, Default)]
+struct AgentStarts(Arc<Mutex<Vec<String>>>);
+
+impl crate::join::Host for AgentStarts {
+    fn persist(&self, text: &str) -> Result<(), crate::join::JoinError> {
+        self.0.lock().expect("lock").push(text.into());
+        Ok(())
+    }
+    fn node_ip(&self, _: &MachineConfig) -> Option<std::net::IpAddr> {
+        None
+    }
+    fn write_k3s_config(&self, _: &str) -> Result<(), crate::join::JoinError> {
+        Ok(())
+    }
+    fn start_agent(&self) -> Result<(), crate::join::JoinError> {
+        Ok(())
     }
 }
 
@@ -161,24 +293,28 @@ struct Node {
 }
 
 fn node() -> Node {
-    node_with(Limits::default())
+    node_with(Limits::default(), None)
 }
 
-fn node_with(limits: Limits) -> Node {
+/// A node with `limits`. With `joining`, a K3s server that always matches and an agent
+/// that always starts (recorded, not run) instead of a mismatching server and the real
+/// node host.
+fn node_with(limits: Limits, joining: Option<Box<dyn crate::join::Host>>) -> Node {
     let pki = Pki::new();
     let root = tempfile::tempdir().expect("tempdir");
     let (control, rx) = Control::new(Arc::new(|| {}));
     let (ptx, powers) = mpsc::channel();
     std::thread::spawn(move || main_loop(rx, ptx));
-    let host = NodeHost {
-        root: root.path().into(),
-        control: control.clone(),
-    };
-    let joiner = Arc::new(Joiner::new(
-        Box::new(Mismatch),
-        Box::new(host),
-        Retry::default(),
-    ));
+    let joiner = Arc::new(match joining {
+        Some(host) => Joiner::new(Box::new(Match), host, Retry::default()),
+        None => {
+            let host = NodeHost {
+                root: root.path().into(),
+                control: control.clone(),
+            };
+            Joiner::new(Box::new(Mismatch), Box::new(host), Retry::default())
+        }
+    });
     let config = MachineConfig::parse(&pki.config("")).expect("config");
     let ctx = Arc::new(
         Context::new(
@@ -328,7 +464,7 @@ fn every_other_endpoint_needs_a_client_certificate() {
 #[test]
 fn status_with_a_pool_certificate_reports_the_node() {
     let n = node();
-    let (status, body) = get(&n, Some(&n.pki.client), "/v1/status");
+    let (status, body) = get(&n, Some(&n.pki.admin), "/v1/status");
     assert_eq!(status, 200, "{body}");
     let s: Status = serde_json::from_str(&body).expect("Status");
     assert_eq!(s.versions.basalt, env!("CARGO_PKG_VERSION"));
@@ -376,7 +512,7 @@ fn certificates_from_another_ca_or_expired_fail_the_handshake_with_a_reason() {
 #[test]
 fn oversized_malformed_and_misrouted_requests_get_json_errors() {
     let n = node();
-    let me = Some(&n.pki.client);
+    let me = Some(&n.pki.admin);
     let big = "x".repeat(http::BODY_LIMIT + 1);
     let (status, body) = post(&n, me, "/v1/config", &big);
     assert_eq!(status, 413, "{body}");
@@ -396,7 +532,7 @@ fn oversized_malformed_and_misrouted_requests_get_json_errors() {
 #[test]
 fn an_invalid_config_is_refused_with_the_key_it_trips_on() {
     let n = node();
-    let me = Some(&n.pki.client);
+    let me = Some(&n.pki.admin);
     let cases = [
         (n.pki.config("[node]\nsurprise = 1\n"), "node.surprise"),
         ("{\"version\": 1}".to_owned(), "TOML"),
@@ -428,7 +564,7 @@ fn an_invalid_config_is_refused_with_the_key_it_trips_on() {
 #[test]
 fn a_join_whose_ca_does_not_match_is_not_applied_and_status_says_why() {
     let n = node();
-    let me = Some(&n.pki.client);
+    let me = Some(&n.pki.admin);
     let cluster = format!(
         "[cluster]\nserver = \"https://10.0.2.2:6443\"\ntoken = \"K10{TOKEN_HASH}::server:pw\"\n"
     );
@@ -456,8 +592,8 @@ fn a_join_whose_ca_does_not_match_is_not_applied_and_status_says_why() {
 #[test]
 fn a_standby_config_is_saved_privately_and_becomes_the_source() {
     let n = node();
-    let me = Some(&n.pki.client);
-    let config = n.pki.config("[node]\nhostname = \"w1\"\n");
+    let me = Some(&n.pki.admin);
+    let config = n.pki.config("[node]\nhostname = \"node-1\"\n");
     let (status, body) = post(&n, me, "/v1/config", &config);
     assert_eq!(status, 200, "{body}");
     let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
@@ -481,7 +617,7 @@ fn a_standby_config_is_saved_privately_and_becomes_the_source() {
 fn status_says_which_config_sources_were_passed_over_until_a_config_is_applied() {
     use basalt_api::node::{ConfigReport, RejectedSource};
     let n = node();
-    let me = Some(&n.pki.client);
+    let me = Some(&n.pki.admin);
     let report = ConfigReport {
         rejected: vec![RejectedSource {
             source: "fw_cfg".into(),
@@ -506,7 +642,7 @@ fn status_says_which_config_sources_were_passed_over_until_a_config_is_applied()
 #[test]
 fn logs_of_a_service_and_following_them() {
     let n = node();
-    let me = Some(&n.pki.client);
+    let me = Some(&n.pki.admin);
     let spec = ServiceSpec {
         name: "chatty".into(),
         argv: vec![
@@ -528,10 +664,7 @@ fn logs_of_a_service_and_following_them() {
     .with_safe_default_protocol_versions()
     .expect("versions")
     .with_root_certificates(roots)
-    .with_client_auth_cert(
-        vec![n.pki.client.cert.clone()],
-        n.pki.client.key.clone_key(),
-    )
+    .with_client_auth_cert(vec![n.pki.admin.cert.clone()], n.pki.admin.key.clone_key())
     .expect("client");
     let conn = rustls::ClientConnection::new(
         Arc::new(config),
@@ -580,7 +713,7 @@ fn logs_of_a_service_and_following_them() {
 #[test]
 fn reboot_and_shutdown_answer_first_then_reach_the_main_loop() {
     let n = node();
-    let me = Some(&n.pki.client);
+    let me = Some(&n.pki.admin);
     let (status, body) = post(&n, me, "/v1/reboot", "");
     assert_eq!(status, 202, "{body}");
     assert!(body.contains("rebooting"), "{body}");
@@ -717,7 +850,7 @@ fn slow_clients_holding_every_open_slot_do_not_lock_out_a_pool_certificate() {
         n.ctx.connections().0 == crate::node_api::OPEN_SLOTS
     });
 
-    let me = Some(&n.pki.client);
+    let me = Some(&n.pki.admin);
     let t = Instant::now();
     let (status, body) = get(&n, me, "/v1/status");
     assert_eq!(status, 200, "{body}");
@@ -773,7 +906,7 @@ fn a_followed_log_ends_when_the_client_keeps_sending() {
         .expect("timeout");
     tcp.set_write_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
-    let mut tls = tls_over(client_config(&n.pki.ca_der, Some(&n.pki.client)), tcp);
+    let mut tls = tls_over(client_config(&n.pki.ca_der, Some(&n.pki.admin)), tcp);
     tls.write_all(b"GET /v1/logs/quiet?follow=1 HTTP/1.1\r\n\r\n")
         .expect("send");
     let mut seen = Vec::new();
@@ -834,10 +967,13 @@ fn closed(got: io::Result<usize>) -> bool {
 
 #[test]
 fn one_address_gets_its_cap_of_connections_and_no_more() {
-    let n = node_with(Limits {
-        per_address: 2,
-        ..Limits::default()
-    });
+    let n = node_with(
+        Limits {
+            per_address: 2,
+            ..Limits::default()
+        },
+        None,
+    );
     let a = Ipv4Addr::new(127, 0, 0, 3);
     let first = connect_from(a, n.addr).expect("first");
     let _second = connect_from(a, n.addr).expect("second");
@@ -874,13 +1010,16 @@ enum Phase {
 #[test]
 fn each_phase_has_a_deadline_however_the_client_trickles() {
     let short = Duration::from_millis(400);
-    let n = node_with(Limits {
-        handshake: short,
-        head: short,
-        body_floor: short,
-        body_min_rate: 1 << 30,
-        ..Limits::default()
-    });
+    let n = node_with(
+        Limits {
+            handshake: short,
+            head: short,
+            body_floor: short,
+            body_min_rate: 1 << 30,
+            ..Limits::default()
+        },
+        None,
+    );
     for phase in [Phase::Handshake, Phase::Head, Phase::Body] {
         let tcp = TcpStream::connect(n.addr).expect("connect");
         tcp.set_read_timeout(Some(Duration::from_millis(100)))
@@ -895,7 +1034,7 @@ fn each_phase_has_a_deadline_however_the_client_trickles() {
                 Box::new(tcp)
             }
             Phase::Head | Phase::Body => {
-                let mut tls = tls_over(client_config(&n.pki.ca_der, Some(&n.pki.client)), tcp);
+                let mut tls = tls_over(client_config(&n.pki.ca_der, Some(&n.pki.admin)), tcp);
                 let start: &[u8] = match phase {
                     Phase::Head => b"GET /v1/status HTTP/1.1\r\nX: ",
                     _ => b"POST /v1/config HTTP/1.1\r\nContent-Length: 100000\r\n\r\n",
@@ -927,3 +1066,261 @@ fn each_phase_has_a_deadline_however_the_client_trickles() {
 
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
+
+#[test]
+fn routes_need_read_or_admin_from_the_head_alone() {
+    use basalt_api::node::access::Access;
+    assert_eq!(routes::needs("GET", "/v1/health"), None);
+    for (m, p) in [
+        ("GET", "/v1/status"),
+        ("GET", "/v1/metrics"),
+        ("GET", "/v1/logs/k3s"),
+        ("GET", "/v1/nope"),
+    ] {
+        assert_eq!(routes::needs(m, p), Some(Access::Read), "{m} {p}");
+    }
+    for p in ["/v1/config", "/v1/reboot", "/v1/shutdown"] {
+        assert_eq!(routes::needs("POST", p), Some(Access::Admin), "{p}");
+        // A wrong method still needs admin before it learns it is wrong.
+        assert_eq!(routes::needs("GET", p), Some(Access::Admin), "{p}");
+    }
+}
+
+#[test]
+fn read_and_unmarked_certificates_see_the_node_but_cannot_change_it() {
+    let n = node();
+    for (who, unmarked) in [(&n.pki.reader, false), (&n.pki.unmarked, true)] {
+        let me = Some(who);
+        let (status, body) = get(&n, me, "/v1/status");
+        assert_eq!(status, 200, "{body}");
+        let (status, _) = get(&n, me, "/v1/metrics");
+        assert_eq!(status, 200);
+        let (status, body) = get(&n, me, "/v1/logs/k3s");
+        assert_eq!(status, 404, "a read route, no such service: {body}");
+        for path in ["/v1/config", "/v1/reboot", "/v1/shutdown"] {
+            let (status, body) = post(&n, me, path, &n.pki.config(""));
+            assert_eq!(status, 403, "{path}: {body}");
+            let error = error_of(&body);
+            assert!(error.contains("needs the admin role"), "{error}");
+            assert_eq!(error.contains("--role admin"), unmarked, "{error}");
+        }
+    }
+    assert!(n.powers.try_recv().is_err(), "nothing powered off");
+    assert!(!n
+        .root
+        .path()
+        .join(crate::config_source::STATE_CONFIG)
+        .exists());
+    // The admin certificate (openssl's encoding of the admin OID) may.
+    let (status, body) = post(&n, Some(&n.pki.admin), "/v1/reboot", "");
+    assert_eq!(status, 202, "{body}");
+}
+
+#[test]
+fn a_revoked_serial_is_refused_on_the_next_connection() {
+    let n = node();
+    let (status, _) = get(&n, Some(&n.pki.reader), "/v1/status");
+    assert_eq!(status, 200);
+    // openssl prints the serial it set as 0B02; the config takes it in that form.
+    assert_eq!(
+        openssl_field(&pem_of(&n.pki.reader.cert), "-serial"),
+        "0B02"
+    );
+    let config = n
+        .pki
+        .config("")
+        .replace("key = \"\"\"", "revoked = [\"0B:02\"]\nkey = \"\"\"");
+    let (status, body) = post(&n, Some(&n.pki.admin), "/v1/config", &config);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(&n, Some(&n.pki.reader), "/v1/status");
+    assert_eq!(status, 401, "{body}");
+    assert!(error_of(&body).contains("serial b02 is revoked"), "{body}");
+    let (status, _) = get(&n, Some(&n.pki.admin), "/v1/status");
+    assert_eq!(status, 200, "others still get in");
+}
+
+/// A DER certificate as PEM, for openssl.
+fn pem_of(der: &CertificateDer<'_>) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+#[test]
+fn an_apply_that_would_lock_out_its_client_or_serve_a_bad_cert_is_refused() {
+    let n = node();
+    let me = Some(&n.pki.admin);
+    // A node certificate for another name, and an expired one, from the same CA.
+    let (_, _, pool) = ca("pool CA 2");
+    let (wrong, wrong_key) = leaf("node-2", ExtendedKeyUsagePurpose::ServerAuth, &pool, false);
+    let (old, old_key) = leaf("node-1", ExtendedKeyUsagePurpose::ServerAuth, &pool, true);
+    let with_cert = |cert: &str, key: &str| {
+        format!(
+            "version = 1\n[node]\nhostname = \"node-1\"\n[api]\nca = \"\"\"{}\"\"\"\ncert = \"\"\"{cert}\"\"\"\nkey = \"\"\"{key}\"\"\"\n",
+            n.pki.ca_pem
+        )
+    };
+    let cases = [
+        (
+            n.pki.config("").replace(&n.pki.ca_pem, &n.pki.other_ca_pem),
+            "api.ca: would not verify the client certificate",
+        ),
+        (
+            n.pki
+                .config("")
+                .replace("key = \"\"\"", "revoked = [\"a01\"]\nkey = \"\"\""),
+            "api.revoked: lists serial a01",
+        ),
+        (
+            with_cert(&old.pem(), &old_key.serialize_pem()),
+            "api.cert: expired on",
+        ),
+        (
+            with_cert(&wrong.pem(), &wrong_key.serialize_pem()),
+            "api.cert: issued for [\"node-2\"], not for the node's name \"node-1\"",
+        ),
+    ];
+    for (config, want) in cases {
+        let (status, body) = post(&n, me, "/v1/config", &config);
+        assert_eq!(status, 400, "{want}: {body}");
+        assert!(error_of(&body).contains(want), "{want}: {body}");
+    }
+    assert!(!n
+        .root
+        .path()
+        .join(crate::config_source::STATE_CONFIG)
+        .exists());
+    // The node's name, when the config has none, is the running hostname.
+    std::fs::create_dir_all(n.root.path().join("proc/sys/kernel")).expect("mkdir");
+    std::fs::write(n.root.path().join("proc/sys/kernel/hostname"), "node-9\n").expect("write");
+    let (status, body) = post(&n, me, "/v1/config", &n.pki.config(""));
+    assert_eq!(status, 400, "{body}");
+    assert!(error_of(&body).contains("\"node-9\""), "{body}");
+    std::fs::write(n.root.path().join("proc/sys/kernel/hostname"), "node-1\n").expect("write");
+    let (status, body) = post(&n, me, "/v1/config", &n.pki.config(""));
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn status_and_metrics_show_when_the_node_certificate_expires() {
+    let n = node();
+    let me = Some(&n.pki.reader);
+    let (_, body) = get(&n, me, "/v1/status");
+    let s: Status = serde_json::from_str(&body).expect("Status");
+    let cert = s.api_cert.expect("api_cert in status");
+    // openssl's reading of the same certificate, and date(1)'s of openssl's date.
+    let end = openssl_field(&n.pki.node_cert, "-enddate");
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &end, "+%s"])
+        .output()
+        .expect("date");
+    let epoch: i64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("seconds");
+    assert_eq!(cert.not_after, epoch);
+    let serial = openssl_field(&n.pki.node_cert, "-serial").to_ascii_lowercase();
+    assert_eq!(cert.serial, serial.trim_start_matches('0'));
+    let (_, body) = get(&n, me, "/v1/metrics");
+    assert!(
+        body.contains(&format!("basalt_api_cert_not_after_seconds {epoch}\n")),
+        "{body}"
+    );
+    assert!(body.contains("# TYPE basalt_api_cert_not_after_seconds gauge"));
+}
+
+#[test]
+fn a_token_without_a_ca_pin_is_named_in_the_answer() {
+    let n = node();
+    let me = Some(&n.pki.admin);
+    let plain = "[cluster]\nserver = \"https://10.0.2.2:6443\"\ntoken = \"just-a-password\"\n";
+    let (status, body) = post(&n, me, "/v1/config", &n.pki.config(plain));
+    assert_eq!(status, 200, "{body}");
+    let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
+    assert_eq!(a.warnings.len(), 1, "{body}");
+    assert!(
+        a.warnings[0].contains("cluster.token has no CA pin"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("just-a-password"),
+        "the secret is not echoed"
+    );
+    let pinned = format!(
+        "[cluster]\nserver = \"https://10.0.2.2:6443\"\ntoken = \"K10{TOKEN_HASH}::server:pw\"\n"
+    );
+    let (_, body) = post(&n, me, "/v1/config", &n.pki.config(&pinned));
+    let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
+    assert!(a.warnings.is_empty(), "{body}");
+}
+
+/// The certificate the node serves to a new connection.
+fn served_cert(n: &Node) -> CertificateDer<'static> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(n.pki.ca_der.clone()).expect("root");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = ServerName::try_from("node-1").expect("name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut tcp = TcpStream::connect(n.addr).expect("connect");
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).expect("handshake");
+    }
+    conn.peer_certificates().expect("certs")[0]
+        .clone()
+        .into_owned()
+}
+
+#[test]
+fn a_joined_node_rotates_its_api_certificate_but_keeps_its_cluster() {
+    let host = AgentStarts::default();
+    let n = node_with(Limits::default(), Some(Box::new(host.clone())));
+    let me = Some(&n.pki.admin);
+    let cluster = format!(
+        "[node]\nhostname = \"node-1\"\n[cluster]\nserver = \"https://10.0.2.2:6443\"\ntoken = \"K10{TOKEN_HASH}::server:pw\"\n"
+    );
+    let joined = n.pki.config(&cluster);
+    let (status, body) = post(&n, me, "/v1/config", &joined);
+    assert_eq!(status, 200, "{body}");
+    let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
+    assert_eq!(a.join.state, JoinState::Joined, "{body}");
+    let old = served_cert(&n);
+    // The same [cluster], a new certificate for the node from the same CA.
+    let (fresh, fresh_key) = leaf(
+        "node-1",
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &n.pki.issuer,
+        false,
+    );
+    let rotated = joined
+        .replace(&n.pki.node_cert, &fresh.pem())
+        .replace(&n.pki.node_key, &fresh_key.serialize_pem());
+    assert_ne!(rotated, joined);
+    let (status, body) = post(&n, me, "/v1/config", &rotated);
+    assert_eq!(status, 200, "{body}");
+    let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
+    assert!(a.applied, "{body}");
+    assert_eq!(a.join.state, JoinState::Joined, "{body}");
+    assert!(a.message.contains("keeps running"), "{body}");
+    assert_eq!(host.0.lock().expect("lock").last(), Some(&rotated));
+    let served = served_cert(&n);
+    assert_ne!(served, old);
+    assert_eq!(served, fresh.der().clone());
+    // Another [cluster] while the agent runs: 409, and nothing saved.
+    let other = rotated.replace("server:pw", "server:other");
+    let (status, body) = post(&n, me, "/v1/config", &other);
+    assert_eq!(status, 409, "{body}");
+    assert!(error_of(&body).contains("no other [cluster]"), "{body}");
+    assert_eq!(host.0.lock().expect("lock").len(), 2);
+}
