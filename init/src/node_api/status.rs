@@ -84,6 +84,17 @@ pub fn metrics(ctx: &Context, services: &[ServiceInfo]) -> String {
     }
     write_services(&mut out, services);
     write_node(&mut out, ctx);
+    help(
+        &mut out,
+        "basalt_console_dropped_lines_total",
+        "counter",
+        "Console lines dropped because the console did not keep up (the kernel log has them).",
+    );
+    let _ = writeln!(
+        out,
+        "basalt_console_dropped_lines_total {}",
+        console::dropped()
+    );
     out
 }
 

@@ -708,6 +708,13 @@ fn logs_of_a_service_and_following_them() {
         body.contains("basalt_join_state{state=\"standby\"} 1"),
         "{body}"
     );
+    assert!(
+        body.contains(&format!(
+            "basalt_console_dropped_lines_total {}",
+            crate::pid1::console::dropped()
+        )),
+        "{body}"
+    );
 }
 
 #[test]
