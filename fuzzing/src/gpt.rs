@@ -15,16 +15,9 @@ pub fn table(data: &[u8]) {
 /// [`table`], returning the table read (for the harness's own tests).
 pub fn read(data: &[u8]) -> Option<Table> {
     let (&flags, image) = data.split_first()?;
-    let sectors = image.len().div_ceil(SECTOR).max(3);
-    let mut disk = image.to_vec();
-    disk.resize(sectors * SECTOR, 0);
+    let disk = disk_image(flags, image)?;
+    let sectors = disk.len() / SECTOR;
     let last = sectors as u64 - 1;
-    if flags & 1 != 0 {
-        fix_crcs(&mut disk, 1);
-    }
-    if flags & 2 != 0 {
-        fix_crcs(&mut disk, last);
-    }
     let mut file = tempfile::tempfile().expect("temporary file");
     file.write_all(&disk).expect("write the disk");
     let table = Table::read(&file, Sectors(sectors as u64)).ok()?;
@@ -37,6 +30,21 @@ pub fn read(data: &[u8]) -> Option<Table> {
         assert!(p.number >= 1 && p.number <= h.num_entries);
     }
     Some(table)
+}
+
+/// `image` padded to whole sectors (at least three), with the primary's CRC32s
+/// recomputed when `flags` bit 0 is set and the backup's (in the last sector) with bit 1.
+pub fn disk_image(flags: u8, image: &[u8]) -> Option<Vec<u8>> {
+    let sectors = image.len().div_ceil(SECTOR).max(3);
+    let mut disk = image.to_vec();
+    disk.resize(sectors * SECTOR, 0);
+    if flags & 1 != 0 {
+        fix_crcs(&mut disk, 1);
+    }
+    if flags & 2 != 0 {
+        fix_crcs(&mut disk, sectors as u64 - 1);
+    }
+    Some(disk)
 }
 
 /// Recomputes the CRC32s of the header at `lba` (entry array, then header), when the

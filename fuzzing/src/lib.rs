@@ -8,6 +8,7 @@ pub mod api;
 pub mod config;
 pub mod dhcp;
 pub mod gpt;
+pub mod growth;
 pub mod node;
 
 /// A target: its corpus folder's name and the function it runs.
@@ -20,6 +21,7 @@ pub const TARGETS: &[Target] = &[
     ("token", config::token),
     ("ca_hash", config::ca_hash),
     ("gpt", gpt::table),
+    ("growth", growth::growth),
     ("dhcp", dhcp::client),
     ("api_request", api::request),
     ("sntp", node::sntp),

@@ -146,3 +146,41 @@ fn the_boot_network_seeds_reach_acceptance_and_refusal() {
         Err(SourceError::ClusterOnCmdline)
     ));
 }
+
+#[test]
+fn the_growth_seed_grows_state_to_the_end_as_sfdisk_reads_it() {
+    use std::io::{Read, Seek};
+    let data = std::fs::read(seed("growth", "sfdisk-grow-16m.bin")).expect("seed");
+    let mut grown = basalt_fuzz::growth::grow(&data).expect("a plan");
+    let mut bytes = Vec::new();
+    grown.rewind().expect("rewind");
+    grown.read_to_end(&mut bytes).expect("read");
+    let disk = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(disk.path(), &bytes).expect("write");
+    let out = Command::new("sfdisk")
+        .arg("--json")
+        .arg(disk.path())
+        .output()
+        .expect("run sfdisk");
+    assert!(
+        out.status.success(),
+        "sfdisk: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = String::from_utf8_lossy(&out.stdout);
+    // 24 sectors grew by 16 MiB (32768 sectors); STATE starts at 12 and runs to the last
+    // usable sector: the disk's end less the backup's header and its one-sector array.
+    let sectors = bytes.len() as u64 / 512;
+    assert_eq!(sectors, 24 + 32768);
+    let size = sectors - 2 - 12;
+    let state = json
+        .split('{')
+        .find(|p| p.contains("\"name\": \"STATE\""))
+        .expect("STATE in sfdisk's table");
+    assert!(state.contains("\"start\": 12,"), "{json}");
+    assert!(state.contains(&format!("\"size\": {size},")), "{json}");
+    assert!(
+        json.contains(&format!("\"lastlba\": {}", sectors - 3)),
+        "{json}"
+    );
+}
