@@ -133,9 +133,10 @@ mod tests {
 
     #[test]
     fn the_command_line_keeps_everything_but_basalt_parameters() {
+        // As the builder writes it: `gpt` first (the floor keeps it; it reads the same disk).
         assert_eq!(
-            cmdline("console=tty0 console=ttyS0,115200n8 quiet panic=10 basalt.slot=a basalt.verity.root=ab basalt.verity.salt=cd basalt.verity.blocks=9"),
-            "console=tty0 console=ttyS0,115200n8 quiet panic=10"
+            cmdline("gpt console=tty0 console=ttyS0,115200n8 quiet panic=10 basalt.slot=a basalt.verity.root=ab basalt.verity.salt=cd basalt.verity.blocks=9"),
+            "gpt console=tty0 console=ttyS0,115200n8 quiet panic=10"
         );
     }
 

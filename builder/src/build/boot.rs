@@ -80,13 +80,13 @@ pub fn esp_and_state(
 ) -> Result<Esp, BuildError> {
     let spec = &ctx.spec.spec;
     let cmdline = |slot| {
-        let mut words = spec.kernel.cmdline.clone();
-        let params = BootParams {
-            slot,
-            verity: root.verity.clone(),
-        };
-        words.push(params.to_string());
-        words.join(" ")
+        kernel_cmdline(
+            &spec.kernel.cmdline,
+            &BootParams {
+                slot,
+                verity: root.verity.clone(),
+            },
+        )
     };
     let (cmd_a, cmd_b) = (cmdline(Slot::A), cmdline(Slot::B));
     let key = store::key("esp", &[&ctx.seed]);
@@ -129,6 +129,28 @@ pub fn esp_and_state(
         cmdline: BTreeMap::from([("a".to_string(), cmd_a), ("b".to_string(), cmd_b)]),
         reused,
     })
+}
+
+/// The parameter that makes Linux fall back to the backup GPT when the primary is bad.
+///
+/// Linux's `find_valid_gpt` (block/partitions/efi.c) reads the primary header and entries
+/// first; it takes the backup at the disk's last LBA only if the primary is valid (to
+/// cross-check it) or if `force_gpt` is set, and `force_gpt` is set by `gpt` on the
+/// command line alone (`force_gpt_fn`, `__setup("gpt", ...)`). Without it a primary whose
+/// entries CRC does not match (a torn write during STATE growth, whose header and entries
+/// are two writes) means no partitions at all and a node that never boots. With it the
+/// kernel uses the backup, which STATE growth writes and flushes before it touches the
+/// primary (`init/src/storage/grow/gpt.rs`). `force_gpt` also skips the protective-MBR
+/// check, which covers the instant the MBR's size field is being rewritten.
+pub const FORCE_GPT: &str = "gpt";
+
+/// A slot's kernel command line: `gpt` first (see [`FORCE_GPT`]; never twice), the spec's
+/// words, then the `basalt.*` boot parameters.
+pub fn kernel_cmdline(spec_words: &[String], params: &BootParams) -> String {
+    let mut words = vec![FORCE_GPT.to_string()];
+    words.extend(spec_words.iter().filter(|w| *w != FORCE_GPT).cloned());
+    words.push(params.to_string());
+    words.join(" ")
 }
 
 /// `BOOTX64.EFI`, the patched BIOS `core.img` and the MBR's `bootcode.bin` in `dir`.
@@ -218,4 +240,76 @@ fn make_state(out: &Path, mib: u64, uuid: uuid::Uuid) -> Result<(), BuildError> 
     .arg(format!("{mib}M"))
     .env("E2FSPROGS_FAKE_TIME", "1");
     super::outputs::host_tool(cmd, "e2fsprogs").map_err(BuildError::State)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::ImageSpec;
+
+    fn params(slot: Slot) -> BootParams {
+        BootParams {
+            slot,
+            verity: basalt_api::bootparams::Verity {
+                root_hash: "ab".repeat(32),
+                salt: "cd".repeat(32),
+                data_blocks: 9,
+            },
+        }
+    }
+
+    #[test]
+    fn every_slot_s_grub_entry_carries_gpt_first() {
+        let spec =
+            ImageSpec::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/k3s-node.toml"))
+                .expect("default spec");
+        let (a, b) = (
+            kernel_cmdline(&spec.kernel.cmdline, &params(Slot::A)),
+            kernel_cmdline(&spec.kernel.cmdline, &params(Slot::B)),
+        );
+        let cfg = grub::config(
+            "a",
+            &[
+                grub::Entry {
+                    id: "a",
+                    title: "A",
+                    kernel: "/boot/a/vmlinuz",
+                    initrd: "/boot/a/initrd.img",
+                    cmdline: &a,
+                },
+                grub::Entry {
+                    id: "b",
+                    title: "B",
+                    kernel: "/boot/b/vmlinuz",
+                    initrd: "/boot/b/initrd.img",
+                    cmdline: &b,
+                },
+            ],
+        );
+        let linux: Vec<&str> = cfg
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("linux "))
+            .collect();
+        assert_eq!(linux.len(), 2, "{cfg}");
+        for (line, slot) in linux.iter().zip(["a", "b"]) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(words[2], "gpt", "{line}");
+            assert_eq!(words.iter().filter(|w| **w == "gpt").count(), 1, "{line}");
+            // The spec's words are kept, and the boot parameters still parse.
+            for w in &spec.kernel.cmdline {
+                assert!(words.contains(&w.as_str()), "{w} missing from {line}");
+            }
+            let parsed = BootParams::parse(&words[2..].join(" ")).expect("parses");
+            assert_eq!(parsed.slot.as_str(), slot);
+        }
+    }
+
+    #[test]
+    fn gpt_in_the_spec_is_not_doubled() {
+        let words = vec!["quiet".to_string(), "gpt".to_string()];
+        let line = kernel_cmdline(&words, &params(Slot::A));
+        assert!(line.starts_with("gpt quiet basalt.slot=a "), "{line}");
+        assert_eq!(line.matches("gpt").count(), 1, "{line}");
+    }
 }

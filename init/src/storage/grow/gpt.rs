@@ -6,8 +6,17 @@
 //! matter in PID1 on a disk in use:
 //! - the crate writes the primary entry array first and flushes once at the end, so a
 //!   power cut in between leaves neither copy valid; here the new backup is written and
-//!   flushed before the primary is touched, so one copy is valid at every instant (the
-//!   kernel falls back to the backup in the disk's last sector);
+//!   flushed before the primary is touched, so one copy is valid at every instant.
+//!   That copy is only worth something because the image's kernel command line starts
+//!   with `gpt` (the builder puts it there: `builder/src/build/boot.rs`, `FORCE_GPT`).
+//!   Linux's `find_valid_gpt` (block/partitions/efi.c) reads the backup only to
+//!   cross-check a valid primary, unless `force_gpt` is set; without `gpt` a primary
+//!   whose entries were written but whose header was not (two writes, torn by a power
+//!   cut) has a bad entries CRC and the kernel sees no partitions at all. With `gpt` it
+//!   reads the header at the disk's last LBA, which phase 1 wrote and flushed, and
+//!   `force_gpt` also skips the protective-MBR check (the MBR is rewritten in phase 2).
+//!   basalt-init's own reader falls back to the backup in every case and rebuilds the
+//!   primary on the next boot (`Plan::repaired`);
 //! - it `assert!`s on tables it does not expect (entry size other than 128), and a panic
 //!   in PID1 is a reboot loop;
 //! - it packs the used entries at the start of the array when it writes, which would
@@ -224,6 +233,12 @@ fn last_partition(table: &Table, number: u32, name: &str) -> Result<(usize, u64,
 
 /// The writes, phase by phase: the new backup first, then the primary (and the
 /// protective MBR), then the old backup header wiped; `last` is the partition's old end.
+///
+/// The order is what keeps the kernel seeing a table (with `gpt` on its command line; see
+/// the module comment): until phase 1 is flushed, the old primary and its old backup are
+/// untouched; once it is, the new backup at the disk's last LBA is complete, so a primary
+/// torn in phase 2 (its entries and header are separate writes) is replaced by it; after
+/// phase 2 the primary is whole and phase 3 only clears a sector nothing points at.
 fn phases(
     table: &Table,
     mbr: &[u8; SECTOR],
