@@ -45,16 +45,7 @@ pub enum PartitionError {
 
 /// Looks once for a partition called `partname`; the first in kernel-name order wins.
 pub fn find(sys_root: &Path, partname: &str) -> Option<BlockDev> {
-    let mut entries: Vec<_> = std::fs::read_dir(sys_root.join("class/block"))
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    entries.sort();
-    entries.iter().find_map(|dir| {
-        let uevent = std::fs::read_to_string(dir.join("uevent")).ok()?;
-        parse_uevent(&uevent, partname)
-    })
+    find_on(&sys_root.join("class/block"), partname)
 }
 
 fn parse_uevent(uevent: &str, partname: &str) -> Option<BlockDev> {
@@ -167,8 +158,9 @@ pub fn disk_under_dm(sys_root: &Path, dm_name: &str) -> Result<PathBuf, Partitio
         .ok_or_else(|| err(format!("{} has no parent disk", real.display())))
 }
 
-/// Looks once, among the partitions of the disk whose sysfs folder is `disk`, for one
-/// called `partname`; the first in kernel-name order wins.
+/// Looks once, among the devices in the sysfs folder `disk` (a disk's folder, or
+/// `class/block` for every disk), for a partition called `partname`; the first in
+/// kernel-name order wins.
 pub fn find_on(disk: &Path, partname: &str) -> Option<BlockDev> {
     let mut entries: Vec<_> = std::fs::read_dir(disk)
         .ok()?
