@@ -324,13 +324,19 @@ fn route_address(ip: IpAddr) -> RouteAddress {
     }
 }
 
-fn static_route(index: u32, to: IpAddr, prefix_len: u8, via: IpAddr) -> RouteMessage {
+/// A route of the main table with global scope: what every route PID1 adds has in common.
+fn main_route(family: AddressFamily, protocol: RouteProtocol, kind: RouteType) -> RouteMessage {
     let mut msg = RouteMessage::default();
-    msg.header.address_family = family_of(to);
+    msg.header.address_family = family;
     msg.header.table = RouteHeader::RT_TABLE_MAIN;
-    msg.header.protocol = RouteProtocol::Static;
+    msg.header.protocol = protocol;
     msg.header.scope = RouteScope::Universe;
-    msg.header.kind = RouteType::Unicast;
+    msg.header.kind = kind;
+    msg
+}
+
+fn static_route(index: u32, to: IpAddr, prefix_len: u8, via: IpAddr) -> RouteMessage {
+    let mut msg = main_route(family_of(to), RouteProtocol::Static, RouteType::Unicast);
     msg.header.destination_prefix_length = prefix_len;
     if prefix_len > 0 {
         msg.attributes
@@ -343,12 +349,11 @@ fn static_route(index: u32, to: IpAddr, prefix_len: u8, via: IpAddr) -> RouteMes
 }
 
 fn prohibit_route(to: Ipv4Addr, prefix_len: u8) -> RouteMessage {
-    let mut msg = RouteMessage::default();
-    msg.header.address_family = AddressFamily::Inet;
-    msg.header.table = RouteHeader::RT_TABLE_MAIN;
-    msg.header.protocol = RouteProtocol::Static;
-    msg.header.scope = RouteScope::Universe;
-    msg.header.kind = RouteType::Prohibit;
+    let mut msg = main_route(
+        AddressFamily::Inet,
+        RouteProtocol::Static,
+        RouteType::Prohibit,
+    );
     msg.header.destination_prefix_length = prefix_len;
     msg.attributes
         .push(RouteAttribute::Destination(RouteAddress::Inet(to)));
@@ -356,12 +361,7 @@ fn prohibit_route(to: Ipv4Addr, prefix_len: u8) -> RouteMessage {
 }
 
 fn default_route(index: u32, gateway: Ipv4Addr) -> RouteMessage {
-    let mut msg = RouteMessage::default();
-    msg.header.address_family = AddressFamily::Inet;
-    msg.header.table = RouteHeader::RT_TABLE_MAIN;
-    msg.header.protocol = RouteProtocol::Dhcp;
-    msg.header.scope = RouteScope::Universe;
-    msg.header.kind = RouteType::Unicast;
+    let mut msg = main_route(AddressFamily::Inet, RouteProtocol::Dhcp, RouteType::Unicast);
     msg.attributes
         .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
     msg.attributes.push(RouteAttribute::Oif(index));
