@@ -12,13 +12,10 @@ fn seed(target: &str, name: &str) -> PathBuf {
         .join(name)
 }
 
-#[test]
-fn the_gpt_seed_reads_as_sfdisk_reads_it() {
-    let path = seed("gpt", "sfdisk.bin");
-    let data = std::fs::read(&path).expect("seed");
-    let table = basalt_fuzz::gpt::read(&data).expect("the seed's table reads");
+/// `sfdisk --json` on a disk image: the independent reading of its partition table.
+fn sfdisk_json(image: &[u8]) -> String {
     let disk = tempfile::NamedTempFile::new().expect("temp");
-    std::fs::write(disk.path(), &data[1..]).expect("write");
+    std::fs::write(disk.path(), image).expect("write");
     let out = Command::new("sfdisk")
         .arg("--json")
         .arg(disk.path())
@@ -29,7 +26,15 @@ fn the_gpt_seed_reads_as_sfdisk_reads_it() {
         "sfdisk: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let json = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_gpt_seed_reads_as_sfdisk_reads_it() {
+    let path = seed("gpt", "sfdisk.bin");
+    let data = std::fs::read(&path).expect("seed");
+    let table = basalt_fuzz::gpt::read(&data).expect("the seed's table reads");
+    let json = sfdisk_json(&data[1..]);
     let parts = table.partitions();
     assert_eq!(parts.len(), json.matches("\"node\"").count());
     for p in &parts {
@@ -155,19 +160,7 @@ fn the_growth_seed_grows_state_to_the_end_as_sfdisk_reads_it() {
     let mut bytes = Vec::new();
     grown.rewind().expect("rewind");
     grown.read_to_end(&mut bytes).expect("read");
-    let disk = tempfile::NamedTempFile::new().expect("temp");
-    std::fs::write(disk.path(), &bytes).expect("write");
-    let out = Command::new("sfdisk")
-        .arg("--json")
-        .arg(disk.path())
-        .output()
-        .expect("run sfdisk");
-    assert!(
-        out.status.success(),
-        "sfdisk: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json = String::from_utf8_lossy(&out.stdout);
+    let json = sfdisk_json(&bytes);
     // 24 sectors grew by 16 MiB (32768 sectors); STATE starts at 12 and runs to the last
     // usable sector: the disk's end less the backup's header and its one-sector array.
     let sectors = bytes.len() as u64 / 512;
