@@ -76,6 +76,10 @@ enum Cmd {
         /// Forward this port on the host's loopback to the node API (port 50000 in the guest).
         #[arg(long, value_name = "PORT")]
         api_port: Option<u16>,
+        /// Open QEMU's user network: the guest reaches the host's loopback as 10.0.2.2 (a
+        /// K3s server there) and the outside through QEMU's NAT. Closed by default.
+        #[arg(long)]
+        reach_host: bool,
     },
     /// Show what an image holds, read from the image: partitions, boot slots, versions.
     Inspect {
@@ -209,7 +213,8 @@ fn run() -> anyhow::Result<()> {
             memory,
             config,
             api_port,
-        } => run_vm(&image, uefi, memory, config, api_port),
+            reach_host,
+        } => run_vm(&image, uefi, memory, config, api_port, reach_host),
         Cmd::Inspect { image, json } => {
             let info = basalt_builder::inspect::inspect(&image)?;
             if json {
@@ -330,20 +335,22 @@ fn lock(spec: &Path, update: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `basalt run`: a user network (DHCP from QEMU, closed to the outside) and entropy, as a
-/// node has them (what `bench boot` boots with too), the config over fw_cfg.
+/// `basalt run`: a user network (DHCP from QEMU, closed to the outside unless
+/// `reach_host`) and entropy, as a node has them (what `bench boot` boots with too), the
+/// config over fw_cfg.
 fn run_vm(
     image: &Path,
     uefi: bool,
     memory: u32,
     config: Option<PathBuf>,
     api_port: Option<u16>,
+    reach_host: bool,
 ) -> anyhow::Result<()> {
     let forwards: Vec<(u16, u16)> = api_port
         .map(|p| (p, basalt_api::node::DEFAULT_PORT))
         .into_iter()
         .collect();
-    let mut args = basalt_qemu::node_devices(true, &forwards);
+    let mut args = basalt_qemu::node_devices(!reach_host, &forwards);
     if let Some(file) = config {
         let file = std::fs::canonicalize(&file)
             .with_context(|| format!("machine config {}", file.display()))?;

@@ -79,25 +79,99 @@ pub fn agent_spec() -> ServiceSpec {
 
 /// What a join needs that no credential does, done in standby so that promotion is
 /// "write config, exec": `/etc/rancher` on STATE, and the image's airgap images where
-/// K3s imports them from. Failures are reported and left for the join to retry.
+/// K3s imports them from ([`link_airgap_images`]). Failures are reported and left for
+/// the join to retry.
 pub fn prepare_standby(sys: &mut dyn System, root: &Path) {
     if let Err(e) = bind_rancher(sys, root) {
         console::error("standby prep", &e);
     }
-    let images = root.join(AIRGAP_IMAGES);
-    if images.exists() {
-        let dir = root.join(K3S_IMAGES_DIR);
-        let link = dir.join("k3s-airgap-images.tar.zst");
-        let made = std::fs::create_dir_all(&dir).and_then(|()| {
-            match std::os::unix::fs::symlink(Path::new("/").join(AIRGAP_IMAGES), &link) {
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-                other => other,
-            }
-        });
-        if let Err(e) = made {
-            console::error("standby prep", &JoinError::Write(link, e));
+    if let Err(e) = link_airgap_images(root) {
+        console::error("standby prep", &e);
+    }
+}
+
+/// K3s's import cache (K3s ≥ 1.30.13, 1.31.9, 1.32.5, 1.33.1): when this file exists in
+/// the images folder, K3s records each tarball's path, size and mtime after importing
+/// it, and on later starts skips the tarballs it has recorded unchanged. It never
+/// creates the file itself. Older versions ignore it (not an image suffix).
+pub const IMPORT_CACHE: &str = ".cache.json";
+
+/// The name the image's airgap images get in K3s's images folder when the root cannot
+/// be told apart from another (no `basalt.verity.root` on the command line).
+const UNKEYED_LINK: &str = "k3s-airgap-images.tar.zst";
+
+/// Links the root's airgap images into K3s's images folder on STATE, under a name that
+/// carries the verified root's hash, and turns K3s's import cache on.
+///
+/// K3s imports every tarball of `agent/images` before it starts the kubelet, about
+/// 30 s for the K3s bundle, at every start. With [`IMPORT_CACHE`] present it skips a
+/// tarball whose path, size and mtime it has recorded. The root's files all have mtime
+/// 0, so after an A/B upgrade a new bundle at the same path would differ at most in
+/// size: K3s without k3s-io/k3s#14284 (backported in July 2026) wants a
+/// newer mtime as well, and any K3s misses a bundle of the same size, so the new images
+/// would not be imported. The root hash in the link's name
+/// makes every new root a new path, which K3s imports once; links of other roots (and
+/// the unkeyed name) are removed, and K3s prunes their entries from its cache itself.
+/// Without a root hash the link is unkeyed and the cache is turned off. An existing
+/// cache file is never truncated: it is K3s's record of what containerd holds.
+pub fn link_airgap_images(root: &Path) -> Result<(), JoinError> {
+    if !root.join(AIRGAP_IMAGES).exists() {
+        return Ok(());
+    }
+    let dir = root.join(K3S_IMAGES_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| JoinError::Mkdir(dir.clone(), e))?;
+    let target = Path::new("/").join(AIRGAP_IMAGES);
+    let key = root_key(root);
+    let name = match &key {
+        Some(k) => format!("k3s-airgap-images-{k}.tar.zst"),
+        None => UNKEYED_LINK.to_string(),
+    };
+    let entries = std::fs::read_dir(&dir).map_err(|e| JoinError::Write(dir.clone(), e))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let ours = std::fs::read_link(&path).is_ok_and(|t| t == target);
+        if ours && entry.file_name() != name.as_str() {
+            std::fs::remove_file(&path).map_err(|e| JoinError::Write(path.clone(), e))?;
         }
     }
+    let link = dir.join(&name);
+    match std::fs::read_link(&link) {
+        Ok(t) if t == target => {}
+        Ok(_) => {
+            std::fs::remove_file(&link).map_err(|e| JoinError::Write(link.clone(), e))?;
+            std::os::unix::fs::symlink(&target, &link)
+                .map_err(|e| JoinError::Write(link.clone(), e))?;
+        }
+        Err(_) => std::os::unix::fs::symlink(&target, &link)
+            .map_err(|e| JoinError::Write(link.clone(), e))?,
+    }
+    let cache = dir.join(IMPORT_CACHE);
+    if key.is_some() {
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&cache);
+        match created {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(JoinError::Write(cache, e)),
+        }
+    } else {
+        match std::fs::remove_file(&cache) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(JoinError::Write(cache, e)),
+        }
+    }
+    Ok(())
+}
+
+/// The first 16 hex digits of the verified root's hash, from the kernel command line
+/// stage 1 booted with.
+fn root_key(root: &Path) -> Option<String> {
+    let cmdline = std::fs::read_to_string(root.join("proc/cmdline")).ok()?;
+    let params = basalt_api::bootparams::BootParams::parse(&cmdline).ok()?;
+    params.verity.root_hash.get(..16).map(str::to_string)
 }
 
 /// Bind-mounts STATE's rancher folder on `/etc/rancher`, once.
@@ -129,4 +203,149 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 /// mode 0600 from the start.
 pub fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     crate::atomic_file::write_mode(path, bytes, 0o600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    const HASH: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const OTHER: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+
+    fn cmdline(hash: &str) -> String {
+        format!(
+            "console=ttyS0 basalt.slot=a basalt.verity.root={hash} basalt.verity.salt=00 \
+             basalt.verity.blocks=10 quiet\n"
+        )
+    }
+
+    /// A root with the airgap images, and `cmdline` as its `/proc/cmdline` if given.
+    fn root(cmdline: Option<&str>) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let images = dir.path().join(AIRGAP_IMAGES);
+        fs::create_dir_all(images.parent().expect("parent")).expect("mkdir");
+        fs::write(&images, b"zstd").expect("images");
+        if let Some(c) = cmdline {
+            fs::create_dir_all(dir.path().join("proc")).expect("proc");
+            fs::write(dir.path().join("proc/cmdline"), c).expect("cmdline");
+        }
+        dir
+    }
+
+    /// The images folder as (name, link target or None for a plain file), sorted.
+    fn listing(root: &Path) -> Vec<(String, Option<PathBuf>)> {
+        let mut v: Vec<_> = fs::read_dir(root.join(K3S_IMAGES_DIR))
+            .expect("images dir")
+            .map(|e| {
+                let e = e.expect("entry");
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    fs::read_link(e.path()).ok(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn target() -> Option<PathBuf> {
+        Some(Path::new("/").join(AIRGAP_IMAGES))
+    }
+
+    #[test]
+    fn the_images_are_linked_under_the_roots_hash_with_the_import_cache_on() {
+        let r = root(Some(&cmdline(HASH)));
+        link_airgap_images(r.path()).expect("linked");
+        assert_eq!(
+            listing(r.path()),
+            vec![
+                (IMPORT_CACHE.to_string(), None),
+                (
+                    "k3s-airgap-images-0123456789abcdef.tar.zst".into(),
+                    target()
+                ),
+            ]
+        );
+        let cache = r.path().join(K3S_IMAGES_DIR).join(IMPORT_CACHE);
+        assert_eq!(
+            fs::read(cache).expect("cache"),
+            b"",
+            "K3s loads an empty file as none"
+        );
+    }
+
+    #[test]
+    fn the_cache_k3s_wrote_is_kept_and_the_link_stays() {
+        let r = root(Some(&cmdline(HASH)));
+        link_airgap_images(r.path()).expect("first boot");
+        let cache = r.path().join(K3S_IMAGES_DIR).join(IMPORT_CACHE);
+        let written = br#"{"/var/lib/rancher/k3s/agent/images/k3s-airgap-images-0123456789abcdef.tar.zst":{"size":4,"modTime":"1970-01-01T00:00:00Z"}}"#;
+        fs::write(&cache, written).expect("K3s writes");
+        link_airgap_images(r.path()).expect("second boot");
+        assert_eq!(fs::read(&cache).expect("cache"), written);
+        assert_eq!(listing(r.path()).len(), 2);
+    }
+
+    #[test]
+    fn a_new_root_gets_a_new_name_and_old_links_go_but_nothing_else() {
+        let r = root(Some(&cmdline(OTHER)));
+        link_airgap_images(r.path()).expect("old root");
+        let dir = r.path().join(K3S_IMAGES_DIR);
+        // What basalt named it before keys, and a tarball someone else put there.
+        std::os::unix::fs::symlink(Path::new("/").join(AIRGAP_IMAGES), dir.join(UNKEYED_LINK))
+            .expect("old link");
+        fs::write(dir.join("extra.tar"), b"tar").expect("extra");
+        std::os::unix::fs::symlink("/elsewhere.tar.zst", dir.join("mine.tar.zst"))
+            .expect("foreign link");
+
+        fs::write(r.path().join("proc/cmdline"), cmdline(HASH)).expect("upgrade");
+        link_airgap_images(r.path()).expect("new root");
+        assert_eq!(
+            listing(r.path()),
+            vec![
+                (IMPORT_CACHE.to_string(), None),
+                ("extra.tar".into(), None),
+                (
+                    "k3s-airgap-images-0123456789abcdef.tar.zst".into(),
+                    target()
+                ),
+                (
+                    "mine.tar.zst".into(),
+                    Some(PathBuf::from("/elsewhere.tar.zst"))
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_link_of_that_name_pointing_elsewhere_is_replaced() {
+        let r = root(Some(&cmdline(HASH)));
+        let dir = r.path().join(K3S_IMAGES_DIR);
+        fs::create_dir_all(&dir).expect("dir");
+        let name = "k3s-airgap-images-0123456789abcdef.tar.zst";
+        std::os::unix::fs::symlink("/wrong", dir.join(name)).expect("wrong link");
+        link_airgap_images(r.path()).expect("linked");
+        assert_eq!(fs::read_link(dir.join(name)).ok(), target());
+    }
+
+    #[test]
+    fn without_a_root_hash_the_link_is_unkeyed_and_the_cache_off() {
+        let r = root(Some(&cmdline(HASH)));
+        link_airgap_images(r.path()).expect("keyed");
+        fs::write(r.path().join("proc/cmdline"), "console=ttyS0\n").expect("no params");
+        link_airgap_images(r.path()).expect("unkeyed");
+        assert_eq!(
+            listing(r.path()),
+            vec![(UNKEYED_LINK.to_string(), target())],
+            "an unkeyed name could hide a new bundle from the cache"
+        );
+    }
+
+    #[test]
+    fn an_image_without_airgap_images_gets_no_images_folder() {
+        let r = tempfile::tempdir().expect("tempdir");
+        link_airgap_images(r.path()).expect("nothing to do");
+        assert!(!r.path().join(K3S_IMAGES_DIR).exists());
+    }
 }
