@@ -175,15 +175,27 @@ pub struct JoinStatus {
     pub last_error: Option<String>,
 }
 
+/// The join's state on the wire: lowercase, words joined by `-`.
+///
+/// `agent-started` was `joined` before registration was told apart; a status from such
+/// a node still reads (`joined` is taken as `agent-started`, which is all it proved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum JoinState {
     /// No `[cluster]` config: waiting to be promoted.
     Standby,
     /// A join config was applied; `k3s agent` is being started.
     Joining,
-    /// `k3s agent` runs with the applied config.
-    Joined,
+    /// `k3s agent` was started with the applied config, but K3s has not issued this run
+    /// of it the node's kubelet credentials (yet): the token's password is not proven.
+    #[serde(alias = "joined")]
+    AgentStarted,
+    /// K3s issued the running agent the node's kubelet client certificate: the server
+    /// accepted the token's password and registered the node.
+    Registered,
+    /// The agent keeps exiting without registering; see [`JoinStatus::last_error`].
+    /// A new `[cluster]` may replace the config.
+    CrashLooping,
     /// The join was refused or failed; see [`JoinStatus::last_error`].
     Failed,
 }
@@ -193,10 +205,22 @@ impl JoinState {
         match self {
             JoinState::Standby => "standby",
             JoinState::Joining => "joining",
-            JoinState::Joined => "joined",
+            JoinState::AgentStarted => "agent-started",
+            JoinState::Registered => "registered",
+            JoinState::CrashLooping => "crash-looping",
             JoinState::Failed => "failed",
         }
     }
+
+    /// Every state, in the order a join goes through them.
+    pub const ALL: [JoinState; 6] = [
+        JoinState::Standby,
+        JoinState::Joining,
+        JoinState::AgentStarted,
+        JoinState::Registered,
+        JoinState::CrashLooping,
+        JoinState::Failed,
+    ];
 }
 
 impl std::fmt::Display for JoinState {
@@ -273,19 +297,33 @@ mod tests {
 
     #[test]
     fn join_state_is_lowercase_on_the_wire() {
-        for (state, name) in [
+        let names = [
             (JoinState::Standby, "standby"),
             (JoinState::Joining, "joining"),
-            (JoinState::Joined, "joined"),
+            (JoinState::AgentStarted, "agent-started"),
+            (JoinState::Registered, "registered"),
+            (JoinState::CrashLooping, "crash-looping"),
             (JoinState::Failed, "failed"),
-        ] {
+        ];
+        for (state, name) in names {
             assert_eq!(
                 serde_json::to_string(&state).expect("json"),
                 format!("\"{name}\"")
             );
             assert_eq!(state.to_string(), name);
+            assert_eq!(
+                serde_json::from_str::<JoinState>(&format!("\"{name}\"")).expect("parse"),
+                state
+            );
         }
+        assert_eq!(JoinState::ALL.to_vec(), names.map(|(s, _)| s).to_vec());
         assert!(serde_json::from_str::<JoinState>("\"Joined\"").is_err());
+        assert!(serde_json::from_str::<JoinState>("\"agent_started\"").is_err());
+        // An older node's `joined` proved only that the agent started.
+        assert_eq!(
+            serde_json::from_str::<JoinState>("\"joined\"").expect("parse"),
+            JoinState::AgentStarted
+        );
     }
 
     #[test]

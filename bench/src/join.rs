@@ -646,7 +646,7 @@ mod tests {
                 agent_exec_ms: Some(exec),
                 agent: Some((0.9, AgentLine::CaCheckPassed)),
             },
-            joined_state: Some(JoinState::Joined),
+            joined_state: Some(JoinState::AgentStarted),
             ..JoinRun::default()
         }
     }

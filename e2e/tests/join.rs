@@ -2,7 +2,8 @@
 //! (reached through a QEMU host forward), refuses strangers and bad input, and joins
 //! when told: the image carries the **K3s agent double** as its `k3s`, and a **K3s
 //! server double** on the host's loopback serves `/cacerts` (the guest reaches it as
-//! 10.0.2.2). Neither double is K3s; see the README.
+//! 10.0.2.2), and issues the kubelet client certificate only for a token's password the
+//! server knows. Neither double is K3s; see the README.
 
 mod common;
 
@@ -91,6 +92,10 @@ impl Pki {
     }
 }
 
+fn sha(s: &str) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()))
+}
+
 /// A free port on the host's loopback for QEMU's forward of the node API.
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -133,6 +138,39 @@ fn wait_for_api(vm: &Vm, client: &NodeClient) -> anyhow::Result<()> {
             }
             Err(_) => std::thread::sleep(Duration::from_millis(500)),
         }
+    }
+}
+
+/// Polls status until the join is in `want`; fails if it ever shows one of `never`.
+fn wait_for_join(
+    vm: &Vm,
+    client: &NodeClient,
+    want: JoinState,
+    never: &[JoinState],
+) -> anyhow::Result<basalt_api::node::Status> {
+    let budget = vm.accel().scale(BOOT);
+    let deadline = Instant::now() + budget;
+    loop {
+        let status = client.status()?.body;
+        if status.join.state == want {
+            return Ok(status);
+        }
+        anyhow::ensure!(
+            !never.contains(&status.join.state),
+            "join state {} while waiting for {want}: {:?}",
+            status.join.state,
+            status.join
+        );
+        if Instant::now() > deadline {
+            return Err(common::dump(
+                vm,
+                basalt_qemu::HarnessError::Timeout {
+                    what: format!("join state {want}; last {:?}", status.join),
+                    timeout: budget,
+                },
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -248,32 +286,78 @@ fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() 
     );
     assert!(!vm.serial().contains("[basalt] joined t="));
 
-    // The right token: the agent double runs with exactly what it was given.
+    // The right CA, a password the server does not know: the CA check passes and the
+    // agent starts, but K3s issues no kubelet credentials. The agent double exits 1 and
+    // the supervisor restarts it: crash-looping, never registered.
+    let wrong_password = server.token_unknown_to_server("wrong-pw");
+    let applied = ops.apply(pki.config(&cluster(&wrong_password)))?;
+    assert!(applied.body.applied, "{}", applied.raw);
+    assert_eq!(
+        applied.body.join.state,
+        JoinState::AgentStarted,
+        "{}",
+        applied.raw
+    );
+    expect_line(&mut vm, "[basalt] joined t=", BOOT)?;
+    let refused = expect_line(&mut vm, "k3s-agent-double: registration failed: ", BOOT)?;
+    assert!(
+        refused.contains("/v1-k3s/client-kubelet.crt: 401 Unauthorized"),
+        "{refused}"
+    );
+    let status = wait_for_join(&vm, &ops, JoinState::CrashLooping, &[JoinState::Registered])?;
+    let why = status.join.last_error.clone().unwrap_or_default();
+    assert!(why.contains("401 Unauthorized"), "{status:?}");
+    assert!(why.contains("exit 1"), "{status:?}");
+    assert!(server.registered_nodes().is_empty(), "nothing registered");
+    let agent = status.services.iter().find(|s| s.name == "k3s");
+    assert!(
+        agent.is_some_and(|a| a.restarts >= 3),
+        "{:?}",
+        status.services
+    );
+
+    // The corrected [cluster] replaces the crash-looping one (no 409), and the agent
+    // starts again with it and registers.
     let token = server.token("secret");
     let applied = ops.apply(pki.config(&cluster(&token)))?;
     assert!(applied.body.applied, "{}", applied.raw);
-    expect_line(&mut vm, "[basalt] joined t=", BOOT)?;
-    let line = expect_line(&mut vm, "k3s-agent-double: config ", BOOT)?;
+    assert!(
+        applied.body.message.contains("starts again"),
+        "{}",
+        applied.raw
+    );
+    let line = expect_line(&mut vm, &format!("token-sha256={}", sha(&token)), BOOT)?;
     let url = server.url_for("10.0.2.2");
     for want in [
         format!("server={url}"),
         "node-name=warm-1".to_string(),
         r#"labels=["example.com/pool=warm"]"#.to_string(),
         r#"taints=["dedicated=test:NoSchedule"]"#.to_string(),
-        format!(
-            "token-sha256={}",
-            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()))
-        ),
     ] {
         assert!(line.contains(&want), "{line:?} lacks {want:?}");
     }
-    expect_line(&mut vm, "k3s-agent-double: ca-check passed", BOOT)?;
+    expect_line(
+        &mut vm,
+        "k3s-agent-double: registered node-name=warm-1 ",
+        BOOT,
+    )?;
+    let status = wait_for_join(&vm, &ops, JoinState::Registered, &[])?;
+    assert_eq!(status.join.last_error, None, "{status:?}");
+    assert_eq!(server.registered_nodes(), ["warm-1"]);
     assert!(
         server.requests("/cacerts") >= 2,
         "PID1 and the agent both checked"
     );
-    let status = ops.status()?.body;
-    assert_eq!(status.join.state, JoinState::Joined, "{status:?}");
+    // Registered: another [cluster] is refused now.
+    match ops.apply(pki.config(&cluster(&wrong_password))) {
+        Err(NodeError::Api {
+            status, message, ..
+        }) => {
+            assert_eq!(status, 409, "{message}");
+            assert!(message.contains("registered"), "{message}");
+        }
+        other => anyhow::bail!("expected 409, got {other:?}"),
+    }
 
     // Reboot through the API (-no-reboot turns it into QEMU's exit), then boot the same
     // disk without fw_cfg: the node joins again from STATE without being told.
@@ -287,15 +371,33 @@ fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() 
     expect_line(&mut again, "k3s-agent-double: ca-check passed", BOOT)?;
     let ops2 = pki.as_client("ops", port2)?;
     wait_for_api(&again, &ops2)?;
-    assert_eq!(ops2.status()?.body.join.state, JoinState::Joined);
+    // The certificate of the first boot is older than this run of the agent: only the
+    // one it fetches again makes the node registered.
+    expect_line(
+        &mut again,
+        "k3s-agent-double: registered node-name=warm-1 ",
+        BOOT,
+    )?;
+    wait_for_join(
+        &again,
+        &ops2,
+        JoinState::Registered,
+        &[JoinState::CrashLooping],
+    )?;
 
     // The token's password reaches K3s and nothing else: not the console of either boot.
     for console in [vm.serial(), again.serial()] {
         assert!(!console.contains(&token), "the token is on the console");
         assert!(
-            !console.contains(":secret"),
-            "the token's password is on the console"
+            !console.contains(&wrong_password),
+            "a token is on the console"
         );
+        for password in [":secret", "wrong-pw"] {
+            assert!(
+                !console.contains(password),
+                "a token's password is on the console"
+            );
+        }
     }
     Ok(())
 }

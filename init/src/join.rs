@@ -14,15 +14,30 @@
 //! worker thread, retried with backoff for as long as it fails, with the last error in
 //! status. A later apply supersedes a boot join still trying.
 //!
-//! Applying again once the agent runs: the same config is a no-op; one with the same
-//! `[cluster]` and other changes (a rotated `[api]` certificate, say) is saved and kept
-//! for the API and the next boot while the agent runs on ([`Applied::Updated`]); one
-//! with another `[cluster]` is refused ([`ApplyError::AlreadyJoined`], HTTP 409). A
-//! node's cluster identity is changed by replacing the node, not by re-joining it under
-//! a running agent.
+//! Started is not registered. The CA check proves the server, not the token's password:
+//! only K3s's answer to the agent's credentials does. So status reads the agent's state
+//! from the supervisor and the disk ([`Host::agent_run`], [`agent_state`]):
+//! `agent-started` once it was started, `registered` once K3s has issued this run of it
+//! the node's kubelet client certificate (`client-kubelet.crt` under K3s's data dir is
+//! younger than the running process: K3s writes it on every start, after the server
+//! took the password), `crash-looping` when the supervisor restarted it
+//! [`CRASH_LOOP_RESTARTS`] times within [`CRASH_LOOP_WINDOW`] without it registering.
+//!
+//! Applying again once the agent is supervised: the same config is a no-op; one with the
+//! same `[cluster]` and other changes (a rotated `[api]` certificate, say) is saved and
+//! kept for the API and the next boot while the agent runs on ([`Applied::Updated`]).
+//! Another `[cluster]` is refused with HTTP 409 ([`ApplyError::AlreadyJoined`]) only
+//! while the agent runs registered: a node's cluster identity is changed by replacing
+//! the node, not by re-joining it under a running agent. An agent that is not registered
+//! (crash-looping, waiting to be restarted, or running but refused by the server, as
+//! real K3s keeps retrying in-process) proves nothing worth keeping, so a new
+//! `[cluster]` replaces the old one: checked, saved, and the agent started again at
+//! once with it. A config without `[cluster]` cannot stop a supervised agent
+//! ([`ApplyError::AgentSupervised`], 409).
 
 mod node;
 
+pub use node::agent_run_of;
 pub use node::{agent_spec, bind_rancher, prepare_standby, write_secret, NodeHost};
 
 use crate::pid1::console;
@@ -49,6 +64,19 @@ pub const RANCHER_STATE: &str = "var/lib/basalt/rancher";
 const AIRGAP_IMAGES: &str = "usr/share/basalt/k3s-airgap-images-amd64.tar.zst";
 /// Where K3s imports images from at start.
 const K3S_IMAGES_DIR: &str = "var/lib/rancher/k3s/agent/images";
+/// The kubelet client certificate K3s writes, relative to the root, once the server has
+/// accepted the token's password and registered the node (K3s's default data dir;
+/// basalt sets no other).
+pub const KUBELET_CLIENT_CERT: &str = "var/lib/rancher/k3s/agent/client-kubelet.crt";
+/// Supervisor restarts within [`CRASH_LOOP_WINDOW`] that make an unregistered agent
+/// `crash-looping`. With the agent's backoff (1 s doubling), an agent that fails at
+/// once gets there within about 10 s.
+pub const CRASH_LOOP_RESTARTS: usize = 3;
+/// See [`CRASH_LOOP_RESTARTS`]; restarts from before the last (re)start with a new
+/// config do not count.
+pub const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(600);
+/// The longest agent line quoted in status.
+const LAST_LINE_MAX: usize = 300;
 /// Each request of the CA check.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a boot join waits for the network before its first try.
@@ -80,10 +108,15 @@ pub enum JoinError {
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(
-        "k3s agent already runs, joined to {server}; a joined node takes no other [cluster] \
+        "k3s agent runs registered with {server}; a registered node takes no other [cluster] \
          (replace the node to change its cluster; other sections may change)"
     )]
     AlreadyJoined { server: String },
+    #[error(
+        "k3s agent is supervised for {server}; a config without [cluster] cannot stop it \
+         (send a corrected [cluster], or replace the node)"
+    )]
+    AgentSupervised { server: String },
     #[error(transparent)]
     Persist(JoinError),
 }
@@ -95,6 +128,9 @@ pub enum Applied {
     Standby,
     /// Persisted, `k3s agent` started `exec` after the request arrived.
     Joined { exec: Duration },
+    /// Another `[cluster]` replaced the one of an agent that had not registered:
+    /// persisted, and the agent told to start again with it.
+    Replaced,
     /// The same config the agent already runs with.
     Unchanged,
     /// The agent runs with the same `[cluster]`; the rest of the config changed and was
@@ -131,6 +167,60 @@ impl CaChecker for NetworkCheck {
     }
 }
 
+/// The supervised agent as the host sees it now, times as ages (see [`agent_state`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentRun {
+    /// How long the current process has run; `None` when none runs.
+    pub running_for: Option<Duration>,
+    /// The ages of the supervisor's restarts.
+    pub restart_ages: Vec<Duration>,
+    /// How the last run ended (`exit 1`).
+    pub last_exit: Option<String>,
+    /// The last line the agent wrote.
+    pub last_line: Option<String>,
+    /// The age of [`KUBELET_CLIENT_CERT`]; `None` when there is none.
+    pub credentials_age: Option<Duration>,
+}
+
+/// The join state a supervised agent is in, and why, from `run` and the time since it
+/// was last started with a new config (`since_start`).
+pub fn agent_state(run: &AgentRun, since_start: Duration) -> (JoinState, Option<String>) {
+    if let (Some(up), Some(age)) = (run.running_for, run.credentials_age) {
+        // Written by this run of the agent, so after the server took the password.
+        if age <= up {
+            return (JoinState::Registered, None);
+        }
+    }
+    let window = CRASH_LOOP_WINDOW.min(since_start);
+    let recent = run.restart_ages.iter().filter(|a| **a <= window).count();
+    let exit = run.last_exit.as_deref().unwrap_or("no exit seen");
+    let line = run.last_line.as_deref().map_or_else(String::new, |l| {
+        let mut l = l.to_owned();
+        if l.len() > LAST_LINE_MAX {
+            let mut cut = LAST_LINE_MAX;
+            while !l.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            l.truncate(cut);
+            l.push('…');
+        }
+        format!("; its last line: {l}")
+    });
+    if recent >= CRASH_LOOP_RESTARTS {
+        let error = format!(
+            "k3s agent was restarted {recent} times in the last {} s without registering \
+             (last exit: {exit}){line}",
+            window.as_secs()
+        );
+        return (JoinState::CrashLooping, Some(error));
+    }
+    if run.running_for.is_none() && run.last_exit.is_some() {
+        let error = format!("k3s agent exited ({exit}) and is restarted with backoff{line}");
+        return (JoinState::AgentStarted, Some(error));
+    }
+    (JoinState::AgentStarted, None)
+}
+
 /// The side effects of a join; a trait so tests record them.
 pub trait Host: Send + Sync {
     /// Saves the applied config (TOML as received) where the next boot finds it.
@@ -141,6 +231,11 @@ pub trait Host: Send + Sync {
     fn write_k3s_config(&self, json: &str) -> Result<(), JoinError>;
     /// Starts `k3s agent` under supervision.
     fn start_agent(&self) -> Result<(), JoinError>;
+    /// Starts the supervised agent again now, with the config just written.
+    fn restart_agent(&self) -> Result<(), JoinError>;
+    /// The supervised agent now; `None` when that is not known (no agent, or PID1's
+    /// loop did not answer).
+    fn agent_run(&self) -> Option<AgentRun>;
 }
 
 /// Backoff of a boot join's retries.
@@ -172,6 +267,8 @@ struct Inner {
     generation: u64,
     /// The config `k3s agent` was started with.
     agent: Option<MachineConfig>,
+    /// When the agent was last started with a new config.
+    started: Option<Instant>,
 }
 
 /// The node's way into the cluster, shared by the API threads and the boot join.
@@ -198,6 +295,7 @@ impl Joiner {
                 },
                 generation: 0,
                 agent: None,
+                started: None,
             }),
             apply_lock: Mutex::new(()),
         }
@@ -207,8 +305,29 @@ impl Joiner {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The join's status; for a started agent, its state now (see the module docs).
     pub fn status(&self) -> JoinStatus {
-        self.inner().status.clone()
+        let (mut status, started) = {
+            let inner = self.inner();
+            (inner.status.clone(), inner.started)
+        };
+        if status.state == JoinState::AgentStarted {
+            // Asked outside the lock: it is a round trip to PID1's main loop.
+            if let (Some(run), Some(started)) = (self.host.agent_run(), started) {
+                let (state, error) = agent_state(&run, started.elapsed());
+                status.last_error = match state {
+                    JoinState::Registered => None,
+                    _ => error.or(status.last_error),
+                };
+                status.state = state;
+            }
+        }
+        status
+    }
+
+    /// Whether the supervised agent is registered now.
+    fn registered(&self) -> bool {
+        self.status().state == JoinState::Registered
     }
 
     fn set(&self, state: JoinState, server: Option<&str>, last_error: Option<String>) {
@@ -228,6 +347,10 @@ impl Joiner {
         received: Instant,
     ) -> Result<Applied, ApplyError> {
         let _one = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let supervised = self.inner().agent.is_some();
+        // Asked before the inner lock is taken: a round trip to PID1's main loop.
+        let registered = supervised && self.registered();
+        let mut replace = false;
         {
             let mut inner = self.inner();
             if let Some(running) = &inner.agent {
@@ -244,7 +367,13 @@ impl Joiner {
                     .cluster
                     .as_ref()
                     .map_or_else(String::new, |c| c.server.as_str().to_owned());
-                return Err(ApplyError::AlreadyJoined { server });
+                if config.cluster.is_none() {
+                    return Err(ApplyError::AgentSupervised { server });
+                }
+                if registered {
+                    return Err(ApplyError::AlreadyJoined { server });
+                }
+                replace = true;
             }
             inner.generation += 1;
         }
@@ -265,7 +394,13 @@ impl Joiner {
             self.set(JoinState::Failed, Some(server), Some(console::chain(&e)));
             return Err(ApplyError::Persist(e));
         }
-        match self.activate(config) {
+        if replace {
+            console::info(&format!(
+                "join: the agent is not registered; replacing its [cluster] with {server}"
+            ));
+        }
+        match self.activate(config, replace) {
+            Activation::Running if replace => Ok(Applied::Replaced),
             Activation::Running => {
                 let exec = received.elapsed();
                 console::info(&format!(
@@ -280,28 +415,44 @@ impl Joiner {
         }
     }
 
-    /// Writes K3s's config and starts the agent; the status says how it went.
-    fn activate(&self, config: &MachineConfig) -> Activation {
+    /// Writes K3s's config and starts the agent (again at once, with `restart`, for an
+    /// agent already supervised); the status says how it went.
+    fn activate(&self, config: &MachineConfig, restart: bool) -> Activation {
         let server = config.cluster.as_ref().map(|c| c.server.as_str());
         let result = config
             .k3s_config_json(self.host.node_ip(config))
             .ok_or_else(|| JoinError::Start("the config has no [cluster]".into()))
             .and_then(|json| self.host.write_k3s_config(&json))
-            .and_then(|()| self.host.start_agent());
+            .and_then(|()| {
+                if restart {
+                    self.host.restart_agent()
+                } else {
+                    self.host.start_agent()
+                }
+            });
         let supervised = matches!(result, Ok(()) | Err(JoinError::NotRunning(_)));
         if supervised {
-            self.inner().agent = Some(config.clone());
+            let mut inner = self.inner();
+            inner.agent = Some(config.clone());
+            inner.started = Some(Instant::now());
         }
         match result {
             Ok(()) => {
-                self.set(JoinState::Joined, server, None);
+                self.set(JoinState::AgentStarted, server, None);
+                // The agent's start, the console's `joined`; registration is in status.
                 console::milestone(Milestone::Joined);
                 Activation::Running
             }
             Err(e) => {
                 console::error("join", &e);
                 let error = console::chain(&e);
-                self.set(JoinState::Failed, server, Some(error.clone()));
+                // Supervised, it may yet run and register: status follows it.
+                let state = if supervised {
+                    JoinState::AgentStarted
+                } else {
+                    JoinState::Failed
+                };
+                self.set(state, server, Some(error.clone()));
                 if supervised {
                     Activation::Supervised(error)
                 } else {
@@ -356,7 +507,7 @@ impl Joiner {
                     if self.superseded(generation) {
                         return;
                     }
-                    match self.activate(config) {
+                    match self.activate(config, false) {
                         Activation::Running | Activation::Supervised(_) => return,
                         Activation::Failed(error) => (JoinState::Failed, error),
                     }

@@ -3,12 +3,19 @@
 //!
 //! - [`K3sServerDouble`]: the host side. A TLS listener with its own CA that answers the
 //!   two requests a joining agent makes before it sends credentials, `GET /cacerts` and
-//!   `GET /ping`, and hands out K3s-format tokens pinning that CA.
+//!   `GET /ping`, hands out K3s-format tokens pinning that CA, and issues the kubelet
+//!   client certificate (`GET /v1-k3s/client-kubelet.crt`) to an agent that presents a
+//!   token's password, as K3s's supervisor does when it registers a node.
 //! - the `k3s-agent-double` binary: the guest side, carried by the test image as its `k3s`
 //!   input. Run as `k3s agent --config FILE`, it reads the config basalt-init wrote,
 //!   performs the same CA-hash check `k3s agent` does (through
-//!   [`basalt_api::k3s::check_server_ca`]), prints what it was given on lines starting
+//!   [`basalt_api::k3s::check_server_ca`]), fetches its kubelet client certificate with
+//!   the token's password and writes it where K3s does
+//!   (`<data-dir>/agent/client-kubelet.crt`), prints what it was given on lines starting
 //!   with [`LINE_PREFIX`], and stays up until SIGTERM. Its logic is in [`agent`].
+//!   Where K3s retries a refused registration in-process every 5 s, the double exits 1:
+//!   either way the node never registers; the double's way lets a test see PID1's
+//!   crash-loop report.
 //!
 //! The real pinned K3s is what `images/k3s-node.toml` builds with; nothing here is
 //! installed into a production image.
@@ -17,7 +24,7 @@ pub mod agent;
 mod server;
 mod static_build;
 
-pub use server::{K3sServerDouble, ServerDoubleError};
+pub use server::{K3sServerDouble, ServerDoubleError, AGENT_USER, CLIENT_KUBELET_PATH};
 pub use static_build::build_agent_double;
 
 /// Every line the agent double prints starts with this, so a test can pick its lines out

@@ -1,6 +1,7 @@
-//! A test double of a K3s server, not K3s: `/cacerts` and `/ping` over TLS, its own CA.
+//! A test double of a K3s server, not K3s: `/cacerts` and `/ping` over TLS, its own CA,
+//! and the kubelet client certificate behind the token's password.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,11 @@ use rustls::{ServerConfig, ServerConnection, StreamOwned};
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the accept loop looks at the stop flag.
 const POLL: Duration = Duration::from_millis(10);
+/// The route K3s's supervisor serves a node its kubelet client certificate on.
+pub const CLIENT_KUBELET_PATH: &str = "/v1-k3s/client-kubelet.crt";
+/// The user a K3s agent presents its token's password as (K3s's agent rewrites the
+/// token's user to `node` before its first authenticated request).
+pub const AGENT_USER: &str = "node";
 
 /// Why the server double could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +44,16 @@ pub enum ServerDoubleError {
 /// sees it —, `169.254.0.2` — the same on the cold-path test's link-local network — and
 /// `localhost`), answers `GET /cacerts` with the CA's PEM and `GET /ping`
 /// with `pong`, and counts requests per path. Dropping it stops the listener.
+///
+/// `GET /v1-k3s/client-kubelet.crt` is K3s's supervisor route that issues a node its
+/// kubelet client certificate, the moment a node is registered. As K3s does, it wants
+/// HTTP basic auth as user [`AGENT_USER`] with a password the server knows (every
+/// password a [`token`](Self::token) was minted with), and the headers `K3s-Node-Name`
+/// and `K3s-Node-Password`. Answers, as K3s's: no credentials → 403; a wrong password
+/// or an unknown user → 401; the `server` user → 403 (not an agent role); no node name
+/// → 400; a node password other than the one that node first presented → 403; else
+/// 200 with the certificate chain (a fresh leaf for `system:node:<name>` in
+/// `system:nodes`, then the CA) followed by its private key, all PEM.
 pub struct K3sServerDouble {
     addr: SocketAddr,
     ca_pem: String,
@@ -48,12 +64,19 @@ pub struct K3sServerDouble {
 struct Shared {
     stop: AtomicBool,
     requests: Mutex<BTreeMap<String, usize>>,
+    ca_pem: String,
+    /// Signs the kubelet client certificates.
+    issuer: Issuer<'static, KeyPair>,
+    /// The passwords of the tokens minted so far: the server's token file.
+    passwords: Mutex<BTreeSet<String>>,
+    /// Node name → the node password it first presented (K3s's node-password secrets).
+    node_passwords: Mutex<BTreeMap<String, String>>,
 }
 
 impl K3sServerDouble {
     /// Starts the double on `addr` (`127.0.0.1:0` for any free port).
     pub fn start(addr: impl ToSocketAddrs) -> Result<K3sServerDouble, ServerDoubleError> {
-        let (ca_pem, config) = pki()?;
+        let (ca_pem, issuer, config) = pki()?;
         let listener = TcpListener::bind(addr).map_err(ServerDoubleError::Bind)?;
         listener
             .set_nonblocking(true)
@@ -62,11 +85,14 @@ impl K3sServerDouble {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             requests: Mutex::new(BTreeMap::new()),
+            ca_pem: ca_pem.clone(),
+            issuer,
+            passwords: Mutex::new(BTreeSet::new()),
+            node_passwords: Mutex::new(BTreeMap::new()),
         });
-        let body = Arc::new(ca_pem.clone());
         let accept = {
             let shared = shared.clone();
-            std::thread::spawn(move || accept_loop(listener, Arc::new(config), body, shared))
+            std::thread::spawn(move || accept_loop(listener, Arc::new(config), shared))
         };
         Ok(K3sServerDouble {
             addr,
@@ -96,8 +122,17 @@ impl K3sServerDouble {
         &self.ca_pem
     }
 
-    /// A secure K3s token for this server: `K10<CA hash>::server:<password>`.
+    /// A secure K3s token for this server: `K10<CA hash>::server:<password>`. The server
+    /// accepts `password` from now on, as K3s accepts its token's.
     pub fn token(&self, password: &str) -> String {
+        lock(&self.shared.passwords).insert(password.to_owned());
+        self.token_unknown_to_server(password)
+    }
+
+    /// A token that pins this server's CA, with a password the server does not accept
+    /// (unless a [`token`](Self::token) was minted with it): a CA check passes, the
+    /// credentials do not.
+    pub fn token_unknown_to_server(&self, password: &str) -> String {
         // The bundle is our own PEM certificate, so hashing it cannot fail; an empty hash
         // would make a token the agent refuses, which a test would notice.
         let hash = basalt_api::k3s::ca_hash(self.ca_pem.as_bytes()).unwrap_or_default();
@@ -106,22 +141,17 @@ impl K3sServerDouble {
 
     /// Requests answered so far for `path` (e.g. `/cacerts`), whatever their outcome.
     pub fn requests(&self, path: &str) -> usize {
-        let map = self
-            .shared
-            .requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        map.get(path).copied().unwrap_or(0)
+        lock(&self.shared.requests).get(path).copied().unwrap_or(0)
     }
 
     /// Requests answered so far, all paths together.
     pub fn total_requests(&self) -> usize {
-        let map = self
-            .shared
-            .requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        map.values().sum()
+        lock(&self.shared.requests).values().sum()
+    }
+
+    /// The nodes issued a kubelet client certificate so far, by name.
+    pub fn registered_nodes(&self) -> Vec<String> {
+        lock(&self.shared.node_passwords).keys().cloned().collect()
     }
 }
 
@@ -143,8 +173,12 @@ impl Drop for K3sServerDouble {
     }
 }
 
-/// The CA's PEM and a TLS config serving a certificate it signed.
-fn pki() -> Result<(String, ServerConfig), ServerDoubleError> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The CA's PEM, the CA as an issuer, and a TLS config serving a certificate it signed.
+fn pki() -> Result<(String, Issuer<'static, KeyPair>, ServerConfig), ServerDoubleError> {
     let cert_err = ServerDoubleError::Certificate;
     let ca_key = KeyPair::generate().map_err(cert_err)?;
     let mut ca = CertificateParams::default();
@@ -189,23 +223,18 @@ fn pki() -> Result<(String, ServerConfig), ServerDoubleError> {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         )
         .map_err(ServerDoubleError::Tls)?;
-    Ok((ca_cert.pem(), config))
+    Ok((ca_cert.pem(), issuer, config))
 }
 
-fn accept_loop(
-    listener: TcpListener,
-    config: Arc<ServerConfig>,
-    ca_pem: Arc<String>,
-    shared: Arc<Shared>,
-) {
+fn accept_loop(listener: TcpListener, config: Arc<ServerConfig>, shared: Arc<Shared>) {
     while !shared.stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((sock, _)) => {
-                let (config, ca_pem, shared) = (config.clone(), ca_pem.clone(), shared.clone());
+                let (config, shared) = (config.clone(), shared.clone());
                 // One thread per connection: a client that stalls mid-handshake must not
                 // hold up the next one. Errors end that connection only.
                 std::thread::spawn(move || {
-                    let _ = serve(sock, config, &ca_pem, &shared);
+                    let _ = serve(sock, config, &shared);
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
@@ -214,12 +243,7 @@ fn accept_loop(
     }
 }
 
-fn serve(
-    sock: TcpStream,
-    config: Arc<ServerConfig>,
-    ca_pem: &str,
-    shared: &Shared,
-) -> io::Result<()> {
+fn serve(sock: TcpStream, config: Arc<ServerConfig>, shared: &Shared) -> io::Result<()> {
     sock.set_nonblocking(false)?;
     sock.set_read_timeout(Some(IO_TIMEOUT))?;
     sock.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -228,33 +252,120 @@ fn serve(
     let head = read_head(&mut tls)?;
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
-    let (status, body): (&str, &[u8]) = match req.parse(&head) {
+    let (status, body): (&str, Vec<u8>) = match req.parse(&head) {
         Ok(httparse::Status::Complete(_)) => {
             let path = req.path.unwrap_or_default().to_owned();
+            let text = |s: &str| s.as_bytes().to_vec();
             let answer = match (req.method.unwrap_or_default(), path.as_str()) {
-                ("GET", "/cacerts") => ("200 OK", ca_pem.as_bytes()),
-                ("GET", "/ping") => ("200 OK", b"pong".as_slice()),
-                ("GET", _) => ("404 Not Found", b"not found\n".as_slice()),
-                _ => ("405 Method Not Allowed", b"method not allowed\n".as_slice()),
+                ("GET", "/cacerts") => ("200 OK", text(&shared.ca_pem)),
+                ("GET", "/ping") => ("200 OK", text("pong")),
+                ("GET", CLIENT_KUBELET_PATH) => client_kubelet(req.headers, shared),
+                ("GET", _) => ("404 Not Found", text("not found\n")),
+                _ => ("405 Method Not Allowed", text("method not allowed\n")),
             };
-            *shared
-                .requests
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(path)
-                .or_default() += 1;
+            *lock(&shared.requests).entry(path).or_default() += 1;
             answer
         }
-        _ => ("400 Bad Request", b"bad request\n".as_slice()),
+        _ => ("400 Bad Request", b"bad request\n".to_vec()),
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     tls.write_all(head.as_bytes())?;
-    tls.write_all(body)?;
+    tls.write_all(&body)?;
     tls.conn.send_close_notify();
     tls.flush()
+}
+
+fn header<'a>(headers: &'a [httparse::Header<'_>], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+}
+
+/// K3s's `/v1-k3s/client-kubelet.crt`: see [`K3sServerDouble`] for the answers.
+fn client_kubelet(headers: &[httparse::Header<'_>], shared: &Shared) -> (&'static str, Vec<u8>) {
+    let text = |s: &str| s.as_bytes().to_vec();
+    let Some(auth) = header(headers, "Authorization") else {
+        return ("403 Forbidden", text("forbidden\n"));
+    };
+    let Some((user, password)) = basic_auth(auth) else {
+        return ("401 Unauthorized", text("not authorized\n"));
+    };
+    let known = lock(&shared.passwords).contains(&password);
+    match user.as_str() {
+        AGENT_USER if known => {}
+        // K3s's `server` user has the server role only, not the agent's.
+        "server" if known => return ("403 Forbidden", text("forbidden\n")),
+        _ => return ("401 Unauthorized", text("not authorized\n")),
+    }
+    let Some(node) = header(headers, "K3s-Node-Name").filter(|n| !n.is_empty()) else {
+        return ("400 Bad Request", text("header node name not set\n"));
+    };
+    let Some(node_password) = header(headers, "K3s-Node-Password").filter(|p| !p.is_empty()) else {
+        return ("400 Bad Request", text("header node password not set\n"));
+    };
+    {
+        let mut nodes = lock(&shared.node_passwords);
+        let first = nodes
+            .entry(node.to_owned())
+            .or_insert_with(|| node_password.to_owned());
+        if first != node_password {
+            return (
+                "403 Forbidden",
+                text("unable to verify password for node\n"),
+            );
+        }
+    }
+    match kubelet_client_cert(node, shared) {
+        Ok(pem) => ("200 OK", pem.into_bytes()),
+        Err(_) => ("500 Internal Server Error", text("certificate\n")),
+    }
+}
+
+/// `Basic base64(user:password)` → (user, password).
+fn basic_auth(value: &str) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let raw = String::from_utf8(raw).ok()?;
+    let (user, password) = raw.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+/// A fresh key and a client certificate for `system:node:<node>` in `system:nodes`:
+/// the leaf, the CA, then the key, as K3s's supervisor answers.
+fn kubelet_client_cert(node: &str, shared: &Shared) -> Result<String, rcgen::Error> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("system:node:{node}"));
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "system:nodes");
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &shared.issuer)?;
+    Ok(format!(
+        "{}{}{}",
+        cert.pem(),
+        shared.ca_pem,
+        key.serialize_pem()
+    ))
 }
 
 /// The request head, up to and including the blank line; at most 16 KiB.

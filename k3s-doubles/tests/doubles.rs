@@ -7,7 +7,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use k3s_doubles::{K3sServerDouble, LINE_PREFIX};
+use k3s_doubles::{K3sServerDouble, CLIENT_KUBELET_PATH, LINE_PREFIX};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sha2::{Digest, Sha256};
@@ -23,8 +23,14 @@ struct Agent {
 }
 
 impl Agent {
+    /// Runs the double on `config`, with `data-dir` set to `<dir>/data` unless given, so
+    /// nothing is written outside `dir`.
     fn start(dir: &Path, config: &serde_json::Value) -> Agent {
         let path = dir.join("config.yaml");
+        let mut config = config.clone();
+        if config.get("data-dir").is_none() {
+            config["data-dir"] = dir.join("data").to_string_lossy().into();
+        }
         std::fs::write(&path, config.to_string()).expect("write the config");
         let mut child = Command::new(AGENT)
             .args(["agent", "--config"])
@@ -87,6 +93,53 @@ impl Drop for Agent {
     }
 }
 
+/// The files K3s writes, checked by openssl (not by this crate's parser): the
+/// certificate is for `system:node:<node>` in `system:nodes`, for client auth, chains to
+/// the server's CA, and matches the key; both files are 0600.
+fn check_kubelet_credentials(dir: &Path, server: &K3sServerDouble, node: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let cert = dir.join("data/agent/client-kubelet.crt");
+    let key = dir.join("data/agent/client-kubelet.key");
+    for f in [&cert, &key] {
+        let mode = std::fs::metadata(f).expect("written").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+    }
+    let openssl = |args: &[&str]| -> String {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("run openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let cert_s = cert.to_str().expect("UTF-8 path");
+    let subject = openssl(&["x509", "-noout", "-subject", "-in", cert_s]);
+    let compact: String = subject.chars().filter(|c| *c != ' ').collect();
+    assert!(
+        compact.contains(&format!("CN=system:node:{node}")),
+        "{subject}"
+    );
+    assert!(compact.contains("O=system:nodes"), "{subject}");
+    let text = openssl(&["x509", "-noout", "-ext", "extendedKeyUsage", "-in", cert_s]);
+    assert!(text.contains("TLS Web Client Authentication"), "{text}");
+    let ca = dir.join("server-ca.pem");
+    std::fs::write(&ca, server.ca_pem()).expect("write the CA");
+    let verified = openssl(&[
+        "verify",
+        "-CAfile",
+        ca.to_str().expect("UTF-8 path"),
+        cert_s,
+    ]);
+    assert!(verified.trim().ends_with(": OK"), "{verified}");
+    let from_cert = openssl(&["x509", "-noout", "-pubkey", "-in", cert_s]);
+    let from_key = openssl(&["pkey", "-pubout", "-in", key.to_str().expect("UTF-8 path")]);
+    assert_eq!(from_cert, from_key, "the key is the certificate's");
+    // The chain K3s sends: the leaf, then the CA.
+    let text = std::fs::read_to_string(&cert).expect("read the certificate");
+    assert_eq!(text.matches("-----BEGIN CERTIFICATE-----").count(), 2);
+    assert!(text.ends_with(server.ca_pem()) || text.ends_with(&format!("{}\n", server.ca_pem())));
+}
+
 fn sha(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
@@ -114,13 +167,24 @@ fn a_good_token_passes_and_the_agent_runs_until_sigterm() {
         agent.expect_line(&format!("{LINE_PREFIX} ca-check")),
         format!("{LINE_PREFIX} ca-check passed")
     );
+    assert_eq!(
+        agent.expect_line(&format!("{LINE_PREFIX} registered")),
+        format!(
+            "{LINE_PREFIX} registered node-name=warm-1 cert={}",
+            dir.path().join("data/agent/client-kubelet.crt").display()
+        )
+    );
     agent.expect_line(&format!("{LINE_PREFIX} running"));
     assert!(
         agent.child.try_wait().unwrap().is_none(),
         "it keeps running"
     );
-    // One unverified fetch and one verified against the bundle, as K3s does.
-    assert_eq!(server.requests("/cacerts"), 2);
+    // One unverified fetch and one verified against the bundle, as K3s does; one more
+    // for the bundle the double then trusts.
+    assert_eq!(server.requests("/cacerts"), 3);
+    assert_eq!(server.requests(CLIENT_KUBELET_PATH), 1);
+    assert_eq!(server.registered_nodes(), vec!["warm-1".to_string()]);
+    check_kubelet_credentials(dir.path(), &server, "warm-1");
 
     let pid = Pid::from_raw(i32::try_from(agent.child.id()).unwrap());
     kill(pid, Signal::SIGTERM).unwrap();
@@ -195,16 +259,109 @@ fn labels_taints_and_node_ip_are_echoed() {
 fn a_short_token_is_not_pinned() {
     let server = K3sServerDouble::start("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
+    // The server knows the password (a secure token with it was minted); the agent is
+    // given it bare.
+    server.token("just-a-password");
     let mut agent = Agent::start(
         dir.path(),
-        &serde_json::json!({ "server": server.url(), "token": "just-a-password" }),
+        &serde_json::json!({
+            "server": server.url(), "token": "just-a-password", "node-name": "n1",
+        }),
     );
     let line = agent.expect_line(&format!("{LINE_PREFIX} ca-check"));
     assert_eq!(
         line,
         format!("{LINE_PREFIX} ca-check skipped: the token pins no CA hash")
     );
+    agent.expect_line(&format!("{LINE_PREFIX} registered node-name=n1 "));
     agent.expect_line(&format!("{LINE_PREFIX} running"));
+}
+
+#[test]
+fn a_wrong_password_passes_the_ca_check_but_is_not_registered() {
+    let server = K3sServerDouble::start("127.0.0.1:0").unwrap();
+    server.token("right");
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(
+        dir.path(),
+        &serde_json::json!({
+            "server": server.url(),
+            "token": server.token_unknown_to_server("wrong"),
+            "node-name": "warm-1",
+        }),
+    );
+    agent.expect_line(&format!("{LINE_PREFIX} ca-check passed"));
+    let line = agent.expect_line(&format!("{LINE_PREFIX} registration failed"));
+    assert_eq!(
+        line,
+        format!(
+            "{LINE_PREFIX} registration failed: {}{CLIENT_KUBELET_PATH}: 401 Unauthorized",
+            server.url()
+        )
+    );
+    assert_eq!(agent.exit_code(), Some(1));
+    assert_eq!(server.requests(CLIENT_KUBELET_PATH), 1);
+    assert!(server.registered_nodes().is_empty());
+    assert!(!dir.path().join("data/agent/client-kubelet.crt").exists());
+    assert!(!line.contains("wrong"), "no password in the output");
+}
+
+/// K3s's answers on the kubelet certificate route, request by request.
+#[test]
+fn the_kubelet_certificate_route_answers_as_k3s_does() {
+    use base64::Engine as _;
+    let server = K3sServerDouble::start("127.0.0.1:0").unwrap();
+    server.token("pw");
+    let basic = |user: &str, pw: &str| {
+        format!(
+            "Authorization: Basic {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+        )
+    };
+    let node =
+        |name: &str, pw: &str| format!("K3s-Node-Name: {name}\r\nK3s-Node-Password: {pw}\r\n");
+    let status = |extra: String| -> String {
+        use std::io::{Read, Write};
+        let mut tls = tls_client(&server);
+        tls.write_all(
+            format!(
+                "GET {CLIENT_KUBELET_PATH} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        answer.lines().next().unwrap_or_default().to_owned()
+    };
+    for (extra, want) in [
+        (node("a", "np"), "HTTP/1.1 403 Forbidden"),
+        (
+            basic("node", "nope") + &node("a", "np"),
+            "HTTP/1.1 401 Unauthorized",
+        ),
+        (
+            basic("nobody", "pw") + &node("a", "np"),
+            "HTTP/1.1 401 Unauthorized",
+        ),
+        (
+            basic("server", "pw") + &node("a", "np"),
+            "HTTP/1.1 403 Forbidden",
+        ),
+        (basic("node", "pw"), "HTTP/1.1 400 Bad Request"),
+        (basic("node", "pw") + &node("a", "np"), "HTTP/1.1 200 OK"),
+        (basic("node", "pw") + &node("a", "np"), "HTTP/1.1 200 OK"),
+        // Another node password for a node the server knows: refused.
+        (
+            basic("node", "pw") + &node("a", "other"),
+            "HTTP/1.1 403 Forbidden",
+        ),
+        (basic("node", "pw") + &node("b", "other"), "HTTP/1.1 200 OK"),
+    ] {
+        assert_eq!(status(extra.clone()), want, "{extra}");
+    }
+    assert_eq!(server.registered_nodes(), vec!["a".to_string(), "b".into()]);
 }
 
 #[test]

@@ -361,11 +361,14 @@ impl<P: Provider, N: Nodes> Controller<P, N> {
         let r = self.nodes.status(s).await;
         self.metrics.call("node", "status", r.is_err());
         match r {
+            // Only a registered node has joined: an agent that started has not yet shown
+            // that the server takes its token's password, and one that crash-loops
+            // never will with this config.
             Ok(st) => match st.join.state {
-                JoinState::Joined => JoinSeen::Joined,
-                JoinState::Joining => JoinSeen::Joining,
+                JoinState::Registered => JoinSeen::Joined,
+                JoinState::Joining | JoinState::AgentStarted => JoinSeen::Joining,
                 JoinState::Standby => JoinSeen::Standby,
-                JoinState::Failed => JoinSeen::Failed(
+                JoinState::Failed | JoinState::CrashLooping => JoinSeen::Failed(
                     st.join
                         .last_error
                         .unwrap_or_else(|| "no reason given".into()),
@@ -793,11 +796,11 @@ impl<P: Provider, N: Nodes> Controller<P, N> {
         let deadline = Instant::now() + self.settings.promote_timeout;
         loop {
             match state {
-                JoinState::Joined => return Ok(()),
-                JoinState::Failed => {
+                JoinState::Registered => return Ok(()),
+                JoinState::Failed | JoinState::CrashLooping => {
                     return Err(last_error.unwrap_or_else(|| "the join failed".into()))
                 }
-                JoinState::Standby | JoinState::Joining => {}
+                JoinState::Standby | JoinState::Joining | JoinState::AgentStarted => {}
             }
             if Instant::now() > deadline {
                 return Err(format!(
@@ -807,7 +810,7 @@ impl<P: Provider, N: Nodes> Controller<P, N> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
             match self.join_seen(s).await {
-                JoinSeen::Joined => state = JoinState::Joined,
+                JoinSeen::Joined => state = JoinState::Registered,
                 JoinSeen::Failed(e) => {
                     state = JoinState::Failed;
                     last_error = Some(e);

@@ -351,7 +351,7 @@ impl FakeNodes {
                 let polls = st.polls.entry(name.into()).or_insert(0);
                 *polls += 1;
                 if *polls > st.joining_polls {
-                    JoinState::Joined
+                    JoinState::Registered
                 } else {
                     JoinState::Joining
                 }

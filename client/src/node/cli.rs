@@ -81,7 +81,10 @@ pub fn run(args: NodeArgs) -> Result<(), NodeError> {
             if !r.body.applied {
                 return Err(NodeError::NotApplied(r.body.message));
             }
-            if r.body.join.state == JoinState::Failed {
+            if matches!(
+                r.body.join.state,
+                JoinState::Failed | JoinState::CrashLooping
+            ) {
                 let why = r.body.join.last_error.unwrap_or(r.body.message);
                 return Err(NodeError::JoinFailed(why));
             }

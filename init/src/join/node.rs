@@ -2,18 +2,18 @@
 //! started through PID1's mailbox; and what standby prepares for a join.
 
 use super::{
-    Host, JoinError, AGENT_SERVICE, AIRGAP_IMAGES, K3S_BIN, K3S_CONFIG, K3S_IMAGES_DIR,
-    RANCHER_MOUNT, RANCHER_STATE,
+    AgentRun, Host, JoinError, AGENT_SERVICE, AIRGAP_IMAGES, K3S_BIN, K3S_CONFIG, K3S_IMAGES_DIR,
+    KUBELET_CLIENT_CERT, RANCHER_MOUNT, RANCHER_STATE,
 };
 use crate::pid1::console;
-use crate::pid1::mailbox::{Control, StartError};
+use crate::pid1::mailbox::{self, Control, ServiceRun, StartError};
 use crate::pid1::supervise::{RestartPolicy, ServiceSpec};
 use crate::sys::System;
 use basalt_api::config::MachineConfig;
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// The real node: STATE for the config and `/etc/rancher`, the main loop for the agent.
 pub struct NodeHost {
@@ -50,6 +50,37 @@ impl Host for NodeHost {
             StartError::Refused(why) => JoinError::Start(why),
             StartError::NotRunning(why) => JoinError::NotRunning(why),
         })
+    }
+
+    /// The metadata service stays closed (see `start_agent`); an agent the supervisor
+    /// does not know yet is started.
+    fn restart_agent(&self) -> Result<(), JoinError> {
+        crate::net::metadata_block::block().map_err(JoinError::BlockMetadata)?;
+        match self.control.restart(AGENT_SERVICE) {
+            Ok(true) => Ok(()),
+            Ok(false) => self.start_agent(),
+            Err(e) => Err(JoinError::Start(e.to_string())),
+        }
+    }
+
+    fn agent_run(&self) -> Option<AgentRun> {
+        let run = self.control.service(AGENT_SERVICE).ok()??;
+        let cert = std::fs::metadata(self.root.join(KUBELET_CLIENT_CERT))
+            .and_then(|m| m.modified())
+            .ok();
+        Some(agent_run_of(run, cert, SystemTime::now()))
+    }
+}
+
+/// The supervisor's view of the agent and the kubelet certificate's mtime, as of `now`.
+/// A certificate dated in the future (the clock was stepped back) counts as new.
+pub fn agent_run_of(run: ServiceRun, cert_mtime: Option<SystemTime>, now: SystemTime) -> AgentRun {
+    AgentRun {
+        running_for: run.running_for,
+        restart_ages: run.restart_ages,
+        last_exit: run.last_exit.map(mailbox::exit_text),
+        last_line: run.last_line,
+        credentials_age: cert_mtime.map(|t| now.duration_since(t).unwrap_or_default()),
     }
 }
 

@@ -69,11 +69,14 @@ struct Recorded {
     persisted: Vec<String>,
     k3s_config: Vec<String>,
     started: usize,
+    restarted: usize,
 }
 
 #[derive(Default)]
 struct FakeHost {
     calls: Mutex<Recorded>,
+    /// What `agent_run` answers.
+    run: Mutex<Option<AgentRun>>,
     /// Nothing taken under supervision.
     fail_start: bool,
     /// Supervised, but the process does not run.
@@ -84,6 +87,36 @@ impl FakeHost {
     fn calls(&self) -> MutexGuard<'_, Recorded> {
         self.calls.lock().expect("lock")
     }
+
+    fn set_run(&self, run: Option<AgentRun>) {
+        *self.run.lock().expect("lock") = run;
+    }
+}
+
+/// Running for a minute, the kubelet certificate written 50 s ago: registered.
+fn registered_run() -> AgentRun {
+    AgentRun {
+        running_for: Some(Duration::from_secs(60)),
+        credentials_age: Some(Duration::from_secs(50)),
+        ..AgentRun::default()
+    }
+}
+
+/// The double refused by the server: restarted 1, 3 and 7 s ago, in backoff now.
+fn crash_looping_run() -> AgentRun {
+    AgentRun {
+        running_for: None,
+        restart_ages: vec![secs(7), secs(3), secs(1)],
+        last_exit: Some("exit 1".into()),
+        last_line: Some(
+            "k3s-agent-double: registration failed: https://10.0.2.2:6443/v1-k3s/client-kubelet.crt: 401 Unauthorized".into(),
+        ),
+        credentials_age: None,
+    }
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
 }
 
 impl Host for Arc<FakeHost> {
@@ -109,6 +142,13 @@ impl Host for Arc<FakeHost> {
             return Err(JoinError::NotRunning("exit 1".into()));
         }
         Ok(())
+    }
+    fn restart_agent(&self) -> Result<(), JoinError> {
+        self.calls().restarted += 1;
+        Ok(())
+    }
+    fn agent_run(&self) -> Option<AgentRun> {
+        self.run.lock().expect("lock").clone()
     }
 }
 
@@ -167,9 +207,9 @@ fn a_match_persists_writes_k3s_config_and_starts_the_agent_once() {
             serde_json::json!(["dedicated=gpu:NoSchedule"])
         );
     }
-    assert_eq!(j.status().state, JoinState::Joined);
+    assert_eq!(j.status().state, JoinState::AgentStarted);
     assert_eq!(j.status().last_error, None);
-    // The same config again changes nothing; another one is refused.
+    // The same config again changes nothing; one without [cluster] is refused.
     assert_eq!(
         j.apply(&c, &text, Instant::now()).expect("answered"),
         Applied::Unchanged
@@ -177,7 +217,7 @@ fn a_match_persists_writes_k3s_config_and_starts_the_agent_once() {
     let (standby, text) = config(false);
     assert!(matches!(
         j.apply(&standby, &text, Instant::now()),
-        Err(ApplyError::AlreadyJoined { .. })
+        Err(ApplyError::AgentSupervised { .. })
     ));
     assert_eq!(host.calls().started, 1);
     assert_eq!(host.calls().persisted.len(), 1);
@@ -220,7 +260,7 @@ fn an_agent_that_cannot_start_is_a_failed_join_of_a_persisted_config() {
 }
 
 #[test]
-fn a_supervised_agent_that_does_not_run_is_failed_but_not_started_again() {
+fn a_supervised_agent_that_does_not_run_is_reported_but_not_started_again() {
     let server = Arc::new(FakeServer::new(HASH, 0));
     let host = Arc::new(FakeHost {
         not_running: true,
@@ -234,14 +274,15 @@ fn a_supervised_agent_that_does_not_run_is_failed_but_not_started_again() {
         .expect("join thread");
     assert_eq!(server.checks.load(Ordering::SeqCst), 1, "no retry");
     let st = j.status();
-    assert_eq!(st.state, JoinState::Failed);
+    // Supervised: it may yet run and register.
+    assert_eq!(st.state, JoinState::AgentStarted);
     assert!(st.last_error.is_some_and(|e| e.contains("exit 1")));
-    // The supervisor owns it now: another config is refused, the same one is not
-    // started twice.
+    // The supervisor owns it now: a config without [cluster] is refused, the same one
+    // is not started twice.
     let (standby, text) = config(false);
     assert!(matches!(
         j.apply(&standby, &text, Instant::now()),
-        Err(ApplyError::AlreadyJoined { .. })
+        Err(ApplyError::AgentSupervised { .. })
     ));
     let text = c.to_toml().expect("toml");
     assert_eq!(
@@ -271,7 +312,9 @@ fn a_boot_join_retries_an_unreachable_server_then_joins() {
     let (c, _) = config(true);
     let t = j.join_at_boot(c, |_| true).expect("spawn");
     t.join().expect("join thread");
-    assert_eq!(j.status().state, JoinState::Joined);
+    assert_eq!(j.status().state, JoinState::AgentStarted);
+    host.set_run(Some(registered_run()));
+    assert_eq!(j.status().state, JoinState::Registered);
     assert_eq!(server.checks.load(Ordering::SeqCst), 4);
     assert_eq!(host.calls().started, 1);
     // A boot join does not write the config again: it came from STATE.
@@ -362,14 +405,16 @@ fn a_joined_node_takes_a_new_api_section_but_not_another_cluster() {
     assert_eq!(host.calls().persisted.last(), Some(&rotated_text));
     assert_eq!(host.calls().started, 1, "the agent is not restarted");
     assert_eq!(server.checks.load(Ordering::SeqCst), 1, "no new CA check");
-    assert_eq!(j.status().state, JoinState::Joined);
+    assert_eq!(j.status().state, JoinState::AgentStarted);
+    host.set_run(Some(registered_run()));
+    assert_eq!(j.status().state, JoinState::Registered);
     // The rotated config is now the running one.
     assert_eq!(
         j.apply(&rotated, &rotated_text, Instant::now())
             .expect("answered"),
         Applied::Unchanged
     );
-    // Another [cluster] is still a conflict, and nothing is saved for it.
+    // Another [cluster] is a conflict for a registered agent, and nothing is saved.
     let other_text = rotated_text.replace("server:pw", "server:other");
     let other = MachineConfig::parse(&other_text).expect("valid");
     assert!(matches!(
@@ -377,4 +422,207 @@ fn a_joined_node_takes_a_new_api_section_but_not_another_cluster() {
         Err(ApplyError::AlreadyJoined { .. })
     ));
     assert_eq!(host.calls().persisted.len(), 2);
+}
+
+#[test]
+fn registered_means_credentials_written_by_the_running_agent() {
+    let long_ago = secs(3600);
+    // Running, no certificate yet: started only.
+    let mut run = AgentRun {
+        running_for: Some(secs(5)),
+        ..AgentRun::default()
+    };
+    assert_eq!(agent_state(&run, long_ago), (JoinState::AgentStarted, None));
+    // A certificate from an earlier run (older than this process): not registered.
+    run.credentials_age = Some(secs(6));
+    assert_eq!(agent_state(&run, long_ago).0, JoinState::AgentStarted);
+    // Written after this run started: registered.
+    run.credentials_age = Some(secs(4));
+    assert_eq!(agent_state(&run, long_ago), (JoinState::Registered, None));
+    // A certificate, but no process: not registered.
+    run.running_for = None;
+    run.last_exit = Some("signal 9".into());
+    let (state, error) = agent_state(&run, long_ago);
+    assert_eq!(state, JoinState::AgentStarted);
+    let error = error.expect("a reason");
+    assert!(error.contains("exited (signal 9)"), "{error}");
+}
+
+#[test]
+fn restarts_within_the_window_make_an_unregistered_agent_crash_looping() {
+    let long_ago = secs(3600);
+    let run = crash_looping_run();
+    let (state, error) = agent_state(&run, long_ago);
+    assert_eq!(state, JoinState::CrashLooping);
+    let error = error.expect("a reason");
+    assert!(
+        error.contains("restarted 3 times in the last 600 s"),
+        "{error}"
+    );
+    assert!(error.contains("(last exit: exit 1)"), "{error}");
+    assert!(error.contains("401 Unauthorized"), "{error}");
+    // Two restarts are not a loop yet.
+    let mut two = run.clone();
+    two.restart_ages.remove(0);
+    assert_eq!(agent_state(&two, long_ago).0, JoinState::AgentStarted);
+    // Restarts older than the window, or than the last start with a new config, do not
+    // count.
+    let mut old = run.clone();
+    old.restart_ages = vec![secs(900), secs(800), secs(700)];
+    assert_eq!(agent_state(&old, long_ago).0, JoinState::AgentStarted);
+    assert_eq!(agent_state(&run, secs(2)).0, JoinState::AgentStarted);
+    assert_eq!(agent_state(&run, secs(8)).0, JoinState::CrashLooping);
+    // Registered wins: it restarted, but this run got its credentials.
+    let mut fine = run.clone();
+    fine.running_for = Some(secs(1));
+    fine.credentials_age = Some(Duration::from_millis(500));
+    assert_eq!(agent_state(&fine, long_ago), (JoinState::Registered, None));
+    // A long last line is cut, on a character boundary.
+    let mut long = run;
+    long.last_line = Some("é".repeat(400));
+    let error = agent_state(&long, long_ago).1.expect("a reason");
+    assert!(error.ends_with('…'), "{error}");
+    assert_eq!(error.matches('é').count(), LAST_LINE_MAX / 2, "{error}");
+}
+
+#[test]
+fn another_cluster_replaces_the_config_of_an_agent_that_did_not_register() {
+    let server = Arc::new(FakeServer::new(HASH, 0));
+    let host = Arc::new(FakeHost::default());
+    let j = joiner(&server, &host);
+    let (c, text) = config(true);
+    assert!(matches!(
+        j.apply(&c, &text, Instant::now()).expect("answered"),
+        Applied::Joined { .. }
+    ));
+    // The server refuses the password: the agent exits and is restarted, again and again.
+    host.set_run(Some(crash_looping_run()));
+    // Restarts from before the agent was started with this config would not count.
+    std::thread::sleep(Duration::from_millis(20));
+    let st = j.status();
+    assert_eq!(st.state, JoinState::AgentStarted, "{st:?}");
+    // Now as the supervisor would report it 8 s after the start.
+    host.set_run(Some(AgentRun {
+        restart_ages: vec![
+            Duration::from_millis(15),
+            Duration::from_millis(10),
+            Duration::from_millis(5),
+        ],
+        ..crash_looping_run()
+    }));
+    let st = j.status();
+    assert_eq!(st.state, JoinState::CrashLooping, "{st:?}");
+    assert!(
+        st.last_error.as_deref().is_some_and(|e| e.contains("401")),
+        "{st:?}"
+    );
+    // A corrected [cluster] (the right password) is taken: checked, saved, restarted.
+    let fixed_text = text.replace("server:pw", "server:right");
+    let fixed = MachineConfig::parse(&fixed_text).expect("valid");
+    assert_eq!(
+        j.apply(&fixed, &fixed_text, Instant::now())
+            .expect("answered"),
+        Applied::Replaced
+    );
+    {
+        let calls = host.calls();
+        assert_eq!(calls.persisted.last(), Some(&fixed_text));
+        assert_eq!((calls.started, calls.restarted), (1, 1));
+        let k3s: serde_json::Value =
+            serde_json::from_str(calls.k3s_config.last().expect("written")).expect("json");
+        assert_eq!(k3s["token"], format!("K10{HASH}::server:right"));
+    }
+    assert_eq!(
+        server.checks.load(Ordering::SeqCst),
+        2,
+        "the new [cluster] is checked"
+    );
+    // The old config's restarts are history: started, then registered.
+    host.set_run(Some(crash_looping_run()));
+    let st = j.status();
+    assert_eq!(st.state, JoinState::AgentStarted, "{st:?}");
+    host.set_run(Some(AgentRun {
+        running_for: Some(secs(2)),
+        credentials_age: Some(secs(1)),
+        ..crash_looping_run()
+    }));
+    assert_eq!(
+        j.status(),
+        JoinStatus {
+            state: JoinState::Registered,
+            server: Some("https://10.0.2.2:6443".into()),
+            last_error: None,
+        }
+    );
+    // Registered now: another [cluster] is a conflict.
+    let again = MachineConfig::parse(&text).expect("valid");
+    assert!(matches!(
+        j.apply(&again, &text, Instant::now()),
+        Err(ApplyError::AlreadyJoined { .. })
+    ));
+    assert_eq!(host.calls().restarted, 1);
+}
+
+#[test]
+fn an_agent_that_runs_but_is_not_registered_may_be_given_another_cluster() {
+    // Real K3s keeps running and retrying when the server refuses its password.
+    let server = Arc::new(FakeServer::new(HASH, 0));
+    let host = Arc::new(FakeHost::default());
+    let j = joiner(&server, &host);
+    let (c, text) = config(true);
+    j.apply(&c, &text, Instant::now()).expect("answered");
+    host.set_run(Some(AgentRun {
+        running_for: Some(secs(300)),
+        ..AgentRun::default()
+    }));
+    assert_eq!(j.status().state, JoinState::AgentStarted);
+    let other_text = text.replace("server:pw", "server:other");
+    let other = MachineConfig::parse(&other_text).expect("valid");
+    assert_eq!(
+        j.apply(&other, &other_text, Instant::now())
+            .expect("answered"),
+        Applied::Replaced
+    );
+    assert_eq!(host.calls().restarted, 1);
+    // A replacement whose CA check fails changes nothing: not saved, not restarted.
+    let mismatch_text = other_text.replace(HASH, OTHER);
+    let mismatch = MachineConfig::parse(&mismatch_text).expect("valid");
+    assert!(matches!(
+        j.apply(&mismatch, &mismatch_text, Instant::now())
+            .expect("answered"),
+        Applied::Refused { .. }
+    ));
+    assert_eq!(host.calls().restarted, 1);
+    assert_eq!(host.calls().persisted.last(), Some(&other_text));
+    assert_eq!(j.status().state, JoinState::Failed);
+}
+
+#[test]
+fn the_supervisors_view_becomes_ages() {
+    use crate::pid1::mailbox::ServiceRun;
+    use crate::pid1::supervise::Exit;
+    let now = std::time::SystemTime::UNIX_EPOCH + secs(1_000_000);
+    let run = ServiceRun {
+        running_for: Some(secs(10)),
+        restart_ages: vec![secs(30)],
+        last_exit: Some(Exit::Code(1)),
+        last_line: Some("x".into()),
+    };
+    let got = agent_run_of(run.clone(), Some(now - secs(4)), now);
+    assert_eq!(
+        got,
+        AgentRun {
+            running_for: Some(secs(10)),
+            restart_ages: vec![secs(30)],
+            last_exit: Some("exit 1".into()),
+            last_line: Some("x".into()),
+            credentials_age: Some(secs(4)),
+        }
+    );
+    assert_eq!(agent_run_of(run.clone(), None, now).credentials_age, None);
+    // Dated after now (the clock was stepped back): new.
+    assert_eq!(
+        agent_run_of(run, Some(now + secs(4)), now).credentials_age,
+        Some(Duration::ZERO)
+    );
 }

@@ -9,7 +9,9 @@
 //! `[api]` that would lock the applying client out, or whose certificate is expired or
 //! not for the node's name → 400 naming the key ([`guard`]); the join check failed →
 //! 200 with `applied: false` and `join.state: failed` (the client shows the whole answer
-//! and exits non-zero); a joined node and another `[cluster]` → 409. A token without a
+//! and exits non-zero); another `[cluster]` while the agent runs registered, or a config
+//! without `[cluster]` while an agent is supervised → 409; another `[cluster]` while the
+//! agent is not registered replaces the old one (see [`crate::join`]). A token without a
 //! CA pin is applied with a warning in the answer.
 
 use super::guard::{self, Client};
@@ -211,7 +213,9 @@ fn apply(ctx: &Context, req: &Request, client: &Client, received: Instant) -> Re
     }
     let applied = match ctx.joiner.apply(&config, text, received) {
         Ok(a) => a,
-        Err(e @ ApplyError::AlreadyJoined { .. }) => return Response::error(409, &e.to_string()),
+        Err(e @ (ApplyError::AlreadyJoined { .. } | ApplyError::AgentSupervised { .. })) => {
+            return Response::error(409, &e.to_string())
+        }
         Err(e @ ApplyError::Persist(_)) => {
             return Response::error(500, &crate::pid1::console::chain(&e))
         }
@@ -227,6 +231,12 @@ fn apply(ctx: &Context, req: &Request, client: &Client, received: Instant) -> Re
                 "saved to STATE; k3s agent started {} ms after the request",
                 exec.as_millis()
             ),
+        ),
+        Applied::Replaced => (
+            true,
+            "saved to STATE; the k3s agent had not registered, so it starts again with the \
+             new [cluster]"
+                .into(),
         ),
         Applied::Unchanged => (
             true,
@@ -246,7 +256,11 @@ fn apply(ctx: &Context, req: &Request, client: &Client, received: Instant) -> Re
     };
     if matches!(
         applied,
-        Applied::Standby | Applied::Joined { .. } | Applied::Failed { .. } | Applied::Updated
+        Applied::Standby
+            | Applied::Joined { .. }
+            | Applied::Replaced
+            | Applied::Failed { .. }
+            | Applied::Updated
     ) {
         // New connections use the new certificates; the listen address, network and
         // hostname take effect at the next boot.

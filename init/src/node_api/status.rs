@@ -148,12 +148,7 @@ fn write_node(out: &mut String, ctx: &Context) {
         "1 for the node's join state.",
     );
     let now = ctx.joiner.status().state;
-    for state in [
-        JoinState::Standby,
-        JoinState::Joining,
-        JoinState::Joined,
-        JoinState::Failed,
-    ] {
+    for state in JoinState::ALL {
         let v = u8::from(state == now);
         let _ = writeln!(out, "basalt_join_state{{state=\"{state}\"}} {v}");
     }

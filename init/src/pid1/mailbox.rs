@@ -33,8 +33,29 @@ pub enum Command {
         spec: ServiceSpec,
         reply: Sender<Result<(), StartError>>,
     },
+    /// One service's state and its last captured line, `None` for an unknown service.
+    Service {
+        name: String,
+        reply: Sender<Option<ServiceRun>>,
+    },
+    /// Starts a service again now ([`Supervisor::restart_now`]); the reply says whether
+    /// the service is known.
+    Restart { name: String, reply: Sender<bool> },
     /// Stop everything and power off or reboot (the caller has answered its client).
     Power(Power),
+}
+
+/// One service as [`Command::Service`] reports it, its times as ages (an `Instant`
+/// means nothing to the caller's clock reading, an age does).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRun {
+    /// How long the current process has run; `None` when none runs.
+    pub running_for: Option<Duration>,
+    /// The age of each supervisor restart kept, oldest first.
+    pub restart_ages: Vec<Duration>,
+    pub last_exit: Option<Exit>,
+    /// The last line the service wrote.
+    pub last_line: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +135,22 @@ impl Control {
             .unwrap_or_else(|e| Err(StartError::Refused(e.to_string())))
     }
 
+    /// `name`'s state, `None` for an unknown service.
+    pub fn service(&self, name: &str) -> Result<Option<ServiceRun>, Unavailable> {
+        self.call(CALL_TIMEOUT, |reply| Command::Service {
+            name: name.to_owned(),
+            reply,
+        })
+    }
+
+    /// Starts `name` again now; `Ok(false)` for an unknown service.
+    pub fn restart(&self, name: &str) -> Result<bool, Unavailable> {
+        self.call(CALL_TIMEOUT, |reply| Command::Restart {
+            name: name.to_owned(),
+            reply,
+        })
+    }
+
     /// Asks for a power-off or reboot; returns at once.
     pub fn power(&self, power: Power) -> Result<(), Unavailable> {
         self.tx
@@ -164,6 +201,15 @@ pub fn handle(cmd: Command, sup: &mut Supervisor, counts: &LineCounts) -> Option
         Command::Start { spec, reply } => {
             let _ = reply.send(start(sup, spec));
         }
+        Command::Service { name, reply } => {
+            let _ = reply.send(service_run(sup, &name, Instant::now()));
+        }
+        Command::Restart { name, reply } => {
+            let known = sup.restart_now(&name);
+            // Spawns at once what is due (a service that was not running).
+            sup.poll(Instant::now());
+            let _ = reply.send(known);
+        }
         Command::Power(p) => return Some(p),
     }
     None
@@ -179,6 +225,23 @@ fn services(sup: &Supervisor) -> Vec<ServiceInfo> {
             last_exit: s.last_exit.map(exit_text),
         })
         .collect()
+}
+
+fn service_run(sup: &Supervisor, name: &str, now: Instant) -> Option<ServiceRun> {
+    let s = sup.status().into_iter().find(|s| s.name == name)?;
+    Some(ServiceRun {
+        running_for: match s.state {
+            State::Running { since, .. } => Some(now.saturating_duration_since(since)),
+            _ => None,
+        },
+        restart_ages: s
+            .restart_times
+            .iter()
+            .map(|t| now.saturating_duration_since(*t))
+            .collect(),
+        last_exit: s.last_exit,
+        last_line: sup.logs(name).pop(),
+    })
 }
 
 fn logs(

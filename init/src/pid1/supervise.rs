@@ -155,6 +155,8 @@ struct Service {
     restart_times: VecDeque<Instant>,
     /// Set by `stop_all`: an exit then means Stopped, not a restart.
     stopping: bool,
+    /// Set by `restart_now`: the next exit starts the service again at once.
+    restart_now: bool,
 }
 
 impl Service {
@@ -204,6 +206,11 @@ impl Service {
         self.last_exit = Some(exit);
         if self.stopping {
             self.state = State::Stopped;
+            return;
+        }
+        if std::mem::take(&mut self.restart_now) {
+            self.failures = 0;
+            self.state = State::Starting;
             return;
         }
         if now.saturating_duration_since(since) > self.spec.restart.reset_after {
@@ -257,6 +264,7 @@ impl Supervisor {
             last_exit: None,
             restart_times: VecDeque::new(),
             stopping: false,
+            restart_now: false,
         });
         Ok(())
     }
@@ -305,6 +313,33 @@ impl Supervisor {
             _ => now,
         };
         svc.exited(exit, since, now);
+        true
+    }
+
+    /// Starts `name` again now, for a caller that changed what it runs with: a running
+    /// service gets SIGTERM (to its process group) and is spawned again by the first
+    /// [`poll`](Self::poll) after its exit; one waiting in backoff, or given up on, is
+    /// spawned by the next poll. The backoff starts over. Not a supervisor restart: it is
+    /// not counted in `restarts` nor `restart_times`. False for an unknown service or
+    /// one being stopped.
+    pub fn restart_now(&mut self, name: &str) -> bool {
+        let Some(svc) = self.services.iter_mut().find(|s| s.spec.name == name) else {
+            return false;
+        };
+        if svc.stopping {
+            return false;
+        }
+        match svc.state {
+            State::Running { pid, .. } => {
+                svc.restart_now = true;
+                let _ = killpg(pid, Signal::SIGTERM);
+            }
+            State::Backoff { .. } | State::Failed(_) | State::Stopped => {
+                svc.failures = 0;
+                svc.state = State::Starting;
+            }
+            State::Starting => {}
+        }
         true
     }
 

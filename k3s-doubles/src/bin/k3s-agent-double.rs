@@ -1,14 +1,18 @@
 //! `k3s-agent-double`: a test double of `k3s agent`, not K3s. Installed as `k3s` in test
 //! images. See the `k3s_doubles` crate docs and `k3s_doubles::agent`.
 //!
-//! Exit codes: 0 after SIGTERM or SIGINT, 1 when the config or the CA check fails, 2 for
-//! an invocation other than `k3s agent --config FILE`.
+//! Exit codes: 0 after SIGTERM or SIGINT, 1 when the config, the CA check or the
+//! registration (the kubelet client certificate) fails, 2 for an invocation other than
+//! `k3s agent --config FILE`. Real K3s retries a failed registration in-process; the
+//! double exits, so its supervisor restarts it (see the crate docs).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use basalt_api::config::Token;
-use k3s_doubles::agent::{ca_check_report, chain, config_path, AgentConfig};
+use k3s_doubles::agent::{
+    ca_check_report, chain, config_path, register, AgentConfig, RegisterError,
+};
 use k3s_doubles::LINE_PREFIX;
 use nix::sys::signal::{SigSet, Signal};
 
@@ -44,16 +48,55 @@ fn main() -> ExitCode {
     };
     println!("{}", config.report());
 
-    let result = Token::parse(&config.token)
-        .map_err(|e| format!("token: {e}"))
-        .and_then(|token| {
-            basalt_api::k3s::check_server_ca(&config.server, &token, CHECK_TIMEOUT)
-                .map_err(|e| chain(&e))
-        });
+    let token = match Token::parse(&config.token) {
+        Ok(t) => t,
+        Err(e) => {
+            println!("{LINE_PREFIX} ca-check failed: token: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = basalt_api::k3s::check_server_ca(&config.server, &token, CHECK_TIMEOUT)
+        .map_err(|e| chain(&e));
     let (line, go_on) = ca_check_report(&result);
     println!("{line}");
     if !go_on {
         return ExitCode::from(1);
+    }
+
+    // K3s keeps the bundle its check accepted and trusts it from then on; the double
+    // fetches it again and holds it to the same pin.
+    let password = match &token {
+        Token::Secure { password, .. } => Some(password.as_str()),
+        // A short token is the password itself (K3s sends it as `node`'s).
+        Token::Plain(p) => Some(p.as_str()),
+        Token::Bootstrap { .. } => None,
+    };
+    let registered = password
+        .ok_or_else(|| chain(&RegisterError::NoPassword))
+        .and_then(|password| {
+            let cacerts = basalt_api::k3s::fetch_cacerts(&config.server, CHECK_TIMEOUT)
+                .map_err(|e| chain(&e))?;
+            if let Some(pin) = token.ca_hash() {
+                let hash = basalt_api::k3s::ca_hash(&cacerts).map_err(|e| chain(&e))?;
+                if hash != pin {
+                    return Err(format!(
+                        "the CA of {} changed since the check",
+                        config.server
+                    ));
+                }
+            }
+            register(&config, password, &cacerts, CHECK_TIMEOUT).map_err(|e| chain(&e))
+        });
+    match registered {
+        Ok(r) => println!(
+            "{LINE_PREFIX} registered node-name={} cert={}",
+            r.node_name,
+            r.cert.display()
+        ),
+        Err(why) => {
+            println!("{LINE_PREFIX} registration failed: {why}");
+            return ExitCode::from(1);
+        }
     }
 
     println!("{LINE_PREFIX} running");

@@ -238,7 +238,12 @@ impl CaChecker for Match {
 
 /// A node whose agent always starts: what is persisted is recorded, nothing runs.
 #[derive(Clone, Default)]
-struct AgentStarts(Arc<Mutex<Vec<String>>>);
+/// Persisted configs, what `agent_run` answers, and restarts asked for.
+struct AgentStarts(
+    Arc<Mutex<Vec<String>>>,
+    Arc<Mutex<Option<crate::join::AgentRun>>>,
+    Arc<Mutex<usize>>,
+);
 
 impl crate::join::Host for AgentStarts {
     fn persist(&self, text: &str) -> Result<(), crate::join::JoinError> {
@@ -253,6 +258,13 @@ impl crate::join::Host for AgentStarts {
     }
     fn start_agent(&self) -> Result<(), crate::join::JoinError> {
         Ok(())
+    }
+    fn restart_agent(&self) -> Result<(), crate::join::JoinError> {
+        *self.2.lock().expect("lock") += 1;
+        Ok(())
+    }
+    fn agent_run(&self) -> Option<crate::join::AgentRun> {
+        self.1.lock().expect("lock").clone()
     }
 }
 
@@ -1301,7 +1313,13 @@ fn a_joined_node_rotates_its_api_certificate_but_keeps_its_cluster() {
     let (status, body) = post(&n, me, "/v1/config", &joined);
     assert_eq!(status, 200, "{body}");
     let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
-    assert_eq!(a.join.state, JoinState::Joined, "{body}");
+    assert_eq!(a.join.state, JoinState::AgentStarted, "{body}");
+    // K3s issued the kubelet credentials.
+    *host.1.lock().expect("lock") = Some(crate::join::AgentRun {
+        running_for: Some(Duration::from_secs(10)),
+        credentials_age: Some(Duration::from_secs(5)),
+        ..Default::default()
+    });
     let old = served_cert(&n);
     // The same [cluster], a new certificate for the node from the same CA.
     let (fresh, fresh_key) = leaf(
@@ -1318,16 +1336,66 @@ fn a_joined_node_rotates_its_api_certificate_but_keeps_its_cluster() {
     assert_eq!(status, 200, "{body}");
     let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
     assert!(a.applied, "{body}");
-    assert_eq!(a.join.state, JoinState::Joined, "{body}");
+    assert_eq!(a.join.state, JoinState::Registered, "{body}");
     assert!(a.message.contains("keeps running"), "{body}");
     assert_eq!(host.0.lock().expect("lock").last(), Some(&rotated));
     let served = served_cert(&n);
     assert_ne!(served, old);
     assert_eq!(served, fresh.der().clone());
-    // Another [cluster] while the agent runs: 409, and nothing saved.
+    // Another [cluster] while the agent runs registered: 409, and nothing saved.
     let other = rotated.replace("server:pw", "server:other");
     let (status, body) = post(&n, me, "/v1/config", &other);
     assert_eq!(status, 409, "{body}");
     assert!(error_of(&body).contains("no other [cluster]"), "{body}");
     assert_eq!(host.0.lock().expect("lock").len(), 2);
+    assert_eq!(*host.2.lock().expect("lock"), 0);
+}
+
+#[test]
+fn a_new_cluster_replaces_the_old_one_while_the_agent_is_down() {
+    let host = AgentStarts::default();
+    let n = node_with(Limits::default(), Some(Box::new(host.clone())));
+    let me = Some(&n.pki.admin);
+    let cluster = format!(
+        "[node]\nhostname = \"node-1\"\n[cluster]\nserver = \"https://10.0.2.2:6443\"\ntoken = \"K10{TOKEN_HASH}::server:wrong\"\n"
+    );
+    let wrong = n.pki.config(&cluster);
+    let (status, body) = post(&n, me, "/v1/config", &wrong);
+    assert_eq!(status, 200, "{body}");
+    // The server refuses the password: the agent exits, and exits again.
+    std::thread::sleep(Duration::from_millis(50));
+    *host.1.lock().expect("lock") = Some(crate::join::AgentRun {
+        running_for: None,
+        restart_ages: vec![
+            Duration::from_millis(30),
+            Duration::from_millis(20),
+            Duration::from_millis(10),
+        ],
+        last_exit: Some("exit 1".into()),
+        last_line: Some("registration failed: …: 401 Unauthorized".into()),
+        credentials_age: None,
+    });
+    let (status, body) = get(&n, me, "/v1/status");
+    assert_eq!(status, 200, "{body}");
+    let s: Status = serde_json::from_str(&body).expect("Status");
+    assert_eq!(s.join.state, JoinState::CrashLooping, "{body}");
+    assert!(body.contains("\"crash-looping\""), "{body}");
+    assert!(
+        s.join.last_error.is_some_and(|e| e.contains("401")),
+        "{body}"
+    );
+    let (_, metrics) = get(&n, me, "/v1/metrics");
+    assert!(
+        metrics.contains("basalt_join_state{state=\"crash-looping\"} 1"),
+        "{metrics}"
+    );
+    // The corrected [cluster]: accepted, saved, the agent started again with it.
+    let right = wrong.replace("server:wrong", "server:right");
+    let (status, body) = post(&n, me, "/v1/config", &right);
+    assert_eq!(status, 200, "{body}");
+    let a: ApplyResponse = serde_json::from_str(&body).expect("ApplyResponse");
+    assert!(a.applied, "{body}");
+    assert!(a.message.contains("starts again"), "{body}");
+    assert_eq!(host.0.lock().expect("lock").last(), Some(&right));
+    assert_eq!(*host.2.lock().expect("lock"), 1);
 }

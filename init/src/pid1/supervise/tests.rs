@@ -294,3 +294,47 @@ fn backoff_delays_grow_by_the_factor_up_to_the_cap() {
     assert_eq!(got, [100, 300, 900, 1000, 1000]);
     assert_eq!(policy(100, 1000, 2.0).delay(10_000).as_millis(), 1000);
 }
+
+#[test]
+fn restart_now_starts_a_running_or_waiting_service_again_at_once() {
+    let (mut sup, _) = supervisor();
+    assert!(!sup.restart_now("nobody"));
+    // Running: SIGTERM, then spawned again without the minute of backoff.
+    sup.start(sh(
+        "long",
+        "echo run; exec sleep 60",
+        policy(60_000, 60_000, 2.0),
+    ))
+    .expect("start");
+    drive(&mut sup, Duration::from_secs(10), |s| {
+        s.logs("long").len() == 1
+    });
+    let first = match state(&sup, "long").state {
+        State::Running { pid, .. } => pid,
+        other => panic!("not running: {other:?}"),
+    };
+    assert!(sup.restart_now("long"));
+    drive(&mut sup, Duration::from_secs(10), |s| {
+        matches!(state(s, "long").state, State::Running { pid, .. } if pid != first)
+            && s.logs("long").len() == 2
+    });
+    let st = state(&sup, "long");
+    assert_eq!(st.restarts, 0, "not counted as a supervisor restart");
+    assert!(st.restart_times.is_empty());
+    assert!(
+        matches!(st.last_exit, Some(Exit::Signal(Signal::SIGTERM))) || st.last_exit == Some(STOLEN),
+        "{st:?}"
+    );
+
+    // Waiting out a minute of backoff: spawned by the next poll.
+    let log = run_once(&mut sup, "once", "echo ran");
+    assert_eq!(log, ["ran"]);
+    assert!(sup.restart_now("once"));
+    assert_eq!(state(&sup, "once").state, State::Starting);
+    drive(&mut sup, Duration::from_secs(10), |s| {
+        s.logs("once").len() == 2
+    });
+    let pids = sup.pids();
+    let _ = sup.stop_all(Duration::from_millis(300), &mut || reap_pids(&pids));
+    assert!(!sup.restart_now("long"), "a stopped table restarts nothing");
+}
