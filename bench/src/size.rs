@@ -87,6 +87,64 @@ pub struct Breakdown {
     /// `bytes_used` of the image's root squashfs, and the data blocks as recompressed here.
     pub squashfs_bytes: u64,
     pub squashed_bytes: u64,
+    /// Where the module and basalt-init bytes are: what the size work moves.
+    pub parts: Parts,
+}
+
+/// The module files and the copies of basalt-init, where they are stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parts {
+    /// `.ko` files under the root's `/lib/modules`, and their bytes.
+    pub root_modules: (usize, u64),
+    /// `.ko` files in the initramfs, and their bytes.
+    pub initrd_modules: (usize, u64),
+    /// Each copy of basalt-init: where, its bytes, and whether it still has a symbol table.
+    pub init_copies: Vec<InitCopy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitCopy {
+    pub place: &'static str,
+    pub bytes: u64,
+    pub symbols: bool,
+}
+
+impl Parts {
+    /// From the root's and the initramfs's files.
+    pub fn of(root: &[File], initrd: &[File]) -> Parts {
+        let ko = |files: &[File]| {
+            files
+                .iter()
+                .filter(|f| f.path.starts_with("lib/modules/") && f.path.ends_with(".ko"))
+                .fold((0, 0), |(n, b), f| (n + 1, b + f.data.len() as u64))
+        };
+        let mut init_copies = vec![];
+        for (place, files, path) in [
+            ("root /sbin/init", root, "sbin/init"),
+            ("initramfs /init", initrd, "init"),
+        ] {
+            if let Some(f) = files.iter().find(|f| f.path == path) {
+                init_copies.push(InitCopy {
+                    place,
+                    bytes: f.data.len() as u64,
+                    symbols: has_symbol_table(&f.data),
+                });
+            }
+        }
+        Parts {
+            root_modules: ko(root),
+            initrd_modules: ko(initrd),
+            init_copies,
+        }
+    }
+}
+
+/// Whether an ELF file carries a `.symtab` section (what `strip` removes).
+pub fn has_symbol_table(elf: &[u8]) -> bool {
+    use object::{Object, ObjectSection};
+    object::File::parse(elf)
+        .map(|f| f.sections().any(|s| s.name() == Ok(".symtab")))
+        .unwrap_or(false)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +206,8 @@ pub fn breakdown(
         compressed[c] += share * root_factor;
     }
 
-    add_initrd(boot, &mut logical, &mut compressed).map_err(err("initramfs"))?;
+    let initrd = content::initramfs_files(&boot.initrd).map_err(err("initramfs"))?;
+    add_initrd(boot, &initrd, &mut logical, &mut compressed).map_err(err("initramfs"))?;
 
     let same = |a: &str, b: &str| {
         a.trim_matches('/')
@@ -190,6 +249,7 @@ pub fn breakdown(
         raw_zst,
         squashfs_bytes,
         squashed_bytes: squashed.compressed_bytes(),
+        parts: Parts::of(root, &initrd),
     })
 }
 
@@ -197,10 +257,10 @@ pub fn breakdown(
 /// shared out by what each component compresses to alone.
 fn add_initrd(
     boot: &DefaultBoot,
+    files: &[File],
     logical: &mut [u64; 5],
     compressed: &mut [f64; 5],
 ) -> std::io::Result<()> {
-    let files = content::initramfs_files(&boot.initrd)?;
     let mut alone = [0u64; 5];
     for c in Component::ALL {
         let mine: Vec<&[u8]> = files
@@ -272,6 +332,37 @@ impl fmt::Display for Breakdown {
             mib(self.raw_logical as f64),
             total_zst.map_or("no .raw.zst beside the image".into(), mib)
         )?;
+        let p = &self.parts;
+        writeln!(
+            f,
+            "  modules: {} .ko on the root ({}), {} .ko in the initramfs ({})",
+            p.root_modules.0,
+            mib(p.root_modules.1 as f64),
+            p.initrd_modules.0,
+            mib(p.initrd_modules.1 as f64)
+        )?;
+        let copies: Vec<String> = p
+            .init_copies
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {} ({})",
+                    c.place,
+                    mib(c.bytes as f64),
+                    if c.symbols {
+                        "with its symbol table"
+                    } else {
+                        "stripped"
+                    }
+                )
+            })
+            .collect();
+        writeln!(
+            f,
+            "  basalt-init: {} copies: {}",
+            p.init_copies.len(),
+            copies.join(", ")
+        )?;
         writeln!(
             f,
             "  root squashfs: {} in the image (data and metadata), {} of data blocks as recompressed for the estimate",
@@ -320,6 +411,44 @@ mod tests {
         for (path, want) in initrd {
             assert_eq!(classify_initrd(path), want, "{path}");
         }
+    }
+
+    #[test]
+    fn parts_count_module_files_and_init_copies_where_they_are() {
+        let file = |path: &str, data: &[u8]| File {
+            path: path.into(),
+            data: data.to_vec(),
+        };
+        let me = std::fs::read(std::env::current_exe().expect("exe")).expect("read");
+        let root = [
+            file("lib/modules/6.1.0-1/kernel/a.ko", b"aaaa"),
+            file("lib/modules/6.1.0-1/kernel/b.ko", b"bb"),
+            file("lib/modules/6.1.0-1/modules.dep", b"kernel/a.ko:\n"),
+            file("sbin/init", &me),
+        ];
+        let initrd = [
+            file("lib/modules/6.1.0-1/kernel/a.ko", b"aaaa"),
+            file("init", b"not elf"),
+        ];
+        let p = Parts::of(&root, &initrd);
+        assert_eq!(p.root_modules, (2, 6));
+        assert_eq!(p.initrd_modules, (1, 4));
+        assert_eq!(
+            p.init_copies,
+            [
+                InitCopy {
+                    place: "root /sbin/init",
+                    bytes: me.len() as u64,
+                    // A test binary keeps its symbols.
+                    symbols: true,
+                },
+                InitCopy {
+                    place: "initramfs /init",
+                    bytes: 7,
+                    symbols: false,
+                },
+            ]
+        );
     }
 
     #[test]

@@ -274,6 +274,37 @@ impl DiskImage {
     }
 }
 
+impl DiskImage {
+    /// Path and size of every regular file under the directory `under` (an absolute path)
+    /// of the squashfs at the start of `p`, in path order; nothing is decompressed.
+    pub fn squashfs_sizes(
+        &self,
+        p: &GptPartition,
+        under: &str,
+    ) -> Result<Vec<(String, u64)>, ImageError> {
+        let reader = BufReader::new(self.partition_reader(p)?);
+        let fs =
+            backhand::FilesystemReader::from_reader(reader).map_err(|e| ImageError::Squashfs {
+                path: self.path.clone(),
+                partition: p.name.clone(),
+                reason: squashfs_reason(&e),
+            })?;
+        let dir = Path::new(under);
+        let mut out: Vec<(String, u64)> = fs
+            .files()
+            .filter_map(|node| match &node.inner {
+                backhand::InnerNode::File(f) if node.fullpath.starts_with(dir) => Some((
+                    node.fullpath.to_string_lossy().into_owned(),
+                    f.file_len() as u64,
+                )),
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+}
+
 /// backhand is built without its `error-strings` feature, so its errors print nothing:
 /// say what kind of fault it was here.
 fn squashfs_reason(e: &backhand::BackhandError) -> &'static str {

@@ -65,6 +65,34 @@ pub struct ImageInfo {
     pub active_slot: String,
     pub slots: Vec<SlotInfo>,
     pub versions: Versions,
+    /// The kernel modules on the active root.
+    pub modules: ModulesInfo,
+}
+
+/// The kernel modules of the active root: `/lib/modules/<kernel>/modules.dep` read back,
+/// and the bytes of the module files under that folder.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ModulesInfo {
+    /// Module names (as `modprobe` knows them), sorted.
+    pub names: Vec<String>,
+    /// Bytes of the `.ko` files.
+    pub bytes: u64,
+}
+
+/// The module names of a `modules.dep`, sorted: `kernel/net/netfilter/xt_nat.ko: …` →
+/// `xt_nat`, with `-` as `_`.
+pub fn module_names(modules_dep: &str) -> Vec<String> {
+    let mut names: Vec<String> = modules_dep
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(path, _)| {
+            let file = path.trim().rsplit('/').next().unwrap_or(path);
+            crate::kmod::normalize(file.split(".ko").next().unwrap_or(file))
+        })
+        .filter(|n| !n.is_empty())
+        .collect();
+    names.sort();
+    names
 }
 
 /// One boot entry of grub.cfg and the root partition it points at.
@@ -266,6 +294,23 @@ pub fn inspect(path: &Path) -> Result<ImageInfo, InspectError> {
         path: path.into(),
         id: default,
     })?;
+    let versions = versions(&img, &active)?;
+    let moddir = format!("/lib/modules/{}", versions.kernel);
+    let dep_path = format!("{moddir}/modules.dep");
+    let dep = img.squashfs_files(&active, &[dep_path.as_str()])?;
+    let modules = ModulesInfo {
+        names: dep
+            .first()
+            .and_then(Option::as_deref)
+            .map(|d| module_names(&String::from_utf8_lossy(d)))
+            .unwrap_or_default(),
+        bytes: img
+            .squashfs_sizes(&active, &moddir)?
+            .iter()
+            .filter(|(p, _)| p.ends_with(".ko"))
+            .map(|(_, n)| n)
+            .sum(),
+    };
     Ok(ImageInfo {
         image: path.into(),
         format: img.format(),
@@ -276,7 +321,8 @@ pub fn inspect(path: &Path) -> Result<ImageInfo, InspectError> {
             .find(|s| s.active)
             .map(|s| s.slot.clone())
             .unwrap_or_default(),
-        versions: versions(&img, &active)?,
+        versions,
+        modules,
         partitions: parts,
         slots,
     })
@@ -358,7 +404,31 @@ impl fmt::Display for ImageInfo {
         writeln!(f, "  basalt       {} (image {})", v.basalt, v.image)?;
         writeln!(f, "  kernel       {}", v.kernel)?;
         writeln!(f, "  k3s          {}", v.k3s)?;
-        write!(f, "  basalt-init  sha256 {}", v.basalt_init_sha256)
+        writeln!(f, "  basalt-init  sha256 {}", v.basalt_init_sha256)?;
+        let m = &self.modules;
+        writeln!(
+            f,
+            "\nkernel modules (from {}:/lib/modules/{}/modules.dep): {}, {:.1} MiB",
+            v.source,
+            v.kernel,
+            m.names.len(),
+            m.bytes as f64 / f64::from(1 << 20)
+        )?;
+        // Wrapped at about 100 columns.
+        let mut line = String::from(" ");
+        for name in &m.names {
+            if line.len() + name.len() + 1 > 100 {
+                writeln!(f, "{line}")?;
+                line = String::from(" ");
+            }
+            line.push(' ');
+            line.push_str(name);
+        }
+        if line.trim().is_empty() {
+            Ok(())
+        } else {
+            write!(f, "{line}")
+        }
     }
 }
 
@@ -415,6 +485,14 @@ mod tests {
         let cfg = parse_grub_cfg("set timeout=0\nmenuentry 'x' {\n linux /k\n");
         assert_eq!(cfg.default, None);
         assert!(cfg.entries.is_empty(), "an unclosed entry does not count");
+    }
+
+    #[test]
+    fn module_names_are_read_from_modules_dep_paths() {
+        let dep = "kernel/net/netfilter/xt_nat.ko: kernel/net/netfilter/nf_nat.ko\n\
+                   kernel/drivers/md/dm-mod.ko:\n\
+                   kernel/fs/overlayfs/overlay.ko.xz:\n\n";
+        assert_eq!(module_names(dep), ["dm_mod", "overlay", "xt_nat"]);
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct Manifest {
     pub inputs: Vec<Resolved>,
     pub basalt_init: InitInfo,
     pub initramfs_modules: Vec<String>,
+    /// The kernel modules the root ships under `/lib/modules/<kernel_version>`: the spec's
+    /// `[kernel] modules` (or the builder's default) closed over their dependencies.
+    pub modules: Vec<String>,
     pub root_hash: String,
     pub verity: VerityManifest,
     /// Kernel command line per slot.

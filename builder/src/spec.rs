@@ -62,6 +62,11 @@ pub struct Kernel {
     pub deb: DebInput,
     /// Modules the initramfs needs to reach the root (their dependencies are added).
     pub initramfs_modules: Vec<String>,
+    /// Modules the root ships, as names or glob patterns (`xt_*`); dependencies and soft
+    /// dependencies are added, built-ins skipped, and the initramfs's modules are always
+    /// shipped too. Absent: [`crate::kmod::DEFAULT_MODULES`].
+    #[serde(default)]
+    pub modules: Option<Vec<String>>,
     /// Extra kernel command-line arguments, after basalt's own.
     #[serde(default)]
     pub cmdline: Vec<String>,

@@ -380,3 +380,19 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The release profile strips basalt-init (see the workspace Cargo.toml): a symbol
+    /// table would ship twice, in the initramfs and on the root.
+    #[test]
+    fn the_embedded_basalt_init_has_no_symbol_table() {
+        let basalt_builder::build::InitSource::Embedded(bytes) = EMBEDDED_INIT else {
+            panic!("basalt embeds its basalt-init");
+        };
+        assert!(bytes.len() > 1 << 20, "{} bytes", bytes.len());
+        assert!(!basalt_bench::size::has_symbol_table(bytes));
+    }
+}

@@ -131,6 +131,37 @@ fn root_filesystem_holds_init_k3s_and_modules() -> anyhow::Result<()> {
             "{index} missing"
         );
     }
+    // The root ships the manifest's module list and nothing else: K3s's and the NIC's
+    // modules with their dependencies, not the kernel package's whole tree.
+    let mut shipped: Vec<String> = listing
+        .lines()
+        .filter(|l| l.contains(&format!("squashfs-root/lib/modules/{kver}/")))
+        .filter_map(|l| l.rsplit('/').next())
+        .filter_map(|f| f.strip_suffix(".ko"))
+        .map(|f| f.replace('-', "_"))
+        .collect();
+    shipped.sort();
+    let mut listed: Vec<String> = img.manifest["modules"]
+        .as_array()
+        .context("manifest modules")?
+        .iter()
+        .filter_map(|m| m.as_str().map(String::from))
+        .collect();
+    listed.sort();
+    assert_eq!(shipped, listed);
+    for needed in [
+        "virtio_net",
+        "virtio_rng",
+        "br_netfilter",
+        "nf_conntrack",
+        "xt_conntrack",
+    ] {
+        assert!(listed.iter().any(|m| m == needed), "{needed} not shipped");
+    }
+    assert!(
+        !listed.iter().any(|m| m == "btrfs"),
+        "btrfs is not in the default list"
+    );
     Ok(())
 }
 

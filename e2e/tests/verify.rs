@@ -315,6 +315,22 @@ fn inspect_json_agrees_with_sfdisk_and_the_manifest() -> anyhow::Result<()> {
     }
 
     let m = &img.manifest;
+    // The module list read back from the image's modules.dep is the manifest's.
+    let mut listed: Vec<&str> = m["modules"]
+        .as_array()
+        .context("manifest modules")?
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    listed.sort();
+    let names: Vec<&str> = json["modules"]["names"]
+        .as_array()
+        .context("inspect modules")?
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(names, listed);
+    assert!(json["modules"]["bytes"].as_u64().unwrap_or(0) > 0);
     assert_eq!(json["active_slot"], "a");
     let slots = json["slots"].as_array().context("slots")?;
     let slot = |s: &str| slots.iter().find(|x| x["slot"] == s).context("slot");

@@ -1,5 +1,6 @@
-//! Steps 3 and 4: the Debian packages unpacked (kernel, GRUB, CA certificates), and the
-//! initramfs (basalt-init with the storage and dm-verity modules stage 1 loads).
+//! Steps 3 and 4: the Debian packages unpacked (kernel, GRUB, CA certificates), the
+//! initramfs (basalt-init with the storage and dm-verity modules stage 1 loads), and the
+//! module tree the root ships (the spec's `[kernel] modules`, closed over dependencies).
 
 use super::{BuildError, Ctx};
 use crate::store;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 const UNPACKED: [&str; 4] = ["kernel", "grub-bios", "grub-efi", "ca-certificates"];
 
 /// The unpacked packages and the kernel found in them.
+#[derive(Clone)]
 pub struct Kernel {
     /// Each of [`UNPACKED`] by input name.
     pub unpacked: BTreeMap<&'static str, PathBuf>,
@@ -56,7 +58,10 @@ pub struct Initramfs {
 
 pub fn initramfs(ctx: &Ctx, kernel: &Kernel) -> Result<Initramfs, BuildError> {
     let graph = kmod::ModuleGraph::load(&kernel.moddir)?;
-    let closure = graph.closure(&ctx.spec.spec.kernel.initramfs_modules)?;
+    let closure = graph.select(
+        "kernel.initramfs_modules",
+        &ctx.spec.spec.kernel.initramfs_modules,
+    )?;
     let modules: Vec<String> = closure.iter().map(|m| m.name.clone()).collect();
     let key = store::key(
         "initramfs",
@@ -80,6 +85,99 @@ pub fn initramfs(ctx: &Ctx, kernel: &Kernel) -> Result<Initramfs, BuildError> {
         graph,
         reused,
     })
+}
+
+/// The part of the kernel's module tree the root ships.
+pub struct RootModules {
+    /// A `lib/modules/<version>` holding only the shipped modules (hard links into the
+    /// unpacked package where the store allows), `modules.builtin` and a filtered
+    /// `modules.order`; the index files are rendered from [`RootModules::graph`].
+    pub moddir: PathBuf,
+    /// The graph of the shipped modules alone.
+    pub graph: kmod::ModuleGraph,
+    /// The shipped modules by name, dependencies first.
+    pub modules: Vec<String>,
+    pub reused: bool,
+}
+
+/// Where the root's module list comes from, for error messages.
+const MODULES_KEY: &str = "kernel.modules";
+
+/// The spec's `[kernel] modules`, or [`kmod::DEFAULT_MODULES`], with the initramfs's
+/// modules (stage 2 coldplugs their devices again and must find them), closed over
+/// dependencies and soft dependencies.
+pub fn root_modules(
+    ctx: &Ctx,
+    kernel: &Kernel,
+    initramfs: &Initramfs,
+) -> Result<RootModules, BuildError> {
+    let mut wanted: Vec<String> = match &ctx.spec.spec.kernel.modules {
+        Some(list) => list.clone(),
+        None => kmod::DEFAULT_MODULES
+            .iter()
+            .map(|m| m.to_string())
+            .collect(),
+    };
+    wanted.extend(initramfs.modules.iter().cloned());
+    let graph = &initramfs.graph;
+    let shipped = graph.select(MODULES_KEY, &wanted)?;
+    let modules: Vec<String> = shipped.iter().map(|m| m.name.clone()).collect();
+    let key = store::key(
+        "modules",
+        &[
+            &ctx.inputs["kernel"].sha256,
+            &modules.join(","),
+            env!("CARGO_PKG_VERSION"),
+        ],
+    );
+    let (dir, reused) = ctx.store.get_or_make("modules", &key, |dir| {
+        stage_modules(&kernel.moddir, &shipped, dir).map_err(BuildError::from)
+    })?;
+    Ok(RootModules {
+        moddir: dir.join("lib/modules").join(&kernel.version),
+        graph: graph.subset(&shipped),
+        modules,
+        reused,
+    })
+}
+
+/// Lays out `dir/lib/modules/<version>` with the shipped module files (hard-linked from
+/// the unpacked package, copied where linking fails), `modules.builtin` and
+/// `modules.builtin.modinfo` as they are, and `modules.order` cut to the shipped modules.
+fn stage_modules(moddir: &Path, shipped: &[&kmod::Module], dir: &Path) -> std::io::Result<()> {
+    let version = moddir
+        .file_name()
+        .ok_or_else(|| std::io::Error::other(format!("{}: no version", moddir.display())))?;
+    let out = dir.join("lib/modules").join(version);
+    std::fs::create_dir_all(&out)?;
+    for m in shipped {
+        let (from, to) = (moddir.join(&m.rel_path), out.join(&m.rel_path));
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        if std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to)?;
+        }
+    }
+    for name in ["modules.builtin", "modules.builtin.modinfo"] {
+        let from = moddir.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, out.join(name))?;
+        }
+    }
+    if let Ok(order) = std::fs::read_to_string(moddir.join("modules.order")) {
+        let paths: std::collections::BTreeSet<String> = shipped
+            .iter()
+            .map(|m| m.rel_path.to_string_lossy().into_owned())
+            .collect();
+        let kept: String = order
+            .lines()
+            .filter(|l| paths.contains(*l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(out.join("modules.order"), kept)?;
+    }
+    Ok(())
 }
 
 fn kernel_version(unpacked: &Path) -> std::io::Result<String> {

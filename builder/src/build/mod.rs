@@ -134,8 +134,14 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     progress.finish(initramfs.reused);
 
     progress.start("root filesystem (squashfs + dm-verity)");
-    let root = root::root(&ctx, &kernel, &initramfs.graph)?;
-    progress.finish(root.reused);
+    let modules = kernel::root_modules(&ctx, &kernel, &initramfs)?;
+    // The root is made from the kernel as it ships there: only the selected modules.
+    let shipped = kernel::Kernel {
+        moddir: modules.moddir.clone(),
+        ..kernel.clone()
+    };
+    let root = root::root(&ctx, &shipped, &modules.graph)?;
+    progress.finish(root.reused && modules.reused);
 
     progress.start("bootloader (GRUB for BIOS and UEFI)");
     let layout = Layout::new(&ctx.spec.spec.disk, |what| ctx.uuid(what));
@@ -157,6 +163,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     let parts = outputs::Parts {
         kernel: &kernel,
         initramfs: &initramfs,
+        modules: &modules,
         root: &root,
         esp,
         layout,

@@ -3,7 +3,7 @@
 //! work folder inside the output folder ([`WorkDir`]), removed on every way out.
 
 use super::boot::{Bootloader, Esp};
-use super::kernel::{Initramfs, Kernel};
+use super::kernel::{Initramfs, Kernel, RootModules};
 use super::root::Root;
 use super::{BuildError, BuildOptions, Ctx};
 use crate::cache::Resolved;
@@ -88,6 +88,7 @@ pub fn compressed(work: &WorkDir, raw: PathBuf) -> Result<Images, BuildError> {
 pub struct Parts<'a> {
     pub kernel: &'a Kernel,
     pub initramfs: &'a Initramfs,
+    pub modules: &'a RootModules,
     pub root: &'a Root,
     pub esp: Esp,
     pub layout: Layout,
@@ -126,6 +127,7 @@ pub fn manifest(
             path: ctx.init.path.clone(),
         },
         initramfs_modules: parts.initramfs.modules.clone(),
+        modules: parts.modules.modules.clone(),
         root_hash: verity.root_hash.clone(),
         verity: manifest::VerityManifest {
             salt: verity.salt.clone(),
