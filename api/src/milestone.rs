@@ -74,9 +74,72 @@ pub fn parse(line: &str) -> Option<(&str, f64)> {
     Some((name, seconds))
 }
 
+/// The word after [`PREFIX`] on a step line.
+pub const STEP: &str = "step";
+
+/// One step of the boot, as its line reports it: where it started and how long it took,
+/// both in seconds (the start since kernel start). Steps are what the milestones are made
+/// of, so that a slower milestone names the step that slowed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepLine<'a> {
+    pub name: &'a str,
+    pub at: f64,
+    pub took: f64,
+}
+
+/// Formats a step line: `[basalt] step <name> at=<start> took=<seconds>`. A milestone
+/// parser ([`parse`]) does not take it for a milestone.
+pub fn format_step(name: &str, at: f64, took: f64) -> String {
+    format!("{PREFIX} {STEP} {name} at={at:.3} took={took:.3}")
+}
+
+/// Finds a step line in one line of console output, as [`parse`] finds milestones.
+pub fn parse_step(line: &str) -> Option<StepLine<'_>> {
+    let rest = &line[line.find(PREFIX)? + PREFIX.len()..];
+    let mut words = rest.split_whitespace();
+    if words.next()? != STEP {
+        return None;
+    }
+    let name = words.next()?;
+    let number = |w: Option<&str>, key: &str| -> Option<f64> {
+        let v: f64 = w?.strip_prefix(key)?.parse().ok()?;
+        (v.is_finite() && v >= 0.0).then_some(v)
+    };
+    let at = number(words.next(), "at=")?;
+    let took = number(words.next(), "took=")?;
+    if words.next().is_some() {
+        return None;
+    }
+    Some(StepLine { name, at, took })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_lines_round_trip_and_are_not_milestones() {
+        let line = format_step("k3s-modules", 3.2, 0.41234);
+        assert_eq!(line, "[basalt] step k3s-modules at=3.200 took=0.412");
+        assert_eq!(
+            parse_step(&format!("\x1b[0m{line}\r")),
+            Some(StepLine {
+                name: "k3s-modules",
+                at: 3.2,
+                took: 0.412
+            })
+        );
+        assert_eq!(parse(&line), None);
+        assert_eq!(parse_step("[basalt] ready t=1.000"), None);
+        for bad in [
+            "[basalt] step x at=1.000",
+            "[basalt] step x at=1.000 took=-1.000",
+            "[basalt] step x took=1.000 at=1.000",
+            "[basalt] step x at=1.000 took=1.000 extra",
+        ] {
+            assert_eq!(parse_step(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn format_then_parse_round_trips() {

@@ -80,6 +80,11 @@ pub struct Health {
 pub struct Status {
     /// The boot timeline so far, in the order reached.
     pub milestones: Vec<MilestoneTime>,
+    /// The steps the milestones are made of (stage 2's), each with its own duration, in
+    /// the order they finished; background steps may finish after `standby`. Empty from
+    /// an older node.
+    #[serde(default)]
+    pub steps: Vec<StepTime>,
     /// The active root slot (`a` or `b`).
     pub slot: String,
     pub versions: Versions,
@@ -143,6 +148,17 @@ pub struct MilestoneTime {
     pub name: String,
     /// Seconds since kernel start.
     pub t: f64,
+}
+
+/// One step of the boot and how long it took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepTime {
+    /// As on the console (`mount-state`, `k3s-modules`, ...).
+    pub name: String,
+    /// Seconds since kernel start when it started.
+    pub at: f64,
+    /// Seconds it took.
+    pub took: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,6 +273,7 @@ mod tests {
     /// A status as a node sends it, written out by hand so a renamed field breaks the test.
     const STATUS_JSON: &str = r#"{
         "milestones": [{"name": "init-start", "t": 0.512}, {"name": "standby", "t": 1.904}],
+        "steps": [{"name": "mount-state", "at": 0.9, "took": 0.25}],
         "slot": "a",
         "versions": {"basalt": "0.1.0", "kernel": "6.1.0-28-cloud-amd64"},
         "addresses": ["10.0.2.15/24"],
@@ -276,6 +293,8 @@ mod tests {
         let s: Status = serde_json::from_str(STATUS_JSON).expect("parse");
         assert_eq!(s.milestones[1].name, "standby");
         assert_eq!(s.milestones[1].t, 1.904);
+        assert_eq!(s.steps[0].name, "mount-state");
+        assert_eq!((s.steps[0].at, s.steps[0].took), (0.9, 0.25));
         assert_eq!(s.versions.kernel, "6.1.0-28-cloud-amd64");
         assert_eq!(s.config_source, None);
         assert_eq!(s.config_report.rejected[0].source, "fw_cfg");
@@ -354,5 +373,8 @@ mod tests {
         let old = STATUS_JSON.replace("\"config_report\"", "\"x_config_report\"");
         let s: Status = serde_json::from_str(&old).expect("parse");
         assert_eq!(s.config_report, ConfigReport::default());
+        let old = STATUS_JSON.replace("\"steps\"", "\"x_steps\"");
+        let s: Status = serde_json::from_str(&old).expect("parse");
+        assert!(s.steps.is_empty());
     }
 }

@@ -77,9 +77,21 @@ pub struct Footprint {
     pub hwm_kb: u64,
 }
 
+/// A step of the boot as one run printed it (`[basalt] step <name> at=… took=…`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub name: String,
+    /// Seconds since kernel start when it started.
+    pub at: f64,
+    /// Its own duration, in seconds.
+    pub took: f64,
+}
+
 #[derive(Debug, Clone)]
 pub struct ImageRun {
     pub marks: Vec<Mark>,
+    /// The steps seen until the run ended, in the order printed.
+    pub steps: Vec<Step>,
     pub footprint: Option<Footprint>,
 }
 
@@ -238,8 +250,13 @@ fn boot_image(
     if let Err(e) = waited {
         return Err(boot_error(&vm, what, run, e));
     }
-    let footprint = vm.serial().lines().find_map(parse_footprint);
-    Ok(ImageRun { marks, footprint })
+    let serial = vm.serial();
+    let footprint = serial.lines().find_map(parse_footprint);
+    Ok(ImageRun {
+        marks,
+        steps: parse_steps(&serial),
+        footprint,
+    })
 }
 
 /// One boot of the floor until its marker, then until QEMU exits.
@@ -295,6 +312,22 @@ fn record_marks<'a>(
     }
 }
 
+/// Every step line of a serial log, in order; a step printed twice (the console and the
+/// kernel log both reach the serial port) is kept once.
+pub fn parse_steps(serial: &str) -> Vec<Step> {
+    let mut steps: Vec<Step> = Vec::new();
+    for s in serial.lines().filter_map(milestone::parse_step) {
+        if !steps.iter().any(|t| t.name == s.name && t.at == s.at) {
+            steps.push(Step {
+                name: s.name.to_owned(),
+                at: s.at,
+                took: s.took,
+            });
+        }
+    }
+    steps
+}
+
 /// `[basalt] footprint: PID1 VmRSS 1234 kB, VmHWM 2345 kB`
 pub fn parse_footprint(line: &str) -> Option<Footprint> {
     let rest = &line[line.find(FOOTPRINT)? + FOOTPRINT.len()..];
@@ -317,6 +350,30 @@ impl BootBench {
         let guest = Spread::of(marks.iter().map(|m| m.guest))?;
         let wall = Spread::of(marks.iter().map(|m| m.wall))?;
         Some((guest, wall))
+    }
+
+    /// The steps any run printed, in the order first seen, each with the spread of its
+    /// own duration over the runs that printed it.
+    pub fn steps(&self) -> Vec<(String, Spread)> {
+        let mut names: Vec<&str> = Vec::new();
+        for run in &self.image_runs {
+            for s in &run.steps {
+                if !names.contains(&s.name.as_str()) {
+                    names.push(&s.name);
+                }
+            }
+        }
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let took = self
+                    .image_runs
+                    .iter()
+                    .filter_map(|r| r.steps.iter().find(|s| s.name == name))
+                    .map(|s| s.took);
+                Spread::of(took).map(|s| (name.to_owned(), s))
+            })
+            .collect()
     }
 
     /// Wall time before the kernel started (firmware, bootloader, QEMU's setup) of the
@@ -428,8 +485,34 @@ mod tests {
         marks.extend(ready.map(|r| mark("ready", r, r + 5.0)));
         ImageRun {
             marks,
+            steps: vec![],
             footprint: None,
         }
+    }
+
+    #[test]
+    fn steps_are_read_once_each_and_summed_up_over_the_runs() {
+        let serial = "[basalt] step mount-state at=2.700 took=0.400\n\
+                      [    2.9] [basalt] step mount-state at=2.700 took=0.400\n\
+                      [basalt] ready t=3.000\n\
+                      [basalt] step k3s-modules at=2.950 took=0.800\r\n";
+        let steps = parse_steps(serial);
+        let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["mount-state", "k3s-modules"]);
+        assert_eq!(steps[1].took, 0.8);
+        let mut a = image_run(1.0, Some(4.0));
+        a.steps = steps;
+        let mut b = image_run(1.0, Some(4.0));
+        b.steps = parse_steps("[basalt] step mount-state at=2.000 took=0.200\n");
+        let bench = bench(vec![a, b], &[2.0, 2.0]);
+        let got = bench.steps();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, "mount-state");
+        assert_eq!((got[0].1.min, got[0].1.max, got[0].1.n), (0.2, 0.4, 2));
+        assert_eq!((got[1].0.as_str(), got[1].1.n), ("k3s-modules", 1));
+        let text = bench.to_string();
+        assert!(text.contains("step: k3s-modules"), "{text}");
+        assert!(text.contains("in 1 of 2 runs"), "{text}");
     }
 
     #[test]

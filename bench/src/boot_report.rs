@@ -17,6 +17,10 @@ const MILESTONES: [Milestone; 7] = [
     Milestone::Standby,
 ];
 
+/// The steps of K3s's preparation, which stage 2 runs in the background
+/// (`init/src/boot/stage2/node.rs`, `prepare_for_k3s`).
+const BACKGROUND_STEPS: [&str; 4] = ["cgroups", "k3s-modules", "k3s-sysctls", "standby-prep"];
+
 fn firmware_name(f: Firmware) -> &'static str {
     match f {
         Firmware::Bios => "SeaBIOS",
@@ -149,6 +153,32 @@ pub fn write(b: &BootBench, f: &mut Formatter<'_>) -> fmt::Result {
     ] {
         if let Some(pre) = pre {
             writeln!(f, "  {label:<22}{:<28}{}", "", spread(&pre, 2))?;
+        }
+    }
+    let steps = b.steps();
+    if !steps.is_empty() {
+        writeln!(f)?;
+        writeln!(
+            f,
+            "  {:<30}own duration, guest s: median (min–max); (bg): in the background, after which standby does not wait",
+            "stage 2 steps"
+        )?;
+        for (name, took) in steps {
+            let seen = if took.n < runs {
+                format!("  in {} of {runs} runs", took.n)
+            } else {
+                String::new()
+            };
+            writeln!(
+                f,
+                "  {:<30}{}{seen}",
+                if BACKGROUND_STEPS.contains(&name.as_str()) {
+                    format!("step: {name} (bg)")
+                } else {
+                    format!("step: {name}")
+                },
+                spread(&took, 3)
+            )?;
         }
     }
     writeln!(f)?;

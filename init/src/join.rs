@@ -40,6 +40,7 @@ mod node;
 pub use node::agent_run_of;
 pub use node::{agent_spec, bind_rancher, prepare_standby, write_secret, NodeHost};
 
+use crate::boot::background::{self, PrepSlot};
 use crate::pid1::console;
 use basalt_api::config::{MachineConfig, Token};
 use basalt_api::k3s::{CaCheck, K3sError};
@@ -279,6 +280,8 @@ pub struct Joiner {
     inner: Mutex<Inner>,
     /// One apply or activation at a time (a boot join's check runs outside it).
     apply_lock: Mutex<()>,
+    /// What standby left to the background and the agent needs ([`crate::boot::background`]).
+    prep: PrepSlot,
 }
 
 impl Joiner {
@@ -298,7 +301,14 @@ impl Joiner {
                 started: None,
             }),
             apply_lock: Mutex::new(()),
+            prep: background::k3s_prep(),
         }
+    }
+
+    /// The background preparation the agent's start waits for, instead of the node's.
+    pub fn with_prep(mut self, prep: PrepSlot) -> Joiner {
+        self.prep = prep;
+        self
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
@@ -422,7 +432,13 @@ impl Joiner {
         let result = config
             .k3s_config_json(self.host.node_ip(config))
             .ok_or_else(|| JoinError::Start("the config has no [cluster]".into()))
-            .and_then(|json| self.host.write_k3s_config(&json))
+            .and_then(|json| {
+                let prep = self
+                    .prep
+                    .wait()
+                    .map_err(|e| JoinError::Start(e.to_string()));
+                prep.and_then(|()| self.host.write_k3s_config(&json))
+            })
             .and_then(|()| {
                 if restart {
                     self.host.restart_agent()

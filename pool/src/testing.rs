@@ -384,6 +384,7 @@ fn status_of(name: &str, join: JoinStatus) -> Status {
         config_report: Default::default(),
         services: vec![],
         join,
+        steps: vec![],
         rss_kib: None,
         api_cert: None,
     }

@@ -47,6 +47,18 @@ pub fn status(s: &Status) -> String {
     for m in &s.milestones {
         let _ = writeln!(out, "  {:<width$}  {:>8.3} s", m.name, m.t);
     }
+    // Only from a node that reports them: an older node's status prints as before.
+    if !s.steps.is_empty() {
+        let _ = writeln!(out, "steps:");
+        let width = s.steps.iter().map(|m| m.name.len()).max().unwrap_or(0);
+        for st in &s.steps {
+            let _ = writeln!(
+                out,
+                "  {:<width$}  {:>8.3} s  at {:.3} s",
+                st.name, st.took, st.at
+            );
+        }
+    }
     let _ = writeln!(out, "services:");
     if s.services.is_empty() {
         let _ = writeln!(out, "  (none)");
@@ -138,6 +150,7 @@ mod tests {
                 server: Some("https://10.0.2.2:6443".into()),
                 last_error: Some("CA hash mismatch".into()),
             },
+            steps: vec![],
             rss_kib: Some(2048),
             api_cert: Some(ApiCert {
                 not_after: 1_827_078_299,
@@ -181,6 +194,21 @@ services:
         let text = status(&s);
         assert!(
             text.contains("config:    cmdline\n  passed over fw_cfg: node.surprise: unknown key\n  warning: not kept for the next boot\njoin:"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn steps_follow_the_milestones_when_the_node_sends_them() {
+        let mut s = sample();
+        s.steps = vec![basalt_api::node::StepTime {
+            name: "k3s-modules".into(),
+            at: 3.25,
+            took: 0.5,
+        }];
+        let text = status(&s);
+        assert!(
+            text.contains("steps:\n  k3s-modules     0.500 s  at 3.250 s\nservices:"),
             "{text}"
         );
     }

@@ -29,10 +29,11 @@ pub trait Machine: Sources {
     fn mount_state(&mut self) -> bool;
     /// The running kernel's module index, read once for every load below.
     fn read_module_index(&mut self);
-    /// cgroup v2 with its controllers, K3s's modules and sysctls.
-    fn prepare_kernel_for_k3s(&mut self);
-    /// What a join needs that no credential does (on STATE, so only with STATE).
-    fn prepare_standby(&mut self);
+    /// Starts, in the background, what a promotion needs and standby does not: cgroup v2
+    /// with its controllers, K3s's modules and sysctls, and (with STATE only) what a join
+    /// needs that no credential does. The promotion waits for it
+    /// ([`crate::boot::background`]); its steps report their own durations.
+    fn start_k3s_prep(&mut self, state_mounted: bool);
     fn watch_power_button(&mut self);
     /// Ctrl-Alt-Del then arrives as SIGINT instead of an immediate reboot.
     fn disable_ctrl_alt_del(&mut self);
@@ -67,20 +68,23 @@ pub fn run() -> ! {
     serve::serve(&all, &mut supervisor, &commands, &counts)
 }
 
-/// Stage 2 from the kernel filesystems to standby (or a join under way).
+/// Stage 2 from the kernel filesystems to standby (or a join under way). Each step that
+/// can take time prints its own duration (`[basalt] step <name> at=… took=…`), so a
+/// slower milestone names the step that slowed it.
+///
+/// Standby needs the network (so the NIC's driver, coldplugged first), entropy (the
+/// RNG's driver, with it), the config and the node API. What only `k3s agent` needs is
+/// started in the background right after, and a promotion waits for that alone.
 pub fn boot(m: &mut dyn Machine) {
-    m.mount_kernel_filesystems();
-    let state_mounted = m.mount_state();
-    m.read_module_index();
-    m.prepare_kernel_for_k3s();
-    if state_mounted {
-        m.prepare_standby();
-    }
-    m.watch_power_button();
+    console::timed("kernel-filesystems", || m.mount_kernel_filesystems());
+    let state_mounted = console::timed("mount-state", || m.mount_state());
+    console::timed("module-index", || m.read_module_index());
+    console::timed("coldplug", || m.coldplug());
+    m.start_k3s_prep(state_mounted);
+    console::timed("power-button", || m.watch_power_button());
     m.disable_ctrl_alt_del();
-    m.coldplug();
     m.milestone(Milestone::Ready);
-    let chosen = config_source::choose(m);
+    let chosen = console::timed("config", || config_source::choose(m));
     m.start_time_sync(ntp_servers(chosen.as_ref()));
     if chosen.is_none() {
         console::info("machine config: none; standby with read-only endpoints");
@@ -88,7 +92,7 @@ pub fn boot(m: &mut dyn Machine) {
     m.start_test_service();
     // Every config has `[api]` (the key is required), so no config means no API.
     match &chosen {
-        Some(chosen) => m.start_api(chosen),
+        Some(chosen) => console::timed("api", || m.start_api(chosen)),
         None => console::info("api: off: no machine config, so no certificates to serve with"),
     }
     m.report_resources();
@@ -123,8 +127,7 @@ mod tests {
         MountKernelFilesystems,
         MountState,
         ReadModuleIndex,
-        PrepareKernelForK3s,
-        PrepareStandby,
+        StartK3sPrep { state: bool },
         WatchPowerButton,
         DisableCtrlAltDel,
         Coldplug,
@@ -212,11 +215,10 @@ mod tests {
         fn read_module_index(&mut self) {
             self.steps.push(Step::ReadModuleIndex);
         }
-        fn prepare_kernel_for_k3s(&mut self) {
-            self.steps.push(Step::PrepareKernelForK3s);
-        }
-        fn prepare_standby(&mut self) {
-            self.steps.push(Step::PrepareStandby);
+        fn start_k3s_prep(&mut self, state_mounted: bool) {
+            self.steps.push(Step::StartK3sPrep {
+                state: state_mounted,
+            });
         }
         fn watch_power_button(&mut self) {
             self.steps.push(Step::WatchPowerButton);
@@ -263,24 +265,20 @@ mod tests {
 
     /// Every step up to `ready`, with STATE mounted or not.
     fn up_to_ready(state: bool) -> Vec<Step> {
-        let mut steps = vec![
+        // The NIC's and the RNG's drivers before anything else; K3s's preparation
+        // started (not awaited) before `ready`, with STATE's part only with STATE.
+        vec![
             Step::MountKernelFilesystems,
             Step::MountState,
             Step::ReadModuleIndex,
-            Step::PrepareKernelForK3s,
-        ];
-        if state {
-            steps.push(Step::PrepareStandby);
-        }
-        steps.extend([
+            Step::Coldplug,
+            Step::StartK3sPrep { state },
             Step::WatchPowerButton,
             Step::DisableCtrlAltDel,
-            Step::Coldplug,
             Step::Milestone("ready"),
             Step::OnHetzner,
             Step::ProbeFwCfg,
-        ]);
-        steps
+        ]
     }
 
     #[test]

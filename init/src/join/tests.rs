@@ -626,3 +626,71 @@ fn the_supervisors_view_becomes_ages() {
         Some(Duration::ZERO)
     );
 }
+
+fn joiner_with_prep(
+    server: &Arc<FakeServer>,
+    host: &Arc<FakeHost>,
+    prep: crate::boot::background::PrepSlot,
+) -> Joiner {
+    Joiner::new(
+        Box::new(server.clone()),
+        Box::new(host.clone()),
+        Retry::default(),
+    )
+    .with_prep(prep)
+}
+
+#[test]
+fn a_promotion_waits_for_the_background_prep_before_it_writes_or_starts() {
+    use crate::boot::background::{Background, PrepSlot};
+    let server = Arc::new(FakeServer::new(HASH, 0));
+    let host = Arc::new(FakeHost::default());
+    let slot = PrepSlot::default();
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    slot.set(Background::spawn("k3s-prep", move || {
+        gate.recv().map_err(|e| e.to_string())
+    }));
+    let j = Arc::new(joiner_with_prep(&server, &host, slot));
+    let applying = {
+        let j = Arc::clone(&j);
+        std::thread::spawn(move || {
+            let (c, text) = config(true);
+            j.apply(&c, &text, Instant::now())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!applying.is_finished(), "did not wait for the prep");
+    // The CA check and the persist ran meanwhile; nothing was written for K3s.
+    assert_eq!(server.checks.load(Ordering::SeqCst), 1);
+    assert!(host.calls().k3s_config.is_empty());
+    assert_eq!(host.calls().started, 0);
+    go.send(()).expect("send");
+    let got = applying.join().expect("join").expect("answered");
+    assert!(matches!(got, Applied::Joined { .. }), "{got:?}");
+    assert_eq!(host.calls().started, 1);
+}
+
+#[test]
+fn a_failed_background_prep_fails_the_promotion_with_its_reason() {
+    use crate::boot::background::{Background, PrepSlot};
+    let server = Arc::new(FakeServer::new(HASH, 0));
+    let host = Arc::new(FakeHost::default());
+    let slot = PrepSlot::default();
+    slot.set(Background::spawn("k3s-prep", || {
+        Err("module br_netfilter: load /lib/modules/6.1/br_netfilter.ko: No such file".into())
+    }));
+    let j = joiner_with_prep(&server, &host, slot);
+    let (c, text) = config(true);
+    let got = j.apply(&c, &text, Instant::now()).expect("answered");
+    let Applied::Failed { error } = got else {
+        panic!("not failed: {got:?}");
+    };
+    assert!(
+        error.contains("k3s-prep failed: module br_netfilter: load"),
+        "{error}"
+    );
+    assert_eq!(j.status().state, JoinState::Failed);
+    assert_eq!(j.status().last_error.as_deref(), Some(error.as_str()));
+    assert!(host.calls().k3s_config.is_empty());
+    assert_eq!(host.calls().started, 0);
+}

@@ -135,7 +135,7 @@ pub fn normalize(name: &str) -> String {
 }
 
 /// The module name of a `modules.dep` path: `kernel/fs/overlayfs/overlay.ko.xz` → `overlay`.
-fn name_of(path: &str) -> String {
+pub(crate) fn name_of(path: &str) -> String {
     let file = path.rsplit('/').next().unwrap_or(path);
     normalize(file.split(".ko").next().unwrap_or(file))
 }

@@ -54,6 +54,19 @@ pub fn modaliases(root: &Path) -> Vec<String> {
     out.into_iter().collect()
 }
 
+/// [`coldplug`] on `threads` threads at once ([`crate::kmod::parallel`]): the NIC's and
+/// the RNG's drivers are independent of each other.
+pub fn coldplug_parallel(
+    loader: &dyn crate::kmod::parallel::Loader,
+    root: &Path,
+    modules: &Modules,
+    threads: usize,
+) -> usize {
+    let aliases = modaliases(root);
+    let names: Vec<&str> = aliases.iter().map(String::as_str).collect();
+    crate::kmod::parallel::load_all(loader, root, modules, &names, threads).loaded
+}
+
 /// Loads the drivers for present devices; returns how many modules were loaded.
 /// A device without a driver module is normal and not reported.
 pub fn coldplug(sys: &mut dyn System, root: &Path, modules: &Modules) -> usize {

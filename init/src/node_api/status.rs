@@ -3,7 +3,9 @@
 use super::Context;
 use crate::pid1::console;
 use basalt_api::bootparams::BootParams;
-use basalt_api::node::{ApiCert, Health, JoinState, MilestoneTime, ServiceInfo, Status, Versions};
+use basalt_api::node::{
+    ApiCert, Health, JoinState, MilestoneTime, ServiceInfo, Status, StepTime, Versions,
+};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -24,6 +26,10 @@ pub fn status(ctx: &Context, services: Vec<ServiceInfo>) -> Status {
         milestones: console::milestones()
             .into_iter()
             .map(|(name, t)| MilestoneTime { name, t })
+            .collect(),
+        steps: console::steps()
+            .into_iter()
+            .map(|(name, at, took)| StepTime { name, at, took })
             .collect(),
         slot: slot(&ctx.root),
         versions: Versions {
@@ -79,6 +85,19 @@ pub fn metrics(ctx: &Context, services: &[ServiceInfo]) -> String {
         let _ = writeln!(
             out,
             "basalt_milestone_seconds{{milestone=\"{}\"}} {t:.3}",
+            escape(&name)
+        );
+    }
+    help(
+        &mut out,
+        "basalt_boot_step_seconds",
+        "gauge",
+        "Seconds a step of the boot took.",
+    );
+    for (name, _, took) in console::steps() {
+        let _ = writeln!(
+            out,
+            "basalt_boot_step_seconds{{step=\"{}\"}} {took:.3}",
             escape(&name)
         );
     }

@@ -46,6 +46,42 @@ pub fn milestone(m: Milestone) {
     write_line(&milestone::format(m, t), Level::Info, Origin::Pid1);
 }
 
+/// Every step of this boot that finished, as `(name, start, seconds taken)`, in the order
+/// finished: what the node API's status reports beside the milestones.
+static STEPS: Mutex<Vec<(String, f64, f64)>> = Mutex::new(Vec::new());
+
+/// At most this many steps are kept (a boot has about twenty).
+const STEPS_MAX: usize = 64;
+
+/// Prints a step line (`[basalt] step <name> at=<start> took=<seconds>`) and records it.
+pub fn step(name: &str, at: f64, took: f64) {
+    {
+        let mut all = STEPS.lock().unwrap_or_else(|e| e.into_inner());
+        if all.len() < STEPS_MAX {
+            all.push((name.to_owned(), at, took));
+        }
+    }
+    write_line(
+        &milestone::format_step(name, at, took),
+        Level::Info,
+        Origin::Pid1,
+    );
+}
+
+/// Runs `f` as the boot step `name`: its start and duration go to the console and to
+/// [`steps`].
+pub fn timed<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    let at = uptime();
+    let out = f();
+    step(name, at, (uptime() - at).max(0.0));
+    out
+}
+
+/// The steps finished so far, in the order finished.
+pub fn steps() -> Vec<(String, f64, f64)> {
+    STEPS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// Writes a milestone already printed to the kernel log only: `init-start` comes before
 /// stage 1 has mounted devtmpfs, so its first `/dev/kmsg` write finds no device, and
 /// stage 2 reads the timeline back from the kernel log.

@@ -3,10 +3,12 @@
 //! they happen, and the boot goes on.
 
 use super::Machine;
+use crate::boot::background::{self, Background};
 use crate::boot::{kernel, mounts};
 use crate::config_source::{Chosen, SourceError, Sources};
 use crate::join::{self, Joiner, NetworkCheck, NodeHost, Retry};
 use crate::kmod::modprobe::Modules;
+use crate::kmod::parallel::{self, Finit, Loader};
 use crate::net::metadata::{self, Metadata};
 use crate::net::{self, sntp, NetworkUp};
 use crate::node_api;
@@ -38,7 +40,7 @@ pub struct Node<'a> {
     sys: &'a mut dyn System,
     root: PathBuf,
     state_mounted: bool,
-    modules: Option<Modules>,
+    modules: Option<Arc<Modules>>,
     /// Set from the config when the network starts; metadata fills it in otherwise.
     hostname: Option<String>,
     up: NetworkUp,
@@ -126,37 +128,35 @@ impl Machine for Node<'_> {
 
     fn read_module_index(&mut self) {
         match Modules::running(&self.root) {
-            Ok(m) => self.modules = Some(m),
+            Ok(m) => self.modules = Some(Arc::new(m)),
             Err(e) => console::error("module index", &e),
         }
     }
 
-    /// Done before any credentials exist. cgroup v2 with all controllers delegated, then
-    /// the modules, then the sysctls: the bridge sysctls exist once br_netfilter is loaded.
-    fn prepare_kernel_for_k3s(&mut self) {
-        let root = &self.root;
-        if let Err(e) = kernel::mount_cgroup2(self.sys, root) {
-            console::error("cgroup2", &e);
-        }
-        if let Err(e) = kernel::enable_controllers(root) {
-            console::error("cgroup controllers", &e);
-        }
-        if let Some(modules) = &self.modules {
-            for e in kernel::load_modules_from(self.sys, root, modules, kernel::K3S_MODULES) {
-                console::error("module", &e);
+    /// In a thread of its own, with the real kernel; its failures fail the promotion
+    /// that waits for it, with their reasons.
+    fn start_k3s_prep(&mut self, state_mounted: bool) {
+        let root = self.root.clone();
+        let modules = self.modules.clone();
+        let prep = Background::spawn("k3s-prep", move || {
+            let errors = prepare_for_k3s(
+                &mut crate::sys::Real,
+                &Finit,
+                &root,
+                modules.as_deref(),
+                state_mounted,
+            );
+            if errors.is_empty() {
+                Ok(())
+            } else {
+                Err(errors.join("; "))
             }
-        }
-        for e in kernel::apply_sysctls(root, kernel::K3S_SYSCTLS) {
-            console::error("sysctl", &e);
-        }
-    }
-
-    fn prepare_standby(&mut self) {
-        join::prepare_standby(self.sys, &self.root);
+        });
+        background::k3s_prep().set(prep);
     }
 
     fn watch_power_button(&mut self) {
-        power::watch_power_button(&self.root, self.modules.as_ref());
+        power::watch_power_button(&self.root, self.modules.as_deref());
     }
 
     fn disable_ctrl_alt_del(&mut self) {
@@ -169,7 +169,7 @@ impl Machine for Node<'_> {
     /// and K3s need.
     fn coldplug(&mut self) {
         if let Some(modules) = &self.modules {
-            net::coldplug(self.sys, &self.root, modules);
+            net::coldplug_parallel(&Finit, &self.root, modules, MODULE_THREADS);
         }
     }
 
@@ -311,6 +311,54 @@ impl Sources for Node<'_> {
     }
 }
 
+/// Threads that load modules at once: a node has at least two vCPUs, and a module's
+/// load is mostly CPU (relocation, signature check, reading it off the root).
+const MODULE_THREADS: usize = 2;
+
+/// What K3s needs of the kernel, done before any credentials exist: cgroup v2 with all
+/// controllers delegated, then the modules (in parallel), then the sysctls (the bridge
+/// sysctls exist once br_netfilter is loaded); and with STATE, what a join needs on it
+/// ([`join::prepare_standby`]). Each part is a step of the boot timeline. Returns the
+/// failures, each printed and each naming its module, key or file.
+pub fn prepare_for_k3s(
+    sys: &mut dyn System,
+    loader: &dyn Loader,
+    root: &Path,
+    modules: Option<&Modules>,
+    state_mounted: bool,
+) -> Vec<String> {
+    let mut errors: Vec<String> = Vec::new();
+    let mut failed = |what: &str, e: &dyn std::error::Error| {
+        console::error(what, e);
+        errors.push(format!("{what}: {}", console::chain(e)));
+    };
+    console::timed("cgroups", || {
+        if let Err(e) = kernel::mount_cgroup2(sys, root) {
+            failed("cgroup2", &e);
+        }
+        if let Err(e) = kernel::enable_controllers(root) {
+            failed("cgroup controllers", &e);
+        }
+    });
+    if let Some(modules) = modules {
+        let outcome = console::timed("k3s-modules", || {
+            parallel::load_all(loader, root, modules, kernel::K3S_MODULES, MODULE_THREADS)
+        });
+        for e in &outcome.errors {
+            failed("k3s modules", e);
+        }
+    }
+    console::timed("k3s-sysctls", || {
+        for e in kernel::apply_sysctls(root, kernel::K3S_SYSCTLS) {
+            failed("sysctl", &e);
+        }
+    });
+    if state_mounted {
+        console::timed("standby-prep", || join::prepare_standby(sys, root));
+    }
+    errors
+}
+
 /// The node API's account of what went wrong with the config sources at boot.
 fn config_report(chosen: &Chosen) -> ConfigReport {
     ConfigReport {
@@ -412,12 +460,12 @@ mod tests {
         let mut sys = Recording::default();
         let mut node = Node::new(&mut sys, root.path().into());
         node.mount_kernel_filesystems();
-        node.prepare_kernel_for_k3s();
         // Without a module index nothing is loaded, probed or coldplugged.
         node.probe_fw_cfg();
         node.coldplug();
         assert!(!node.state_mounted());
         drop(node);
+        prepare_for_k3s(&mut sys, &Refusing, root.path(), None, false);
         let targets: Vec<_> = sys
             .calls
             .iter()
@@ -434,5 +482,41 @@ mod tests {
             .collect();
         assert_eq!(targets, expected);
         assert!(!sys.calls.iter().any(|c| matches!(c, Call::LoadModule(_))));
+    }
+
+    /// A kernel that takes no module.
+    struct Refusing;
+
+    impl Loader for Refusing {
+        fn load(&self, _: &Path) -> std::io::Result<()> {
+            Err(std::io::Error::from_raw_os_error(libc::ENOEXEC))
+        }
+    }
+
+    #[test]
+    fn k3s_prep_reports_each_failure_by_name() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let moddir = root.path().join("lib/modules/6.1.0-1");
+        std::fs::create_dir_all(&moddir).expect("mkdir");
+        std::fs::write(
+            moddir.join("modules.dep"),
+            "kernel/fs/overlayfs/overlay.ko:\n",
+        )
+        .expect("dep");
+        let modules = Modules::open(root.path(), "6.1.0-1").expect("index");
+        let mut sys = Recording::default();
+        let errors = prepare_for_k3s(&mut sys, &Refusing, root.path(), Some(&modules), false);
+        let all = errors.join("\n");
+        assert!(
+            all.contains("k3s modules: module overlay: load ") && all.contains("overlay.ko"),
+            "{all}"
+        );
+        // Not in this index: named too.
+        assert!(
+            all.contains("k3s modules: module br_netfilter: module br_netfilter not found"),
+            "{all}"
+        );
+        assert!(all.contains("sysctl: sysctl net.ipv4.ip_forward"), "{all}");
+        assert!(all.contains("cgroup controllers"), "{all}");
     }
 }
