@@ -1,21 +1,15 @@
 //! What a built image holds, read back for the benchmarks: the default boot entry (kernel,
 //! initramfs, command line) from the ESP, the initramfs's files, and every file of the
 //! active root filesystem; and the root's compression redone the way the image's squashfs
-//! does it, block by block.
+//! does it, block by block, with the builder's own block plan and block compressor.
 
 use basalt_builder::image::{self, DiskImage, ImageError};
 use basalt_builder::inspect::{self, InspectError, ESP};
-use liblzma::stream::{Check, Filters, LzmaOptions, Stream};
+use basalt_builder::rootfs::blocks::{self, Block, Stored};
 use std::io::{BufReader, Read, Write};
-use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-/// The squashfs block size `rootfs::write` uses (backhand's default).
-pub const SQUASHFS_BLOCK: usize = 128 << 10;
-/// backhand's xz level (LZMA_PRESET_DEFAULT) with the dictionary cut to one block.
-const XZ_PRESET: u32 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContentError {
@@ -47,8 +41,8 @@ pub enum ContentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("xz encoder")]
-    Xz(#[source] std::io::Error),
+    #[error("compress the root's blocks")]
+    Compress(#[source] std::io::Error),
 }
 
 /// A file read out of the image: its path (relative, no leading `/`) and bytes.
@@ -171,52 +165,14 @@ pub fn root_files(img: &DiskImage, partition: &str) -> Result<Vec<File>, Content
     Ok(out)
 }
 
-/// One squashfs data block: a whole block of one file, or a fragment block that packs
-/// the tails (the last partial block) of several files.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Block {
-    /// (file index, byte range in that file)
-    pub parts: Vec<(usize, Range<usize>)>,
-}
-
-impl Block {
-    fn len(&self) -> usize {
-        self.parts.iter().map(|(_, r)| r.len()).sum()
-    }
-}
-
-/// Cuts files into blocks as squashfs does: each file's whole blocks alone, its tail
-/// into a shared fragment block (a new one when the tail does not fit).
-pub fn plan_blocks(sizes: &[usize], block: usize) -> Vec<Block> {
-    let mut blocks = vec![];
-    let mut fragment = Block { parts: vec![] };
-    for (i, &size) in sizes.iter().enumerate() {
-        let whole = size / block * block;
-        for start in (0..whole).step_by(block) {
-            blocks.push(Block {
-                parts: vec![(i, start..start + block)],
-            });
-        }
-        let tail = whole..size;
-        if tail.is_empty() {
-            continue;
-        }
-        if fragment.len() + tail.len() > block {
-            blocks.push(std::mem::replace(&mut fragment, Block { parts: vec![] }));
-        }
-        fragment.parts.push((i, tail));
-    }
-    if !fragment.parts.is_empty() {
-        blocks.push(fragment);
-    }
-    blocks
-}
-
 /// The root's content compressed as its squashfs stores it.
 pub struct Squashed {
-    /// Compressed bytes of each block of [`plan_blocks`], in order.
+    /// The bytes the squashfs holds for each block of [`blocks::plan`], in order: the
+    /// compressed block, the block itself where it is stored raw, nothing for a hole.
     pub blocks: Vec<Vec<u8>>,
-    /// Each file's share of the compressed bytes (fragment blocks split by input bytes).
+    /// Which blocks are stored raw.
+    pub raw: Vec<bool>,
+    /// Each file's share of the stored bytes (fragment blocks split by input bytes).
     pub per_file: Vec<f64>,
     pub input_bytes: u64,
     pub wall: Duration,
@@ -229,18 +185,28 @@ impl Squashed {
     pub fn compressed_bytes(&self) -> u64 {
         self.blocks.iter().map(|b| b.len() as u64).sum()
     }
+
+    /// Input bytes of the blocks stored raw.
+    pub fn raw_bytes(&self) -> u64 {
+        self.blocks
+            .iter()
+            .zip(&self.raw)
+            .filter(|(_, r)| **r)
+            .map(|(b, _)| b.len() as u64)
+            .sum()
+    }
 }
 
-/// What one compressing thread did: (block index, compressed bytes), and its CPU time.
+/// What one compressing thread did: (block index, stored bytes, raw), and its CPU time.
 struct Done {
-    blocks: Vec<(usize, Vec<u8>)>,
+    blocks: Vec<(usize, Vec<u8>, bool)>,
     cpu: Duration,
 }
 
-/// Takes blocks off the shared counter and compresses them until none are left.
+/// Takes blocks off the shared counter and stores them until none are left.
 fn compress_blocks(
     plan: &[Block],
-    files: &[File],
+    files: &[&File],
     next: &AtomicUsize,
 ) -> Result<Done, ContentError> {
     let cpu_start = thread_cpu();
@@ -252,7 +218,14 @@ fn compress_blocks(
         for (f, range) in &block.parts {
             input.extend_from_slice(&files[*f].data[range.clone()]);
         }
-        blocks.push((i, xz_block(&input)?));
+        if input.iter().all(|&b| b == 0) {
+            blocks.push((i, vec![], false)); // a hole: backhand stores no bytes
+            continue;
+        }
+        match blocks::store_block(blocks::CODEC, &input).map_err(ContentError::Compress)? {
+            Stored::Compressed(c) => blocks.push((i, c, false)),
+            Stored::Raw => blocks.push((i, input, true)),
+        }
     }
     Ok(Done {
         blocks,
@@ -266,17 +239,22 @@ fn thread_cpu() -> Duration {
     clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
 }
 
-/// Compresses the files' blocks with xz as backhand does (preset 6, dictionary one
-/// block, CRC32), the blocks shared out over `threads` threads; timed.
+/// Stores the files' blocks as the builder's squashfs does ([`blocks::store_block`] with the
+/// root's codec, blocks planned in backhand's write order), the blocks shared out over
+/// `threads` threads; timed.
 pub fn squash(files: &[File], threads: usize) -> Result<Squashed, ContentError> {
-    let sizes: Vec<usize> = files.iter().map(|f| f.data.len()).collect();
-    let plan = plan_blocks(&sizes, SQUASHFS_BLOCK);
+    // The plan follows backhand's order of paths; `per_file` stays in the caller's order.
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    blocks::backhand_order(&mut order, |&i| files[i].path.as_str());
+    let ordered: Vec<&File> = order.iter().map(|&i| &files[i]).collect();
+    let sizes: Vec<usize> = ordered.iter().map(|f| f.data.len()).collect();
+    let plan = blocks::plan(&sizes);
     let threads = threads.max(1);
     let next = AtomicUsize::new(0);
     let started = Instant::now();
     let done: Vec<Result<Done, ContentError>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
-            .map(|_| s.spawn(|| compress_blocks(&plan, files, &next)))
+            .map(|_| s.spawn(|| compress_blocks(&plan, &ordered, &next)))
             .collect();
         workers
             .into_iter()
@@ -284,43 +262,33 @@ pub fn squash(files: &[File], threads: usize) -> Result<Squashed, ContentError> 
             .collect()
     });
     let wall = started.elapsed();
-    let mut blocks = vec![vec![]; plan.len()];
+    let mut stored = vec![vec![]; plan.len()];
+    let mut raw = vec![false; plan.len()];
     let mut cpu = Duration::ZERO;
     for d in done {
         let d = d?;
         cpu += d.cpu;
-        for (i, bytes) in d.blocks {
-            blocks[i] = bytes;
+        for (i, bytes, r) in d.blocks {
+            stored[i] = bytes;
+            raw[i] = r;
         }
     }
     let mut per_file = vec![0.0; files.len()];
-    for (block, bytes) in plan.iter().zip(&blocks) {
+    for (block, bytes) in plan.iter().zip(&stored) {
         let total = block.len() as f64;
         for (f, range) in &block.parts {
-            per_file[*f] += bytes.len() as f64 * range.len() as f64 / total;
+            per_file[order[*f]] += bytes.len() as f64 * range.len() as f64 / total;
         }
     }
     Ok(Squashed {
-        blocks,
+        blocks: stored,
+        raw,
         per_file,
         input_bytes: sizes.iter().map(|&s| s as u64).sum(),
         wall,
         cpu,
         threads,
     })
-}
-
-/// One block through a fresh xz stream, as backhand compresses each block.
-fn xz_block(input: &[u8]) -> Result<Vec<u8>, ContentError> {
-    let mut opts = LzmaOptions::new_preset(XZ_PRESET).map_err(|e| ContentError::Xz(e.into()))?;
-    opts.dict_size(SQUASHFS_BLOCK as u32);
-    let mut filters = Filters::new();
-    filters.lzma2(&opts);
-    let stream = Stream::new_stream_encoder(&filters, Check::Crc32)
-        .map_err(|e| ContentError::Xz(e.into()))?;
-    let mut enc = liblzma::write::XzEncoder::new_stream(Vec::new(), stream);
-    enc.write_all(input).map_err(ContentError::Xz)?;
-    enc.finish().map_err(ContentError::Xz)
 }
 
 /// Bytes zstd at `level` makes of `parts` as one stream (the output is counted, not kept).
@@ -354,33 +322,6 @@ impl Write for Counter {
 mod tests {
     use super::*;
 
-    type Parts = Vec<(usize, Range<usize>)>;
-
-    fn ranges(blocks: &[Block]) -> Vec<Parts> {
-        blocks.iter().map(|b| b.parts.clone()).collect()
-    }
-
-    #[test]
-    fn blocks_are_whole_per_file_and_tails_share_fragments() {
-        let cases: &[(&[usize], Vec<Parts>)] = &[
-            (&[], vec![]),
-            (&[0], vec![]),
-            (&[10], vec![vec![(0, 0..10)]]),
-            (
-                &[20, 5],
-                vec![vec![(0, 0..16)], vec![(0, 16..20), (1, 0..5)]],
-            ),
-            (
-                &[12, 12],
-                vec![vec![(0, 0..12)], vec![(1, 0..12)]], // two tails do not fit one block
-            ),
-            (&[32], vec![vec![(0, 0..16)], vec![(0, 16..32)]]),
-        ];
-        for (sizes, want) in cases {
-            assert_eq!(&ranges(&plan_blocks(sizes, 16)), want, "{sizes:?}");
-        }
-    }
-
     #[test]
     fn squash_round_trips_and_shares_add_up() {
         let files = vec![
@@ -396,14 +337,24 @@ mod tests {
         let sq = squash(&files, 2).expect("squash");
         assert_eq!(sq.input_bytes, 300_004);
         let mut back = vec![];
-        for b in &sq.blocks {
-            liblzma::read::XzDecoder::new(&b[..])
-                .read_to_end(&mut back)
-                .expect("xz");
+        for (b, raw) in sq.blocks.iter().zip(&sq.raw) {
+            if *raw {
+                back.extend_from_slice(b);
+                continue;
+            }
+            match blocks::CODEC {
+                blocks::Codec::Xz => liblzma::read::XzDecoder::new(&b[..])
+                    .read_to_end(&mut back)
+                    .map(drop),
+                blocks::Codec::Zstd { .. } => zstd::stream::copy_decode(&b[..], &mut back),
+            }
+            .expect("decompress");
         }
+        // "a" (300000 bytes) is three blocks of its own; "b" goes into a fragment block
         let mut want = files[0].data.clone();
         want.extend_from_slice(&files[1].data);
         assert_eq!(back, want);
+        assert_eq!(sq.blocks.len(), 4);
         let shares: f64 = sq.per_file.iter().sum();
         assert!((shares - sq.compressed_bytes() as f64).abs() < 1e-6);
         assert!(sq.compressed_bytes() < 10_000, "{}", sq.compressed_bytes());

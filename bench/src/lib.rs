@@ -186,12 +186,14 @@ pub fn report(runs: &[BenchRun], floor: &BuildFloor) -> String {
     }
     let sq = &floor.squashed;
     s.push_str(&format!(
-        "floor: {:.1} s = read all inputs ({}) {:.2} s + compress the root's content ({} → {}, xz as the squashfs: preset 6, 128 KiB blocks, tails packed) {:.1} s on {} threads ({:.1} s CPU)\n",
+        "floor: {:.1} s = read all inputs ({}) {:.2} s + compress the root's content ({} → {}, as the squashfs: {}, 128 KiB blocks, small files packed, {} stored raw) {:.1} s on {} threads ({:.1} s CPU)\n",
         floor.seconds(),
         mib(floor.input_bytes),
         floor.read_inputs.as_secs_f64(),
         mib(sq.input_bytes),
         mib(sq.compressed_bytes()),
+        basalt_builder::rootfs::blocks::CODEC.describe(),
+        mib(sq.raw_bytes()),
         sq.wall.as_secs_f64(),
         sq.threads,
         sq.cpu.as_secs_f64()

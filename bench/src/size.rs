@@ -3,8 +3,8 @@
 //!
 //! The logical figures are exact (file sizes). How much of the `.raw.zst` each component
 //! takes is an estimate, made the way each component is stored: root files by their
-//! share of the root's xz blocks as [`content::squash`] recompresses them (tails in shared
-//! fragments split by bytes), initramfs files by compressing each component alone with
+//! share of the root's stored blocks as [`content::squash`] recompresses them (small files in
+//! shared fragments split by bytes), initramfs files by compressing each component alone with
 //! zstd -19 and scaling to the real initramfs, ESP files by zstd at the `.raw.zst` level
 //! alone. Already-compressed bytes then go through the `.raw.zst`'s zstd once more
 //! (measured, not assumed). The remainder of the real `.raw.zst` is filesystem metadata,
@@ -372,7 +372,7 @@ impl fmt::Display for Breakdown {
         writeln!(
             f,
             "  logical: file sizes (kernel and basalt-init counted where they are stored: ESP; root and initramfs). \
-in .raw.zst: estimated per component as stored (root: share of xz blocks; initramfs: zstd -19 alone, scaled; ESP: zstd -{} alone), \
+in .raw.zst: estimated per component as stored (root: share of the squashfs blocks; initramfs: zstd -19 alone, scaled; ESP: zstd -{} alone), \
 then through the .raw.zst's zstd; the remainder row is the real .raw.zst less those estimates.",
             basalt_builder::zst::LEVEL
         )

@@ -73,9 +73,18 @@ pub struct Images {
 
 pub fn compressed(work: &WorkDir, raw: PathBuf) -> Result<Images, BuildError> {
     let qcow2 = work.path("disk.qcow2");
-    to_qcow2(&raw, &qcow2)?;
     let zst = work.path("disk.raw.zst");
-    let compressed = zst::compress(&raw, &zst).map_err(|e| BuildError::Write(zst.clone(), e))?;
+    // qemu-img and the zstd pass both only read the raw: they run side by side.
+    let (converted, compressed) = std::thread::scope(|s| {
+        let converting = s.spawn(|| to_qcow2(&raw, &qcow2));
+        let compressed = zst::compress(&raw, &zst).map_err(|e| BuildError::Write(zst.clone(), e));
+        let converted = converting
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (converted, compressed)
+    });
+    converted?;
+    let compressed = compressed?;
     Ok(Images {
         raw,
         qcow2,
