@@ -43,8 +43,8 @@ pub enum BuildError {
     State(String),
     #[error(transparent)]
     Disk(#[from] disk::DiskError),
-    #[error("qcow2 output: {0}")]
-    Qcow2(String),
+    #[error("qcow2 output {0}: {1}")]
+    Qcow2(PathBuf, String),
     #[error("write {0}")]
     Write(PathBuf, #[source] std::io::Error),
     #[error("build files")]

@@ -263,7 +263,7 @@ fn to_qcow2(raw: &Path, out: &Path) -> Result<(), BuildError> {
     cmd.args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
         .arg(raw)
         .arg(out);
-    host_tool(cmd, "qemu-utils").map_err(BuildError::Qcow2)
+    host_tool(cmd, "qemu-utils").map_err(|e| BuildError::Qcow2(out.to_path_buf(), e))
 }
 
 /// Runs a host tool from Debian package `package`; the error is its stderr.
