@@ -175,7 +175,11 @@ fn stage_modules(moddir: &Path, shipped: &[&kmod::Module], dir: &Path) -> std::i
             .filter(|l| paths.contains(*l))
             .map(|l| format!("{l}\n"))
             .collect();
-        std::fs::write(out.join("modules.order"), kept)?;
+        let path = out.join("modules.order");
+        std::fs::write(&path, kept)?;
+        // Written here, so its mode would follow the umask: set it as the package ships it,
+        // or two builds under different umasks differ (e2e/tests/reproducible.rs).
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     }
     Ok(())
 }
