@@ -9,7 +9,11 @@
 //! without default features, so the test service (`testd`) is not in a release image, and
 //! into its own `target/init-release`, so that the tests' build (with `testd`) never
 //! overwrites the binary this one embeds.
-//! `BASALT_EMBED_INIT=PATH` embeds a prebuilt static basalt-init instead.
+//! The same cargo run builds basalt-stage1 (the package's second binary, stage 1 alone,
+//! the initramfs's `/init`), which is embedded beside it.
+//! `BASALT_EMBED_INIT=PATH` embeds a prebuilt static basalt-init instead, and
+//! `BASALT_EMBED_STAGE1=PATH` a prebuilt basalt-stage1 (without it, the prebuilt
+//! basalt-init is the initramfs's `/init` too).
 
 use basalt_build_support::static_build::StaticBuild;
 use std::path::{Path, PathBuf};
@@ -20,12 +24,26 @@ fn main() {
         basalt_build_support::ROOT,
         basalt_build_support::HCLOUD_FAKE,
     ]);
-    let init = match std::env::var_os("BASALT_EMBED_INIT") {
-        Some(path) => PathBuf::from(path),
-        None => build_init(),
+    let (init, stage1) = match std::env::var_os("BASALT_EMBED_INIT") {
+        Some(path) => {
+            let init = PathBuf::from(path);
+            let stage1 =
+                std::env::var_os("BASALT_EMBED_STAGE1").map_or(init.clone(), PathBuf::from);
+            (init, stage1)
+        }
+        None => {
+            let init = build_init();
+            let stage1 = init.with_file_name("basalt-stage1");
+            (init, stage1)
+        }
     };
     println!("cargo::rerun-if-env-changed=BASALT_EMBED_INIT");
+    println!("cargo::rerun-if-env-changed=BASALT_EMBED_STAGE1");
     println!("cargo::rustc-env=BASALT_EMBEDDED_INIT={}", init.display());
+    println!(
+        "cargo::rustc-env=BASALT_EMBEDDED_STAGE1={}",
+        stage1.display()
+    );
 }
 
 fn build_init() -> PathBuf {

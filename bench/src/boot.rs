@@ -112,8 +112,8 @@ pub struct BootBench {
     pub floor_cmdline: String,
     pub floor_init_bytes: u64,
     pub floor_initrd_bytes: u64,
-    /// Size of basalt-init (`/init` of the image's initramfs, the same binary as the
-    /// root's `/sbin/init`).
+    /// Size of `/init` of the image's initramfs: basalt-stage1 (stage 1 alone), or
+    /// basalt-init where the image was built with that one binary.
     pub basalt_init_bytes: u64,
     pub image_runs: Vec<ImageRun>,
     pub floor_runs: Vec<FloorRun>,

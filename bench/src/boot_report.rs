@@ -205,8 +205,8 @@ pub fn write(b: &BootBench, f: &mut Formatter<'_>) -> fmt::Result {
     writeln!(f, "  init footprint")?;
     writeln!(
         f,
-        "  {:<30}{} bytes ({:.2} MiB; /init of the initramfs, the same binary as /sbin/init)",
-        "basalt-init static binary",
+        "  {:<30}{} bytes ({:.2} MiB; /init of the initramfs, stage 1; /sbin/init is larger)",
+        "basalt-stage1 static binary",
         b.basalt_init_bytes,
         b.basalt_init_bytes as f64 / f64::from(1 << 20)
     )?;

@@ -135,6 +135,9 @@ pub fn build_floor(run: &BenchRun) -> Result<(BuildFloor, Breakdown), BuildBench
         .map(|i| i.path.as_path())
         .collect();
     paths.push(&run.manifest.basalt_init.path);
+    if run.manifest.basalt_stage1.path != run.manifest.basalt_init.path {
+        paths.push(&run.manifest.basalt_stage1.path);
+    }
     let started = Instant::now();
     let mut input_bytes = 0;
     for p in paths {

@@ -44,7 +44,7 @@ impl Component {
             Component::Kernel => "kernel",
             Component::Modules => "modules",
             Component::K3s => "K3s (binary + airgap images)",
-            Component::BasaltInit => "basalt-init",
+            Component::BasaltInit => "basalt-init + basalt-stage1",
             Component::OtherFiles => "other files",
         }
     }
@@ -359,7 +359,7 @@ impl fmt::Display for Breakdown {
             .collect();
         writeln!(
             f,
-            "  basalt-init: {} copies: {}",
+            "  init binaries: {}: {}",
             p.init_copies.len(),
             copies.join(", ")
         )?;

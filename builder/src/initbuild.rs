@@ -1,6 +1,8 @@
 //! basalt-init for the image: built from this source tree as a static binary, embedded in
 //! the program that builds (the `basalt` CLI), or taken from `--input basalt-init=PATH`;
-//! whichever, it must be statically linked.
+//! whichever, it must be statically linked. The same holds for basalt-stage1, the
+//! initramfs's `/init` (stage 1 alone, a second binary of the basalt-init package, built
+//! with it): `--input basalt-stage1=PATH`.
 
 use basalt_build_support::static_build::{StaticBuild, StaticBuildError};
 use std::path::{Path, PathBuf};
@@ -33,9 +35,26 @@ pub fn find_workspace(from: &Path) -> Result<PathBuf, InitBuildError> {
         .ok_or(InitBuildError::NoWorkspace(start))
 }
 
-/// Builds basalt-init (release, static) and returns the binary's path.
-pub fn build(workspace: &Path) -> Result<PathBuf, InitBuildError> {
-    build_static(workspace, "basalt-init", "init")
+/// The binary of the basalt-init package that runs stage 1 alone (`init/src/bin/`): the
+/// initramfs's `/init`. The root keeps the full basalt-init, which stage 1 execs.
+pub const STAGE1_BIN: &str = "basalt-stage1";
+
+/// The two binaries of the basalt-init package that go into an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitBinaries {
+    /// basalt-init: `/sbin/init` of the root (stage 2, and stage 1 too).
+    pub init: PathBuf,
+    /// basalt-stage1: `/init` of the initramfs.
+    pub stage1: PathBuf,
+}
+
+/// Builds basalt-init and basalt-stage1 (release, static; one cargo run builds both
+/// binaries of the package) and returns their paths.
+pub fn build(workspace: &Path) -> Result<InitBinaries, InitBuildError> {
+    let init = build_static(workspace, "basalt-init", "init")?;
+    let stage1 = init.with_file_name(STAGE1_BIN);
+    check_static(&stage1)?;
+    Ok(InitBinaries { init, stage1 })
 }
 
 /// Builds the workspace package `package` (its binary of the same name) release and
@@ -59,15 +78,15 @@ pub fn build_static(
     Ok(bin)
 }
 
-/// Writes an embedded basalt-init to `dir/<sha256>/basalt-init` (once: an existing file is
-/// reused), checks that it is static, and returns its path. Written to a temporary file and
+/// Writes an embedded binary to `dir/<sha256>/<name>` (once: an existing file is reused),
+/// checks that it is static, and returns its path. Written to a temporary file and
 /// renamed, so an interrupted write never leaves a truncated binary under that name.
-pub fn materialize(bytes: &[u8], dir: &Path) -> Result<PathBuf, InitBuildError> {
+pub fn materialize(bytes: &[u8], dir: &Path, name: &str) -> Result<PathBuf, InitBuildError> {
     use sha2::{Digest, Sha256};
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     let folder = dir.join(hex::encode(Sha256::digest(bytes)));
-    let path = folder.join("basalt-init");
+    let path = folder.join(name);
     if !path.is_file() {
         std::fs::create_dir_all(&folder).map_err(|e| InitBuildError::Write(folder.clone(), e))?;
         let write = || -> std::io::Result<()> {
@@ -131,7 +150,8 @@ mod tests {
     #[test]
     fn an_embedded_init_is_written_once_by_its_hash_and_must_be_static() {
         let d = tempfile::tempdir().expect("tempdir");
-        let err = materialize(b"#!/bin/sh\n", d.path()).expect_err("a script is not static");
+        let err = materialize(b"#!/bin/sh\n", d.path(), "basalt-init")
+            .expect_err("a script is not static");
         assert!(matches!(err, InitBuildError::NotStatic(_)), "{err:?}");
         // Named by the sha256 of the bytes, as sha256sum computes it.
         let folders: Vec<_> = std::fs::read_dir(d.path())

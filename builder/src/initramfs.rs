@@ -1,4 +1,4 @@
-//! The initramfs: basalt-init as `/init`, the module closure that reaches the root, and
+//! The initramfs: basalt-stage1 (stage 1 alone) as `/init`, the module closure that reaches the root, and
 //! the list stage 1 loads them from; written as a deterministic newc cpio, zstd-compressed.
 
 use crate::kmod::Module;

@@ -19,7 +19,11 @@ pub struct Manifest {
     pub kernel_version: String,
     pub k3s_version: String,
     pub inputs: Vec<Resolved>,
+    /// basalt-init: the root's `/sbin/init`.
     pub basalt_init: InitInfo,
+    /// The initramfs's `/init`: basalt-stage1 (stage 1 alone), or basalt-init itself when
+    /// the build was given `--input basalt-init=PATH` without `--input basalt-stage1=PATH`.
+    pub basalt_stage1: InitInfo,
     pub initramfs_modules: Vec<String>,
     /// The kernel modules the root ships under `/lib/modules/<kernel_version>`: the spec's
     /// `[kernel] modules` (or the builder's default) closed over their dependencies.

@@ -8,10 +8,14 @@ use std::process::ExitCode;
 mod hcloud;
 mod pool;
 
-/// The static basalt-init built with this `basalt` (see build.rs): an installed `basalt`
-/// builds images without the source tree. `--input basalt-init=PATH` still overrides it.
+/// The static basalt-init and basalt-stage1 built with this `basalt` (see build.rs): an
+/// installed `basalt` builds images without the source tree. `--input basalt-init=PATH`
+/// (and `--input basalt-stage1=PATH`) still override them.
 const EMBEDDED_INIT: basalt_builder::build::InitSource =
-    basalt_builder::build::InitSource::Embedded(include_bytes!(env!("BASALT_EMBEDDED_INIT")));
+    basalt_builder::build::InitSource::Embedded {
+        init: include_bytes!(env!("BASALT_EMBEDDED_INIT")),
+        stage1: include_bytes!(env!("BASALT_EMBEDDED_STAGE1")),
+    };
 
 use basalt_api::layout::fw_cfg;
 
@@ -39,7 +43,7 @@ enum Cmd {
         #[arg(long)]
         cache: Option<PathBuf>,
         /// Use a local file for an input: NAME=PATH (kernel, grub-bios, grub-efi,
-        /// ca-certificates, k3s, k3s-images, basalt-init). Recorded in the manifest.
+        /// ca-certificates, k3s, k3s-images, basalt-init, basalt-stage1). Recorded in the manifest.
         #[arg(long = "input", value_name = "NAME=PATH", value_parser = parse_input)]
         inputs: Vec<(String, PathBuf)>,
         /// Refuse to build unless <spec>.lock exists and agrees with the spec.
@@ -389,10 +393,29 @@ mod tests {
     /// table would ship twice, in the initramfs and on the root.
     #[test]
     fn the_embedded_basalt_init_has_no_symbol_table() {
-        let basalt_builder::build::InitSource::Embedded(bytes) = EMBEDDED_INIT else {
+        let basalt_builder::build::InitSource::Embedded { init, stage1 } = EMBEDDED_INIT else {
             panic!("basalt embeds its basalt-init");
         };
-        assert!(bytes.len() > 1 << 20, "{} bytes", bytes.len());
-        assert!(!basalt_bench::size::has_symbol_table(bytes));
+        assert!(init.len() > 1 << 20, "{} bytes", init.len());
+        for bytes in [init, stage1] {
+            assert!(!basalt_bench::size::has_symbol_table(bytes));
+        }
+    }
+
+    /// basalt-stage1 links only what stage 1 reaches: no node API, TLS or DHCP.
+    #[test]
+    fn the_embedded_stage1_is_a_fraction_of_basalt_init() {
+        let basalt_builder::build::InitSource::Embedded { init, stage1 } = EMBEDDED_INIT else {
+            panic!("basalt embeds its basalt-init");
+        };
+        if init == stage1 {
+            return; // BASALT_EMBED_INIT without BASALT_EMBED_STAGE1 (see build.rs)
+        }
+        assert!(
+            stage1.len() * 2 < init.len(),
+            "basalt-stage1 {} bytes, basalt-init {} bytes",
+            stage1.len(),
+            init.len()
+        );
     }
 }

@@ -66,9 +66,10 @@ fn bench_boot_parses_a_real_boot_and_finds_the_floor() -> anyhow::Result<()> {
         bench.floor_cmdline
     );
 
-    let init_size = img.manifest["basalt_init"]["size"]
+    // `/init` of the initramfs is basalt-stage1.
+    let init_size = img.manifest["basalt_stage1"]["size"]
         .as_u64()
-        .context("basalt_init.size")?;
+        .context("basalt_stage1.size")?;
     assert_eq!(bench.basalt_init_bytes, init_size);
     for m in Milestone::ALL {
         assert!(report.contains(m.name()), "{report}");

@@ -11,7 +11,7 @@ pub enum BuildError {
     Spec(#[from] crate::spec::SpecError),
     #[error(transparent)]
     Lock(Box<lock::LockError>),
-    #[error("--input {0}: unknown input (known: {known}, basalt-init)", known = INPUT_NAMES.join(", "))]
+    #[error("--input {0}: unknown input (known: {known}, basalt-init, basalt-stage1)", known = INPUT_NAMES.join(", "))]
     UnknownInput(String),
     #[error(transparent)]
     Fetch(#[from] cache::FetchError),

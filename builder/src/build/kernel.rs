@@ -1,5 +1,5 @@
 //! Steps 3 and 4: the Debian packages unpacked (kernel, GRUB, CA certificates), the
-//! initramfs (basalt-init with the storage and dm-verity modules stage 1 loads), and the
+//! initramfs (basalt-stage1 with the storage and dm-verity modules stage 1 loads), and the
 //! module tree the root ships (the spec's `[kernel] modules`, closed over dependencies).
 
 use super::{BuildError, Ctx};
@@ -23,14 +23,30 @@ pub struct Kernel {
     pub reused: bool,
 }
 
+/// Unpacks the packages side by side (each is one decompression on one core; the kernel's
+/// is the largest), each into its own store entry.
 pub fn unpack(ctx: &Ctx) -> Result<Kernel, BuildError> {
     let mut reused = true;
     let mut unpacked = BTreeMap::new();
-    for name in UNPACKED {
-        let input = &ctx.inputs[name];
-        let (dir, was) = ctx.store.get_or_make("unpacked", &input.sha256, |dir| {
-            deb::unpack(&input.path, dir).map_err(BuildError::from)
-        })?;
+    let results: Vec<_> = std::thread::scope(|s| {
+        let running: Vec<_> = UNPACKED
+            .iter()
+            .map(|&name| {
+                s.spawn(move || {
+                    let input = &ctx.inputs[name];
+                    ctx.store.get_or_make("unpacked", &input.sha256, |dir| {
+                        deb::unpack(&input.path, dir).map_err(BuildError::from)
+                    })
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    for (name, result) in UNPACKED.into_iter().zip(results) {
+        let (dir, was) = result?;
         reused &= was;
         unpacked.insert(name, dir);
     }
@@ -67,14 +83,14 @@ pub fn initramfs(ctx: &Ctx, kernel: &Kernel) -> Result<Initramfs, BuildError> {
         "initramfs",
         &[
             &ctx.inputs["kernel"].sha256,
-            &ctx.init.sha256,
+            &ctx.stage1.sha256,
             &modules.join(","),
             env!("CARGO_PKG_VERSION"),
         ],
     );
     let (dir, reused) = ctx.store.get_or_make("initramfs", &key, |dir| {
         initramfs::write(
-            &initramfs::tree(&ctx.init.path, &kernel.version, &kernel.moddir, &closure),
+            &initramfs::tree(&ctx.stage1.path, &kernel.version, &kernel.moddir, &closure),
             &dir.join("initrd.img"),
         )
         .map_err(BuildError::from)

@@ -36,20 +36,26 @@ pub struct BuildOptions {
     pub overrides: Vec<(String, PathBuf)>,
     /// `--locked`: the lock must exist and agree with the spec.
     pub locked: bool,
-    /// Where basalt-init comes from unless `--input basalt-init=PATH` names a file.
+    /// Where basalt-init and basalt-stage1 come from unless `--input basalt-init=PATH`
+    /// (and `--input basalt-stage1=PATH`) name files.
     pub init: InitSource,
 }
 
-/// Where the image's basalt-init comes from when no `--input basalt-init=PATH` is given.
+/// Where the image's basalt-init (the root's `/sbin/init`) and basalt-stage1 (the
+/// initramfs's `/init`, stage 1 alone) come from when no `--input basalt-init=PATH` is
+/// given.
 #[derive(Debug, Clone, Copy, Default)]
 pub enum InitSource {
     /// Built (release, static) from the basalt source tree above the spec, or at
     /// `BASALT_SOURCE`: for tests and benchmarks that run from a checkout.
     #[default]
     SourceTree,
-    /// A static basalt-init that the caller carries, as the `basalt` CLI embeds the one
-    /// built with it, so that an installed `basalt` needs no source tree.
-    Embedded(&'static [u8]),
+    /// Static binaries that the caller carries, as the `basalt` CLI embeds the ones built
+    /// with it, so that an installed `basalt` needs no source tree.
+    Embedded {
+        init: &'static [u8],
+        stage1: &'static [u8],
+    },
 }
 
 /// Steps as the progress display counts them.
@@ -74,8 +80,11 @@ struct Ctx {
     spec: Spec,
     inputs: BTreeMap<String, cache::Resolved>,
     init: InitBinary,
-    /// sha256 over the spec, every input, basalt-init, basalt's version and the time
-    /// floor: same seed, same bytes.
+    /// The initramfs's `/init`: basalt-stage1, or basalt-init itself when only
+    /// `--input basalt-init=PATH` was given.
+    stage1: InitBinary,
+    /// sha256 over the spec, every input, basalt-init, basalt-stage1, basalt's version and
+    /// the time floor: same seed, same bytes.
     seed: String,
     store: Store,
     /// Written into the root's os-release for init's clock ([`basalt_api::time_floor`]).
@@ -110,15 +119,21 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     );
 
     progress.start("basalt-init");
-    let init = inputs::init_binary(opts)?;
+    let (init, stage1) = inputs::init_binaries(opts)?;
     let time_floor =
         basalt_api::time_floor::for_build(std::env::var("SOURCE_DATE_EPOCH").ok().as_deref())?;
-    let seed = seed(&spec.text, &inputs, &init.sha256, time_floor);
+    let seed = seed(
+        &spec.text,
+        &inputs,
+        &[&init.sha256, &stage1.sha256],
+        time_floor,
+    );
     let store = Store::open(&opts.cache_dir)?;
     let ctx = Ctx {
         spec,
         inputs,
         init,
+        stage1,
         seed,
         store,
         time_floor,
@@ -178,7 +193,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
 fn seed(
     spec_text: &[u8],
     inputs: &BTreeMap<String, cache::Resolved>,
-    init_sha: &str,
+    init_shas: &[&str],
     time_floor: u64,
 ) -> String {
     let mut h = Sha256::new();
@@ -186,7 +201,9 @@ fn seed(
     for r in inputs.values() {
         h.update(r.sha256.as_bytes());
     }
-    h.update(init_sha.as_bytes());
+    for sha in init_shas {
+        h.update(sha.as_bytes());
+    }
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     h.update(time_floor.to_be_bytes());
     hex::encode(h.finalize())

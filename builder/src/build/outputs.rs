@@ -135,6 +135,11 @@ pub fn manifest(
             size: ctx.init.size,
             path: ctx.init.path.clone(),
         },
+        basalt_stage1: manifest::InitInfo {
+            sha256: ctx.stage1.sha256.clone(),
+            size: ctx.stage1.size,
+            path: ctx.stage1.path.clone(),
+        },
         initramfs_modules: parts.initramfs.modules.clone(),
         modules: parts.modules.modules.clone(),
         root_hash: verity.root_hash.clone(),
