@@ -42,6 +42,18 @@ pub fn stream(
     Ok(len)
 }
 
+/// Where the first data at or after `from` is (SEEK_DATA): `None` when only a hole
+/// follows; `from` itself where the filesystem cannot tell, so that the caller reads.
+pub fn next_data(f: &std::fs::File, from: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let off = i64::try_from(from).ok()?;
+    match nix::unistd::lseek(f.as_raw_fd(), off, nix::unistd::Whence::SeekData) {
+        Ok(at) => Some(at as u64),
+        Err(nix::errno::Errno::ENXIO) => None,
+        Err(_) => Some(from),
+    }
+}
+
 /// SEEK_DATA / SEEK_HOLE; None where the filesystem cannot tell or, for SEEK_DATA, when
 /// no data follows.
 fn seek(f: &std::fs::File, from: u64, whence: nix::unistd::Whence) -> Option<u64> {
