@@ -1,5 +1,6 @@
-//! Files replaced whole and crash-safely: the boot counter, the machine config saved to
-//! STATE, K3s's config and token, `/run/resolv.conf`. A reader (or the next boot, after a
+//! Files replaced whole and crash-safely: the machine config saved to STATE, K3s's
+//! config and token, `/run/resolv.conf`; and, without waiting for the disk
+//! ([`replace`]), the boot counter. A reader (or the next boot, after a
 //! power cut) sees the old content or the new one, never a mix or a missing file.
 
 use std::io::Write;
@@ -15,6 +16,20 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// holds the API key and the join token) are never readable by others, not even
 /// between create and rename.
 pub fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    replace_with(path, bytes, mode, true)
+}
+
+/// [`write`] without waiting for the disk: temporary file beside the target, rename.
+/// After a crash the file holds the old or the new content (ext4 flushes a file's data
+/// before a rename over another file commits, its `auto_da_alloc` default), or, when
+/// there was no old file, it may be empty; and the new content is only durable once the
+/// journal commits (within 5 s by default). For what may be lost, such as the boot
+/// counter (an empty one counts as 0), and must not wait for two flushes of the disk.
+pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace_with(path, bytes, 0o644, false)
+}
+
+fn replace_with(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)?;
@@ -32,9 +47,14 @@ pub fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
         .mode(mode)
         .open(&tmp)?;
     f.write_all(bytes)?;
-    f.sync_all()?;
+    if sync {
+        f.sync_all()?;
+    }
     std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    if sync {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -44,6 +64,21 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn replace_without_sync_replaces_the_content_and_leaves_no_temporary_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("a/file");
+        replace(&path, b"one").expect("first");
+        replace(&path, b"two").expect("second");
+        assert_eq!(std::fs::read(&path).expect("read"), b"two");
+        assert_eq!(mode(&path), 0o644);
+        let names: Vec<_> = std::fs::read_dir(d.path().join("a"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["file"]);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! The kernel plumbing K3s expects below it, as tables applied by small idempotent
 //! functions over a root path: cgroup v2 with every controller delegated to children,
-//! the sysctls kubelet and the CNI check, and the modules loaded up front.
+//! the sysctls kubelet and the CNI check, and the modules loaded up front (by
+//! [`crate::kmod::parallel`]).
 
 use crate::boot::mounts::{self, Mount, MountError};
-use crate::kmod::modprobe::{ModprobeError, Modules};
 use crate::sys::System;
 use nix::mount::MsFlags;
 use std::io::Write;
@@ -96,14 +96,6 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
-    #[error("module index")]
-    Index(#[source] ModprobeError),
-    #[error("module {name}")]
-    Module {
-        name: String,
-        #[source]
-        source: ModprobeError,
-    },
 }
 
 /// Mounts cgroup2 on `<root>/sys/fs/cgroup`; already mounted counts as done.
@@ -156,42 +148,6 @@ pub fn apply_sysctls(root: &Path, table: &[Sysctl]) -> Vec<KernelError> {
                 .map(|source| KernelError::Sysctl {
                     key: s.key.into(),
                     path,
-                    source,
-                })
-        })
-        .collect()
-}
-
-/// Loads each module (and its dependencies) from `<root>/lib/modules/<kver>`; one that
-/// fails does not stop the others. Returns the failures, each naming its module (or the
-/// one index error when the indexes cannot be read).
-pub fn load_modules(
-    sys: &mut dyn System,
-    root: &Path,
-    kver: &str,
-    names: &[&str],
-) -> Vec<KernelError> {
-    match Modules::open(root, kver) {
-        Ok(modules) => load_modules_from(sys, root, &modules, names),
-        Err(e) => vec![KernelError::Index(e)],
-    }
-}
-
-/// [`load_modules`] from indexes already read.
-pub fn load_modules_from(
-    sys: &mut dyn System,
-    root: &Path,
-    modules: &Modules,
-    names: &[&str],
-) -> Vec<KernelError> {
-    names
-        .iter()
-        .filter_map(|name| {
-            modules
-                .probe(sys, root, name)
-                .err()
-                .map(|source| KernelError::Module {
-                    name: (*name).into(),
                     source,
                 })
         })
@@ -279,36 +235,6 @@ mod tests {
         let read = |k| std::fs::read_to_string(sysctl_path(root.path(), k)).expect("read");
         assert_eq!(read("net.ipv4.ip_forward"), "1");
         assert_eq!(read("kernel.panic"), "10");
-    }
-
-    #[test]
-    fn modules_load_through_modprobe_and_failures_are_collected_by_name() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let moddir = root.path().join("lib/modules/6.1.0-1");
-        std::fs::create_dir_all(&moddir).expect("mkdir");
-        std::fs::write(
-            moddir.join("modules.dep"),
-            "kernel/fs/overlayfs/overlay.ko:\nkernel/net/bridge/br_netfilter.ko: kernel/net/bridge/bridge.ko\nkernel/net/bridge/bridge.ko:\n",
-        )
-        .expect("write");
-        let mut sys = Recording::default();
-        let errors = load_modules(
-            &mut sys,
-            root.path(),
-            "6.1.0-1",
-            &["overlay", "ghost", "br_netfilter"],
-        );
-        assert_eq!(errors.len(), 1, "{errors:?}");
-        assert!(errors[0].to_string().contains("ghost"), "{}", errors[0]);
-        assert_eq!(
-            sys.calls,
-            [
-                "kernel/fs/overlayfs/overlay.ko",
-                "kernel/net/bridge/bridge.ko",
-                "kernel/net/bridge/br_netfilter.ko"
-            ]
-            .map(|r| Call::LoadModule(moddir.join(r)))
-        );
     }
 
     #[test]

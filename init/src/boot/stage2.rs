@@ -32,12 +32,17 @@ pub trait Machine: Sources {
     /// Starts, in the background, what a promotion needs and standby does not: cgroup v2
     /// with its controllers, K3s's modules and sysctls, and (with STATE only) what a join
     /// needs that no credential does. The promotion waits for it
-    /// ([`crate::boot::background`]); its steps report their own durations.
+    /// ([`crate::boot::background`]); its steps report their own durations. Its work
+    /// waits for [`Machine::release_k3s_prep`].
     fn start_k3s_prep(&mut self, state_mounted: bool);
+    /// Lets the work of [`Machine::start_k3s_prep`] begin; once standby is reached, so
+    /// that it takes no CPU from the boot.
+    fn release_k3s_prep(&mut self);
     fn watch_power_button(&mut self);
     /// Ctrl-Alt-Del then arrives as SIGINT instead of an immediate reboot.
     fn disable_ctrl_alt_del(&mut self);
-    /// Drivers for the devices present (the NIC, virtio-rng).
+    /// Drivers for the devices present (the NIC, virtio-rng), and those found by name
+    /// (the power button's, fw_cfg's), in one batch.
     fn coldplug(&mut self);
     fn milestone(&mut self, milestone: Milestone);
     /// SNTP against `servers` in a thread of its own, once the network is up.
@@ -73,8 +78,9 @@ pub fn run() -> ! {
 /// slower milestone names the step that slowed it.
 ///
 /// Standby needs the network (so the NIC's driver, coldplugged first), entropy (the
-/// RNG's driver, with it), the config and the node API. What only `k3s agent` needs is
-/// started in the background right after, and a promotion waits for that alone.
+/// RNG's driver, with it), the config (fw_cfg's driver, with them) and the node API.
+/// What only `k3s agent` needs is set up in the background once standby is reached, and
+/// a promotion waits for that alone (its slot is filled before the node API starts).
 pub fn boot(m: &mut dyn Machine) {
     console::timed("kernel-filesystems", || m.mount_kernel_filesystems());
     let state_mounted = console::timed("mount-state", || m.mount_state());
@@ -97,6 +103,7 @@ pub fn boot(m: &mut dyn Machine) {
     }
     m.report_resources();
     m.milestone(Milestone::Standby);
+    m.release_k3s_prep();
     if let Some(chosen) = chosen.filter(|c| !c.config.is_standby()) {
         m.join(chosen.config);
     }
@@ -128,12 +135,12 @@ mod tests {
         MountState,
         ReadModuleIndex,
         StartK3sPrep { state: bool },
+        ReleaseK3sPrep,
         WatchPowerButton,
         DisableCtrlAltDel,
         Coldplug,
         Milestone(&'static str),
         OnHetzner,
-        ProbeFwCfg,
         StartNetwork,
         Rejected(Source),
         StartTimeSync(Vec<String>),
@@ -182,9 +189,6 @@ mod tests {
             self.steps.push(Step::OnHetzner);
             false
         }
-        fn probe_fw_cfg(&mut self) {
-            self.steps.push(Step::ProbeFwCfg);
-        }
         fn start_network(&mut self, _: Option<&MachineConfig>) {
             self.steps.push(Step::StartNetwork);
         }
@@ -219,6 +223,9 @@ mod tests {
             self.steps.push(Step::StartK3sPrep {
                 state: state_mounted,
             });
+        }
+        fn release_k3s_prep(&mut self) {
+            self.steps.push(Step::ReleaseK3sPrep);
         }
         fn watch_power_button(&mut self) {
             self.steps.push(Step::WatchPowerButton);
@@ -265,8 +272,9 @@ mod tests {
 
     /// Every step up to `ready`, with STATE mounted or not.
     fn up_to_ready(state: bool) -> Vec<Step> {
-        // The NIC's and the RNG's drivers before anything else; K3s's preparation
-        // started (not awaited) before `ready`, with STATE's part only with STATE.
+        // The drivers before anything else; K3s's preparation started (not awaited,
+        // and held back until standby) before `ready`, with STATE's part only with
+        // STATE, so that its slot is filled before the node API can take a promotion.
         vec![
             Step::MountKernelFilesystems,
             Step::MountState,
@@ -277,7 +285,6 @@ mod tests {
             Step::DisableCtrlAltDel,
             Step::Milestone("ready"),
             Step::OnHetzner,
-            Step::ProbeFwCfg,
         ]
     }
 
@@ -294,6 +301,7 @@ mod tests {
             Step::StartApi(Source::FwCfg),
             Step::ReportResources,
             Step::Milestone("standby"),
+            Step::ReleaseK3sPrep,
         ]);
         assert_eq!(steps, expected);
     }
@@ -303,13 +311,14 @@ mod tests {
         let node = Recording::new(true);
         node.put(STATE_CONFIG, &join_config());
         let steps = node.boot();
-        let tail = &steps[steps.len() - 4..];
+        let tail = &steps[steps.len() - 5..];
         assert_eq!(
             tail,
             [
                 Step::StartApi(Source::State),
                 Step::ReportResources,
                 Step::Milestone("standby"),
+                Step::ReleaseK3sPrep,
                 Step::Join("https://10.0.0.1:6443".into()),
             ]
         );
@@ -327,6 +336,7 @@ mod tests {
             Step::StartTestService,
             Step::ReportResources,
             Step::Milestone("standby"),
+            Step::ReleaseK3sPrep,
         ]);
         assert_eq!(steps, expected);
     }

@@ -86,8 +86,6 @@ pub trait Sources {
     fn state_mounted(&self) -> bool;
     /// A Hetzner Cloud server, where the metadata service answers.
     fn on_hetzner(&mut self) -> bool;
-    /// Makes fw_cfg visible (its module); elsewhere it finds nothing, and that is fine.
-    fn probe_fw_cfg(&mut self);
     /// Sets the hostname and starts the network with the config found so far; once.
     fn start_network(&mut self, config: Option<&MachineConfig>);
     /// The metadata service's answer once the network is up; None when it cannot be had.
@@ -106,7 +104,6 @@ pub trait Sources {
 /// way (the module's docs say why the two are interleaved). None: standby without an API.
 pub fn choose(node: &mut dyn Sources) -> Option<Chosen> {
     let hetzner = node.on_hetzner();
-    node.probe_fw_cfg();
     let mut rejected = Vec::new();
     let mut chosen = first_valid(node, &[Source::State, Source::FwCfg], None, &mut rejected);
     if chosen.is_none() {
@@ -225,7 +222,6 @@ mod tests {
 
     #[derive(Debug, Clone, PartialEq, Eq)]
     enum Call {
-        ProbeFwCfg,
         /// The hostname of the config the network started with.
         StartNetwork(Option<String>),
         FetchMetadata,
@@ -291,9 +287,6 @@ mod tests {
         }
         fn on_hetzner(&mut self) -> bool {
             self.hetzner
-        }
-        fn probe_fw_cfg(&mut self) {
-            self.calls.push(Call::ProbeFwCfg);
         }
         fn start_network(&mut self, config: Option<&MachineConfig>) {
             self.calls.push(Call::StartNetwork(config.and_then(host)));
@@ -372,7 +365,6 @@ mod tests {
         assert_eq!(
             f.calls,
             [
-                Call::ProbeFwCfg,
                 Call::Rejected(Source::State),
                 Call::Rejected(Source::FwCfg),
                 Call::StartNetwork(some("cmdline")),
@@ -389,10 +381,7 @@ mod tests {
         f.userdata = Some(Some(config("metadata")));
         f.cmdline(&config("cmdline"));
         assert_eq!(f.choose(), Some((Source::Cmdline, some("cmdline"))));
-        assert_eq!(
-            f.calls,
-            [Call::ProbeFwCfg, Call::StartNetwork(some("cmdline"))]
-        );
+        assert_eq!(f.calls, [Call::StartNetwork(some("cmdline"))]);
     }
 
     #[test]
@@ -405,7 +394,6 @@ mod tests {
         assert_eq!(
             f.calls,
             [
-                Call::ProbeFwCfg,
                 Call::StartNetwork(None),
                 Call::FetchMetadata,
                 Call::Rejected(Source::Metadata),
@@ -425,7 +413,6 @@ mod tests {
         assert_eq!(
             f.calls,
             [
-                Call::ProbeFwCfg,
                 Call::StartNetwork(some("fw-cfg")),
                 Call::FetchMetadata,
                 Call::ApplyMetadata(some("fw-cfg")),
@@ -443,7 +430,6 @@ mod tests {
         assert_eq!(
             f.calls,
             [
-                Call::ProbeFwCfg,
                 Call::StartNetwork(None),
                 Call::FetchMetadata,
                 Call::ApplyStaticNetwork(some("cmdline")),
@@ -505,10 +491,7 @@ mod tests {
                 && w.contains(STATE_CONFIG),
             "{w}"
         );
-        assert_eq!(
-            f.calls,
-            [Call::ProbeFwCfg, Call::StartNetwork(some("fw-cfg"))]
-        );
+        assert_eq!(f.calls, [Call::StartNetwork(some("fw-cfg"))]);
     }
 
     #[test]
@@ -518,11 +501,7 @@ mod tests {
         assert_eq!(f.choose(), None);
         assert_eq!(
             f.calls,
-            [
-                Call::ProbeFwCfg,
-                Call::Rejected(Source::Cmdline),
-                Call::StartNetwork(None),
-            ]
+            [Call::Rejected(Source::Cmdline), Call::StartNetwork(None),]
         );
         assert!(!f.root.path().join(STATE_CONFIG).exists());
         // [api], [node] and [network] alone still come from the command line.

@@ -15,7 +15,6 @@ use crate::kmod::modprobe::Modules;
 use crate::net::dhcp::{Backoff, Client, Event, Options};
 use crate::net::netlink::{Netlink, NetlinkError};
 use crate::pid1::console;
-use crate::sys::System;
 use basalt_api::config::NetworkConfig;
 use basalt_api::milestone::Milestone;
 use std::net::{IpAddr, Ipv6Addr};
@@ -54,26 +53,33 @@ pub fn modaliases(root: &Path) -> Vec<String> {
     out.into_iter().collect()
 }
 
-/// [`coldplug`] on `threads` threads at once ([`crate::kmod::parallel`]): the NIC's and
-/// the RNG's drivers are independent of each other.
-pub fn coldplug_parallel(
+/// Loads, in one batch on `threads` threads ([`crate::kmod::parallel`]), the drivers of
+/// the devices present ([`modaliases`]) and the modules named in `also` (drivers found
+/// by name, not by device: the power button's, fw_cfg's). They are independent of each
+/// other, so they load side by side. A device without a driver module is normal and not
+/// reported; every other failure is returned, naming its module. Returns how many
+/// modules were loaded, and the failures.
+pub fn coldplug(
     loader: &dyn crate::kmod::parallel::Loader,
     root: &Path,
     modules: &Modules,
+    also: &[&str],
     threads: usize,
-) -> usize {
+) -> (usize, Vec<crate::kmod::parallel::ParallelError>) {
+    use crate::kmod::parallel::{load_all, ParallelError};
     let aliases = modaliases(root);
-    let names: Vec<&str> = aliases.iter().map(String::as_str).collect();
-    crate::kmod::parallel::load_all(loader, root, modules, &names, threads).loaded
-}
-
-/// Loads the drivers for present devices; returns how many modules were loaded.
-/// A device without a driver module is normal and not reported.
-pub fn coldplug(sys: &mut dyn System, root: &Path, modules: &Modules) -> usize {
-    modaliases(root)
+    let names: Vec<&str> = aliases
         .iter()
-        .filter_map(|alias| modules.probe(sys, root, alias).ok())
-        .sum()
+        .map(String::as_str)
+        .chain(also.iter().copied())
+        .collect();
+    let outcome = load_all(loader, root, modules, &names, threads);
+    let errors = outcome
+        .errors
+        .into_iter()
+        .filter(|e| !matches!(e, ParallelError::Resolve { name, .. } if aliases.contains(name)))
+        .collect();
+    (outcome.loaded, errors)
 }
 
 /// The node's addresses and prefix lengths, loopback left out.
@@ -437,6 +443,94 @@ mod tests {
             modaliases(d.path()),
             ["pci:v00008086d0000100Esv", "virtio:d00000001v00001AF4"]
         );
+    }
+
+    /// Records the module files loaded; one of them refuses.
+    #[derive(Default)]
+    struct Kernel {
+        loaded: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl crate::kmod::parallel::Loader for Kernel {
+        fn load(&self, path: &Path) -> std::io::Result<()> {
+            let name = crate::kmod::modprobe::name_of(&path.to_string_lossy());
+            if name == "button" {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOEXEC));
+            }
+            self.loaded.lock().expect("lock").push(name);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn coldplug_loads_the_devices_drivers_and_the_named_modules_in_one_batch() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = d.path();
+        // The NIC and the RNG have drivers; a virtio device of another kind has none.
+        put(
+            r,
+            "sys/bus/virtio/devices/virtio0/modalias",
+            "virtio:d00000001v00001AF4\n",
+        );
+        put(
+            r,
+            "sys/bus/virtio/devices/virtio1/modalias",
+            "virtio:d00000004v00001AF4\n",
+        );
+        put(
+            r,
+            "sys/bus/virtio/devices/virtio2/modalias",
+            "virtio:d00000063v00001AF4\n",
+        );
+        put(
+            r,
+            "lib/modules/6.1.0-1/modules.dep",
+            "kernel/virtio_net.ko: kernel/net_failover.ko kernel/failover.ko\n\
+             kernel/net_failover.ko: kernel/failover.ko\n\
+             kernel/failover.ko:\n\
+             kernel/virtio-rng.ko:\n\
+             kernel/evdev.ko:\n\
+             kernel/button.ko:\n\
+             kernel/qemu_fw_cfg.ko:\n",
+        );
+        put(
+            r,
+            "lib/modules/6.1.0-1/modules.alias",
+            "alias virtio:d00000001v* virtio_net\nalias virtio:d00000004v* virtio_rng\n",
+        );
+        let modules = Modules::open(r, "6.1.0-1").expect("index");
+        let kernel = Kernel::default();
+        let (loaded, errors) = coldplug(
+            &kernel,
+            r,
+            &modules,
+            &["evdev", "button", "qemu_fw_cfg", "no_such_module"],
+            2,
+        );
+        let mut names = kernel.loaded.lock().expect("lock").clone();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "evdev",
+                "failover",
+                "net_failover",
+                "qemu_fw_cfg",
+                "virtio_net",
+                "virtio_rng"
+            ]
+        );
+        assert_eq!(loaded, 6);
+        // The driverless device is not an error; a named module that fails or is
+        // missing is, by name.
+        let mut errors: Vec<String> = errors
+            .iter()
+            .map(|e| crate::pid1::console::chain(e))
+            .collect();
+        errors.sort();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].starts_with("module button: load "), "{errors:?}");
+        assert!(errors[1].contains("no_such_module"), "{errors:?}");
     }
 
     #[test]

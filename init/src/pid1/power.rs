@@ -6,17 +6,16 @@
 //! nobody listens. Here a thread per such device waits for the press and sends SIGTERM
 //! to PID1, whose signal loop then powers off as for any other SIGTERM.
 
-use crate::boot::kernel::{self, KernelError};
-use crate::kmod::modprobe::{self, ModprobeError, Modules};
 use crate::pid1::console;
-use crate::sys::{Real, System};
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-/// Drivers, in load order. Both are modules in Debian's cloud kernel (the input core is
-/// built in); `evdev` goes first so that it attaches to the button as `button` registers
-/// it. Registration is synchronous: the event node exists once `button` is loaded.
+/// The drivers. Both are modules in Debian's cloud kernel (the input core is built in).
+/// Stage 2 loads them with the other drivers in one parallel batch (its coldplug), so in
+/// no set order: whichever comes second connects them (`evdev` attaches to input devices
+/// already registered, and to each one registered after it). Registration is synchronous:
+/// the event node exists once both are loaded.
 pub const MODULES: &[&str] = &["evdev", "button"];
 
 /// The input device name the ACPI `button` driver gives both the fixed-feature power
@@ -42,10 +41,6 @@ const _: () = assert!(EVENT_SIZE == 24);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PowerError {
-    #[error("kernel release")]
-    Release(#[source] ModprobeError),
-    #[error("load drivers")]
-    Driver(#[source] KernelError),
     #[error("list {0}")]
     List(PathBuf, #[source] io::Error),
     #[error("open {0}")]
@@ -83,26 +78,6 @@ impl InputEvent {
     pub fn is_power_press(&self) -> bool {
         self.kind == EV_KEY && self.code == KEY_POWER && self.value == 1
     }
-}
-
-/// Loads [`MODULES`] from `<root>/lib/modules/<running release>`; built-ins and
-/// already-loaded modules count as done.
-pub fn load_drivers(sys: &mut dyn System, root: &Path) -> Vec<PowerError> {
-    match modprobe::kernel_release(root) {
-        Ok(kver) => kernel::load_modules(sys, root, &kver, MODULES)
-            .into_iter()
-            .map(PowerError::Driver)
-            .collect(),
-        Err(e) => vec![PowerError::Release(e)],
-    }
-}
-
-/// [`load_drivers`] from module indexes already read.
-pub fn load_drivers_from(sys: &mut dyn System, root: &Path, modules: &Modules) -> Vec<PowerError> {
-    kernel::load_modules_from(sys, root, modules, MODULES)
-        .into_iter()
-        .map(PowerError::Driver)
-        .collect()
 }
 
 /// The device nodes (`<root>/dev/input/eventN`, sorted) of every input device named
@@ -171,15 +146,10 @@ fn power_off() {
     }
 }
 
-/// Loads the drivers (from `modules`, when stage 2 could read them; it has reported why
-/// not otherwise) and watches every power button under `root`; returns once the watchers
-/// run. Never panics: failures are logged and the node runs on without them.
-pub fn watch_power_button(root: &Path, modules: Option<&Modules>) {
-    if let Some(modules) = modules {
-        for e in load_drivers_from(&mut Real, root, modules) {
-            console::error("power button", &e);
-        }
-    }
+/// Watches every power button under `root` (its drivers [`MODULES`] loaded already);
+/// returns once the watchers run. Never panics: failures are logged and the node runs on
+/// without them.
+pub fn watch_power_button(root: &Path) {
     let devices = match find_power_buttons(root) {
         Ok(devices) => devices,
         Err(e) => {
@@ -201,8 +171,6 @@ pub fn watch_power_button(root: &Path, modules: Option<&Modules>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::{Call, Recording};
-    use nix::errno::Errno;
     use std::time::Duration;
 
     /// One record as the kernel writes it on x86_64.
@@ -316,69 +284,6 @@ mod tests {
         }
         input_device(root.path(), "event0", Some("QEMU QEMU USB Tablet"));
         assert!(find_power_buttons(root.path()).expect("listed").is_empty());
-    }
-
-    fn module_tree(root: &Path, builtin: &str) {
-        let moddir = root.join("lib/modules/6.1.0-test");
-        std::fs::create_dir_all(&moddir).expect("mkdir");
-        std::fs::create_dir_all(root.join("proc/sys/kernel")).expect("mkdir");
-        std::fs::write(root.join(modprobe::OSRELEASE), "6.1.0-test\n").expect("write");
-        std::fs::write(
-            moddir.join("modules.dep"),
-            "kernel/drivers/acpi/button.ko:\nkernel/drivers/input/evdev.ko:\n",
-        )
-        .expect("write");
-        std::fs::write(moddir.join("modules.builtin"), builtin).expect("write");
-    }
-
-    #[test]
-    fn evdev_then_button_are_loaded_from_the_running_release() {
-        let root = tempfile::tempdir().expect("tempdir");
-        module_tree(root.path(), "kernel/drivers/input/input-core.ko\n");
-        let mut sys = Recording::default();
-        assert!(load_drivers(&mut sys, root.path()).is_empty());
-        let moddir = root.path().join("lib/modules/6.1.0-test");
-        assert_eq!(
-            sys.calls,
-            [
-                Call::LoadModule(moddir.join("kernel/drivers/input/evdev.ko")),
-                Call::LoadModule(moddir.join("kernel/drivers/acpi/button.ko")),
-            ]
-        );
-    }
-
-    #[test]
-    fn a_driver_that_fails_to_load_is_reported_and_the_other_still_loads() {
-        let root = tempfile::tempdir().expect("tempdir");
-        module_tree(root.path(), "");
-        let evdev = root
-            .path()
-            .join("lib/modules/6.1.0-test/kernel/drivers/input/evdev.ko");
-        let mut sys = Recording {
-            failing_modules: vec![(evdev, Errno::ENOEXEC)],
-            ..Default::default()
-        };
-        let errors = load_drivers(&mut sys, root.path());
-        assert!(
-            matches!(
-                errors.as_slice(),
-                [PowerError::Driver(KernelError::Module { name, .. })] if name == "evdev"
-            ),
-            "{errors:?}"
-        );
-        assert_eq!(sys.calls.len(), 2);
-    }
-
-    #[test]
-    fn an_unknown_release_loads_nothing() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let mut sys = Recording::default();
-        let errors = load_drivers(&mut sys, root.path());
-        assert!(
-            matches!(errors.as_slice(), [PowerError::Release(_)]),
-            "{errors:?}"
-        );
-        assert!(sys.calls.is_empty());
     }
 
     #[test]

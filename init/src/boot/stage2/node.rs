@@ -7,7 +7,7 @@ use crate::boot::background::{self, Background};
 use crate::boot::{kernel, mounts};
 use crate::config_source::{Chosen, SourceError, Sources};
 use crate::join::{self, Joiner, NetworkCheck, NodeHost, Retry};
-use crate::kmod::modprobe::Modules;
+use crate::kmod::modprobe::{ModprobeError, Modules};
 use crate::kmod::parallel::{self, Finit, Loader};
 use crate::net::metadata::{self, Metadata};
 use crate::net::{self, sntp, NetworkUp};
@@ -41,6 +41,8 @@ pub struct Node<'a> {
     root: PathBuf,
     state_mounted: bool,
     modules: Option<Arc<Modules>>,
+    /// The module index being read while STATE mounts; taken by `read_module_index`.
+    index_reader: Option<std::thread::JoinHandle<Result<Modules, ModprobeError>>>,
     /// Set from the config when the network starts; metadata fills it in otherwise.
     hostname: Option<String>,
     up: NetworkUp,
@@ -50,6 +52,8 @@ pub struct Node<'a> {
     control: Control,
     commands: Receiver<Command>,
     joiner: Arc<Joiner>,
+    /// Holds K3s's preparation back until standby; dropped to let it go.
+    k3s_gate: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl<'a> Node<'a> {
@@ -76,6 +80,7 @@ impl<'a> Node<'a> {
             root,
             state_mounted: false,
             modules: None,
+            index_reader: None,
             hostname: None,
             up: NetworkUp::default(),
             supervisor,
@@ -83,6 +88,7 @@ impl<'a> Node<'a> {
             control,
             commands,
             joiner,
+            k3s_gate: None,
         }
     }
 
@@ -104,6 +110,16 @@ impl Machine for Node<'_> {
         }
         // Stage 1's milestones, for the node API's boot timeline.
         console::import_milestones(&self.root.join("dev/kmsg"));
+        // The module index is read off the root while STATE mounts (which mostly waits
+        // for the disk); `read_module_index` takes it.
+        let root = self.root.clone();
+        match std::thread::Builder::new()
+            .name("module-index".into())
+            .spawn(move || Modules::running(&root))
+        {
+            Ok(reader) => self.index_reader = Some(reader),
+            Err(e) => console::error("module index: start the reader", &e),
+        }
     }
 
     fn mount_state(&mut self) -> bool {
@@ -127,18 +143,29 @@ impl Machine for Node<'_> {
     }
 
     fn read_module_index(&mut self) {
-        match Modules::running(&self.root) {
+        let read = match self.index_reader.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(read)) => read,
+            // Its thread could not start, or panicked (the panic hook has said why).
+            _ => Modules::running(&self.root),
+        };
+        match read {
             Ok(m) => self.modules = Some(Arc::new(m)),
             Err(e) => console::error("module index", &e),
         }
     }
 
     /// In a thread of its own, with the real kernel; its failures fail the promotion
-    /// that waits for it, with their reasons.
+    /// that waits for it, with their reasons. The thread starts now, so that the slot a
+    /// promotion waits on is filled before the node API can take one, but its work waits
+    /// for [`Machine::release_k3s_prep`]: until standby, the vCPUs belong to the boot.
     fn start_k3s_prep(&mut self, state_mounted: bool) {
         let root = self.root.clone();
         let modules = self.modules.clone();
+        let (gate, released) = std::sync::mpsc::channel::<()>();
+        self.k3s_gate = Some(gate);
         let prep = Background::spawn("k3s-prep", move || {
+            // Released when the sender is dropped (or sends): either way, go.
+            let _ = released.recv();
             let errors = prepare_for_k3s(
                 &mut crate::sys::Real,
                 &Finit,
@@ -155,8 +182,13 @@ impl Machine for Node<'_> {
         background::k3s_prep().set(prep);
     }
 
+    fn release_k3s_prep(&mut self) {
+        self.k3s_gate = None;
+    }
+
+    /// Its drivers were loaded by [`Machine::coldplug`].
     fn watch_power_button(&mut self) {
-        power::watch_power_button(&self.root, self.modules.as_deref());
+        power::watch_power_button(&self.root);
     }
 
     fn disable_ctrl_alt_del(&mut self) {
@@ -166,10 +198,20 @@ impl Machine for Node<'_> {
     }
 
     /// virtio-rng, where the hypervisor offers one, feeds the kernel's CRNG, which TLS
-    /// and K3s need.
+    /// and K3s need. The power button's drivers and fw_cfg's (the config source) load in
+    /// the same batch.
     fn coldplug(&mut self) {
-        if let Some(modules) = &self.modules {
-            net::coldplug_parallel(&Finit, &self.root, modules, MODULE_THREADS);
+        let Some(modules) = &self.modules else {
+            return;
+        };
+        let by_name: Vec<&str> = power::MODULES
+            .iter()
+            .copied()
+            .chain([FW_CFG_MODULE])
+            .collect();
+        let (_, errors) = net::coldplug(&Finit, &self.root, modules, &by_name, MODULE_THREADS);
+        for e in &errors {
+            console::error("coldplug", e);
         }
     }
 
@@ -232,13 +274,6 @@ impl Sources for Node<'_> {
 
     fn on_hetzner(&mut self) -> bool {
         metadata::on_hetzner(&self.root)
-    }
-
-    /// fw_cfg is a QEMU device; elsewhere the module finds nothing and that is fine.
-    fn probe_fw_cfg(&mut self) {
-        if let Some(modules) = &self.modules {
-            let _ = modules.probe(self.sys, &self.root, "qemu_fw_cfg");
-        }
     }
 
     fn start_network(&mut self, config: Option<&MachineConfig>) {
@@ -310,6 +345,10 @@ impl Sources for Node<'_> {
         console::error("machine config", err);
     }
 }
+
+/// fw_cfg's driver, which shows QEMU's fw_cfg files (a config source) in sysfs. fw_cfg
+/// is a QEMU device; elsewhere the module finds nothing, and that is fine.
+const FW_CFG_MODULE: &str = "qemu_fw_cfg";
 
 /// Threads that load modules at once: a node has at least two vCPUs, and a module's
 /// load is mostly CPU (relocation, signature check, reading it off the root).
@@ -460,8 +499,7 @@ mod tests {
         let mut sys = Recording::default();
         let mut node = Node::new(&mut sys, root.path().into());
         node.mount_kernel_filesystems();
-        // Without a module index nothing is loaded, probed or coldplugged.
-        node.probe_fw_cfg();
+        // Without a module index nothing is loaded or coldplugged.
         node.coldplug();
         assert!(!node.state_mounted());
         drop(node);
