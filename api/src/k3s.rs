@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::RootCertStore;
 
 use crate::config::Token;
@@ -137,24 +137,47 @@ pub fn fetch_cacerts(server: &str, timeout: Duration) -> Result<Vec<u8>, K3sErro
     https::get(&server, "/cacerts", verifier, timeout, CACERTS_LIMIT)
 }
 
-/// K3s's join check against `server` for `token`: fetch `/cacerts` unverified, fetch it
-/// again verifying the server against that bundle (K3s's `getCACerts`), then compare the
-/// bundle's hash with the token's. `timeout` bounds each request.
+/// K3s's join check against `server` for `token`: fetch `/cacerts` unverified, verify the
+/// server against that bundle (K3s's `getCACerts`), then compare the bundle's hash with
+/// the token's. `timeout` bounds the request.
+///
+/// K3s verifies by fetching `/cacerts` a second time over a new connection whose roots
+/// are the bundle. Here the certificates the server showed in the first handshake, whose
+/// signature over that handshake was checked ([`https::AcceptAnyCertificate`] checks it,
+/// as Go's `InsecureSkipVerify` does), are verified against the bundle instead: the same
+/// verifier, the same server name and time, the same outcome, and one TLS round trip
+/// instead of two. A server that shows another certificate to the second connection is
+/// not something the second fetch could have told apart from a good one either.
 pub fn check_server_ca(
     server: &str,
     token: &Token,
     timeout: Duration,
 ) -> Result<CaCheck, K3sError> {
     let parsed = https::Server::parse(server)?;
-    let cacerts = fetch_cacerts(server, timeout)?;
+    let any = Arc::new(https::AcceptAnyCertificate(https::provider()));
+    let (cacerts, peer) = https::get_with_peer(&parsed, "/cacerts", any, timeout, CACERTS_LIMIT)?;
     let url = parsed.url("/cacerts");
     let verifier = bundle_verifier(&cacerts, &url)?;
-    https::get(&parsed, "/cacerts", verifier, timeout, CACERTS_LIMIT).map_err(|source| {
-        K3sError::CaValidation {
+    let invalid = |e: rustls::Error| K3sError::CaValidation {
+        url: url.clone(),
+        source: Box::new(K3sError::Handshake {
             url: url.clone(),
-            source: Box::new(source),
-        }
-    })?;
+            // What the second connection's handshake would have failed with.
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        }),
+    };
+    let (end_entity, intermediates) = peer
+        .split_first()
+        .ok_or_else(|| invalid(rustls::Error::NoCertificatesPresented))?;
+    verifier
+        .verify_server_cert(
+            end_entity,
+            intermediates,
+            &parsed.server_name()?,
+            &[],
+            UnixTime::now(),
+        )
+        .map_err(invalid)?;
     let Some(expected) = token.ca_hash() else {
         return Ok(CaCheck::NotPinned);
     };

@@ -33,6 +33,10 @@ const JOIN: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(10);
 /// What PID1 prints when it has spawned the agent (`init/src/join.rs`).
 const AGENT_EXEC: &str = "[basalt] join: agent exec ";
+/// What PID1 prints once its CA check has ended (`init/src/join.rs`).
+const CA_CHECK: &str = "[basalt] join: CA check ";
+/// The agent double's own timing of one `/cacerts` fetch (`k3s-agent-double`).
+const ROUND_TRIP: &str = "cacerts round trip ";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinBenchError {
@@ -91,8 +95,33 @@ pub struct JoinRun {
     pub console: AfterApply,
     /// PID1's VmRSS (status) after the agent's CA check passed.
     pub joined_rss_kib: Option<u64>,
+    /// PID1's resident anonymous and file memory (metrics), KiB, at standby.
+    pub standby_split: Option<RssSplit>,
+    /// The same after the join, read right after `joined_rss_kib`.
+    pub joined_split: Option<RssSplit>,
     /// The join state status reported then.
     pub joined_state: Option<JoinState>,
+}
+
+/// PID1's resident memory by kind, in KiB (`RssAnon`, `RssFile` of its status).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RssSplit {
+    pub anon_kib: u64,
+    pub file_kib: u64,
+}
+
+/// The split from the node API's metrics; `None` from a PID1 that does not export it.
+pub fn parse_rss_split(metrics: &str) -> Option<RssSplit> {
+    let gauge = |name: &str| -> Option<u64> {
+        metrics.lines().find_map(|l| {
+            let (n, v) = l.split_once(' ')?;
+            (n == name).then(|| v.trim().parse::<u64>().ok())?
+        })
+    };
+    Some(RssSplit {
+        anon_kib: gauge("basalt_pid1_rss_anon_bytes")? / 1024,
+        file_kib: gauge("basalt_pid1_rss_file_bytes")? / 1024,
+    })
 }
 
 /// Everything one `bench join` measured, and what it ran on.
@@ -258,6 +287,7 @@ fn join_once(image: &Path, accel: Accel, run: usize) -> Result<JoinRun, JoinBenc
     wait_for_api(&vm, &client).map_err(|e| vm_err(&vm, "waiting for the node API", e))?;
     let footprint = vm.serial().lines().find_map(parse_footprint);
 
+    let standby_split = client.metrics().ok().as_deref().and_then(parse_rss_split);
     let asked = Instant::now();
     let before = client
         .status()
@@ -300,7 +330,10 @@ fn join_once(image: &Path, accel: Accel, run: usize) -> Result<JoinRun, JoinBenc
     let after = client
         .status()
         .map_err(|e| api_err(&vm, "reading status after the join", e))?;
+    let joined_split = client.metrics().ok().as_deref().and_then(parse_rss_split);
     Ok(JoinRun {
+        standby_split,
+        joined_split,
         standby_rss_kib: before.body.rss_kib,
         footprint,
         status_round_trip,
@@ -356,7 +389,13 @@ fn promote(
             let serial = vm.serial();
             console.update(serial.get(from..).unwrap_or(&serial), sent.elapsed());
             let answered = apply.is_finished();
-            if (answered && console.agent.is_some()) || sent.elapsed() > budget {
+            // The double times its fetch after a passed check; other verdicts end here.
+            let agent_done = match &console.agent {
+                Some((_, AgentLine::CaCheckPassed)) => console.floor_ms.is_some(),
+                Some(_) => true,
+                None => false,
+            };
+            if (answered && agent_done) || sent.elapsed() > budget {
                 break;
             }
             std::thread::sleep(POLL);
@@ -391,6 +430,12 @@ pub struct AfterApply {
     pub agent_exec_ms: Option<u64>,
     /// The agent double's verdict on the join.
     pub agent: Option<(f64, AgentLine)>,
+    /// `k3s-agent-double: cacerts round trip N ms`: one TLS round trip from the guest
+    /// to the server, timed by the double in the guest: the floor.
+    pub floor_ms: Option<u64>,
+    /// `[basalt] join: CA check N ms; prepared alongside in M ms`: PID1's check, and
+    /// the work it did beside it, both from the check's start.
+    pub check_ms: Option<(u64, u64)>,
 }
 
 impl AfterApply {
@@ -411,6 +456,12 @@ impl AfterApply {
             if self.agent.is_none() {
                 self.agent = parse_agent_line(line).map(|a| (now, a));
             }
+            if self.floor_ms.is_none() {
+                self.floor_ms = parse_round_trip(line);
+            }
+            if self.check_ms.is_none() {
+                self.check_ms = parse_ca_check(line);
+            }
         }
     }
 }
@@ -422,6 +473,22 @@ pub fn parse_agent_exec(line: &str) -> Option<u64> {
         .strip_suffix(" ms after apply")?
         .parse()
         .ok()
+}
+
+/// `k3s-agent-double: cacerts round trip 41 ms` → 41.
+pub fn parse_round_trip(line: &str) -> Option<u64> {
+    let rest = line[line.find(LINE_PREFIX)? + LINE_PREFIX.len()..].trim();
+    rest.strip_prefix(ROUND_TRIP)?
+        .strip_suffix(" ms")?
+        .parse()
+        .ok()
+}
+
+/// `[basalt] join: CA check 40 ms; prepared alongside in 12 ms` → (40, 12).
+pub fn parse_ca_check(line: &str) -> Option<(u64, u64)> {
+    let rest = line[line.find(CA_CHECK)? + CA_CHECK.len()..].trim_end();
+    let (check, prep) = rest.split_once(" ms; prepared alongside in ")?;
+    Some((check.parse().ok()?, prep.strip_suffix(" ms")?.parse().ok()?))
 }
 
 /// The agent double's lines that end a join: its CA check's verdict, or its failure.
@@ -440,10 +507,20 @@ pub fn parse_agent_line(line: &str) -> Option<AgentLine> {
 /// A figure of the report: its label and how to read it off a run.
 type Figure = (&'static str, fn(&JoinRun) -> Option<f64>);
 
-/// Milliseconds from the apply: the guest's own measure, then the host's wall clock.
-const LATENCIES: [Figure; 5] = [
+/// Milliseconds: the floor and the guest's own measures, then the host's wall clock
+/// from the apply.
+const LATENCIES: [Figure; 8] = [
+    ("floor: one TLS round trip (guest, double)", |r| {
+        r.console.floor_ms.map(|m| m as f64)
+    }),
     ("agent exec (guest clock, PID1's)", |r| {
         r.console.agent_exec_ms.map(|m| m as f64)
+    }),
+    ("PID1's CA check (guest)", |r| {
+        r.console.check_ms.map(|c| c.0 as f64)
+    }),
+    ("prepared beside it (guest)", |r| {
+        r.console.check_ms.map(|c| c.1 as f64)
     }),
     ("HTTP response to the apply (host)", |r| {
         Some(r.response * 1e3)
@@ -459,8 +536,14 @@ const LATENCIES: [Figure; 5] = [
     }),
 ];
 
-/// PID1's VmRSS in KiB.
-const MEMORY: [Figure; 4] = [
+/// Agent exec over the floor, per run.
+fn exec_over_floor(r: &JoinRun) -> Option<f64> {
+    let floor = r.console.floor_ms?;
+    Some(r.console.agent_exec_ms? as f64 / floor.max(1) as f64)
+}
+
+/// PID1's VmRSS in KiB, and its split (metrics).
+const MEMORY: [Figure; 8] = [
     ("at standby (status)", |r| {
         r.standby_rss_kib.map(|k| k as f64)
     }),
@@ -472,6 +555,18 @@ const MEMORY: [Figure; 4] = [
     }),
     ("footprint line before standby (console)", |r| {
         r.footprint.map(|p| p.rss_kb as f64)
+    }),
+    ("RssAnon at standby (metrics)", |r| {
+        r.standby_split.map(|s| s.anon_kib as f64)
+    }),
+    ("RssAnon growth", |r| {
+        Some(r.joined_split?.anon_kib as f64 - r.standby_split?.anon_kib as f64)
+    }),
+    ("RssFile at standby (metrics)", |r| {
+        r.standby_split.map(|s| s.file_kib as f64)
+    }),
+    ("RssFile growth", |r| {
+        Some(r.joined_split?.file_kib as f64 - r.standby_split?.file_kib as f64)
     }),
 ];
 
@@ -524,6 +619,15 @@ Not K3s: K3s's own start-up is not in these figures."
         writeln!(f)?;
         writeln!(f, "  {:<42}median  (min–max)", "promote → …")?;
         rows(f, &self.runs, &LATENCIES, "ms")?;
+        let label = "agent exec / floor, per run";
+        match Spread::of(self.runs.iter().filter_map(exec_over_floor)) {
+            Some(s) => writeln!(
+                f,
+                "  {label:<42}{:>7.2} ×   ({:.2}–{:.2}), over {} runs",
+                s.median, s.min, s.max, s.n
+            )?,
+            None => writeln!(f, "  {label:<42}not seen")?,
+        }
         writeln!(f, "  PID1 memory, VmRSS")?;
         rows(f, &self.runs, &MEMORY, "KiB")?;
         writeln!(f)?;
@@ -531,8 +635,9 @@ Not K3s: K3s's own start-up is not in these figures."
             let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
             writeln!(
                 f,
-                "  run {}: exec {} ms, response {:.0} ms, joined {} ms, ca-check {} ms; VmRSS {} → {} KiB; state {}",
+                "  run {}: floor {} ms, exec {} ms, response {:.0} ms, joined {} ms, ca-check {} ms; VmRSS {} → {} KiB; state {}",
                 n + 1,
+                opt(r.console.floor_ms.map(|m| m as f64)),
                 opt(r.console.agent_exec_ms.map(|m| m as f64)),
                 r.response * 1e3,
                 opt(r.console.joined.map(|j| j.0 * 1e3)),
@@ -546,7 +651,9 @@ Not K3s: K3s's own start-up is not in these figures."
         writeln!(
             f,
             "  wall times count from the host sending the apply; console lines are polled every {} ms from the serial log, \
-so they are late by up to that and by the serial port's delivery. The guest figure is PID1's own, from the request head's arrival to the agent's spawn.",
+so they are late by up to that and by the serial port's delivery. The guest figure is PID1's own, from the request head's arrival to the agent's spawn. \
+The floor is one TLS round trip from the guest to the same server (connect, handshake, GET /cacerts, body), timed by the agent double in the guest \
+after its check, in the same run.",
             POLL.as_millis()
         )
     }
@@ -573,6 +680,40 @@ mod tests {
         for (line, want) in cases {
             assert_eq!(parse_agent_exec(line), want, "{line:?}");
         }
+    }
+
+    #[test]
+    fn the_floor_and_the_check_lines_are_parsed() {
+        assert_eq!(
+            parse_round_trip("k3s-agent-double: cacerts round trip 41 ms\r"),
+            Some(41)
+        );
+        assert_eq!(
+            parse_round_trip("k3s-agent-double: cacerts round trip ms"),
+            None
+        );
+        assert_eq!(parse_round_trip("[basalt] cacerts round trip 41 ms"), None);
+        assert_eq!(
+            parse_ca_check("[basalt] join: CA check 40 ms; prepared alongside in 12 ms\r"),
+            Some((40, 12))
+        );
+        assert_eq!(parse_ca_check("[basalt] join: CA check 40 ms"), None);
+    }
+
+    #[test]
+    fn the_memory_split_comes_from_the_metrics() {
+        let metrics = "# HELP basalt_pid1_rss_bytes PID1's resident memory.\n\
+                       basalt_pid1_rss_bytes 5443584\n\
+                       basalt_pid1_rss_anon_bytes 1228800\n\
+                       basalt_pid1_rss_file_bytes 4214784\n";
+        assert_eq!(
+            parse_rss_split(metrics),
+            Some(RssSplit {
+                anon_kib: 1200,
+                file_kib: 4116
+            })
+        );
+        assert_eq!(parse_rss_split("basalt_pid1_rss_bytes 5443584\n"), None);
     }
 
     #[test]
@@ -640,11 +781,21 @@ mod tests {
         JoinRun {
             standby_rss_kib: Some(2000),
             joined_rss_kib: Some(2600),
+            standby_split: Some(RssSplit {
+                anon_kib: 1000,
+                file_kib: 1000,
+            }),
+            joined_split: Some(RssSplit {
+                anon_kib: 1100,
+                file_kib: 1500,
+            }),
             response,
             console: AfterApply {
                 joined: joined.map(|j| (j, 4.0)),
                 agent_exec_ms: Some(exec),
                 agent: Some((0.9, AgentLine::CaCheckPassed)),
+                floor_ms: Some(exec / 2),
+                check_ms: Some((exec / 2 + 1, 3)),
             },
             joined_state: Some(JoinState::AgentStarted),
             ..JoinRun::default()
@@ -671,7 +822,10 @@ mod tests {
             "600 ms  (500–700)\n",
             "500 ms  (400–600)  seen in 2 of 3 runs\n",
             "600 KiB (600–600)\n",
-            "run 2: exec 30 ms, response 700 ms, joined - ms",
+            "run 2: floor 15 ms, exec 30 ms, response 700 ms, joined - ms",
+            "agent exec / floor, per run                  2.00 ×   (2.00–2.00), over 3 runs\n",
+            "RssAnon growth                                100 KiB (100–100)\n",
+            "RssFile growth                                500 KiB (500–500)\n",
         ] {
             assert!(text.contains(want), "{want:?} not in:\n{text}");
         }

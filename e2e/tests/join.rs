@@ -285,6 +285,11 @@ fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() 
         "nothing started"
     );
     assert!(!vm.serial().contains("[basalt] joined t="));
+    // The agent was prepared beside the check, and nothing of it was kept.
+    assert!(
+        vm.serial().contains("[basalt] join: CA check "),
+        "PID1 reports its check's timing"
+    );
 
     // The right CA, a password the server does not know: the CA check passes and the
     // agent starts, but K3s issues no kubelet credentials. The agent double exits 1 and

@@ -4,7 +4,7 @@
 //! power cut) sees the old content or the new one, never a mix or a missing file.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Temporary file beside the target, fsync, rename, fsync the folder: after a crash
 /// the file holds either the old or the new content, never a mix.
@@ -16,7 +16,7 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// holds the API key and the join token) are never readable by others, not even
 /// between create and rename.
 pub fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    replace_with(path, bytes, mode, true)
+    stage_with(path, bytes, mode, true)?.commit()
 }
 
 /// [`write`] without waiting for the disk: temporary file beside the target, rename.
@@ -26,10 +26,17 @@ pub fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 /// journal commits (within 5 s by default). For what may be lost, such as the boot
 /// counter (an empty one counts as 0), and must not wait for two flushes of the disk.
 pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    replace_with(path, bytes, 0o644, false)
+    stage_with(path, bytes, 0o644, false)?.commit()
 }
 
-fn replace_with(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Result<()> {
+/// The first half of [`write_mode`]: the temporary file written and synced beside
+/// `path`, which is not touched until [`Staged::commit`]. Dropped uncommitted, the
+/// temporary file is removed. One stage per path at a time.
+pub fn stage_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<Staged> {
+    stage_with(path, bytes, mode, true)
+}
+
+fn stage_with(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Result<Staged> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)?;
@@ -41,20 +48,60 @@ fn replace_with(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Re
     ));
     // A leftover from an interrupted write must not keep its old mode.
     let _ = std::fs::remove_file(&tmp);
+    let staged = Staged {
+        tmp: Some(tmp),
+        path: path.to_path_buf(),
+        sync,
+    };
+    let tmp = staged.tmp.as_deref().unwrap_or(path);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
-        .open(&tmp)?;
+        .open(tmp)?;
     f.write_all(bytes)?;
     if sync {
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)?;
-    if sync {
-        std::fs::File::open(dir)?.sync_all()?;
+    Ok(staged)
+}
+
+/// A file written aside by [`stage_mode`], waiting to replace its target.
+#[derive(Debug)]
+pub struct Staged {
+    /// `None` once committed.
+    tmp: Option<PathBuf>,
+    path: PathBuf,
+    /// Whether the file and its folder are synced (see [`replace`]).
+    sync: bool,
+}
+
+impl Staged {
+    /// The target's path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
-    Ok(())
+
+    /// Renames the temporary file over the target and syncs the folder.
+    pub fn commit(mut self) -> std::io::Result<()> {
+        let Some(tmp) = self.tmp.take() else {
+            return Ok(());
+        };
+        std::fs::rename(&tmp, &self.path)?;
+        if !self.sync {
+            return Ok(());
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("/"));
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -94,6 +141,26 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names, ["file"]);
+    }
+
+    #[test]
+    fn a_staged_file_replaces_the_target_only_when_committed() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("config");
+        write(&path, b"old").expect("write");
+        let staged = stage_mode(&path, b"new", 0o600).expect("stage");
+        assert_eq!(std::fs::read(&path).expect("read"), b"old");
+        staged.commit().expect("commit");
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
+        assert_eq!(mode(&path), 0o600);
+
+        drop(stage_mode(&path, b"dropped", 0o600).expect("stage"));
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["config"], "a dropped stage leaves nothing");
     }
 
     #[test]

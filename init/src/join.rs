@@ -143,6 +143,14 @@ pub enum Applied {
     Failed { error: String },
 }
 
+/// The join's work done while the CA check runs, each waiting for its verdict.
+struct Prepared {
+    /// The applied config, written aside.
+    persist: Result<Box<dyn Commit>, JoinError>,
+    /// K3s's config, written aside; see [`Joiner::prepare_agent`].
+    agent: Result<Box<dyn Commit>, JoinError>,
+}
+
 /// How far an activation got.
 enum Activation {
     Running,
@@ -222,14 +230,41 @@ pub fn agent_state(run: &AgentRun, since_start: Duration) -> (JoinState, Option<
     (JoinState::AgentStarted, None)
 }
 
+/// A write made while the CA check runs, applied by [`Commit::commit`] once it passed;
+/// dropped uncommitted (a refused join), it leaves nothing behind.
+pub trait Commit: Send {
+    fn commit(self: Box<Self>) -> Result<(), JoinError>;
+}
+
+/// A [`Commit`] that runs a closure: for test hosts, whose writes need no staging.
+#[cfg(test)]
+pub(crate) struct CommitFn<F>(pub F);
+
+#[cfg(test)]
+impl<F: FnOnce() -> Result<(), JoinError> + Send> Commit for CommitFn<F> {
+    fn commit(self: Box<Self>) -> Result<(), JoinError> {
+        (self.0)()
+    }
+}
+
 /// The side effects of a join; a trait so tests record them.
 pub trait Host: Send + Sync {
-    /// Saves the applied config (TOML as received) where the next boot finds it.
-    fn persist(&self, text: &str) -> Result<(), JoinError>;
+    /// Writes the applied config (TOML as received) aside; committed, it is where the
+    /// next boot finds it.
+    fn stage_persist(&self, text: &str) -> Result<Box<dyn Commit>, JoinError>;
+    /// Saves the applied config at once.
+    fn persist(&self, text: &str) -> Result<(), JoinError> {
+        self.stage_persist(text)?.commit()
+    }
     /// The address K3s should register, if one is known.
     fn node_ip(&self, config: &MachineConfig) -> Option<IpAddr>;
-    /// Makes `/etc/rancher` writable and writes K3s's config there.
-    fn write_k3s_config(&self, json: &str) -> Result<(), JoinError>;
+    /// Makes `/etc/rancher` writable and writes K3s's config aside there; committed, it
+    /// is the config the agent reads.
+    fn stage_k3s_config(&self, json: &str) -> Result<Box<dyn Commit>, JoinError>;
+    /// Closes the metadata service to everything on the node, before any agent starts
+    /// (see [`crate::net::metadata_block`]). PID1 reads the metadata only at boot, so
+    /// doing it for a join that the CA check then refuses costs nothing.
+    fn close_metadata(&self) -> Result<(), JoinError>;
     /// Starts `k3s agent` under supervision.
     fn start_agent(&self) -> Result<(), JoinError>;
     /// Starts the supervised agent again now, with the config just written.
@@ -394,13 +429,16 @@ impl Joiner {
         };
         let server = cluster.server.as_str();
         self.set(JoinState::Joining, Some(server), None);
-        if let Err(e) = self.checker.check(server, &cluster.token) {
+        let (checked, prepared) = self.check_while_preparing(config, text, server, &cluster.token);
+        if let Err(e) = checked {
             let error = console::chain(&JoinError::Check(e));
             console::info(&format!("join: refused: {error}"));
             self.set(JoinState::Failed, Some(server), Some(error.clone()));
+            // `prepared` is dropped here: its files were written aside, never committed.
             return Ok(Applied::Refused { error });
         }
-        if let Err(e) = self.host.persist(text) {
+        let Prepared { persist, agent } = prepared;
+        if let Err(e) = persist.and_then(Commit::commit) {
             self.set(JoinState::Failed, Some(server), Some(console::chain(&e)));
             return Err(ApplyError::Persist(e));
         }
@@ -409,7 +447,7 @@ impl Joiner {
                 "join: the agent is not registered; replacing its [cluster] with {server}"
             ));
         }
-        match self.activate(config, replace) {
+        match self.activate(config, replace, agent) {
             Activation::Running if replace => Ok(Applied::Replaced),
             Activation::Running => {
                 let exec = received.elapsed();
@@ -425,27 +463,83 @@ impl Joiner {
         }
     }
 
-    /// Writes K3s's config and starts the agent (again at once, with `restart`, for an
-    /// agent already supervised); the status says how it went.
-    fn activate(&self, config: &MachineConfig, restart: bool) -> Activation {
-        let server = config.cluster.as_ref().map(|c| c.server.as_str());
-        let result = config
+    /// Runs the CA check against `server` and, in a thread beside it, everything of the
+    /// join that does not depend on its verdict ([`Joiner::prepare_agent`], the
+    /// config's save written aside), so that a passed check leaves only renames and the
+    /// exec. Logs how long each side took.
+    fn check_while_preparing(
+        &self,
+        config: &MachineConfig,
+        text: &str,
+        server: &str,
+        token: &Token,
+    ) -> (Result<CaCheck, K3sError>, Prepared) {
+        let began = Instant::now();
+        let prepare = || {
+            let persist = self.host.stage_persist(text);
+            let agent = self.prepare_agent(config);
+            (Prepared { persist, agent }, began.elapsed())
+        };
+        let (checked, checked_in, (prepared, prepared_in)) = std::thread::scope(|s| {
+            let beside = std::thread::Builder::new()
+                .name("join-prep".into())
+                .spawn_scoped(s, prepare);
+            let checked = self.checker.check(server, token);
+            let checked_in = began.elapsed();
+            let prepared = match beside {
+                Ok(handle) => handle.join().unwrap_or_else(|_| {
+                    let gone = || JoinError::Start("the join's preparation thread panicked".into());
+                    let failed = Prepared {
+                        persist: Err(gone()),
+                        agent: Err(gone()),
+                    };
+                    (failed, began.elapsed())
+                }),
+                // No thread: the same work, after the check.
+                Err(_) => prepare(),
+            };
+            (checked, checked_in, prepared)
+        });
+        console::info(&format!(
+            "join: CA check {} ms; prepared alongside in {} ms",
+            checked_in.as_millis(),
+            prepared_in.as_millis()
+        ));
+        (checked, prepared)
+    }
+
+    /// What starting the agent needs that no verdict of the CA check changes: the
+    /// background preparation ended, K3s's config rendered and written aside, the
+    /// metadata service closed.
+    fn prepare_agent(&self, config: &MachineConfig) -> Result<Box<dyn Commit>, JoinError> {
+        let json = config
             .k3s_config_json(self.host.node_ip(config))
-            .ok_or_else(|| JoinError::Start("the config has no [cluster]".into()))
-            .and_then(|json| {
-                let prep = self
-                    .prep
-                    .wait()
-                    .map_err(|e| JoinError::Start(e.to_string()));
-                prep.and_then(|()| self.host.write_k3s_config(&json))
-            })
-            .and_then(|()| {
-                if restart {
-                    self.host.restart_agent()
-                } else {
-                    self.host.start_agent()
-                }
-            });
+            .ok_or_else(|| JoinError::Start("the config has no [cluster]".into()))?;
+        self.prep
+            .wait()
+            .map_err(|e| JoinError::Start(e.to_string()))?;
+        let staged = self.host.stage_k3s_config(&json)?;
+        self.host.close_metadata()?;
+        Ok(staged)
+    }
+
+    /// Commits K3s's config prepared by [`Joiner::prepare_agent`] and starts the agent
+    /// (again at once, with `restart`, for an agent already supervised); the status says
+    /// how it went.
+    fn activate(
+        &self,
+        config: &MachineConfig,
+        restart: bool,
+        prepared: Result<Box<dyn Commit>, JoinError>,
+    ) -> Activation {
+        let server = config.cluster.as_ref().map(|c| c.server.as_str());
+        let result = prepared.and_then(Commit::commit).and_then(|()| {
+            if restart {
+                self.host.restart_agent()
+            } else {
+                self.host.start_agent()
+            }
+        });
         let supervised = matches!(result, Ok(()) | Err(JoinError::NotRunning(_)));
         if supervised {
             let mut inner = self.inner();
@@ -523,7 +617,8 @@ impl Joiner {
                     if self.superseded(generation) {
                         return;
                     }
-                    match self.activate(config, false) {
+                    let prepared = self.prepare_agent(config);
+                    match self.activate(config, false, prepared) {
                         Activation::Running | Activation::Supervised(_) => return,
                         Activation::Failed(error) => (JoinState::Failed, error),
                     }

@@ -47,6 +47,7 @@ pub fn main() -> ! {
     if args.get(1).map(String::as_str) == Some(testd::ARG) && std::process::id() != 1 {
         std::process::exit(testd::main(&args[2..]));
     }
+    pid1::memory::limit_arenas();
     pid1::panic::install_hook();
     if Path::new(INITRD_RELEASE).exists() {
         boot::stage1::run()

@@ -167,6 +167,12 @@ fn a_good_token_passes_and_the_agent_runs_until_sigterm() {
         agent.expect_line(&format!("{LINE_PREFIX} ca-check")),
         format!("{LINE_PREFIX} ca-check passed")
     );
+    let round_trip = agent.expect_line(&format!("{LINE_PREFIX} cacerts round trip "));
+    let ms = round_trip
+        .strip_prefix(&format!("{LINE_PREFIX} cacerts round trip "))
+        .and_then(|r| r.strip_suffix(" ms"))
+        .map(str::parse::<u64>);
+    assert!(matches!(ms, Some(Ok(_))), "{round_trip}");
     assert_eq!(
         agent.expect_line(&format!("{LINE_PREFIX} registered")),
         format!(

@@ -84,7 +84,7 @@ impl Server {
         format!("https://{}{path}", self.authority)
     }
 
-    fn server_name(&self) -> Result<ServerName<'static>, K3sError> {
+    pub(super) fn server_name(&self) -> Result<ServerName<'static>, K3sError> {
         match self.host.parse::<IpAddr>() {
             Ok(ip) => Ok(ServerName::IpAddress(ip.into())),
             Err(_) => ServerName::try_from(self.host.clone()).map_err(|_| K3sError::BadUrl {
@@ -107,6 +107,18 @@ pub(super) fn get(
     timeout: Duration,
     limit: usize,
 ) -> Result<Vec<u8>, K3sError> {
+    get_with_peer(server, path, verifier, timeout, limit).map(|(body, _)| body)
+}
+
+/// [`get`], with the certificates the server showed in the handshake (end entity
+/// first), whose signature over the handshake `verifier` checked.
+pub(super) fn get_with_peer(
+    server: &Server,
+    path: &str,
+    verifier: Arc<dyn ServerCertVerifier>,
+    timeout: Duration,
+    limit: usize,
+) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), K3sError> {
     let url = server.url(path);
     let deadline = Instant::now() + timeout;
     let config = ClientConfig::builder_with_provider(provider())
@@ -140,7 +152,13 @@ pub(super) fn get(
             url: url.clone(),
             source,
         })?;
-    read_response(&mut tls, &url, limit)
+    let peer = tls
+        .inner
+        .conn
+        .peer_certificates()
+        .map(<[CertificateDer<'static>]>::to_vec)
+        .unwrap_or_default();
+    read_response(&mut tls, &url, limit).map(|body| (body, peer))
 }
 
 fn connect(server: &Server, url: &str, deadline: Instant) -> Result<TcpStream, K3sError> {

@@ -1,5 +1,6 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -223,12 +224,23 @@ fn a_bundle_without_certificates_is_an_error() {
 
 /// A loopback TLS server for these tests: answers every request with `response`.
 fn serve(signer: &Ca, response: Vec<u8>) -> SocketAddr {
-    let key = KeyPair::generate().unwrap();
-    let mut p = params("test-server", false, true);
-    p.subject_alt_names = vec![
+    let sans = vec![
         rcgen::SanType::IpAddress([127, 0, 0, 1].into()),
         rcgen::SanType::DnsName("localhost".try_into().unwrap()),
     ];
+    serve_counting(signer, response, sans).0
+}
+
+/// [`serve`] with a server certificate for `sans`, and the number of connections
+/// accepted so far.
+fn serve_counting(
+    signer: &Ca,
+    response: Vec<u8>,
+    sans: Vec<rcgen::SanType>,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = params("test-server", false, true);
+    p.subject_alt_names = sans;
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let cert = p.signed_by(&key, &signer.issuer).unwrap();
     let config = rustls::ServerConfig::builder_with_provider(https::provider())
@@ -243,8 +255,11 @@ fn serve(signer: &Ca, response: Vec<u8>) -> SocketAddr {
     let config = Arc::new(config);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
     std::thread::spawn(move || {
         for sock in listener.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
             let conn = rustls::ServerConnection::new(config.clone()).unwrap();
             let mut tls = rustls::StreamOwned::new(conn, sock);
             let mut head = Vec::new();
@@ -262,7 +277,7 @@ fn serve(signer: &Ca, response: Vec<u8>) -> SocketAddr {
             let _ = tls.flush();
         }
     });
-    addr
+    (addr, accepted)
 }
 
 fn ok_response(body: &[u8]) -> Vec<u8> {
@@ -334,6 +349,34 @@ fn the_server_check_refuses_a_server_its_bundle_does_not_sign() {
     let token = Token::parse(&format!("K10{}::server:secret", sha(served.as_bytes()))).unwrap();
     let err = check_server_ca(&format!("https://{addr}"), &token, T).unwrap_err();
     assert!(matches!(err, K3sError::CaValidation { .. }), "{err:?}");
+}
+
+#[test]
+fn the_server_check_takes_one_connection() {
+    let ca = root("k3s-server-ca");
+    let pem = ca.pem();
+    let sans = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
+    let (addr, accepted) = serve_counting(&ca, ok_response(pem.as_bytes()), sans);
+    let token = Token::parse(&format!("K10{}::server:secret", sha(pem.as_bytes()))).unwrap();
+    check_server_ca(&format!("https://{addr}"), &token, T).unwrap();
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn the_server_check_refuses_a_certificate_for_another_name() {
+    let ca = root("k3s-server-ca");
+    let pem = ca.pem();
+    let sans = vec![rcgen::SanType::DnsName(
+        "elsewhere.example".try_into().unwrap(),
+    )];
+    let (addr, _) = serve_counting(&ca, ok_response(pem.as_bytes()), sans);
+    let token = Token::parse(&format!("K10{}::server:secret", sha(pem.as_bytes()))).unwrap();
+    let err = check_server_ca(&format!("https://{addr}"), &token, T).unwrap_err();
+    let K3sError::CaValidation { source, .. } = &err else {
+        panic!("expected a validation failure, got {err:?}");
+    };
+    let text = format!("{:?}", source);
+    assert!(text.contains("NotValidForName"), "{text}");
 }
 
 #[test]

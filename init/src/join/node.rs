@@ -2,9 +2,10 @@
 //! started through PID1's mailbox; and what standby prepares for a join.
 
 use super::{
-    AgentRun, Host, JoinError, AGENT_SERVICE, AIRGAP_IMAGES, K3S_BIN, K3S_CONFIG, K3S_IMAGES_DIR,
-    KUBELET_CLIENT_CERT, RANCHER_MOUNT, RANCHER_STATE,
+    AgentRun, Commit, Host, JoinError, AGENT_SERVICE, AIRGAP_IMAGES, K3S_BIN, K3S_CONFIG,
+    K3S_IMAGES_DIR, KUBELET_CLIENT_CERT, RANCHER_MOUNT, RANCHER_STATE,
 };
+use crate::atomic_file::Staged;
 use crate::pid1::console;
 use crate::pid1::mailbox::{self, Control, ServiceRun, StartError};
 use crate::pid1::supervise::{RestartPolicy, ServiceSpec};
@@ -21,10 +22,36 @@ pub struct NodeHost {
     pub control: Control,
 }
 
+/// A secret file written aside, and the error its commit fails with.
+struct StagedSecret {
+    staged: Staged,
+    error: fn(PathBuf, std::io::Error) -> JoinError,
+}
+
+impl StagedSecret {
+    fn stage(
+        path: PathBuf,
+        bytes: &[u8],
+        error: fn(PathBuf, std::io::Error) -> JoinError,
+    ) -> Result<Box<dyn Commit>, JoinError> {
+        match crate::atomic_file::stage_mode(&path, bytes, SECRET_MODE) {
+            Ok(staged) => Ok(Box::new(StagedSecret { staged, error })),
+            Err(e) => Err(error(path, e)),
+        }
+    }
+}
+
+impl Commit for StagedSecret {
+    fn commit(self: Box<Self>) -> Result<(), JoinError> {
+        let path = self.staged.path().to_path_buf();
+        self.staged.commit().map_err(|e| (self.error)(path, e))
+    }
+}
+
 impl Host for NodeHost {
-    fn persist(&self, text: &str) -> Result<(), JoinError> {
+    fn stage_persist(&self, text: &str) -> Result<Box<dyn Commit>, JoinError> {
         let path = self.root.join(crate::config_source::STATE_CONFIG);
-        write_secret(&path, text.as_bytes()).map_err(|e| JoinError::Persist(path, e))
+        StagedSecret::stage(path, text.as_bytes(), JoinError::Persist)
     }
 
     fn node_ip(&self, config: &MachineConfig) -> Option<IpAddr> {
@@ -35,27 +62,27 @@ impl Host for NodeHost {
             .find(|a| a.is_ipv4() && !a.is_loopback())
     }
 
-    fn write_k3s_config(&self, json: &str) -> Result<(), JoinError> {
+    fn stage_k3s_config(&self, json: &str) -> Result<Box<dyn Commit>, JoinError> {
         bind_rancher(&mut crate::sys::Real, &self.root)?;
         let path = self.root.join(K3S_CONFIG);
-        write_secret(&path, json.as_bytes()).map_err(|e| JoinError::Write(path, e))
+        StagedSecret::stage(path, json.as_bytes(), JoinError::Write)
     }
 
-    /// Closes the metadata service first (see [`crate::net::metadata_block`]): no
-    /// agent, and so no pod, ever runs with the user-data readable. A failure to close
-    /// it fails the start.
+    /// No agent, and so no pod, ever runs with the user-data readable: the joiner
+    /// closes it before every start, and a failure to close it fails the start.
+    fn close_metadata(&self) -> Result<(), JoinError> {
+        crate::net::metadata_block::block().map_err(JoinError::BlockMetadata)
+    }
+
     fn start_agent(&self) -> Result<(), JoinError> {
-        crate::net::metadata_block::block().map_err(JoinError::BlockMetadata)?;
         self.control.start(agent_spec()).map_err(|e| match e {
             StartError::Refused(why) => JoinError::Start(why),
             StartError::NotRunning(why) => JoinError::NotRunning(why),
         })
     }
 
-    /// The metadata service stays closed (see `start_agent`); an agent the supervisor
-    /// does not know yet is started.
+    /// An agent the supervisor does not know yet is started.
     fn restart_agent(&self) -> Result<(), JoinError> {
-        crate::net::metadata_block::block().map_err(JoinError::BlockMetadata)?;
         match self.control.restart(AGENT_SERVICE) {
             Ok(true) => Ok(()),
             Ok(false) => self.start_agent(),
@@ -233,8 +260,11 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 /// [`crate::atomic_file::write`] for files with secrets (the token, the API key):
 /// mode 0600 from the start.
 pub fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::atomic_file::write_mode(path, bytes, 0o600)
+    crate::atomic_file::write_mode(path, bytes, SECRET_MODE)
 }
+
+/// Files with secrets are readable by root only, from their creation on.
+const SECRET_MODE: u32 = 0o600;
 
 #[cfg(test)]
 mod tests {

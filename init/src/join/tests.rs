@@ -64,12 +64,41 @@ impl CaChecker for Arc<FakeServer> {
     }
 }
 
+/// [`FakeServer`]'s verdict, given only once `host` has written K3s's config aside
+/// (or after 5 s): a join that prepares only after the check waits here in vain.
+struct AnswersOnceStaged {
+    server: Arc<FakeServer>,
+    host: Arc<FakeHost>,
+}
+
+impl CaChecker for AnswersOnceStaged {
+    fn check(&self, server: &str, token: &Token) -> Result<CaCheck, K3sError> {
+        let calls = self.host.calls();
+        let (calls, _) = self
+            .host
+            .staged
+            .wait_timeout_while(calls, Duration::from_secs(5), |c| c.staged == 0)
+            .expect("lock");
+        if calls.staged == 0 {
+            return Err(K3sError::BadResponse {
+                url: format!("{server}/cacerts"),
+                reason: "the test: nothing was prepared while the check ran".into(),
+            });
+        }
+        drop(calls);
+        self.server.check(server, token)
+    }
+}
+
 #[derive(Default)]
 struct Recorded {
     persisted: Vec<String>,
     k3s_config: Vec<String>,
     started: usize,
     restarted: usize,
+    /// K3s configs written aside (committed or not).
+    staged: usize,
+    metadata_closed: usize,
 }
 
 #[derive(Default)]
@@ -81,6 +110,8 @@ struct FakeHost {
     fail_start: bool,
     /// Supervised, but the process does not run.
     not_running: bool,
+    /// Told when a K3s config is written aside.
+    staged: std::sync::Condvar,
 }
 
 impl FakeHost {
@@ -120,15 +151,27 @@ fn secs(n: u64) -> Duration {
 }
 
 impl Host for Arc<FakeHost> {
-    fn persist(&self, text: &str) -> Result<(), JoinError> {
-        self.calls().persisted.push(text.into());
-        Ok(())
+    fn stage_persist(&self, text: &str) -> Result<Box<dyn Commit>, JoinError> {
+        let (me, text) = (Arc::clone(self), text.to_owned());
+        Ok(Box::new(CommitFn(move || {
+            me.calls().persisted.push(text);
+            Ok(())
+        })))
     }
     fn node_ip(&self, _: &MachineConfig) -> Option<IpAddr> {
         Some(IpAddr::from([10, 0, 2, 15]))
     }
-    fn write_k3s_config(&self, json: &str) -> Result<(), JoinError> {
-        self.calls().k3s_config.push(json.into());
+    fn stage_k3s_config(&self, json: &str) -> Result<Box<dyn Commit>, JoinError> {
+        self.calls().staged += 1;
+        self.staged.notify_all();
+        let (me, json) = (Arc::clone(self), json.to_owned());
+        Ok(Box::new(CommitFn(move || {
+            me.calls().k3s_config.push(json);
+            Ok(())
+        })))
+    }
+    fn close_metadata(&self) -> Result<(), JoinError> {
+        self.calls().metadata_closed += 1;
         Ok(())
     }
     fn start_agent(&self) -> Result<(), JoinError> {
@@ -221,6 +264,34 @@ fn a_match_persists_writes_k3s_config_and_starts_the_agent_once() {
     ));
     assert_eq!(host.calls().started, 1);
     assert_eq!(host.calls().persisted.len(), 1);
+}
+
+#[test]
+fn the_agent_is_prepared_while_the_check_runs_and_only_committed_once_it_passed() {
+    for (actual, joins) in [(HASH, true), (OTHER, false)] {
+        let server = Arc::new(FakeServer::new(actual, 0));
+        let host = Arc::new(FakeHost::default());
+        let checker = AnswersOnceStaged {
+            server: Arc::clone(&server),
+            host: Arc::clone(&host),
+        };
+        let j = Joiner::new(Box::new(checker), Box::new(host.clone()), Retry::default());
+        let (c, text) = config(true);
+        let got = j.apply(&c, &text, Instant::now()).expect("answered");
+        let calls = host.calls();
+        assert_eq!(calls.staged, 1);
+        assert_eq!(calls.metadata_closed, 1, "closed before any start");
+        if joins {
+            assert!(matches!(got, Applied::Joined { .. }), "{got:?}");
+            assert_eq!(calls.persisted, std::slice::from_ref(&text));
+            assert_eq!(calls.k3s_config.len(), 1);
+            assert_eq!(calls.started, 1);
+        } else {
+            assert!(matches!(got, Applied::Refused { .. }), "{got:?}");
+            assert!(calls.persisted.is_empty() && calls.k3s_config.is_empty());
+            assert_eq!(calls.started, 0);
+        }
+    }
 }
 
 #[test]

@@ -92,7 +92,11 @@ fn dispatch(ctx: &Arc<Context>, tcp: TcpStream, peer: SocketAddr) {
     let ctx = Arc::clone(ctx);
     let spawned = std::thread::Builder::new()
         .name("api-conn".into())
-        .spawn(move || connection(&ctx, tcp, peer, admission));
+        .spawn(move || {
+            connection(&ctx, tcp, peer, admission);
+            // What the connection freed (TLS records, a join's check) back to the kernel.
+            crate::pid1::memory::trim();
+        });
     if let Err(e) = spawned {
         console::error("api: start a connection thread", &e);
     }

@@ -67,8 +67,19 @@ fn slot(root: &Path) -> String {
 
 /// PID1's VmRSS.
 fn rss_kib(root: &Path) -> Option<u64> {
+    status_kib(root, "VmRSS")
+}
+
+/// A `kB` field of PID1's `/proc/self/status`.
+fn status_kib(root: &Path, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(root.join("proc/self/status")).ok()?;
-    let value = text.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    parse_status_kib(&text, field)
+}
+
+fn parse_status_kib(text: &str, field: &str) -> Option<u64> {
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
     value.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
@@ -226,6 +237,25 @@ fn write_node(out: &mut String, ctx: &Context) {
         );
         let _ = writeln!(out, "basalt_pid1_rss_bytes {}", kib * 1024);
     }
+    // The share of it that is PID1's own (heap, stacks) and the share that is its
+    // binary's pages, which the kernel may drop and read again.
+    for (field, name, what) in [
+        (
+            "RssAnon",
+            "basalt_pid1_rss_anon_bytes",
+            "PID1's resident anonymous memory (heap, stacks).",
+        ),
+        (
+            "RssFile",
+            "basalt_pid1_rss_file_bytes",
+            "PID1's resident file pages (its binary's text and data).",
+        ),
+    ] {
+        if let Some(kib) = status_kib(&ctx.root, field) {
+            help(out, name, "gauge", what);
+            let _ = writeln!(out, "{name} {}", kib * 1024);
+        }
+    }
 }
 
 /// A label value as the exposition format quotes it.
@@ -233,4 +263,24 @@ fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_status_kib;
+
+    #[test]
+    fn status_fields_are_read_by_their_exact_name() {
+        let text = "Name:\tbasalt-init\nVmRSS:\t    5316 kB\nRssAnon:\t    1200 kB\n\
+                    RssFile:\t    4116 kB\nRssShmem:\t       0 kB\n";
+        assert_eq!(parse_status_kib(text, "VmRSS"), Some(5316));
+        assert_eq!(parse_status_kib(text, "RssAnon"), Some(1200));
+        assert_eq!(parse_status_kib(text, "RssFile"), Some(4116));
+        assert_eq!(
+            parse_status_kib(text, "Rss"),
+            None,
+            "a prefix is not a field"
+        );
+        assert_eq!(parse_status_kib(text, "VmHWM"), None);
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod console;
 pub mod mailbox;
+pub mod memory;
 pub mod panic;
 pub mod power;
 pub mod reap;

@@ -7,7 +7,7 @@
 //! double exits, so its supervisor restarts it (see the crate docs).
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use basalt_api::config::Token;
 use k3s_doubles::agent::{
@@ -74,8 +74,15 @@ fn main() -> ExitCode {
     let registered = password
         .ok_or_else(|| chain(&RegisterError::NoPassword))
         .and_then(|password| {
+            let asked = Instant::now();
             let cacerts = basalt_api::k3s::fetch_cacerts(&config.server, CHECK_TIMEOUT)
                 .map_err(|e| chain(&e))?;
+            // One TLS round trip from this node to the server (connect, handshake, GET,
+            // body): the floor `basalt bench join` holds the promotion to.
+            println!(
+                "{LINE_PREFIX} cacerts round trip {} ms",
+                asked.elapsed().as_millis()
+            );
             if let Some(pin) = token.ca_hash() {
                 let hash = basalt_api::k3s::ca_hash(&cacerts).map_err(|e| chain(&e))?;
                 if hash != pin {

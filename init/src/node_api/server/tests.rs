@@ -246,14 +246,26 @@ struct AgentStarts(
 );
 
 impl crate::join::Host for AgentStarts {
-    fn persist(&self, text: &str) -> Result<(), crate::join::JoinError> {
-        self.0.lock().expect("lock").push(text.into());
-        Ok(())
+    fn stage_persist(
+        &self,
+        text: &str,
+    ) -> Result<Box<dyn crate::join::Commit>, crate::join::JoinError> {
+        let (saved, text) = (Arc::clone(&self.0), text.to_owned());
+        Ok(Box::new(crate::join::CommitFn(move || {
+            saved.lock().expect("lock").push(text);
+            Ok(())
+        })))
     }
     fn node_ip(&self, _: &MachineConfig) -> Option<std::net::IpAddr> {
         None
     }
-    fn write_k3s_config(&self, _: &str) -> Result<(), crate::join::JoinError> {
+    fn stage_k3s_config(
+        &self,
+        _: &str,
+    ) -> Result<Box<dyn crate::join::Commit>, crate::join::JoinError> {
+        Ok(Box::new(crate::join::CommitFn(|| Ok(()))))
+    }
+    fn close_metadata(&self) -> Result<(), crate::join::JoinError> {
         Ok(())
     }
     fn start_agent(&self) -> Result<(), crate::join::JoinError> {
