@@ -67,6 +67,13 @@ pub const SFDISK: Prereq = Prereq {
     needs: &[Need::Tool("sfdisk")],
 };
 
+/// grub-common's `grub-editenv`: the oracle of the GRUB environment block codec.
+pub const GRUB_EDITENV: Prereq = Prereq {
+    skip_cfg: "basalt_skip_grub_editenv",
+    what: "the GRUB environment block against grub-editenv",
+    needs: &[Need::Tool("grub-editenv")],
+};
+
 /// Root privileges, for tests that mount filesystems.
 pub const ROOT: Prereq = Prereq {
     skip_cfg: "basalt_skip_root",
