@@ -66,11 +66,17 @@ pub fn build_with(name: &str, cache: &Path) -> anyhow::Result<Image> {
 /// Builds the default image into `target/tmp/e2e/<name>` with `k3s` as the K3s binary
 /// (a stand-in, or the K3s agent double that the join tests run).
 pub fn build_with_k3s(name: &str, cache: &Path, k3s: &Path) -> anyhow::Result<Image> {
+    build_spec(&workspace().join("images/k3s-node.toml"), name, cache, k3s)
+}
+
+/// Builds `spec` (with its lock beside it) into `target/tmp/e2e/<name>` with `k3s` as the
+/// K3s binary.
+pub fn build_spec(spec: &Path, name: &str, cache: &Path, k3s: &Path) -> anyhow::Result<Image> {
     let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e");
     let dir = root.join(name);
     let (_, images) = k3s_standins(&root.join("standins"))?;
     let opts = BuildOptions {
-        spec: workspace().join("images/k3s-node.toml"),
+        spec: spec.to_path_buf(),
         out_dir: dir.clone(),
         cache_dir: cache.to_path_buf(),
         overrides: vec![
@@ -81,7 +87,7 @@ pub fn build_with_k3s(name: &str, cache: &Path, k3s: &Path) -> anyhow::Result<Im
         locked: true,
         init: Default::default(),
     };
-    build(&opts).context("basalt build images/k3s-node.toml")?;
+    build(&opts).with_context(|| format!("basalt build {}", spec.display()))?;
     let manifest = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
     Ok(Image {
         raw: dir.join("k3s-node.raw"),
