@@ -55,6 +55,9 @@ pub const QEMU: Prereq = Prereq {
         Need::Tool("veritysetup"),
         Need::Tool("unsquashfs"),
         Need::Tool("fsck.fat"),
+        // The A/B tests write slot B's files into the ESP and arm it with independent tools.
+        Need::Tool("mcopy"),
+        Need::Tool("grub-editenv"),
         Need::File("/usr/share/seabios/bios-256k.bin"),
         Need::File("/usr/share/OVMF/OVMF_CODE_4M.fd"),
     ],

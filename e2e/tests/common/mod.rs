@@ -254,3 +254,35 @@ pub fn console(path: &Path) -> String {
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
 }
+
+/// Writes `bytes` as `file` (`boot/b/slot.cfg`) into the ESP of a raw image with the
+/// default layout, with mtools (an independent FAT writer), making its folder if needed.
+pub fn write_esp_file(img: &Image, raw: &Path, file: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    let (offset, _) = partition(img, "EFI")?;
+    let esp = format!("{}@@{offset}", raw.to_str().context("path")?);
+    let src = tempfile::NamedTempFile::new()?;
+    std::fs::write(src.path(), bytes)?;
+    let run = |program: &str, args: &[&str]| -> anyhow::Result<std::process::Output> {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .output()
+            .with_context(|| format!("run {program} (mtools)"))?;
+        Ok(out)
+    };
+    if let Some((dir, _)) = file.rsplit_once('/') {
+        // mmd fails when the folder exists: that is fine.
+        run("mmd", &["-i", &esp, &format!("::/{dir}")])?;
+    }
+    let dst = format!("::/{file}");
+    let out = run(
+        "mcopy",
+        &["-o", "-i", &esp, src.path().to_str().context("path")?, &dst],
+    )?;
+    anyhow::ensure!(
+        out.status.success(),
+        "mcopy {file}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
