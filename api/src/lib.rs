@@ -7,11 +7,14 @@
 //! prints and tests and benchmarks read ([`milestone`]), and the time floor the builder
 //! writes into the root and init keeps the clock above ([`time_floor`]). The machine
 //! config ([`config`]) is the versioned TOML document the CLI writes, the node API
-//! accepts and basalt-init applies.
+//! accepts and basalt-init applies. A/B upgrades share the bundle manifest and image
+//! identity ([`bundle`]) and GRUB's environment block ([`grubenv`]).
 
 pub mod bootparams;
+pub mod bundle;
 pub mod config;
 pub mod gpt;
+pub mod grubenv;
 pub mod k3s;
 pub mod layout;
 pub mod milestone;

@@ -59,6 +59,13 @@ pub mod path {
     pub const SHUTDOWN: &str = "/v1/shutdown";
     /// `GET`: Prometheus text.
     pub const METRICS: &str = "/v1/metrics";
+    /// `POST` an upgrade bundle (a tar, streamed, `Content-Length` required) with
+    /// `?sha256=<hex of the whole bundle>` and optionally `&allow_downgrade=1`,
+    /// `&reboot=1`: [`super::UpgradeResponse`]. Admin role.
+    pub const UPGRADE: &str = "/v1/upgrade";
+    /// `POST` (optionally `?reboot=1`): make the other slot the default again, if it holds
+    /// a good image: [`super::RollbackResponse`]. Admin role.
+    pub const ROLLBACK: &str = "/v1/rollback";
 
     /// The logs path of one service.
     pub fn logs(service: &str) -> String {
@@ -106,6 +113,90 @@ pub struct Status {
     /// The certificate the node API serves (from `[api] cert`).
     #[serde(default)]
     pub api_cert: Option<ApiCert>,
+    /// The A/B slots, upgrades and rollbacks; `None` from an older node.
+    #[serde(default)]
+    pub upgrade: Option<UpgradeStatus>,
+}
+
+/// The A/B root slots of a node and what its upgrades did.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UpgradeStatus {
+    /// The slot this boot runs (`a` or `b`).
+    pub booted: String,
+    /// GRUB's default (`saved_entry`): the slot known good.
+    #[serde(default)]
+    pub default_slot: Option<String>,
+    /// GRUB's one-shot next boot (`next_entry`), set by an upgrade until it reboots.
+    #[serde(default)]
+    pub next_boot: Option<String>,
+    /// Both slots, `a` first.
+    #[serde(default)]
+    pub slots: Vec<SlotInfo>,
+    /// Set while this boot is on trial (a new slot that has not proved healthy yet).
+    #[serde(default)]
+    pub trial: Option<String>,
+    #[serde(default)]
+    pub last_rollback: Option<Rollback>,
+    /// Upgrades that ended with the new slot marked good, on this node's STATE.
+    #[serde(default)]
+    pub upgrades: u64,
+    #[serde(default)]
+    pub rollbacks: u64,
+    /// The watchdog armed during a trial (`/dev/watchdog` and its driver), if any.
+    #[serde(default)]
+    pub watchdog: Option<String>,
+    /// What could not be read (the ESP, STATE), if anything.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// One root slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotInfo {
+    /// `a` or `b`.
+    pub name: String,
+    /// The image version in it, when known.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Its dm-verity root hash, when known.
+    #[serde(default)]
+    pub root_hash: Option<String>,
+    /// `active` (booted and good), `trial` (booted, not proved yet), `good`, `pending`
+    /// (written, armed or not yet booted), `failed` (rolled back from) or `empty`.
+    pub state: String,
+}
+
+/// The last time a node went back to its old slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// The slot given up.
+    pub slot: String,
+    #[serde(default)]
+    pub version: Option<String>,
+    pub reason: String,
+    /// Seconds since the Unix epoch, by the node's clock.
+    pub at: u64,
+}
+
+/// `POST /v1/upgrade`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeResponse {
+    /// The slot written, booted once at the next boot.
+    pub slot: String,
+    pub version: String,
+    pub root_hash: String,
+    /// Whether the node reboots into it now.
+    pub rebooting: bool,
+    pub message: String,
+}
+
+/// `POST /v1/rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackResponse {
+    /// The slot that is the default now.
+    pub slot: String,
+    pub rebooting: bool,
+    pub message: String,
 }
 
 /// The node API's own certificate, so that its expiry is seen before it happens.

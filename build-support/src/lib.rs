@@ -55,6 +55,9 @@ pub const QEMU: Prereq = Prereq {
         Need::Tool("veritysetup"),
         Need::Tool("unsquashfs"),
         Need::Tool("fsck.fat"),
+        // The A/B tests write slot B's files into the ESP and arm it with independent tools.
+        Need::Tool("mcopy"),
+        Need::Tool("grub-editenv"),
         Need::File("/usr/share/seabios/bios-256k.bin"),
         Need::File("/usr/share/OVMF/OVMF_CODE_4M.fd"),
     ],
@@ -65,6 +68,13 @@ pub const SFDISK: Prereq = Prereq {
     skip_cfg: "basalt_skip_sfdisk",
     what: "reading GPTs written by sfdisk",
     needs: &[Need::Tool("sfdisk")],
+};
+
+/// grub-common's `grub-editenv`: the oracle of the GRUB environment block codec.
+pub const GRUB_EDITENV: Prereq = Prereq {
+    skip_cfg: "basalt_skip_grub_editenv",
+    what: "the GRUB environment block against grub-editenv",
+    needs: &[Need::Tool("grub-editenv")],
 };
 
 /// Root privileges, for tests that mount filesystems.

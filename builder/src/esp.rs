@@ -103,4 +103,44 @@ mod tests {
             .expect("read");
         assert_eq!(s, "set timeout=0\n");
     }
+
+    /// GRUB's save_env rewrites the environment block through the sectors it read it from
+    /// and refuses a file whose sectors do not add up to its size: the block must be whole
+    /// sectors, at one place on the partition, as the builder writes the ESP.
+    #[test]
+    fn the_environment_block_is_whole_contiguous_sectors() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut env = basalt_api::grubenv::GrubEnv::new();
+        env.set("saved_entry", "a").expect("set");
+        let block = env.to_block().expect("block").to_vec();
+        assert_eq!(block.len() % 512, 0);
+        // The ESP's files in the builder's order, with stand-in bytes that cannot be
+        // mistaken for the block.
+        let files = [
+            ("EFI/BOOT/BOOTX64.EFI", vec![1u8; 300_000]),
+            (
+                crate::grub::GRUB_CFG,
+                crate::grub::config(&crate::grub::SLOTS).into_bytes(),
+            ),
+            (crate::grub::GRUBENV, block.clone()),
+            ("boot/a/vmlinuz", vec![2u8; 700_000]),
+            ("boot/a/initrd.img", vec![3u8; 90_000]),
+            ("boot/a/slot.cfg", b"set basalt_args='x'\n".to_vec()),
+        ];
+        let path = d.path().join("esp.img");
+        write(&path, 64 << 20, 1, &files).expect("esp");
+        let image = std::fs::read(&path).expect("read");
+        let at: Vec<usize> = image
+            .chunks(512)
+            .enumerate()
+            .filter(|(_, s)| *s == &block[..512])
+            .map(|(i, _)| i * 512)
+            .collect();
+        assert_eq!(at.len(), 1, "the block's first sector is stored once");
+        assert_eq!(
+            &image[at[0]..at[0] + block.len()],
+            block.as_slice(),
+            "in one piece"
+        );
+    }
 }

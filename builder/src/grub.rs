@@ -48,6 +48,8 @@ const COMMON_MODULES: &[&str] = &[
     "fat",
     "normal",
     "configfile",
+    // load_env / save_env: the A/B slot choice in the environment block.
+    "loadenv",
     "linux",
     "echo",
     "serial",
@@ -142,34 +144,100 @@ pub fn patch_core(core: &mut Vec<u8>, core_lba: u64, room: u64) -> Result<(), Gr
     Ok(())
 }
 
-/// One boot entry of grub.cfg.
+/// Where grub.cfg and the environment block are on the ESP (GRUB's `$prefix` on both
+/// firmwares), without the leading `/`.
+pub const PREFIX_DIR: &str = "EFI/BOOT";
+/// The environment block on the ESP: `$prefix/grubenv`, GRUB's default for `load_env`.
+pub const GRUBENV: &str = "EFI/BOOT/grubenv";
+/// grub.cfg on the ESP.
+pub const GRUB_CFG: &str = "EFI/BOOT/grub.cfg";
+
+/// One slot's boot entry of grub.cfg. Its files are `/boot/<id>/vmlinuz`,
+/// `/boot/<id>/initrd.img` and `/boot/<id>/slot.cfg` (which sets `basalt_args`).
 pub struct Entry<'a> {
     pub id: &'a str,
     pub title: &'a str,
-    pub kernel: &'a str,
-    pub initrd: &'a str,
-    pub cmdline: &'a str,
 }
 
-/// grub.cfg: serial and VGA/framebuffer consoles, no menu delay, the default entry first.
-pub fn config(default: &str, entries: &[Entry<'_>]) -> String {
+/// The slot's kernel, initramfs and slot.cfg on the ESP.
+pub fn slot_files(id: &str) -> [String; 3] {
+    [
+        format!("/boot/{id}/vmlinuz"),
+        format!("/boot/{id}/initrd.img"),
+        format!("/boot/{id}/slot.cfg"),
+    ]
+}
+
+/// grub.cfg: serial and VGA/framebuffer consoles, no menu delay, and the A/B choice from
+/// the environment block. The same file for every image and node, never rewritten:
+///
+/// - the default is the entry `saved_entry` names (`a` unless it says `b`); a missing or
+///   unreadable block boots the first entry;
+/// - `next_entry` is a one-shot trial: it is removed from the block on disk (`save_env`)
+///   before its slot boots, so whatever ends that boot (panic, verity failure, watchdog
+///   reset, power cut) comes back to `saved_entry`. If the removal cannot be written the
+///   trial is not made at all (otherwise a bad slot would boot forever);
+/// - each entry sources its slot.cfg first and boots nothing when it is missing; during a
+///   trial, GRUB's `fallback` is the saved slot, which GRUB boots when the trial's entry
+///   fails (a slot.cfg or kernel that is not there).
+pub fn config(entries: &[Entry<'_>]) -> String {
     let mut cfg = String::from(
-        "# Written by basalt. The default entry boots at once; the menu stays hidden.\n\
+        "# Written by basalt: the same on every node, never rewritten. The slot to boot is\n\
+         # in the environment block next to this file (saved_entry, and next_entry once).\n\
          serial --unit=0 --speed=115200 --word=8 --parity=no --stop=1\n\
          terminal_input serial console\n\
          terminal_output serial console\n\
          set timeout_style=hidden\n\
-         set timeout=0\n",
+         set timeout=0\n\
+         set default=0\n\
+         if load_env saved_entry next_entry; then\n",
     );
-    cfg.push_str(&format!("set default={default}\n"));
-    for e in entries {
+    for (i, e) in entries.iter().enumerate().skip(1) {
         cfg.push_str(&format!(
-            "\nmenuentry '{}' --id {} {{\n    linux {} {}\n    initrd {}\n}}\n",
-            e.title, e.id, e.kernel, e.cmdline, e.initrd
+            "    if [ \"${{saved_entry}}\" = {} ]; then set default={i}; fi\n",
+            e.id
+        ));
+    }
+    cfg.push_str(
+        "    if [ -n \"${next_entry}\" ]; then\n\
+         \x20       set basalt_try=\"${next_entry}\"\n\
+         \x20       unset next_entry\n\
+         \x20       if save_env next_entry; then\n\
+         \x20           set fallback=\"${default}\"\n",
+    );
+    for (i, e) in entries.iter().enumerate() {
+        cfg.push_str(&format!(
+            "            if [ \"${{basalt_try}}\" = {} ]; then set default={i}; fi\n",
+            e.id
+        ));
+    }
+    cfg.push_str("        fi\n    fi\nfi\n");
+    for e in entries {
+        let [kernel, initrd, slot_cfg] = slot_files(e.id);
+        cfg.push_str(&format!(
+            "\nmenuentry '{}' --id {} {{\n    \
+             if source {slot_cfg}; then\n        \
+             echo 'basalt: booting slot {}'\n        \
+             linux {kernel} ${{basalt_args}}\n        \
+             initrd {initrd}\n    \
+             fi\n}}\n",
+            e.title, e.id, e.id
         ));
     }
     cfg
 }
+
+/// The two slots' entries, slot A first (entry 0).
+pub const SLOTS: [Entry<'static>; 2] = [
+    Entry {
+        id: "a",
+        title: "basalt (slot A)",
+    },
+    Entry {
+        id: "b",
+        title: "basalt (slot B)",
+    },
+];
 
 #[cfg(test)]
 mod tests {
@@ -225,25 +293,7 @@ mod tests {
 
     #[test]
     fn config_matches_golden_file() {
-        let cfg = config(
-            "a",
-            &[
-                Entry {
-                    id: "a",
-                    title: "basalt (slot A)",
-                    kernel: "/boot/a/vmlinuz",
-                    initrd: "/boot/a/initrd.img",
-                    cmdline: "console=ttyS0 basalt.slot=a",
-                },
-                Entry {
-                    id: "b",
-                    title: "basalt (slot B)",
-                    kernel: "/boot/b/vmlinuz",
-                    initrd: "/boot/b/initrd.img",
-                    cmdline: "console=ttyS0 basalt.slot=b",
-                },
-            ],
-        );
+        let cfg = config(&SLOTS);
         let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/grub.cfg");
         if std::env::var_os("BASALT_BLESS").is_some() {
             std::fs::write(&golden, &cfg).expect("bless");

@@ -1,5 +1,6 @@
 //! `basalt inspect`: what a built image holds, read from the image itself (not from its
-//! manifest): the partition table, the boot slots from grub.cfg on the ESP, and the
+//! manifest): the partition table, the boot slots (grub.cfg's entries, each slot's
+//! `slot.cfg`, and the slot choice in GRUB's environment block, all on the ESP), and the
 //! versions recorded in the active root's `/etc/os-release`.
 
 use crate::image::{self, DiskImage, Fat, Format, GptPartition, ImageError, VeritySuperblock};
@@ -14,7 +15,9 @@ use std::path::{Path, PathBuf};
 /// GPT name of the ESP.
 pub const ESP: &str = basalt_api::layout::Partition::Efi.name();
 /// Where GRUB (both firmwares) reads its configuration on the ESP.
-pub const GRUB_CFG: &str = "EFI/BOOT/grub.cfg";
+pub const GRUB_CFG: &str = crate::grub::GRUB_CFG;
+/// GRUB's environment block on the ESP: `saved_entry`, `next_entry`.
+pub const GRUBENV: &str = crate::grub::GRUBENV;
 const OS_RELEASE: &str = "/etc/os-release";
 const INIT: &str = "/sbin/init";
 /// Enough of a bzImage to hold its setup header and version string.
@@ -30,7 +33,8 @@ pub enum InspectError {
     NoDefault { path: PathBuf },
     #[error("{path}: {GRUB_CFG} has no entry with --id {id} (the default)")]
     NoDefaultEntry { path: PathBuf, id: String },
-    #[error("{path}: {GRUB_CFG} entry {id}")]
+    /// `id` names the entry and the file its command line is in.
+    #[error("{path}: boot entry {id}")]
     BootParams {
         path: PathBuf,
         id: String,
@@ -61,8 +65,10 @@ pub struct ImageInfo {
     /// Used GPT entries: `number`, `name`, `type_guid`, `guid`, `first_lba`, `sectors`
     /// (sectors of 512 bytes; GUIDs uppercase as `sfdisk` prints them).
     pub partitions: Vec<GptPartition>,
-    /// The slot GRUB boots: `a` or `b` (basalt.slot of grub.cfg's default entry).
+    /// The slot GRUB boots by default: `a` or `b` (`saved_entry` of the environment block).
     pub active_slot: String,
+    /// The slot GRUB boots once, next time (`next_entry`), if any.
+    pub next_slot: Option<String>,
     pub slots: Vec<SlotInfo>,
     pub versions: Versions,
     /// The kernel modules on the active root.
@@ -95,10 +101,12 @@ pub fn module_names(modules_dep: &str) -> Vec<String> {
     names
 }
 
-/// One boot entry of grub.cfg and the root partition it points at.
+/// One boot entry of grub.cfg and the root partition it points at. The verity fields and
+/// the command line are null while the slot has no slot.cfg (slot B before the first
+/// upgrade).
 #[derive(Debug, Clone, Serialize)]
 pub struct SlotInfo {
-    /// `a` or `b`, from basalt.slot.
+    /// `a` or `b`: the entry's id, and basalt.slot.
     pub slot: String,
     /// GPT name of the root partition, `ROOT-A` or `ROOT-B`.
     pub partition: String,
@@ -106,16 +114,16 @@ pub struct SlotInfo {
     /// The partition holds a dm-verity superblock after basalt.verity.blocks data blocks.
     pub populated: bool,
     /// basalt.verity.root, basalt.verity.salt, basalt.verity.blocks.
-    pub root_hash: String,
-    pub salt: String,
-    pub data_blocks: u64,
+    pub root_hash: Option<String>,
+    pub salt: Option<String>,
+    pub data_blocks: Option<u64>,
     /// Kernel and initramfs paths on the ESP.
     pub kernel: String,
     pub initrd: String,
     /// Version from the kernel file's bzImage header; null when the file is missing.
     pub kernel_version: Option<String>,
-    /// The whole kernel command line.
-    pub cmdline: String,
+    /// The whole kernel command line (from slot.cfg).
+    pub cmdline: Option<String>,
 }
 
 /// From `/etc/os-release` and `/sbin/init` of the active slot's root filesystem.
@@ -123,8 +131,11 @@ pub struct SlotInfo {
 pub struct Versions {
     /// The partition they were read from.
     pub source: String,
-    /// VERSION_ID: the basalt release that built the image and its basalt-init.
+    /// BASALT_VERSION: the basalt release that built the image and its basalt-init
+    /// (VERSION_ID in images from before image versions).
     pub basalt: String,
+    /// VERSION_ID: the image's version (the spec's `version`).
+    pub image_version: String,
     /// BASALT_IMAGE: the image spec's name.
     pub image: String,
     /// BASALT_KERNEL: kernel release, as in /lib/modules.
@@ -141,7 +152,11 @@ pub struct BootEntry {
     pub id: String,
     pub kernel: String,
     pub initrd: String,
+    /// The words after the kernel on the `linux` line; [`boot_slots`] replaces it with
+    /// the slot.cfg's command line.
     pub cmdline: String,
+    /// The slot.cfg the entry sources (`source /boot/a/slot.cfg`), if any.
+    pub slot_cfg: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,8 +165,8 @@ pub struct GrubCfg {
     pub entries: Vec<BootEntry>,
 }
 
-/// Reads the parts of grub.cfg basalt writes (`grub::config`): `set default=`, and per
-/// `menuentry … --id X {` its `linux` and `initrd` lines.
+/// Reads the parts of grub.cfg basalt writes (`grub::config`): a top-level `set default=`,
+/// and per `menuentry … --id X {` its `source` (slot.cfg), `linux` and `initrd` lines.
 pub fn parse_grub_cfg(text: &str) -> GrubCfg {
     let mut cfg = GrubCfg {
         default: None,
@@ -163,7 +178,8 @@ pub fn parse_grub_cfg(text: &str) -> GrubCfg {
         match (words.next(), &mut current) {
             (Some("set"), None) => {
                 if let Some(v) = line["set".len()..].trim().strip_prefix("default=") {
-                    cfg.default = Some(v.trim_matches(['"', '\'']).to_string());
+                    cfg.default
+                        .get_or_insert(v.trim_matches(['"', '\'']).to_string());
                 }
             }
             (Some("menuentry"), None) => {
@@ -173,7 +189,13 @@ pub fn parse_grub_cfg(text: &str) -> GrubCfg {
                     kernel: String::new(),
                     initrd: String::new(),
                     cmdline: String::new(),
+                    slot_cfg: None,
                 });
+            }
+            (Some("if" | "source"), Some(e)) if line.contains("source ") => {
+                let after = line.split_once("source ").map_or("", |(_, a)| a);
+                let file = after.split_whitespace().next().unwrap_or("");
+                e.slot_cfg = Some(file.trim_end_matches(';').to_string());
             }
             (Some("linux"), Some(e)) => {
                 e.kernel = words.next().unwrap_or("").to_string();
@@ -207,42 +229,118 @@ pub fn bzimage_version(head: &[u8]) -> Option<String> {
     std::str::from_utf8(&s[..end]).ok().map(str::to_string)
 }
 
-/// A slot as grub.cfg describes it: its entry and the parameters on its command line.
+/// A slot as grub.cfg and its slot.cfg describe it: its entry (with the whole command
+/// line) and the parameters on its command line.
 #[derive(Debug, Clone)]
 pub struct SlotBoot {
     pub entry: BootEntry,
     pub params: BootParams,
 }
 
-/// The boot configuration read from the ESP: the default entry's id and each slot.
+/// The boot configuration on the ESP.
+#[derive(Debug, Clone)]
+pub struct BootConfig {
+    /// The id of the entry GRUB boots by default.
+    pub default: String,
+    /// The id of the entry GRUB boots once, next time.
+    pub next: Option<String>,
+    /// Entries with a command line (their slot.cfg is there).
+    pub slots: Vec<SlotBoot>,
+    /// Entries whose slot.cfg is not on the ESP: nothing to boot there yet.
+    pub unconfigured: Vec<BootEntry>,
+}
+
+/// `basalt_args` of a slot.cfg (`set basalt_args='…'`, as [`basalt_api::bundle::slot_cfg`]
+/// writes it).
+pub fn parse_slot_cfg(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let v = l.trim().strip_prefix("set basalt_args=")?;
+        Some(v.trim().trim_matches(['\'', '"']).to_string())
+    })
+}
+
+/// The boot configuration read from the ESP: the default entry's id and each slot that
+/// has a command line.
 pub fn boot_slots(img: &DiskImage, fat: &Fat) -> Result<(String, Vec<SlotBoot>), InspectError> {
+    let cfg = boot_config(img, fat)?;
+    Ok((cfg.default, cfg.slots))
+}
+
+/// grub.cfg's entries, each slot.cfg, and the slot choice as GRUB makes it: `saved_entry`
+/// of the environment block when it names an entry, else grub.cfg's first entry (what
+/// GRUB does with a missing or unreadable block); `next_entry` likewise. An image from
+/// before the environment block has its command lines on the `linux` lines and its
+/// default in `set default=`.
+pub fn boot_config(img: &DiskImage, fat: &Fat) -> Result<BootConfig, InspectError> {
     let path = || img.path().to_path_buf();
     let text = fat
         .read(GRUB_CFG, None)?
         .ok_or_else(|| InspectError::NoGrubCfg { path: path() })?;
     let cfg = parse_grub_cfg(&String::from_utf8_lossy(&text));
-    let default = cfg
-        .default
-        .ok_or_else(|| InspectError::NoDefault { path: path() })?;
-    let slots = cfg
-        .entries
-        .into_iter()
-        .map(|entry| match BootParams::parse(&entry.cmdline) {
-            Ok(params) => Ok(SlotBoot { entry, params }),
-            Err(source) => Err(InspectError::BootParams {
-                path: path(),
-                id: entry.id,
-                source,
-            }),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let env = fat
+        .read(GRUBENV, None)?
+        .and_then(|block| basalt_api::grubenv::GrubEnv::parse(&block).ok());
+    let named = |v: Option<&str>| {
+        v.filter(|id| cfg.entries.iter().any(|e| e.id == *id))
+            .map(str::to_string)
+    };
+    let uses_env = cfg.entries.iter().any(|e| e.slot_cfg.is_some());
+    let default = if uses_env {
+        named(
+            env.as_ref()
+                .and_then(|e| e.get(basalt_api::grubenv::SAVED_ENTRY)),
+        )
+        .or_else(|| cfg.entries.first().map(|e| e.id.clone()))
+    } else {
+        cfg.default.clone()
+    }
+    .ok_or_else(|| InspectError::NoDefault { path: path() })?;
+    let next = named(
+        env.as_ref()
+            .and_then(|e| e.get(basalt_api::grubenv::NEXT_ENTRY)),
+    );
+    let mut slots = vec![];
+    let mut unconfigured = vec![];
+    for mut entry in cfg.entries {
+        let (cmdline, source) = match &entry.slot_cfg {
+            Some(file) => match fat.read(file, None)? {
+                Some(text) => (
+                    parse_slot_cfg(&String::from_utf8_lossy(&text)).unwrap_or_default(),
+                    file.clone(),
+                ),
+                None => {
+                    unconfigured.push(entry);
+                    continue;
+                }
+            },
+            None => (entry.cmdline.clone(), GRUB_CFG.to_string()),
+        };
+        match BootParams::parse(&cmdline) {
+            Ok(params) => {
+                entry.cmdline = cmdline;
+                slots.push(SlotBoot { entry, params });
+            }
+            Err(source_err) => {
+                return Err(InspectError::BootParams {
+                    path: path(),
+                    id: format!("{} ({source})", entry.id),
+                    source: source_err,
+                })
+            }
+        }
+    }
     if !slots.iter().any(|s| s.entry.id == default) {
         return Err(InspectError::NoDefaultEntry {
             path: path(),
             id: default,
         });
     }
-    Ok((default, slots))
+    Ok(BootConfig {
+        default,
+        next,
+        slots,
+        unconfigured,
+    })
 }
 
 /// The verity superblock where the command line says it is; `None` when there is none
@@ -266,10 +364,11 @@ pub fn inspect(path: &Path) -> Result<ImageInfo, InspectError> {
     let gpt = img.table()?;
     let parts = gpt.partitions;
     let fat = img.fat(image::find(&img, &parts, ESP)?)?;
-    let (default, boots) = boot_slots(&img, &fat)?;
+    let config = boot_config(&img, &fat)?;
+    let default = config.default;
     let mut slots = vec![];
     let mut active = None;
-    for b in boots {
+    for b in config.slots {
         let part = image::find(&img, &parts, b.params.slot.partition_name())?;
         let kernel_head = fat.read(&b.entry.kernel, Some(KERNEL_HEAD))?;
         let is_active = b.entry.id == default;
@@ -281,15 +380,39 @@ pub fn inspect(path: &Path) -> Result<ImageInfo, InspectError> {
             partition: part.name.clone(),
             active: is_active,
             populated: superblock(&img, part, b.params.verity.data_blocks)?.is_some(),
-            root_hash: b.params.verity.root_hash,
-            salt: b.params.verity.salt,
-            data_blocks: b.params.verity.data_blocks,
+            root_hash: Some(b.params.verity.root_hash),
+            salt: Some(b.params.verity.salt),
+            data_blocks: Some(b.params.verity.data_blocks),
             kernel: b.entry.kernel,
             initrd: b.entry.initrd,
             kernel_version: kernel_head.as_deref().and_then(bzimage_version),
-            cmdline: b.entry.cmdline,
+            cmdline: Some(b.entry.cmdline),
         });
     }
+    for e in config.unconfigured {
+        use basalt_api::bootparams::Slot;
+        let slot = match e.id.as_str() {
+            "a" => Slot::A,
+            "b" => Slot::B,
+            _ => continue,
+        };
+        let part = image::find(&img, &parts, slot.partition_name())?;
+        let kernel_head = fat.read(&e.kernel, Some(KERNEL_HEAD))?;
+        slots.push(SlotInfo {
+            slot: e.id.clone(),
+            partition: part.name.clone(),
+            active: false,
+            populated: false,
+            root_hash: None,
+            salt: None,
+            data_blocks: None,
+            kernel: e.kernel,
+            initrd: e.initrd,
+            kernel_version: kernel_head.as_deref().and_then(bzimage_version),
+            cmdline: None,
+        });
+    }
+    slots.sort_by(|a, b| a.slot.cmp(&b.slot));
     let active = active.ok_or_else(|| InspectError::NoDefaultEntry {
         path: path.into(),
         id: default,
@@ -321,6 +444,7 @@ pub fn inspect(path: &Path) -> Result<ImageInfo, InspectError> {
             .find(|s| s.active)
             .map(|s| s.slot.clone())
             .unwrap_or_default(),
+        next_slot: config.next,
         versions,
         modules,
         partitions: parts,
@@ -351,7 +475,8 @@ fn versions(img: &DiskImage, root: &GptPartition) -> Result<Versions, InspectErr
     };
     Ok(Versions {
         source: root.name.clone(),
-        basalt: get("VERSION_ID")?,
+        basalt: get("BASALT_VERSION").or_else(|_| get("VERSION_ID"))?,
+        image_version: get("VERSION_ID")?,
         image: get("BASALT_IMAGE")?,
         kernel: get("BASALT_KERNEL")?,
         k3s: get("BASALT_K3S")?,
@@ -396,12 +521,21 @@ impl fmt::Display for ImageInfo {
                 s.kernel,
                 kernel
             )?;
-            writeln!(f, "      root hash {}", s.root_hash)?;
-            writeln!(f, "      cmdline   {}", s.cmdline)?;
+            match (&s.root_hash, &s.cmdline) {
+                (Some(root_hash), Some(cmdline)) => {
+                    writeln!(f, "      root hash {root_hash}")?;
+                    writeln!(f, "      cmdline   {cmdline}")?;
+                }
+                _ => writeln!(f, "      no slot.cfg on the ESP: nothing to boot yet")?,
+            }
         }
         let v = &self.versions;
         writeln!(f, "\nversions (from {}:{OS_RELEASE})", v.source)?;
-        writeln!(f, "  basalt       {} (image {})", v.basalt, v.image)?;
+        writeln!(f, "  image        {} {}", v.image, v.image_version)?;
+        writeln!(f, "  basalt       {}", v.basalt)?;
+        if let Some(next) = &self.next_slot {
+            writeln!(f, "  next boot    slot {next}, once (next_entry)")?;
+        }
         writeln!(f, "  kernel       {}", v.kernel)?;
         writeln!(f, "  k3s          {}", v.k3s)?;
         writeln!(f, "  basalt-init  sha256 {}", v.basalt_init_sha256)?;
@@ -438,46 +572,38 @@ mod tests {
 
     #[test]
     fn grub_cfg_written_by_grub_reads_back() {
-        let cmd_a = "console=ttyS0 basalt.slot=a basalt.verity.root=x";
-        let cmd_b = "quiet basalt.slot=b";
-        let text = crate::grub::config(
-            "b",
-            &[
-                crate::grub::Entry {
-                    id: "a",
-                    title: "basalt (slot A)",
-                    kernel: "/boot/a/vmlinuz",
-                    initrd: "/boot/a/initrd.img",
-                    cmdline: cmd_a,
-                },
-                crate::grub::Entry {
-                    id: "b",
-                    title: "basalt (slot B)",
-                    kernel: "/boot/b/vmlinuz",
-                    initrd: "/boot/b/initrd.img",
-                    cmdline: cmd_b,
-                },
-            ],
-        );
+        let text = crate::grub::config(&crate::grub::SLOTS);
         let cfg = parse_grub_cfg(&text);
-        assert_eq!(cfg.default.as_deref(), Some("b"));
+        let entry = |id: &str| BootEntry {
+            id: id.into(),
+            kernel: format!("/boot/{id}/vmlinuz"),
+            initrd: format!("/boot/{id}/initrd.img"),
+            cmdline: "${basalt_args}".into(),
+            slot_cfg: Some(format!("/boot/{id}/slot.cfg")),
+        };
+        assert_eq!(cfg.entries, [entry("a"), entry("b")]);
+        // The static default is the first entry; the environment block chooses.
+        assert_eq!(cfg.default.as_deref(), Some("0"));
+    }
+
+    #[test]
+    fn slot_cfg_written_for_a_bundle_reads_back() {
+        let cmdline = "gpt quiet basalt.verity.root=x";
+        let text = basalt_api::bundle::slot_cfg(cmdline, basalt_api::bootparams::Slot::B);
         assert_eq!(
-            cfg.entries,
-            [
-                BootEntry {
-                    id: "a".into(),
-                    kernel: "/boot/a/vmlinuz".into(),
-                    initrd: "/boot/a/initrd.img".into(),
-                    cmdline: cmd_a.into(),
-                },
-                BootEntry {
-                    id: "b".into(),
-                    kernel: "/boot/b/vmlinuz".into(),
-                    initrd: "/boot/b/initrd.img".into(),
-                    cmdline: cmd_b.into(),
-                },
-            ]
+            parse_slot_cfg(&text).as_deref(),
+            Some("gpt quiet basalt.verity.root=x basalt.slot=b")
         );
+        assert_eq!(parse_slot_cfg("# nothing\n"), None);
+    }
+
+    #[test]
+    fn an_old_grub_cfg_with_command_lines_still_reads() {
+        let text = "set default=a\nmenuentry 'A' --id a {\n    linux /boot/a/vmlinuz quiet basalt.slot=a\n    initrd /boot/a/initrd.img\n}\n";
+        let cfg = parse_grub_cfg(text);
+        assert_eq!(cfg.default.as_deref(), Some("a"));
+        assert_eq!(cfg.entries[0].cmdline, "quiet basalt.slot=a");
+        assert_eq!(cfg.entries[0].slot_cfg, None);
     }
 
     #[test]

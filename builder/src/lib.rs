@@ -6,6 +6,7 @@
 
 pub mod apt;
 pub mod build;
+pub mod bundle;
 pub mod cache;
 pub mod deb;
 pub mod disk;

@@ -1,5 +1,6 @@
 //! `manifest.json`: every input with its sha256 and origin, every output with its
-//! sha256, the partition table, the root hash and the kernel command lines.
+//! sha256 (the disk in its forms and the upgrade bundle), the partition table, the root
+//! hash and the kernel command lines.
 
 use crate::cache::Resolved;
 use crate::disk::Layout;
@@ -12,6 +13,11 @@ use std::path::{Path, PathBuf};
 pub struct Manifest {
     pub basalt_version: String,
     pub name: String,
+    /// The spec's `version` (semver), as in os-release VERSION_ID and the bundle.
+    pub version: String,
+    /// The partition layout id and slot size upgrade bundles must match
+    /// (as `/usr/lib/basalt/image.json` on the root has them).
+    pub compat: basalt_api::bundle::Compat,
     pub spec: String,
     pub spec_sha256: String,
     /// sha256 of the lock file the build used, if any.

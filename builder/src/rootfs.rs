@@ -36,6 +36,8 @@ pub struct RootContent<'a> {
     pub k3s_images: &'a Path,
     pub ca_bundle: Vec<u8>,
     pub os_release: String,
+    /// The image identity ([`basalt_api::bundle::Identity`]) as JSON.
+    pub identity: Vec<u8>,
     pub kver: &'a str,
     pub moddir: &'a Path,
     /// `modules.dep`, `modules.alias`, `modules.softdep` for the modules under `moddir`.
@@ -69,6 +71,7 @@ pub fn tree(c: &RootContent<'_>) -> Result<Tree, crate::tree::CopyError> {
         0o644,
     );
     t.bytes("etc/os-release", c.os_release.clone(), 0o644);
+    t.bytes(basalt_api::bundle::IDENTITY_PATH, c.identity.clone(), 0o644);
     let modules = format!("lib/modules/{}", c.kver);
     t.copy_dir(c.moddir, &modules)?;
     // After the copy, so these win over any stale index the package might ship.
@@ -312,6 +315,7 @@ mod tests {
             k3s_images: Path::new("/b/images"),
             ca_bundle: vec![],
             os_release: String::new(),
+            identity: vec![],
             kver: "6.1.0-1",
             moddir: moddir.path(),
             depmod: DepmodFiles {

@@ -10,8 +10,13 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSpec {
-    /// Image name: output files are `<name>.raw`, `<name>.qcow2`.
+    /// Image name: output files are `<name>.raw`, `<name>.qcow2`, `<name>.bundle`.
     pub name: String,
+    /// The image's version, semver (`1.2.0`, `1.3.0-rc.1`): os-release `VERSION_ID`, the
+    /// root's image identity and the upgrade bundle; a node refuses a lower one unless told.
+    /// Absent: `0.0.0` ([`basalt_api::bundle::DEFAULT_VERSION`]).
+    #[serde(default)]
+    pub version: Option<String>,
     pub kernel: Kernel,
     pub grub: Grub,
     pub k3s: K3s,
@@ -179,6 +184,16 @@ impl ImageSpec {
         Ok(spec)
     }
 
+    /// [`ImageSpec::version`], or the default when the spec names none (checked by
+    /// [`ImageSpec::parse`]).
+    pub fn version(&self) -> semver::Version {
+        let text = self
+            .version
+            .as_deref()
+            .unwrap_or(basalt_api::bundle::DEFAULT_VERSION);
+        basalt_api::bundle::parse_version(text).unwrap_or(semver::Version::new(0, 0, 0))
+    }
+
     /// Every pinned input, in a fixed order.
     pub fn inputs(&self) -> Vec<Pinned> {
         let deb = |name, d: &DebInput| Pinned {
@@ -226,6 +241,18 @@ impl ImageSpec {
                 "name",
                 "must be 1-64 of [A-Za-z0-9._-], not starting with '.'",
             ));
+        }
+        if let Some(v) = &self.version {
+            // os-release's VERSION_ID allows [a-z0-9._-] only: no build metadata, lower case.
+            let os_release_ok = v
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'));
+            if basalt_api::bundle::parse_version(v).is_err() || !os_release_ok || v.trim() != v {
+                return Err(invalid(
+                    "version",
+                    "must be a semantic version (1.2.3 or 1.2.3-rc.1), lower case, without +build metadata",
+                ));
+            }
         }
         let keys: BTreeMap<&str, &str> = [
             ("kernel.sha256", self.kernel.deb.sha256.as_str()),
@@ -323,6 +350,20 @@ mod tests {
         assert_eq!(spec.name, "k3s-node");
         let names: Vec<_> = spec.inputs().iter().map(|p| p.name).collect();
         assert_eq!(names, INPUT_NAMES);
+        assert_eq!(spec.version(), semver::Version::new(0, 1, 0));
+    }
+
+    #[test]
+    fn a_spec_without_version_is_0_0_0() {
+        let text = std::fs::read_to_string(default_spec_path()).expect("read");
+        let without = text.replace("version = \"0.1.0\"\n", "");
+        assert_ne!(without, text, "the default spec names its version");
+        let spec = ImageSpec::parse(&without, Path::new("x.toml")).expect("valid");
+        assert_eq!(spec.version, None);
+        assert_eq!(
+            spec.version().to_string(),
+            basalt_api::bundle::DEFAULT_VERSION
+        );
     }
 
     fn err_of(edit: impl Fn(String) -> String) -> String {
@@ -357,6 +398,14 @@ mod tests {
                 "esp_mib",
             ),
             (Box::new(|t| t + "\n[surprise]\nx = 1\n"), "surprise"),
+            (
+                Box::new(|t| t.replace("version = \"0.1.0\"\n", "version = \"1.2\"\n")),
+                "`version`",
+            ),
+            (
+                Box::new(|t| t.replace("version = \"0.1.0\"\n", "version = \"1.2.3+b1\"\n")),
+                "`version`",
+            ),
             (
                 Box::new(|t| t.replace("\"console=tty0\"", "\"basalt.slot=b\"")),
                 "kernel.cmdline",

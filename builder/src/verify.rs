@@ -233,15 +233,28 @@ fn check_boot(img: &DiskImage, parts: &[GptPartition], manifest: &ManifestFiles)
         Err(e) => return vec![Check::new(Status::Failed, inspect::ESP, chain(&e))],
     };
     let mut checks = vec![];
-    match inspect::boot_slots(img, &fat) {
-        Ok((_, slots)) => {
+    match inspect::boot_config(img, &fat) {
+        Ok(config) => {
+            let slots = config.slots;
             for part in parts.iter().filter(|p| p.name.starts_with("ROOT-")) {
                 let slot = slots
                     .iter()
                     .find(|s| s.params.slot.partition_name() == part.name);
-                checks.push(match slot {
-                    Some(s) => check_slot(img, part, s.params.slot.as_str(), &s.params.verity),
-                    None => Check::new(
+                let unconfigured = config
+                    .unconfigured
+                    .iter()
+                    .find(|e| format!("ROOT-{}", e.id.to_uppercase()) == part.name);
+                checks.push(match (slot, unconfigured) {
+                    (Some(s), _) => check_slot(img, part, s.params.slot.as_str(), &s.params.verity),
+                    (None, Some(e)) => Check::new(
+                        Status::Skipped,
+                        format!("{} (slot {})", part.name, e.id),
+                        format!(
+                            "not populated: no {} on the ESP (written by an upgrade)",
+                            e.slot_cfg.as_deref().unwrap_or("slot.cfg")
+                        ),
+                    ),
+                    (None, None) => Check::new(
                         Status::Warning,
                         &part.name,
                         "no boot entry in grub.cfg; not checked",
@@ -538,8 +551,24 @@ fn check_esp(fat: &Fat, manifest: &ManifestFiles) -> Check {
         }
     };
     let mut problems = Problems::default();
+    // The environment block is GRUB's and the node's to rewrite (a trial, a slot marked
+    // good): it must be a block GRUB reads, not the bytes the builder wrote. A slot's
+    // files that the manifest does not list were written by an upgrade.
+    let mutable = |f: &str| f.eq_ignore_ascii_case(inspect::GRUBENV);
+    let upgraded = |f: &str| {
+        let f = f.to_ascii_lowercase();
+        (f.starts_with("boot/a/") || f.starts_with("boot/b/"))
+            && !files
+                .keys()
+                .any(|k| k.to_ascii_lowercase().starts_with(&f[..7]))
+    };
     for (file, want) in files {
         match fat.read(file, None) {
+            Ok(Some(bytes)) if mutable(file) => {
+                if let Err(e) = basalt_api::grubenv::GrubEnv::parse(&bytes) {
+                    problems.push(format!("{file}: {e}"));
+                }
+            }
             Ok(Some(bytes)) => {
                 let got = hex::encode(Sha256::digest(&bytes));
                 if &got != want {
@@ -557,6 +586,7 @@ fn check_esp(fat: &Fat, manifest: &ManifestFiles) -> Check {
             for f in found
                 .iter()
                 .filter(|f| !files.keys().any(|k| k.eq_ignore_ascii_case(f)))
+                .filter(|f| !upgraded(f))
             {
                 problems.push(format!("{f} is not in the manifest"));
             }

@@ -86,10 +86,11 @@ enum Cmd {
         reach_host: bool,
     },
     /// Show what an image holds, read from the image: partitions, boot slots, versions.
+    /// Given an upgrade bundle (.bundle), show its manifest and check every part's sha256.
     Inspect {
-        /// A .raw or .qcow2 image.
+        /// A .raw or .qcow2 image, or a .bundle.
         image: PathBuf,
-        /// Print JSON (field names documented on `inspect::ImageInfo`).
+        /// Print JSON (field names documented on `inspect::ImageInfo`, `bundle::BundleInfo`).
         #[arg(long)]
         json: bool,
     },
@@ -219,6 +220,15 @@ fn run() -> anyhow::Result<()> {
             api_port,
             reach_host,
         } => run_vm(&image, uefi, memory, config, api_port, reach_host),
+        Cmd::Inspect { image, json } if image.extension().is_some_and(|e| e == "bundle") => {
+            let info = basalt_builder::bundle::inspect(&image)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print!("{info}");
+            }
+            Ok(())
+        }
         Cmd::Inspect { image, json } => {
             let info = basalt_builder::inspect::inspect(&image)?;
             if json {

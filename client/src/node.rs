@@ -10,7 +10,9 @@
 pub mod cli;
 pub mod render;
 
-use basalt_api::node::{path, ApplyResponse, ErrorBody, Health, Status};
+use basalt_api::node::{
+    path, ApplyResponse, ErrorBody, Health, RollbackResponse, Status, UpgradeResponse,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::io::{BufRead, Write};
@@ -94,6 +96,12 @@ pub enum NodeError {
     Output(#[source] std::io::Error),
     #[error("read {}", path.display())]
     Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("read the bundle {}", path.display())]
+    Bundle {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -245,6 +253,48 @@ impl NodeClient {
         self.json("POST", path::SHUTDOWN, None)
     }
 
+    /// Streams the upgrade bundle at `bundle` to the node: its sha256 is computed first
+    /// (one read of the file), then the file is sent as the body, never held whole.
+    pub fn upgrade(
+        &self,
+        bundle: &Path,
+        allow_downgrade: bool,
+        reboot: bool,
+    ) -> Result<Reply<UpgradeResponse>, NodeError> {
+        let err = |source| NodeError::Bundle {
+            path: bundle.into(),
+            source,
+        };
+        let sha256 = sha256_file(bundle).map_err(err)?;
+        let file = std::fs::File::open(bundle).map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        let mut p = format!("{}?sha256={sha256}", path::UPGRADE);
+        if allow_downgrade {
+            p.push_str("&allow_downgrade=1");
+        }
+        if reboot {
+            p.push_str("&reboot=1");
+        }
+        let req = self
+            .http
+            .post(format!("{}{p}", self.base))
+            .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+            .body(reqwest::blocking::Body::sized(file, len));
+        let resp = req.send().map_err(|e| self.http_error("POST", &p, e))?;
+        let resp = self.check("POST", &p, resp)?;
+        self.decode("POST", &p, resp)
+    }
+
+    /// Makes the other slot the node's default again (it must hold a good image).
+    pub fn rollback(&self, reboot: bool) -> Result<Reply<RollbackResponse>, NodeError> {
+        let p = if reboot {
+            format!("{}?reboot=1", path::ROLLBACK)
+        } else {
+            path::ROLLBACK.to_owned()
+        };
+        self.json("POST", &p, None)
+    }
+
     pub fn metrics(&self) -> Result<String, NodeError> {
         let resp = self.send("GET", path::METRICS, None, Some(REQUEST_TIMEOUT))?;
         resp.text()
@@ -290,6 +340,15 @@ impl NodeClient {
         body: Option<String>,
     ) -> Result<Reply<T>, NodeError> {
         let resp = self.send(method, p, body, Some(REQUEST_TIMEOUT))?;
+        self.decode(method, p, resp)
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &'static str,
+        p: &str,
+        resp: reqwest::blocking::Response,
+    ) -> Result<Reply<T>, NodeError> {
         let raw = resp
             .text()
             .map_err(|source| self.http_error(method, p, source))?;
@@ -322,6 +381,16 @@ impl NodeClient {
                 .body(b);
         }
         let resp = req.send().map_err(|e| self.http_error(method, p, e))?;
+        self.check(method, p, resp)
+    }
+
+    /// A non-2xx answer becomes [`NodeError::Api`] with the node's message.
+    fn check(
+        &self,
+        method: &'static str,
+        p: &str,
+        resp: reqwest::blocking::Response,
+    ) -> Result<reqwest::blocking::Response, NodeError> {
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -356,6 +425,15 @@ impl NodeClient {
             source,
         }
     }
+}
+
+/// sha256 of a file, lowercase hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
 }
 
 fn resolve(endpoint: &Endpoint) -> Result<SocketAddr, NodeError> {

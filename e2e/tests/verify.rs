@@ -44,15 +44,18 @@ fn veritysetup(raw: &Path, name: &str) -> anyhow::Result<String> {
     let part = dir.path().join("part.img");
     extract_from(image(), raw, name, &part)?;
     let part = part.to_str().context("path")?;
+    let data_blocks = slot.data_blocks.context("the slot has no slot.cfg")?;
+    let salt = slot.salt.as_deref().context("salt")?;
+    let root_hash = slot.root_hash.as_deref().context("root_hash")?;
     let params = [
-        format!("--data-blocks={}", slot.data_blocks),
-        format!("--salt={}", slot.salt),
-        format!("--hash-offset={}", (slot.data_blocks + 1) * BLOCK),
+        format!("--data-blocks={data_blocks}"),
+        format!("--salt={salt}"),
+        format!("--hash-offset={}", (data_blocks + 1) * BLOCK),
     ];
     let mut args = vec!["verify", "--no-superblock", "--format=1", "--hash=sha256"];
     args.extend(["--data-block-size=4096", "--hash-block-size=4096"]);
     args.extend(params.iter().map(String::as_str));
-    args.extend([part, part, &slot.root_hash]);
+    args.extend([part, part, root_hash]);
     tool("veritysetup", &args)
 }
 
@@ -127,6 +130,16 @@ fn a_populated_root_b_verifies_and_a_byte_flipped_in_it_is_named() -> anyhow::Re
         &raw,
         (Partition::RootA.name(), Partition::RootB.name()),
         hash_offset + (8 << 20),
+    )?;
+    // What an upgrade writes last: slot B's command line (its verity parameters) on the ESP.
+    let cmdline_b = image().manifest["cmdline"]["b"]
+        .as_str()
+        .context("cmdline b")?;
+    common::write_esp_file(
+        image(),
+        &raw,
+        "boot/b/slot.cfg",
+        format!("set basalt_args='{cmdline_b}'\n").as_bytes(),
     )?;
     veritysetup(&raw, Partition::RootB.name())?;
     let report = verify(&raw, Some(&manifest()))?;
@@ -349,7 +362,11 @@ fn inspect_json_agrees_with_sfdisk_and_the_manifest() -> anyhow::Result<()> {
     );
     assert_eq!(a["root_hash"], m["root_hash"]);
     assert_eq!(a["cmdline"], m["cmdline"]["a"]);
-    assert_eq!(b["cmdline"], m["cmdline"]["b"]);
+    // Slot B has no slot.cfg until an upgrade writes one: nothing to boot there.
+    assert_eq!(b["cmdline"], serde_json::Value::Null);
+    assert_eq!(b["root_hash"], serde_json::Value::Null);
+    assert_eq!(json["next_slot"], serde_json::Value::Null);
+    assert_eq!(v["image_version"], m["version"]);
     // The kernel version three ways: os-release, the bzImage header, the manifest.
     let v = &json["versions"];
     assert_eq!(v["kernel"], m["kernel_version"]);

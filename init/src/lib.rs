@@ -23,6 +23,7 @@ pub mod storage;
 pub mod sys;
 #[cfg(feature = "testd")]
 pub mod testd;
+pub mod upgrade;
 
 use std::path::Path;
 

@@ -387,6 +387,7 @@ fn status_of(name: &str, join: JoinStatus) -> Status {
         steps: vec![],
         rss_kib: None,
         api_cert: None,
+        upgrade: None,
     }
 }
 

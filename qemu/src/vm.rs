@@ -71,6 +71,7 @@ pub struct VmBuilder {
     serial_log: Option<PathBuf>,
     extra_args: Vec<OsString>,
     accel: Option<Accel>,
+    reboots: bool,
 }
 
 impl VmBuilder {
@@ -85,7 +86,16 @@ impl VmBuilder {
             serial_log: None,
             extra_args: Vec::new(),
             accel: None,
+            reboots: false,
         }
+    }
+
+    /// Whether a reboot of the guest stays a reboot (default: no, `-no-reboot` makes it
+    /// end QEMU, which most tests wait for). A/B upgrade tests need the node to reboot
+    /// itself, into its new slot and back.
+    pub fn reboots(mut self, reboots: bool) -> Self {
+        self.reboots = reboots;
+        self
     }
 
     /// BIOS (default) or UEFI.
@@ -206,12 +216,14 @@ impl VmBuilder {
                 self.cpus.to_string(),
                 "-nodefaults".to_string(),
                 "-no-user-config".to_string(),
-                "-no-reboot".to_string(),
                 "-drive".to_string(),
                 format!("if=virtio,format=qcow2,file={}", option_path(&overlay)),
             ]
             .map(OsString::from),
         );
+        if !self.reboots {
+            args.push("-no-reboot".into());
+        }
         if self.firmware == Firmware::Uefi {
             args.extend(uefi_args(dir.path())?);
         }

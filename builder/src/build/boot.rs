@@ -1,6 +1,7 @@
 //! Steps 6 and 7: GRUB for both firmwares (the EFI binary, the BIOS core image patched
-//! for the BIOS boot partition, the MBR's boot code), then the ESP (GRUB, grub.cfg with both
-//! slots' command lines, slot A's kernel and initramfs) and the empty STATE filesystem.
+//! for the BIOS boot partition, the MBR's boot code), then the ESP (GRUB, the static
+//! grub.cfg, the environment block with `saved_entry=a`, slot A's kernel, initramfs and
+//! slot.cfg) and the empty STATE filesystem.
 
 use super::kernel::{Initramfs, Kernel};
 use super::root::Root;
@@ -8,6 +9,8 @@ use super::{BuildError, Ctx};
 use crate::disk::Layout;
 use crate::{cache, esp, grub, store};
 use basalt_api::bootparams::{BootParams, Slot};
+use basalt_api::bundle;
+use basalt_api::grubenv::{GrubEnv, SAVED_ENTRY};
 use basalt_api::layout::{Partition, Sectors};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -68,6 +71,8 @@ pub struct Esp {
     pub sums: BTreeMap<String, String>,
     /// The kernel command line of slot `a` and `b`.
     pub cmdline: BTreeMap<String, String>,
+    /// The command line without `basalt.slot=` (the bundle's `cmdline`).
+    pub base_cmdline: String,
     pub reused: bool,
 }
 
@@ -79,25 +84,14 @@ pub fn esp_and_state(
     root: &Root,
 ) -> Result<Esp, BuildError> {
     let spec = &ctx.spec.spec;
-    let cmdline = |slot| {
-        kernel_cmdline(
-            &spec.kernel.cmdline,
-            &BootParams {
-                slot,
-                verity: root.verity.clone(),
-            },
-        )
-    };
-    let (cmd_a, cmd_b) = (cmdline(Slot::A), cmdline(Slot::B));
+    let base = base_cmdline(&spec.kernel.cmdline, &root.verity);
+    let (cmd_a, cmd_b) = (
+        bundle::slot_cmdline(&base, Slot::A),
+        bundle::slot_cmdline(&base, Slot::B),
+    );
     let key = store::key("esp", &[&ctx.seed]);
     let (dir, reused) = ctx.store.get_or_make("esp", &key, |dir| {
-        let files = esp_files(
-            &bootloader.dir,
-            &kernel.vmlinuz,
-            &initramfs.path,
-            &cmd_a,
-            &cmd_b,
-        )?;
+        let files = esp_files(&bootloader.dir, &kernel.vmlinuz, &initramfs.path, &base)?;
         let volume_id = u32::from_le_bytes(
             ctx.uuid("esp").as_bytes()[..4]
                 .try_into()
@@ -127,6 +121,7 @@ pub fn esp_and_state(
         state_img: dir.join("state.img"),
         sums,
         cmdline: BTreeMap::from([("a".to_string(), cmd_a), ("b".to_string(), cmd_b)]),
+        base_cmdline: base,
         reused,
     })
 }
@@ -144,12 +139,23 @@ pub fn esp_and_state(
 /// check, which covers the instant the MBR's size field is being rewritten.
 pub const FORCE_GPT: &str = "gpt";
 
-/// A slot's kernel command line: `gpt` first (see [`FORCE_GPT`]; never twice), the spec's
-/// words, then the `basalt.*` boot parameters.
-pub fn kernel_cmdline(spec_words: &[String], params: &BootParams) -> String {
+/// The kernel command line of either slot without `basalt.slot=`: `gpt` first (see
+/// [`FORCE_GPT`]; never twice), the spec's words, then the `basalt.verity.*` parameters.
+/// [`bundle::slot_cmdline`] appends the slot.
+pub fn base_cmdline(spec_words: &[String], verity: &basalt_api::bootparams::Verity) -> String {
     let mut words = vec![FORCE_GPT.to_string()];
     words.extend(spec_words.iter().filter(|w| *w != FORCE_GPT).cloned());
-    words.push(params.to_string());
+    let params = BootParams {
+        slot: Slot::A,
+        verity: verity.clone(),
+    }
+    .to_string();
+    words.extend(
+        params
+            .split_whitespace()
+            .filter(|w| !w.starts_with("basalt.slot="))
+            .map(str::to_string),
+    );
     words.join(" ")
 }
 
@@ -185,40 +191,33 @@ fn make_grub(
     Ok(())
 }
 
-/// The ESP's files: GRUB EFI, grub.cfg with both slots, slot A's kernel and initramfs.
+/// The ESP's files: GRUB EFI, the static grub.cfg, the environment block (`saved_entry=a`),
+/// slot A's kernel, initramfs and slot.cfg. Slot B's files are written by the first A/B
+/// upgrade (slot.cfg last); until then its entry boots nothing.
 fn esp_files(
     grub_dir: &Path,
     vmlinuz: &Path,
     initrd: &Path,
-    cmd_a: &str,
-    cmd_b: &str,
+    base_cmdline: &str,
 ) -> Result<Vec<(&'static str, Vec<u8>)>, BuildError> {
-    let cfg = grub::config(
-        "a",
-        &[
-            grub::Entry {
-                id: "a",
-                title: "basalt (slot A)",
-                kernel: "/boot/a/vmlinuz",
-                initrd: "/boot/a/initrd.img",
-                cmdline: cmd_a,
-            },
-            // Slot B's kernel and initramfs are written by the first A/B upgrade.
-            grub::Entry {
-                id: "b",
-                title: "basalt (slot B)",
-                kernel: "/boot/b/vmlinuz",
-                initrd: "/boot/b/initrd.img",
-                cmdline: cmd_b,
-            },
-        ],
-    );
+    let cfg = grub::config(&grub::SLOTS);
+    let mut env = GrubEnv::new();
+    let env_err = |e| BuildError::Write(grub::GRUBENV.into(), std::io::Error::other(e));
+    env.set(SAVED_ENTRY, Slot::A.as_str()).map_err(env_err)?;
+    let block = env.to_block().map_err(env_err)?;
     let read = |p: &Path| std::fs::read(p).map_err(|e| BuildError::Write(p.into(), e));
     Ok(vec![
         ("EFI/BOOT/BOOTX64.EFI", read(&grub_dir.join("BOOTX64.EFI"))?),
-        ("EFI/BOOT/grub.cfg", cfg.into_bytes()),
+        (grub::GRUB_CFG, cfg.into_bytes()),
+        // Written before the big files; a fresh FAT gives it consecutive clusters, and
+        // GRUB's save_env rewrites it where it is.
+        (grub::GRUBENV, block.to_vec()),
         ("boot/a/vmlinuz", read(vmlinuz)?),
         ("boot/a/initrd.img", read(initrd)?),
+        (
+            "boot/a/slot.cfg",
+            bundle::slot_cfg(base_cmdline, Slot::A).into_bytes(),
+        ),
     ])
 }
 
@@ -259,57 +258,36 @@ mod tests {
     }
 
     #[test]
-    fn every_slot_s_grub_entry_carries_gpt_first() {
+    fn every_slot_s_command_line_carries_gpt_first() {
         let spec =
             ImageSpec::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/k3s-node.toml"))
                 .expect("default spec");
-        let (a, b) = (
-            kernel_cmdline(&spec.kernel.cmdline, &params(Slot::A)),
-            kernel_cmdline(&spec.kernel.cmdline, &params(Slot::B)),
-        );
-        let cfg = grub::config(
-            "a",
-            &[
-                grub::Entry {
-                    id: "a",
-                    title: "A",
-                    kernel: "/boot/a/vmlinuz",
-                    initrd: "/boot/a/initrd.img",
-                    cmdline: &a,
-                },
-                grub::Entry {
-                    id: "b",
-                    title: "B",
-                    kernel: "/boot/b/vmlinuz",
-                    initrd: "/boot/b/initrd.img",
-                    cmdline: &b,
-                },
-            ],
-        );
-        let linux: Vec<&str> = cfg
-            .lines()
-            .map(str::trim)
-            .filter(|l| l.starts_with("linux "))
-            .collect();
-        assert_eq!(linux.len(), 2, "{cfg}");
-        for (line, slot) in linux.iter().zip(["a", "b"]) {
+        let base = base_cmdline(&spec.kernel.cmdline, &params(Slot::A).verity);
+        assert!(!base.contains("basalt.slot"), "{base}");
+        for slot in [Slot::A, Slot::B] {
+            let cfg = bundle::slot_cfg(&base, slot);
+            let line = cfg
+                .lines()
+                .find_map(|l| l.strip_prefix("set basalt_args='"))
+                .and_then(|l| l.strip_suffix('\''))
+                .expect("basalt_args");
             let words: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(words[2], "gpt", "{line}");
+            assert_eq!(words[0], "gpt", "{line}");
             assert_eq!(words.iter().filter(|w| **w == "gpt").count(), 1, "{line}");
             // The spec's words are kept, and the boot parameters still parse.
             for w in &spec.kernel.cmdline {
                 assert!(words.contains(&w.as_str()), "{w} missing from {line}");
             }
-            let parsed = BootParams::parse(&words[2..].join(" ")).expect("parses");
-            assert_eq!(parsed.slot.as_str(), slot);
+            let parsed = BootParams::parse(line).expect("parses");
+            assert_eq!(parsed, params(slot));
         }
     }
 
     #[test]
     fn gpt_in_the_spec_is_not_doubled() {
         let words = vec!["quiet".to_string(), "gpt".to_string()];
-        let line = kernel_cmdline(&words, &params(Slot::A));
-        assert!(line.starts_with("gpt quiet basalt.slot=a "), "{line}");
+        let line = base_cmdline(&words, &params(Slot::A).verity);
+        assert!(line.starts_with("gpt quiet basalt.verity.root="), "{line}");
         assert_eq!(line.matches("gpt").count(), 1, "{line}");
     }
 }

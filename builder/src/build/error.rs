@@ -43,6 +43,8 @@ pub enum BuildError {
     State(String),
     #[error(transparent)]
     Disk(#[from] disk::DiskError),
+    #[error("upgrade bundle")]
+    Bundle(#[from] crate::bundle::BundleError),
     #[error("qcow2 output {0}: {1}")]
     Qcow2(PathBuf, String),
     #[error("write {0}")]

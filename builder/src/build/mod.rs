@@ -155,11 +155,17 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         moddir: modules.moddir.clone(),
         ..kernel.clone()
     };
-    let root = root::root(&ctx, &shipped, &modules.graph)?;
+    // The partition plan is a function of the spec: the root's image identity names it.
+    let layout = Layout::new(&ctx.spec.spec.disk, |what| ctx.uuid(what));
+    let identity = basalt_api::bundle::Identity {
+        format: basalt_api::bundle::FORMAT,
+        version: ctx.spec.spec.version(),
+        compat: crate::bundle::compat(&layout),
+    };
+    let root = root::root(&ctx, &shipped, &modules.graph, &identity)?;
     progress.finish(root.reused && modules.reused);
 
     progress.start("bootloader (GRUB for BIOS and UEFI)");
-    let layout = Layout::new(&ctx.spec.spec.disk, |what| ctx.uuid(what));
     let bootloader = boot::bootloader(&ctx, &kernel, &layout)?;
     progress.finish(bootloader.reused);
 
@@ -173,8 +179,9 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     progress.start("qcow2 and raw.zst");
     let images = outputs::compressed(&work, raw)?;
 
-    progress.start("manifest, SBOM and outputs");
+    progress.start("manifest, SBOM, bundle and outputs");
     outputs::sbom(&ctx, &work, &kernel)?;
+    let bundle = outputs::bundle(&work, &identity, &kernel, &initramfs, &root, &esp)?;
     let parts = outputs::Parts {
         kernel: &kernel,
         initramfs: &initramfs,
@@ -183,9 +190,9 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         esp,
         layout,
     };
-    let manifest = outputs::manifest(&ctx, opts, parts, &images)?;
+    let manifest = outputs::manifest(&ctx, opts, parts, &images, &bundle)?;
     let manifest = manifest.with_timings(progress.timings(), started.elapsed().as_secs_f64());
-    outputs::publish(&ctx, &work, &images, &manifest, &opts.out_dir)?;
+    outputs::publish(&ctx, &work, &images, &bundle, &manifest, &opts.out_dir)?;
     Ok(manifest)
 }
 

@@ -93,6 +93,39 @@ pub fn compressed(work: &WorkDir, raw: PathBuf) -> Result<Images, BuildError> {
     })
 }
 
+/// The upgrade bundle in the work folder, and its entry for the manifest.
+pub struct Bundle {
+    pub path: PathBuf,
+    pub manifest: basalt_api::bundle::Manifest,
+}
+
+/// `<name>.bundle`: slot A's root, kernel and initramfs with their manifest
+/// ([`crate::bundle`]).
+pub fn bundle(
+    work: &WorkDir,
+    identity: &basalt_api::bundle::Identity,
+    kernel: &Kernel,
+    initramfs: &Initramfs,
+    root: &Root,
+    esp: &Esp,
+) -> Result<Bundle, BuildError> {
+    let files = crate::bundle::PartFiles {
+        root: &root.img,
+        kernel: &kernel.vmlinuz,
+        initrd: &initramfs.path,
+    };
+    let manifest = crate::bundle::manifest(
+        identity.version.clone(),
+        &root.verity,
+        &esp.base_cmdline,
+        identity.compat.clone(),
+        &files,
+    )?;
+    let path = work.path("disk.bundle");
+    crate::bundle::write(&path, &manifest, &files)?;
+    Ok(Bundle { path, manifest })
+}
+
 /// What the manifest records of the earlier steps.
 pub struct Parts<'a> {
     pub kernel: &'a Kernel,
@@ -108,6 +141,7 @@ pub fn manifest(
     opts: &BuildOptions,
     parts: Parts<'_>,
     images: &Images,
+    bundle: &Bundle,
 ) -> Result<Manifest, BuildError> {
     let spec = &ctx.spec.spec;
     let names = OutputNames::new(&spec.name);
@@ -119,11 +153,14 @@ pub fn manifest(
         },
         manifest::output(&names.qcow2, &images.qcow2)?,
         manifest::output(&names.zst, &images.zst)?,
+        manifest::output(&names.bundle, &bundle.path)?,
     ];
     let verity = &parts.root.verity;
     Ok(Manifest {
         basalt_version: env!("CARGO_PKG_VERSION").into(),
         name: spec.name.clone(),
+        version: bundle.manifest.version.to_string(),
+        compat: bundle.manifest.compat.clone(),
         spec: opts.spec.display().to_string(),
         spec_sha256: cache::sha256_hex(&ctx.spec.text),
         lock_sha256: ctx.spec.lock.as_ref().map(|(_, sha)| sha.clone()),
@@ -179,6 +216,7 @@ pub fn publish(
     ctx: &Ctx,
     work: &WorkDir,
     images: &Images,
+    bundle: &Bundle,
     manifest: &Manifest,
     out_dir: &Path,
 ) -> Result<(), BuildError> {
@@ -193,6 +231,7 @@ pub fn publish(
         (&images.raw, names.raw.as_str()),
         (&images.qcow2, names.qcow2.as_str()),
         (&images.zst, names.zst.as_str()),
+        (&bundle.path, names.bundle.as_str()),
         (&sbom, SBOM),
         (&manifest_path, "manifest.json"),
     ] {
@@ -206,6 +245,7 @@ struct OutputNames {
     raw: String,
     qcow2: String,
     zst: String,
+    bundle: String,
 }
 
 impl OutputNames {
@@ -214,6 +254,7 @@ impl OutputNames {
             raw: format!("{name}.raw"),
             qcow2: format!("{name}.qcow2"),
             zst: format!("{name}.raw.zst"),
+            bundle: format!("{name}.bundle"),
         }
     }
 }

@@ -7,6 +7,7 @@ use crate::cache::Resolved;
 use crate::spec::ImageSpec;
 use crate::{kmod, rootfs, store, verity};
 use basalt_api::bootparams::{Verity, VERITY_BLOCK_SIZE};
+use basalt_api::bundle::Identity;
 use basalt_api::layout::Sectors;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -20,7 +21,12 @@ pub struct Root {
     pub reused: bool,
 }
 
-pub fn root(ctx: &Ctx, kernel: &Kernel, graph: &kmod::ModuleGraph) -> Result<Root, BuildError> {
+pub fn root(
+    ctx: &Ctx,
+    kernel: &Kernel,
+    graph: &kmod::ModuleGraph,
+    identity: &Identity,
+) -> Result<Root, BuildError> {
     let key = store::key("rootfs", &[&ctx.seed]);
     let (dir, reused) = ctx.store.get_or_make("rootfs", &key, |dir| {
         make_root(
@@ -35,6 +41,7 @@ pub fn root(ctx: &Ctx, kernel: &Kernel, graph: &kmod::ModuleGraph) -> Result<Roo
             &ctx.seed,
             ctx.uuid("verity"),
             ctx.time_floor,
+            identity,
         )
     })?;
     let info_path = dir.join("root.json");
@@ -53,15 +60,17 @@ pub fn root(ctx: &Ctx, kernel: &Kernel, graph: &kmod::ModuleGraph) -> Result<Roo
     })
 }
 
-/// The root's `/etc/os-release`: basalt's version, the image's inputs, and the time floor
-/// init keeps the clock above.
+/// The root's `/etc/os-release`: the image's version (`VERSION_ID`, `VERSION`: the spec's
+/// `version`), the basalt release that built it (`BASALT_VERSION`), the image's inputs, and
+/// the time floor init keeps the clock above.
 fn os_release(spec: &ImageSpec, kver: &str, time_floor: u64) -> String {
     format!(
-        "NAME=basalt\nID=basalt\nPRETTY_NAME=\"basalt {v}\"\nVERSION_ID={v}\nBASALT_IMAGE={}\nBASALT_KERNEL={kver}\nBASALT_K3S={}\n{}",
-        spec.name,
+        "NAME=basalt\nID=basalt\nPRETTY_NAME=\"basalt {name} {v}\"\nVERSION=\"{v}\"\nVERSION_ID={v}\nBASALT_VERSION={b}\nBASALT_IMAGE={name}\nBASALT_KERNEL={kver}\nBASALT_K3S={}\n{}",
         spec.k3s.version,
         basalt_api::time_floor::os_release_line(time_floor),
-        v = env!("CARGO_PKG_VERSION")
+        name = spec.name,
+        v = spec.version(),
+        b = env!("CARGO_PKG_VERSION")
     )
 }
 
@@ -80,6 +89,7 @@ fn make_root(
     seed: &str,
     uuid: uuid::Uuid,
     time_floor: u64,
+    identity: &Identity,
 ) -> Result<(), BuildError> {
     let os_release = os_release(spec, kver, time_floor);
     let tree = rootfs::tree(&rootfs::RootContent {
@@ -88,6 +98,7 @@ fn make_root(
         k3s_images: &inputs["k3s-images"].path,
         ca_bundle: rootfs::ca_bundle(ca_dir).map_err(BuildError::Certs)?,
         os_release,
+        identity: identity.to_json(),
         kver,
         moddir,
         depmod: graph.depmod_files()?,
@@ -140,5 +151,11 @@ mod tests {
             Some("6.1.0-test")
         );
         assert_eq!(keys.get("NAME").map(String::as_str), Some("basalt"));
+        assert_eq!(keys.get("VERSION_ID").map(String::as_str), Some("0.1.0"));
+        assert_eq!(keys.get("VERSION").map(String::as_str), Some("0.1.0"));
+        assert_eq!(
+            keys.get("BASALT_VERSION").map(String::as_str),
+            Some(env!("CARGO_PKG_VERSION"))
+        );
     }
 }

@@ -56,6 +56,26 @@ pub enum NodeCmd {
     Health,
     /// Prometheus metrics, as text.
     Metrics,
+    /// Upgrade the node's other root slot from a bundle (`basalt build` writes one): its
+    /// sha256 is computed here and checked by the node, which writes and verifies the
+    /// slot and boots it once at the next boot; the slot becomes the default only when
+    /// it proves healthy, else the node rolls back by itself.
+    Upgrade {
+        /// The bundle file (`*.bundle.tar`).
+        bundle: PathBuf,
+        /// Reboot into the new slot at once.
+        #[arg(long)]
+        reboot: bool,
+        /// Install an older version than the running one.
+        #[arg(long)]
+        allow_downgrade: bool,
+    },
+    /// Make the other slot the default again, if it holds an image that was good.
+    Rollback {
+        /// Reboot into it at once.
+        #[arg(long)]
+        reboot: bool,
+    },
 }
 
 /// Runs one `basalt node` subcommand, printing to stdout.
@@ -114,6 +134,18 @@ pub fn run(args: NodeArgs) -> Result<(), NodeError> {
             })
         }
         NodeCmd::Metrics => client.metrics()?,
+        NodeCmd::Upgrade {
+            bundle,
+            reboot,
+            allow_downgrade,
+        } => {
+            let r = client.upgrade(&bundle, allow_downgrade, reboot)?;
+            pick(json, r.raw, || format!("{}\n", r.body.message))
+        }
+        NodeCmd::Rollback { reboot } => {
+            let r = client.rollback(reboot)?;
+            pick(json, r.raw, || format!("{}\n", r.body.message))
+        }
     };
     print(&text)
 }

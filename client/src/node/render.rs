@@ -1,6 +1,6 @@
 //! Human output of `basalt node`: short, aligned summaries of the node API's answers.
 
-use basalt_api::node::{ApplyResponse, JoinStatus, Status};
+use basalt_api::node::{ApplyResponse, JoinStatus, Status, UpgradeStatus};
 use std::fmt::Write;
 
 /// The status as a person reads it: who and what the node is, its join state (and why it
@@ -39,6 +39,9 @@ pub fn status(s: &Status) -> String {
     if let Some(rss) = s.rss_kib {
         let _ = writeln!(out, "pid1 rss:  {rss} KiB");
     }
+    if let Some(u) = &s.upgrade {
+        out.push_str(&slots(u));
+    }
     let _ = writeln!(out, "milestones:");
     if s.milestones.is_empty() {
         let _ = writeln!(out, "  (none)");
@@ -75,6 +78,52 @@ pub fn status(s: &Status) -> String {
             let _ = write!(out, "  last exit: {exit}");
         }
         out.push('\n');
+    }
+    out
+}
+
+/// The A/B slots: each slot's state, version and root hash; the trial; the last rollback.
+pub fn slots(u: &UpgradeStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "slots:     booted {}  default {}  next boot {}  upgrades {}  rollbacks {}",
+        u.booted,
+        u.default_slot.as_deref().unwrap_or("?"),
+        u.next_boot.as_deref().unwrap_or("-"),
+        u.upgrades,
+        u.rollbacks
+    );
+    for s in &u.slots {
+        let hash = s
+            .root_hash
+            .as_deref()
+            .map_or("-", |h| &h[..h.len().min(16)]);
+        let _ = writeln!(
+            out,
+            "  {}  {:<7}  version {:<12}  root {hash}",
+            s.name,
+            s.state,
+            s.version.as_deref().unwrap_or("-")
+        );
+    }
+    if let Some(t) = &u.trial {
+        let _ = writeln!(out, "  trial: {t}");
+    }
+    if let Some(w) = &u.watchdog {
+        let _ = writeln!(out, "  watchdog: {w}");
+    }
+    if let Some(r) = &u.last_rollback {
+        let _ = writeln!(
+            out,
+            "  last rollback: from slot {} (version {}): {}",
+            r.slot,
+            r.version.as_deref().unwrap_or("?"),
+            r.reason
+        );
+    }
+    if let Some(e) = &u.error {
+        let _ = writeln!(out, "  error: {e}");
     }
     out
 }
@@ -157,7 +206,56 @@ mod tests {
                 not_after_text: "Nov 23 15:44:59 2027 +00:00".into(),
                 serial: "5a3f".into(),
             }),
+            upgrade: None,
         }
+    }
+
+    #[test]
+    fn slots_show_states_versions_and_the_last_rollback() {
+        use basalt_api::node::{Rollback, SlotInfo, UpgradeStatus};
+        let mut s = sample();
+        s.upgrade = Some(UpgradeStatus {
+            booted: "a".into(),
+            default_slot: Some("a".into()),
+            next_boot: None,
+            slots: vec![
+                SlotInfo {
+                    name: "a".into(),
+                    version: Some("1.0.0".into()),
+                    root_hash: Some("ab".repeat(32)),
+                    state: "active".into(),
+                },
+                SlotInfo {
+                    name: "b".into(),
+                    version: Some("2.0.0".into()),
+                    root_hash: None,
+                    state: "failed".into(),
+                },
+            ],
+            last_rollback: Some(Rollback {
+                slot: "b".into(),
+                version: Some("2.0.0".into()),
+                reason: "health check timed out after 300 s: the node API to listen".into(),
+                at: 5,
+            }),
+            rollbacks: 1,
+            ..UpgradeStatus::default()
+        });
+        let text = status(&s);
+        assert!(
+            text.contains(
+                "slots:     booted a  default a  next boot -  upgrades 0  rollbacks 1
+  \
+                 a  active   version 1.0.0         root abababababababab
+  \
+                 b  failed   version 2.0.0         root -
+  \
+                 last rollback: from slot b (version 2.0.0): health check timed out after \
+                 300 s: the node API to listen
+"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -66,11 +66,17 @@ pub fn build_with(name: &str, cache: &Path) -> anyhow::Result<Image> {
 /// Builds the default image into `target/tmp/e2e/<name>` with `k3s` as the K3s binary
 /// (a stand-in, or the K3s agent double that the join tests run).
 pub fn build_with_k3s(name: &str, cache: &Path, k3s: &Path) -> anyhow::Result<Image> {
+    build_spec(&workspace().join("images/k3s-node.toml"), name, cache, k3s)
+}
+
+/// Builds `spec` (with its lock beside it) into `target/tmp/e2e/<name>` with `k3s` as the
+/// K3s binary.
+pub fn build_spec(spec: &Path, name: &str, cache: &Path, k3s: &Path) -> anyhow::Result<Image> {
     let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e");
     let dir = root.join(name);
     let (_, images) = k3s_standins(&root.join("standins"))?;
     let opts = BuildOptions {
-        spec: workspace().join("images/k3s-node.toml"),
+        spec: spec.to_path_buf(),
         out_dir: dir.clone(),
         cache_dir: cache.to_path_buf(),
         overrides: vec![
@@ -81,7 +87,7 @@ pub fn build_with_k3s(name: &str, cache: &Path, k3s: &Path) -> anyhow::Result<Im
         locked: true,
         init: Default::default(),
     };
-    build(&opts).context("basalt build images/k3s-node.toml")?;
+    build(&opts).with_context(|| format!("basalt build {}", spec.display()))?;
     let manifest = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
     Ok(Image {
         raw: dir.join("k3s-node.raw"),
@@ -247,4 +253,36 @@ pub fn console(path: &Path) -> String {
     std::fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
+}
+
+/// Writes `bytes` as `file` (`boot/b/slot.cfg`) into the ESP of a raw image with the
+/// default layout, with mtools (an independent FAT writer), making its folder if needed.
+pub fn write_esp_file(img: &Image, raw: &Path, file: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    let (offset, _) = partition(img, "EFI")?;
+    let esp = format!("{}@@{offset}", raw.to_str().context("path")?);
+    let src = tempfile::NamedTempFile::new()?;
+    std::fs::write(src.path(), bytes)?;
+    let run = |program: &str, args: &[&str]| -> anyhow::Result<std::process::Output> {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .output()
+            .with_context(|| format!("run {program} (mtools)"))?;
+        Ok(out)
+    };
+    if let Some((dir, _)) = file.rsplit_once('/') {
+        // mmd fails when the folder exists: that is fine.
+        run("mmd", &["-i", &esp, &format!("::/{dir}")])?;
+    }
+    let dst = format!("::/{file}");
+    let out = run(
+        "mcopy",
+        &["-o", "-i", &esp, src.path().to_str().context("path")?, &dst],
+    )?;
+    anyhow::ensure!(
+        out.status.success(),
+        "mcopy {file}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }

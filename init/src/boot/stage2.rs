@@ -69,6 +69,8 @@ pub fn run() -> ! {
     let mut sys = Real;
     let mut node = Node::new(&mut sys, PathBuf::from("/"));
     boot(&mut node);
+    // A/B upgrades: a rollback to record, or this boot's trial (issue 16).
+    crate::upgrade::start_boot_hook(PathBuf::from("/"));
     let (mut supervisor, commands, counts) = node.into_main_loop();
     serve::serve(&all, &mut supervisor, &commands, &counts)
 }

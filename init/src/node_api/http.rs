@@ -9,6 +9,9 @@ use std::io::{self, Read, Write};
 pub const HEAD_LIMIT: usize = 16 * 1024;
 /// A machine config is a few KiB; the config sources cap it at the same size.
 pub const BODY_LIMIT: usize = crate::config_source::MAX_BYTES as usize;
+/// An upgrade bundle ([`basalt_api::node::path::UPGRADE`]) is streamed, never held: it
+/// may be as large as a slot and its boot files.
+pub const UPGRADE_BODY_LIMIT: usize = 16 << 30;
 const MAX_HEADERS: usize = 64;
 
 /// One parsed request.
@@ -29,6 +32,15 @@ impl Request {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The value of `name=value` in the query (not percent-decoded: the values the API
+    /// takes are hex and words).
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .as_deref()?
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
     }
 
     /// Whether the query has `name=1`, `name=true` or a bare `name`.
@@ -123,7 +135,12 @@ pub fn read_head<S: Read>(stream: &mut S) -> Result<Head, HttpError> {
             .parse::<usize>()
             .map_err(|_| HttpError::Malformed(format!("Content-Length {v:?}")))?,
     };
-    if length > BODY_LIMIT {
+    let limit = if request.path == basalt_api::node::path::UPGRADE {
+        UPGRADE_BODY_LIMIT
+    } else {
+        BODY_LIMIT
+    };
+    if length > limit {
         return Err(HttpError::BodyTooLarge);
     }
     let early = buf.split_off(head_len);
@@ -162,6 +179,35 @@ pub fn read_body<S: Read + Write>(stream: &mut S, head: Head) -> Result<Request,
     read_exact(stream, &mut body[have..])?;
     request.body = body;
     Ok(request)
+}
+
+/// A request body read as it arrives: what came with the head, then the stream.
+pub type Body<'a, S> = io::Chain<io::Cursor<Vec<u8>>, io::Take<&'a mut S>>;
+
+/// The body of `head`'s request as a reader (what came with the head, then the rest from
+/// the stream, `Content-Length` bytes in all), first answering `100 Continue` when the
+/// client waits for it: for a body streamed, not held.
+pub fn body_reader<S: Read + Write>(
+    stream: &mut S,
+    head: Head,
+) -> Result<(Request, Body<'_, S>), HttpError> {
+    let Head {
+        request,
+        length,
+        early,
+    } = head;
+    if length > early.len()
+        && request
+            .header("expect")
+            .is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
+    {
+        stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .and_then(|()| stream.flush())
+            .map_err(HttpError::Io)?;
+    }
+    let rest = (length - early.len()) as u64;
+    Ok((request, io::Cursor::new(early).chain(stream.take(rest))))
 }
 
 fn read_exact(stream: &mut impl Read, mut out: &mut [u8]) -> Result<(), HttpError> {

@@ -19,6 +19,7 @@ pub mod server;
 pub mod slots;
 pub mod status;
 pub mod tls;
+pub mod upgrade;
 
 use crate::join::Joiner;
 use crate::net::NetworkUp;
@@ -33,6 +34,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub use server::start;
+
+/// The context of the API this PID1 started, for what runs beside it (the trial of a new
+/// slot asks it about the join).
+static CURRENT: std::sync::OnceLock<Arc<Context>> = std::sync::OnceLock::new();
+
+/// The running API's context, once [`start`] was called.
+pub fn current() -> Option<Arc<Context>> {
+    CURRENT.get().cloned()
+}
 
 /// Connections served at once in the TLS handshake or without a verified client
 /// certificate; a new one beyond them shuts the oldest of them down ([`slots`]).
@@ -230,6 +240,8 @@ pub struct Metrics {
     /// Connections closed for capacity: one over its address's cap, or the oldest open
     /// one shut down to make room ([`slots`]).
     pub over_capacity: AtomicU64,
+    /// Upgrade bundles refused (or failed) since boot.
+    pub upgrades_refused: AtomicU64,
 }
 
 impl Metrics {

@@ -2,7 +2,8 @@
 //! other path needs a client certificate from the pool CA (401 otherwise, before the
 //! path is even looked at, so an anonymous client learns nothing of the API), whose
 //! serial is not in `[api] revoked` (401), and whose role allows the route (403):
-//! [`needs`] says which. Read: status, metrics, logs. Admin: apply, reboot, shutdown.
+//! [`needs`] says which. Read: status, metrics, logs. Admin: apply, reboot, shutdown,
+//! upgrade, rollback.
 //! A certificate without a role OID is read-only ([`Access::of_unmarked`]).
 //!
 //! Apply (`POST /v1/config`, a TOML machine config): invalid → 400 naming the key; an
@@ -31,7 +32,9 @@ use std::time::{Instant, SystemTime};
 pub fn needs(_method: &str, path: &str) -> Option<Access> {
     match path {
         path::HEALTH => None,
-        path::CONFIG | path::REBOOT | path::SHUTDOWN => Some(Access::Admin),
+        path::CONFIG | path::REBOOT | path::SHUTDOWN | path::UPGRADE | path::ROLLBACK => {
+            Some(Access::Admin)
+        }
         _ => Some(Access::Read),
     }
 }
@@ -119,6 +122,11 @@ pub fn route(ctx: &Context, req: &Request, client: &Client, received: Instant) -
         }),
         path::REBOOT => only(req, "POST", || power(Power::Reboot, "rebooting")),
         path::SHUTDOWN => only(req, "POST", || power(Power::PowerOff, "powering off")),
+        // A POST is streamed by the server before routing ([`super::upgrade`]).
+        path::UPGRADE => only(req, "POST", || {
+            Reply::Done(Response::error(500, "upgrade body not streamed"))
+        }),
+        path::ROLLBACK => only(req, "POST", || super::upgrade::rollback(ctx, req)),
         _ => match p
             .strip_prefix(path::LOGS)
             .and_then(|rest| rest.strip_prefix('/'))

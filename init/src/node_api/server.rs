@@ -33,10 +33,19 @@ const FOLLOW_DISCARD_MAX: usize = 16 * 1024;
 /// Starts the API on `listen` in a thread of its own. Binding is retried (an address
 /// that is not there yet, a port still taken) for as long as it fails.
 pub fn start(ctx: Arc<Context>, listen: SocketAddr) -> io::Result<()> {
+    let _ = super::CURRENT.set(Arc::clone(&ctx));
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || serve(ctx, bind(listen)))
         .map(drop)
+}
+
+/// Set once the API's listener is bound.
+static LISTENING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the node API listens (a trial's first health condition).
+pub fn listening() -> bool {
+    LISTENING.load(Ordering::Relaxed)
 }
 
 fn bind(listen: SocketAddr) -> TcpListener {
@@ -45,6 +54,7 @@ fn bind(listen: SocketAddr) -> TcpListener {
         match TcpListener::bind(listen) {
             Ok(l) => {
                 console::info(&format!("api: listening on https://{listen}"));
+                LISTENING.store(true, Ordering::Relaxed);
                 return l;
             }
             Err(e) => {
@@ -145,6 +155,8 @@ enum Received {
     Request(Request, Instant),
     /// Answered without routing (refused, or not HTTP we take).
     Answer(Response, String),
+    /// An authorized `POST /v1/upgrade`, its body not read: streamed by the route.
+    Upgrade(http::Head),
     /// Nothing to answer: the client went, or missed a deadline.
     Gone,
 }
@@ -166,6 +178,9 @@ fn receive(ctx: &Context, stream: &mut Tls<'_>, client: &super::guard::Client) -
         return Received::Answer(resp, what);
     }
     stream.sock.deadline = received + ctx.limits.body(head.length);
+    if head.request.method == "POST" && head.request.path == basalt_api::node::path::UPGRADE {
+        return Received::Upgrade(head);
+    }
     match http::read_body(stream, head) {
         Ok(req) => Received::Request(req, received),
         Err(e) => refusal(e),
@@ -206,6 +221,10 @@ pub fn connection(ctx: &Context, tcp: TcpStream, peer: SocketAddr, mut admission
             (routes::route(ctx, &req, &client, received), what)
         }
         Received::Answer(resp, what) => (Reply::Done(resp), what),
+        Received::Upgrade(head) => {
+            let what = format!("{} {}", head.request.method, head.request.path);
+            (super::upgrade::receive(ctx, head, &mut stream), what)
+        }
         Received::Gone => return close(ctx, &mut conn, &mut io),
     };
     stream.sock.deadline = Instant::now() + ANSWER_TIMEOUT;

@@ -54,6 +54,7 @@ pub fn status(ctx: &Context, services: Vec<ServiceInfo>) -> Status {
             not_after_text: c.not_after_text,
             serial: c.serial,
         }),
+        upgrade: Some(crate::upgrade::status(&ctx.root)),
     }
 }
 
@@ -164,6 +165,7 @@ fn write_services(out: &mut String, services: &[ServiceInfo]) {
 }
 
 fn write_node(out: &mut String, ctx: &Context) {
+    write_upgrades(out, ctx);
     help(
         out,
         "basalt_network_up",
@@ -263,6 +265,38 @@ fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// Upgrades and rollbacks, as counted on STATE (so across boots).
+fn write_upgrades(out: &mut String, ctx: &Context) {
+    let rec = crate::upgrade::record::load(&ctx.root).unwrap_or_default();
+    help(
+        out,
+        "basalt_upgrades_total",
+        "counter",
+        "A/B upgrades whose new slot was marked good (kept on STATE).",
+    );
+    let _ = writeln!(out, "basalt_upgrades_total {}", rec.upgrades);
+    help(
+        out,
+        "basalt_rollbacks_total",
+        "counter",
+        "Rollbacks to the old slot, automatic or requested (kept on STATE).",
+    );
+    let _ = writeln!(out, "basalt_rollbacks_total {}", rec.rollbacks);
+    help(
+        out,
+        "basalt_upgrades_refused_total",
+        "counter",
+        "Upgrade bundles refused or failed since this boot.",
+    );
+    let _ = writeln!(
+        out,
+        "basalt_upgrades_refused_total {}",
+        ctx.metrics
+            .upgrades_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
 }
 
 #[cfg(test)]

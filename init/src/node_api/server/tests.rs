@@ -1411,3 +1411,46 @@ fn a_new_cluster_replaces_the_old_one_while_the_agent_is_down() {
     assert_eq!(host.0.lock().expect("lock").last(), Some(&right));
     assert_eq!(*host.2.lock().expect("lock"), 1);
 }
+
+#[test]
+fn an_upgrade_body_larger_than_a_config_is_streamed_and_answered_after_it_is_read() {
+    let n = node();
+    let body = vec![b'x'; http::BODY_LIMIT * 3];
+    let request = |path: &str| {
+        let mut r = format!(
+            "POST {path} HTTP/1.1\r\nHost: node-1\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(&body);
+        r
+    };
+    // The read role: refused on the head.
+    let (status, _) =
+        exchange(&n, Some(&n.pki.reader), &request("/v1/upgrade?sha256=ab")).expect("exchange");
+    assert_eq!(status, 403);
+    let (status, _) = post(&n, Some(&n.pki.reader), "/v1/rollback", "");
+    assert_eq!(status, 403);
+    // No expected sha256: refused, but only after the body (no 413, no reset).
+    let (status, text) =
+        exchange(&n, Some(&n.pki.admin), &request("/v1/upgrade")).expect("exchange");
+    assert_eq!(status, 400, "{text}");
+    assert!(error_of(&text).contains("sha256="), "{text}");
+    // With one: this test node has no disks to find, and says so.
+    let sha = "ab".repeat(32);
+    let (status, text) = exchange(
+        &n,
+        Some(&n.pki.admin),
+        &request(&format!("/v1/upgrade?sha256={sha}")),
+    )
+    .expect("exchange");
+    assert_eq!(status, 500, "{text}");
+    assert!(error_of(&text).contains("find the disks"), "{text}");
+    let (status, _) = get(&n, Some(&n.pki.admin), "/v1/upgrade");
+    assert_eq!(status, 405);
+    // Status carries the upgrade part even off a basalt boot, with what it could not read.
+    let (status, text) = get(&n, Some(&n.pki.reader), "/v1/status");
+    assert_eq!(status, 200);
+    let s: Status = serde_json::from_str(&text).expect("status");
+    assert!(s.upgrade.and_then(|u| u.error).is_some(), "{text}");
+}

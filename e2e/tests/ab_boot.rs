@@ -1,0 +1,234 @@
+//! The GRUB side of A/B upgrades, without basalt's node side: slot B is filled by
+//! independent tools from the image's own upgrade bundle (`tar` unpacks it, `sfdisk`
+//! finds the partitions, `dd` writes ROOT-B, mtools writes `/boot/b/*` into the ESP,
+//! `grub-editenv` arms `next_entry=b`). Under SeaBIOS and OVMF the disk then boots slot B
+//! once, GRUB having cleared `next_entry` on the ESP itself (save_env), and the next boot
+//! of the same disk is slot A again (`saved_entry=a`).
+//!
+//! Slot B holds the same root as A (building a second version would double the test's
+//! time); which slot booted is proven by the kernel command line, which B's slot.cfg
+//! extends with `loglevel=6` so that the kernel prints it on the console, and by GRUB's
+//! own line for the entry it boots.
+
+mod common;
+
+use anyhow::Context;
+use basalt_qemu::{Firmware, Vm, VmBuilder};
+use common::{copy_sparse, expect_line, image, tool};
+use std::path::Path;
+use std::time::Duration;
+
+/// Guest boot budget on KVM; the harness scales it for TCG.
+const BOOT: Duration = Duration::from_secs(60);
+
+/// Byte offset and size of a partition, as `sfdisk --json` reads the GPT.
+fn sfdisk_partition(raw: &Path, name: &str) -> anyhow::Result<(u64, u64)> {
+    let json: serde_json::Value =
+        serde_json::from_str(&tool("sfdisk", &["--json", raw.to_str().context("path")?])?)?;
+    let table = &json["partitiontable"];
+    let sector = table["sectorsize"].as_u64().unwrap_or(512);
+    let p = table["partitions"]
+        .as_array()
+        .context("partitions")?
+        .iter()
+        .find(|p| p["name"] == name)
+        .with_context(|| format!("sfdisk: no partition {name}"))?;
+    let start = p["start"].as_u64().context("start")?;
+    let size = p["size"].as_u64().context("size")?;
+    Ok((start * sector, size * sector))
+}
+
+/// mtools' `-i image@@offset`: the ESP inside the raw disk.
+fn esp_arg(raw: &Path, esp_offset: u64) -> anyhow::Result<String> {
+    Ok(format!("{}@@{esp_offset}", raw.to_str().context("path")?))
+}
+
+/// An mtools command, without its geometry checks (the ESP is a file system at an offset).
+fn mtool(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .with_context(|| format!("run {program} (mtools)"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `grub-editenv list` of the disk's environment block (copied out with mtools).
+fn grubenv_list(raw: &Path, esp_offset: u64, dir: &Path) -> anyhow::Result<String> {
+    let esp = esp_arg(raw, esp_offset)?;
+    let out = dir.join("grubenv.read");
+    let _ = std::fs::remove_file(&out);
+    let out_s = out.to_str().context("path")?;
+    mtool("mcopy", &["-i", &esp, "::/EFI/BOOT/grubenv", out_s])?;
+    tool("grub-editenv", &[out_s, "list"])
+}
+
+/// A copy of the default image whose slot B holds the bundle's root, kernel and
+/// initramfs, with `next_entry=b` armed. Returns the disk and the ESP's offset.
+fn arm_slot_b(dir: &Path) -> anyhow::Result<(std::path::PathBuf, u64)> {
+    let img = image();
+    let raw = dir.join("ab.raw");
+    copy_sparse(&img.raw, &raw)?;
+    let bundle = img.dir.join("k3s-node.bundle");
+    let parts = dir.join("bundle");
+    std::fs::create_dir_all(&parts)?;
+    let (bundle_s, parts_s) = (
+        bundle.to_str().context("path")?,
+        parts.to_str().context("path")?,
+    );
+    tool("tar", &["-xf", bundle_s, "-C", parts_s])?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(parts.join("manifest.json"))?)?;
+
+    // ROOT-B: the root image at the start of the partition, nothing else touched.
+    let (root_b, root_b_size) = sfdisk_partition(&raw, "ROOT-B")?;
+    let root_img = parts.join("root.img");
+    let root_len = std::fs::metadata(&root_img)?.len();
+    anyhow::ensure!(root_len <= root_b_size, "root.img does not fit ROOT-B");
+    anyhow::ensure!(root_b % 4096 == 0, "ROOT-B is not 4 KiB aligned");
+    tool(
+        "dd",
+        &[
+            &format!("if={}", root_img.to_str().context("path")?),
+            &format!("of={}", raw.to_str().context("path")?),
+            "bs=4096",
+            &format!("seek={}", root_b / 4096),
+            "conv=notrunc,sparse",
+            "status=none",
+        ],
+    )?;
+
+    // /boot/b on the ESP: kernel, initramfs, and slot.cfg last (as a node writes them).
+    let (esp_offset, _) = sfdisk_partition(&raw, "EFI")?;
+    let esp = esp_arg(&raw, esp_offset)?;
+    let cmdline = manifest["cmdline"].as_str().context("cmdline")?;
+    anyhow::ensure!(!cmdline.contains("basalt.slot="), "{cmdline}");
+    // loglevel=6 after the spec's `quiet`: the kernel prints its command line.
+    let slot_cfg = parts.join("slot.cfg");
+    std::fs::write(
+        &slot_cfg,
+        format!("set basalt_args='{cmdline} basalt.slot=b loglevel=6'\n"),
+    )?;
+    mtool("mmd", &["-i", &esp, "::/boot/b"])?;
+    for file in ["vmlinuz", "initrd.img", "slot.cfg"] {
+        let src = parts.join(file);
+        let dst = format!("::/boot/b/{file}");
+        mtool("mcopy", &["-i", &esp, src.to_str().context("path")?, &dst])?;
+    }
+
+    // Arm the one-shot trial with grub-editenv on a copy of the block, copied back over it.
+    let list = grubenv_list(&raw, esp_offset, dir)?;
+    assert_eq!(list, "saved_entry=a\n", "the builder's block");
+    let block = dir.join("grubenv");
+    std::fs::copy(dir.join("grubenv.read"), &block)?;
+    let block_s = block.to_str().context("path")?;
+    tool("grub-editenv", &[block_s, "set", "next_entry=b"])?;
+    mtool("mcopy", &["-o", "-i", &esp, block_s, "::/EFI/BOOT/grubenv"])?;
+    let list = grubenv_list(&raw, esp_offset, dir)?;
+    assert_eq!(list, "saved_entry=a\nnext_entry=b\n");
+    // The ESP is still a clean FAT.
+    let check = dir.join("esp.check");
+    tool(
+        "dd",
+        &[
+            &format!("if={}", raw.to_str().context("path")?),
+            &format!("of={}", check.to_str().context("path")?),
+            "bs=512",
+            &format!("skip={}", esp_offset / 512),
+            &format!(
+                "count={}",
+                img.manifest["layout"]["partitions"][1]["sectors"]
+            ),
+            "status=none",
+        ],
+    )?;
+    tool("fsck.fat", &["-n", check.to_str().context("path")?])?;
+    Ok((raw, esp_offset))
+}
+
+/// Boots `disk` until `[basalt] ready`; returns the console and the disk as the guest
+/// left it (the harness's overlay written out as raw), the VM killed.
+fn boot(
+    disk: &Path,
+    firmware: Firmware,
+    out: &Path,
+) -> anyhow::Result<(String, std::path::PathBuf)> {
+    let mut vm: Vm = VmBuilder::new(disk).firmware(firmware).spawn()?;
+    expect_line(&mut vm, "[basalt] ready t=", BOOT)?;
+    let serial = vm.serial();
+    vm.kill();
+    let after = out.to_path_buf();
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-O",
+            "raw",
+            vm.overlay().to_str().context("path")?,
+            after.to_str().context("path")?,
+        ],
+    )?;
+    Ok((serial, after))
+}
+
+/// The kernel's "Kernel command line:" line on the console.
+fn kernel_cmdline(serial: &str) -> Option<&str> {
+    serial
+        .lines()
+        .find_map(|l| l.split_once("Kernel command line: ").map(|(_, c)| c.trim()))
+}
+
+fn trial_boots_b_once_then_a(firmware: Firmware) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (armed, esp_offset) = arm_slot_b(dir.path())?;
+
+    // First boot: GRUB takes next_entry=b, clears it on disk, boots slot B.
+    let (serial, after) = boot(&armed, firmware, &dir.path().join("after-1.raw"))?;
+    assert!(serial.contains("basalt: booting slot b"), "{serial}");
+    assert!(!serial.contains("basalt: booting slot a"), "{serial}");
+    let cmdline = kernel_cmdline(&serial).with_context(|| format!("no command line:\n{serial}"))?;
+    let words: Vec<&str> = cmdline.split_whitespace().collect();
+    assert!(words.contains(&"basalt.slot=b"), "{cmdline}");
+    assert!(!words.contains(&"basalt.slot=a"), "{cmdline}");
+    // GRUB's save_env removed the trial from the block: only the good slot is left.
+    let list = grubenv_list(&after, esp_offset, dir.path())?;
+    assert_eq!(list, "saved_entry=a\n", "after the trial boot");
+    drop(std::fs::remove_file(&armed));
+
+    // Second boot of the same disk: slot A, the saved entry, with its own command line.
+    let (serial, after2) = boot(&after, firmware, &dir.path().join("after-2.raw"))?;
+    assert!(serial.contains("basalt: booting slot a"), "{serial}");
+    assert!(!serial.contains("basalt: booting slot b"), "{serial}");
+    // Slot A's command line keeps the spec's `quiet`: the kernel does not print it.
+    assert_eq!(kernel_cmdline(&serial), None, "{serial}");
+    assert_eq!(
+        grubenv_list(&after2, esp_offset, dir.path())?,
+        "saved_entry=a\n"
+    );
+    Ok(())
+}
+
+#[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
+fn seabios_boots_the_armed_slot_b_once_then_slot_a() -> anyhow::Result<()> {
+    trial_boots_b_once_then_a(Firmware::Bios)
+}
+
+#[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
+fn ovmf_boots_the_armed_slot_b_once_then_slot_a() -> anyhow::Result<()> {
+    trial_boots_b_once_then_a(Firmware::Uefi)
+}

@@ -1,0 +1,399 @@
+//! A/B upgrades under QEMU (issue 16): a joined node on v1 takes v2's bundle through
+//! `POST /v1/upgrade`, reboots into slot B on trial, joins again, marks it good, and
+//! keeps STATE and its saved config; bundles that are tampered with, truncated, carry a
+//! flipped byte in their root, or are older, are refused before anything is switched;
+//! and a v3 whose init fails its health check (a test image: `basalt.test.trial=fail` on
+//! its command line, honoured only by a basalt-init with the `testd` feature) rolls back
+//! to v2 by itself, and status says why.
+//!
+//! The images are three real builds of `images/k3s-node.toml` that differ in `version`
+//! (and v3 in its command line), each with the **K3s agent double** as its `k3s`; the
+//! **K3s server double** listens on the host's loopback. QEMU keeps the guest's reboots
+//! reboots ([`basalt_qemu::VmBuilder::reboots`]).
+
+mod common;
+
+use basalt_api::layout::fw_cfg;
+use basalt_api::node::{JoinState, Status};
+use basalt_client::node::{ClientOptions, Endpoint, NodeClient, NodeError};
+use basalt_client::pki::{Ca, CertRequest, Issued, Role, Validity};
+use basalt_qemu::{Vm, VmBuilder};
+use common::{expect_line, Image};
+use k3s_doubles::K3sServerDouble;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Guest boot budget on KVM; the harness scales it for TCG.
+const BOOT: Duration = Duration::from_secs(90);
+
+/// `images/k3s-node.toml` with another `version` and `extra` kernel arguments, built
+/// with the K3s agent double into `target/tmp/e2e/upgrade-<version>`.
+fn build_version(version: &str, extra_cmdline: &[&str], double: &Path) -> anyhow::Result<Image> {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e");
+    let specs = root.join(format!("upgrade-spec-{version}"));
+    std::fs::create_dir_all(&specs)?;
+    let src = common::workspace().join("images/k3s-node.toml");
+    let text = std::fs::read_to_string(&src)?;
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with("version = ") && !out.contains("[kernel]") {
+            continue;
+        }
+        if line.starts_with("cmdline = ") && !extra_cmdline.is_empty() {
+            let extra: Vec<String> = extra_cmdline.iter().map(|a| format!(", \"{a}\"")).collect();
+            out.push_str(&line.replacen(']', &format!("{}]", extra.concat()), 1));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+        if line.starts_with("name = ") {
+            out.push_str(&format!("version = \"{version}\"\n"));
+        }
+    }
+    let spec = specs.join("k3s-node.toml");
+    std::fs::write(&spec, out)?;
+    std::fs::copy(
+        common::workspace().join("images/k3s-node.lock"),
+        specs.join("k3s-node.lock"),
+    )?;
+    common::build_spec(
+        &spec,
+        &format!("upgrade-{version}"),
+        &basalt_builder::cache::Cache::default_dir(),
+        double,
+    )
+}
+
+fn bundle(img: &Image) -> PathBuf {
+    img.dir.join("k3s-node.bundle")
+}
+
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: Ca,
+    node: Issued,
+}
+
+impl Pki {
+    fn new() -> anyhow::Result<Pki> {
+        let dir = tempfile::tempdir()?;
+        let ca = Ca::generate()?;
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem())?;
+        let node = ca.issue(&CertRequest {
+            name: "up-1".into(),
+            role: Role::Node {
+                ips: vec![],
+                dns: vec![],
+            },
+            validity: Validity::days_from_now(30)?,
+        })?;
+        for (who, role) in [("ops", Role::Client), ("reader", Role::ReadClient)] {
+            ca.issue(&CertRequest {
+                name: who.into(),
+                role,
+                validity: Validity::days_from_now(30)?,
+            })?
+            .write(dir.path(), who, false)?;
+        }
+        Ok(Pki { dir, ca, node })
+    }
+
+    fn client(&self, who: &str, port: u16) -> anyhow::Result<NodeClient> {
+        let path = |f: String| self.dir.path().join(f);
+        Ok(NodeClient::new(&ClientOptions {
+            endpoint: Endpoint {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            ca: path("ca.pem".into()),
+            cert: path(format!("{who}.pem")),
+            key: path(format!("{who}.key")),
+            name: Some("up-1".into()),
+        })?)
+    }
+
+    fn config(&self, cluster: &str) -> String {
+        format!(
+            "version = 1\n[node]\nhostname = \"up-1\"\n{cluster}\n[api]\nca = '''\n{}'''\ncert = '''\n{}'''\nkey = '''\n{}'''\n",
+            self.ca.cert_pem(),
+            self.node.cert_pem,
+            self.node.key_pem
+        )
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Polls status until `done` holds (the node may be rebooting in between).
+fn wait_status(
+    vm: &Vm,
+    client: &NodeClient,
+    what: &str,
+    done: impl Fn(&Status) -> bool,
+) -> anyhow::Result<Status> {
+    let budget = vm.accel().scale(BOOT) * 2;
+    let deadline = Instant::now() + budget;
+    let mut last;
+    loop {
+        match client.status() {
+            Ok(s) if done(&s.body) => return Ok(s.body),
+            Ok(s) => last = s.raw,
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() > deadline {
+            return Err(common::dump(
+                vm,
+                basalt_qemu::HarnessError::Timeout {
+                    what: format!("{what}; last: {last}"),
+                    timeout: budget,
+                },
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+}
+
+fn slot<'a>(s: &'a Status, name: &str) -> &'a basalt_api::node::SlotInfo {
+    let u = s.upgrade.as_ref().expect("upgrade status");
+    u.slots.iter().find(|x| x.name == name).expect("slot")
+}
+
+fn api_error(r: Result<impl std::fmt::Debug, NodeError>) -> (u16, String) {
+    match r {
+        Err(NodeError::Api {
+            status, message, ..
+        }) => (status, message),
+        other => panic!("expected the node to refuse, got {other:?}"),
+    }
+}
+
+/// The bundle with its tar entries rewritten by `edit` (name, bytes), the manifest's
+/// part sums recomputed from the new bytes: a bundle whose every sha256 holds.
+fn rewrite(src: &Path, dst: &Path, edit: impl Fn(&str, &mut Vec<u8>)) -> anyhow::Result<()> {
+    use sha2::{Digest, Sha256};
+    let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut archive = tar::Archive::new(std::fs::File::open(src)?);
+    for e in archive.entries()? {
+        let mut e = e?;
+        let name = e.path()?.display().to_string();
+        let mut bytes = Vec::new();
+        e.read_to_end(&mut bytes)?;
+        edit(&name, &mut bytes);
+        entries.push((name, bytes));
+    }
+    let mut m = basalt_api::bundle::Manifest::parse(&entries[0].1)?;
+    for p in &mut m.parts {
+        let bytes = &entries.iter().find(|(n, _)| *n == p.name).expect("part").1;
+        p.sha256 = hex::encode(Sha256::digest(bytes));
+        p.size = bytes.len() as u64;
+    }
+    entries[0].1 = m.to_json();
+    let mut b = tar::Builder::new(std::fs::File::create(dst)?);
+    for (name, bytes) in &entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, bytes.as_slice())?;
+    }
+    b.into_inner()?;
+    Ok(())
+}
+
+#[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
+fn a_joined_node_upgrades_keeps_its_state_refuses_bad_bundles_and_rolls_back_a_bad_slot(
+) -> anyhow::Result<()> {
+    let double = k3s_doubles::build_agent_double(&common::workspace())?;
+    let v1 = build_version("1.0.0", &[], &double)?;
+    let v2 = build_version("2.0.0", &[], &double)?;
+    let v3 = build_version("3.0.0", &["basalt.test.trial=fail"], &double)?;
+    let server = K3sServerDouble::start("127.0.0.1:0")?;
+    let pki = Pki::new()?;
+    let port = free_port()?;
+    let standby = pki.dir.path().join("standby.toml");
+    std::fs::write(&standby, pki.config(""))?;
+    let mut args = basalt_qemu::node_devices(false, &[(port, basalt_api::node::DEFAULT_PORT)]);
+    args.extend([
+        "-fw_cfg".into(),
+        fw_cfg::qemu_arg(fw_cfg::CONFIG, &standby),
+        // A hardware watchdog for the trial, where the kernel has its driver.
+        "-device".into(),
+        "i6300esb".into(),
+    ]);
+    let mut vm = VmBuilder::new(&v1.qcow2)
+        .reboots(true)
+        .extra_args(args)
+        .spawn()?;
+    expect_line(&mut vm, "[basalt] standby t=", BOOT)?;
+    let ops = pki.client("ops", port)?;
+    wait_status(&vm, &ops, "the node API", |_| true)?;
+
+    // Joined, with the config saved on STATE.
+    let token = server.token("secret");
+    let cluster = format!(
+        "[cluster]\nserver = \"{}\"\ntoken = \"{token}\"\n",
+        server.url_for("10.0.2.2")
+    );
+    let applied = ops.apply(pki.config(&cluster))?;
+    assert!(applied.body.applied, "{}", applied.raw);
+    let s = wait_status(&vm, &ops, "registered on v1", |s| {
+        s.join.state == JoinState::Registered
+    })?;
+    let u = s.upgrade.clone().expect("upgrade status");
+    assert_eq!(
+        (u.booted.as_str(), u.default_slot.as_deref()),
+        ("a", Some("a"))
+    );
+    assert_eq!(slot(&s, "a").version.as_deref(), Some("1.0.0"));
+    assert_eq!(slot(&s, "a").state, "active");
+    assert_eq!(slot(&s, "b").state, "empty");
+
+    // Refused before the switch, each leaving GRUB's env as it was.
+    let work = tempfile::tempdir()?;
+    let v2b = bundle(&v2);
+    let unchanged = |why: &str| -> anyhow::Result<()> {
+        let s = ops.status()?.body;
+        let u = s.upgrade.expect("upgrade");
+        assert_eq!(u.next_boot, None, "{why}: armed anyway");
+        assert_eq!(u.default_slot.as_deref(), Some("a"), "{why}");
+        assert_eq!(u.booted, "a", "{why}");
+        Ok(())
+    };
+    // A reader may not upgrade or roll back (the refusal of a bundle's head is tested
+    // over loopback in init; here a body-less request).
+    let (code, _) = api_error(pki.client("reader", port)?.rollback(false));
+    assert_eq!(code, 403);
+    // Nothing to roll back to yet: slot B holds no good image.
+    let (code, msg) = api_error(ops.rollback(false));
+    assert_eq!(code, 400, "{msg}");
+    // Tampered: one byte changed after the sha256 was taken. The client computes the
+    // sha256 of what it sends, so the node is sent the original's through a raw request.
+    let tampered = work.path().join("tampered.bundle");
+    std::fs::copy(&v2b, &tampered)?;
+    let len = std::fs::metadata(&tampered)?.len();
+    common::flip_byte(&tampered, len - 20_000)?;
+    let original_sha = basalt_client::node::sha256_file(&v2b)?;
+    let (code, msg) = raw_upgrade(&pki, port, &tampered, &original_sha)?;
+    assert_eq!(code, 400, "{msg}");
+    assert!(msg.contains("sha256"), "{msg}");
+    unchanged("tampered")?;
+    // Truncated: the first half, with its own sha256.
+    let truncated = work.path().join("truncated.bundle");
+    let bytes = std::fs::read(&v2b)?;
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2])?;
+    let (code, msg) = api_error(ops.upgrade(&truncated, false, false));
+    assert_eq!(code, 400, "{msg}");
+    unchanged("truncated")?;
+    // A flipped byte in root.img, every sha256 recomputed: only verity tells.
+    let flipped = work.path().join("flipped.bundle");
+    rewrite(&v2b, &flipped, |name, bytes| {
+        if name == "root.img" {
+            bytes[1 << 20] ^= 0x01;
+        }
+    })?;
+    let (code, msg) = api_error(ops.upgrade(&flipped, false, false));
+    assert_eq!(code, 400, "{msg}");
+    assert!(msg.contains("verity"), "{msg}");
+    unchanged("flipped root byte")?;
+
+    // v1 → v2: written, verified, rebooted into once, healthy (joined again), good.
+    let r = ops.upgrade(&v2b, false, true)?;
+    assert_eq!(
+        (r.body.slot.as_str(), r.body.version.as_str()),
+        ("b", "2.0.0")
+    );
+    expect_line(&mut vm, "upgrade: slot b is on trial", BOOT * 2)?;
+    expect_line(
+        &mut vm,
+        "upgrade: slot b is healthy and marked good",
+        BOOT * 2,
+    )?;
+    let s = wait_status(&vm, &ops, "v2 good and registered", |s| {
+        s.join.state == JoinState::Registered
+            && s.upgrade
+                .as_ref()
+                .is_some_and(|u| u.default_slot.as_deref() == Some("b"))
+    })?;
+    assert_eq!(s.slot, "b");
+    assert_eq!(
+        s.config_source.as_deref(),
+        Some("state"),
+        "the saved config"
+    );
+    assert_eq!(slot(&s, "b").version.as_deref(), Some("2.0.0"));
+    assert_eq!(slot(&s, "b").state, "active");
+    assert_eq!(slot(&s, "a").state, "good");
+    assert_eq!(s.upgrade.as_ref().map(|u| u.upgrades), Some(1));
+    let metrics = ops.metrics()?;
+    assert!(metrics.contains("basalt_upgrades_total 1"), "{metrics}");
+
+    // Older than the running v2: refused unless allowed.
+    let (code, msg) = api_error(ops.upgrade(&bundle(&v1), false, false));
+    assert_eq!(code, 400, "{msg}");
+    assert!(msg.contains("older"), "{msg}");
+
+    // v3 fails its health check on trial: the node goes back to v2 by itself.
+    let r = ops.upgrade(&bundle(&v3), false, true)?;
+    assert_eq!(r.body.slot, "a");
+    expect_line(&mut vm, "upgrade: slot a is on trial", BOOT * 2)?;
+    expect_line(&mut vm, "upgrade: rolled back from slot a", BOOT * 3)?;
+    let s = wait_status(&vm, &ops, "back on v2 after the rollback", |s| {
+        s.upgrade
+            .as_ref()
+            .is_some_and(|u| u.booted == "b" && u.rollbacks == 1)
+    })?;
+    let u = s.upgrade.clone().expect("upgrade");
+    assert_eq!(u.default_slot.as_deref(), Some("b"));
+    let rb = u.last_rollback.expect("last rollback");
+    assert_eq!(
+        (rb.slot.as_str(), rb.version.as_deref()),
+        ("a", Some("3.0.0"))
+    );
+    assert!(
+        rb.reason.contains("basalt.test.trial=fail"),
+        "{}",
+        rb.reason
+    );
+    assert_eq!(slot(&s, "a").state, "failed");
+    assert_eq!(slot(&s, "b").version.as_deref(), Some("2.0.0"));
+    wait_status(&vm, &ops, "registered again on v2", |s| {
+        s.join.state == JoinState::Registered
+    })?;
+    let metrics = ops.metrics()?;
+    assert!(metrics.contains("basalt_rollbacks_total 1"), "{metrics}");
+    vm.kill();
+    Ok(())
+}
+
+/// `POST /v1/upgrade` with a sha256 of our choosing (the client computes the real one).
+fn raw_upgrade(pki: &Pki, port: u16, bundle: &Path, sha256: &str) -> anyhow::Result<(u16, String)> {
+    let identity = reqwest::Identity::from_pem(
+        &[
+            std::fs::read(pki.dir.path().join("ops.pem"))?,
+            std::fs::read(pki.dir.path().join("ops.key"))?,
+        ]
+        .concat(),
+    )?;
+    let client = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(
+            pki.ca.cert_pem().as_bytes(),
+        )?)
+        .identity(identity)
+        .resolve("up-1", ([127, 0, 0, 1], port).into())
+        .timeout(None)
+        .build()?;
+    let resp = client
+        .post(format!("https://up-1:{port}/v1/upgrade?sha256={sha256}"))
+        .body(std::fs::read(bundle)?)
+        .send()?;
+    Ok((resp.status().as_u16(), resp.text()?))
+}
