@@ -232,3 +232,89 @@ fn seabios_boots_the_armed_slot_b_once_then_slot_a() -> anyhow::Result<()> {
 fn ovmf_boots_the_armed_slot_b_once_then_slot_a() -> anyhow::Result<()> {
     trial_boots_b_once_then_a(Firmware::Uefi)
 }
+
+/// The bundle beside the image, checked by independent tools: `tar` unpacks it,
+/// `veritysetup verify` checks its root against the manifest's root hash, `unsquashfs`
+/// reads the version and identity on that root; `inspect` refuses a copy with a flipped
+/// byte or cut short, naming the part.
+#[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
+fn the_bundle_matches_its_manifest_by_independent_tools() -> anyhow::Result<()> {
+    let img = image();
+    let bundle = img.dir.join("k3s-node.bundle");
+    let info = basalt_builder::bundle::inspect(&bundle)?;
+    let listed = img.manifest["outputs"]
+        .as_array()
+        .context("outputs")?
+        .iter()
+        .find(|o| o["file"] == "k3s-node.bundle")
+        .context("the image manifest lists the bundle")?;
+    assert_eq!(listed["sha256"], info.sha256.as_str());
+    assert_eq!(img.manifest["root_hash"], info.manifest.root_hash.as_str());
+    assert_eq!(img.manifest["version"], info.manifest.version.to_string());
+
+    let dir = tempfile::tempdir()?;
+    let parts = dir.path();
+    let (bundle_s, parts_s) = (
+        bundle.to_str().context("path")?,
+        parts.to_str().context("path")?,
+    );
+    let listing = tool("tar", &["-tvf", bundle_s])?;
+    let names: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    assert_eq!(
+        names,
+        ["manifest.json", "root.img", "vmlinuz", "initrd.img"]
+    );
+    tool("tar", &["-xf", bundle_s, "-C", parts_s])?;
+    let root = parts.join("root.img");
+    let root_s = root.to_str().context("path")?;
+    let offset = format!("--hash-offset={}", info.manifest.verity.hash_offset);
+    tool(
+        "veritysetup",
+        &["verify", root_s, root_s, &info.manifest.root_hash, &offset],
+    )?;
+    let wrong = "0".repeat(64);
+    assert!(tool("veritysetup", &["verify", root_s, root_s, &wrong, &offset]).is_err());
+    for (file, want) in [("vmlinuz", "vmlinuz"), ("initrd.img", "initrd.img")] {
+        let bytes = std::fs::read(parts.join(file))?;
+        let part = info.manifest.part(want).context("part")?;
+        assert_eq!(basalt_builder::cache::sha256_hex(&bytes), part.sha256);
+    }
+    // The version and identity on the root, as basalt-init will read them.
+    let os_release = tool("unsquashfs", &["-cat", root_s, "etc/os-release"])?;
+    let version = info.manifest.version.to_string();
+    assert!(
+        os_release.contains(&format!("VERSION_ID={version}\n")),
+        "{os_release}"
+    );
+    let identity = tool("unsquashfs", &["-cat", root_s, "usr/lib/basalt/image.json"])?;
+    let identity = basalt_api::bundle::Identity::parse(identity.as_bytes())?;
+    assert_eq!(identity.version, info.manifest.version);
+    assert_eq!(identity.compat, info.manifest.compat);
+
+    // A flipped byte inside root.img, and the bundle cut inside the kernel.
+    let bytes = std::fs::read(&bundle)?;
+    let tampered = parts.join("tampered.bundle");
+    let mut copy = bytes.clone();
+    let root_at = 512 + info.manifest.to_json().len().div_ceil(512) * 512 + 512;
+    copy[root_at + 4096 * 3 + 17] ^= 0x01;
+    std::fs::write(&tampered, &copy)?;
+    let err = basalt_builder::bundle::inspect(&tampered)
+        .expect_err("a flipped byte")
+        .to_string();
+    assert!(err.contains("part root.img has sha256"), "{err}");
+    let root_len = info.manifest.parts[0].size as usize;
+    let cut = root_at + root_len.div_ceil(512) * 512 + 512 + 1000;
+    std::fs::write(&tampered, &bytes[..cut])?;
+    let err = basalt_builder::bundle::inspect(&tampered)
+        .expect_err("cut short")
+        .to_string();
+    assert!(err.contains("vmlinuz"), "{err}");
+    Ok(())
+}

@@ -144,13 +144,21 @@ fn a_second_build_reuses_every_intermediate_and_gives_the_same_bytes() -> anyhow
         let name = step["step"].as_str().unwrap_or("");
         let cacheable = !matches!(
             name,
-            "basalt-init" | "disk image" | "qcow2 and raw.zst" | "manifest, SBOM and outputs"
+            "basalt-init"
+                | "disk image"
+                | "qcow2 and raw.zst"
+                | "manifest, SBOM, bundle and outputs"
         );
         if cacheable {
             assert_eq!(step["reused"], true, "step {name} was not reused: {step}");
         }
     }
-    for file in ["k3s-node.raw", "k3s-node.qcow2", "k3s-node.raw.zst"] {
+    for file in [
+        "k3s-node.raw",
+        "k3s-node.qcow2",
+        "k3s-node.raw.zst",
+        "k3s-node.bundle",
+    ] {
         assert_eq!(
             output(&first.manifest, file)?["sha256"],
             output(&second.manifest, file)?["sha256"],
