@@ -58,6 +58,15 @@ const COMMON_MODULES: &[&str] = &[
     "gzio",
 ];
 
+/// What the images are made with besides the packages, for the store key of the GRUB
+/// step: a changed module list makes new images (a cached GRUB without `loadenv` would
+/// boot slot A whatever the environment block says).
+pub fn modules_key() -> String {
+    [COMMON_MODULES, BIOS.extra_modules, EFI.extra_modules]
+        .map(|m| m.join(","))
+        .join(";")
+}
+
 pub struct Firmware {
     pub target: &'static str,
     pub extra_modules: &'static [&'static str],

@@ -366,7 +366,7 @@ fn inspect_json_agrees_with_sfdisk_and_the_manifest() -> anyhow::Result<()> {
     assert_eq!(b["cmdline"], serde_json::Value::Null);
     assert_eq!(b["root_hash"], serde_json::Value::Null);
     assert_eq!(json["next_slot"], serde_json::Value::Null);
-    assert_eq!(v["image_version"], m["version"]);
+    assert_eq!(json["versions"]["image_version"], m["version"]);
     // The kernel version three ways: os-release, the bzImage header, the manifest.
     let v = &json["versions"];
     assert_eq!(v["kernel"], m["kernel_version"]);

@@ -40,6 +40,7 @@ pub fn bootloader(ctx: &Ctx, kernel: &Kernel, layout: &Layout) -> Result<Bootloa
             &ctx.inputs["grub-bios"].sha256,
             &ctx.inputs["grub-efi"].sha256,
             &format!("{bios:?}"),
+            &grub::modules_key(),
             env!("CARGO_PKG_VERSION"),
         ],
     );
