@@ -783,8 +783,7 @@ mod tests {
                 joined: Some((joined, 4.0)),
                 agent_exec_ms: Some(10),
                 agent: Some((agent, AgentLine::CaCheckPassed)),
-                floor_ms: None,
-                check_ms: None,
+                ..AfterApply::default()
             },
         }
     }
