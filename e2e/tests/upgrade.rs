@@ -2,7 +2,7 @@
 //! `POST /v1/upgrade`, reboots into slot B on trial, joins again, marks it good, and
 //! keeps STATE and its saved config; bundles that are tampered with, truncated, carry a
 //! flipped byte in their root, or are older, are refused before anything is switched;
-//! and a v3 whose init fails its health check (a test image: `basalt.test.trial=fail` on
+//! and a v3 whose init fails its health check (a test image: `testd.trial=fail` on
 //! its command line, honoured only by a basalt-init with the `testd` feature) rolls back
 //! to v2 by itself, and status says why.
 //!
@@ -215,7 +215,7 @@ fn a_joined_node_upgrades_keeps_its_state_refuses_bad_bundles_and_rolls_back_a_b
     let double = k3s_doubles::build_agent_double(&common::workspace())?;
     let v1 = build_version("1.0.0", &[], &double)?;
     let v2 = build_version("2.0.0", &[], &double)?;
-    let v3 = build_version("3.0.0", &["basalt.test.trial=fail"], &double)?;
+    let v3 = build_version("3.0.0", &["testd.trial=fail"], &double)?;
     let server = K3sServerDouble::start("127.0.0.1:0")?;
     let pki = Pki::new()?;
     let port = free_port()?;
@@ -359,7 +359,7 @@ fn a_joined_node_upgrades_keeps_its_state_refuses_bad_bundles_and_rolls_back_a_b
         ("a", Some("3.0.0"))
     );
     assert!(
-        rb.reason.contains("basalt.test.trial=fail"),
+        rb.reason.contains("testd.trial=fail"),
         "{}",
         rb.reason
     );

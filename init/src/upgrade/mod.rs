@@ -40,7 +40,7 @@ static WATCHDOG: Mutex<Option<String>> = Mutex::new(None);
 /// The kernel parameter a test image sets to make its trial fail its health check (only
 /// honoured by a basalt-init built with the `testd` feature).
 #[cfg(feature = "testd")]
-pub const TEST_FAIL_PARAM: &str = "basalt.test.trial=fail";
+pub const TEST_FAIL_PARAM: &str = "testd.trial=fail";
 
 fn set(m: &Mutex<Option<String>>, v: Option<String>) {
     *m.lock().unwrap_or_else(|e| e.into_inner()) = v;
