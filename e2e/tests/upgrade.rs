@@ -358,11 +358,7 @@ fn a_joined_node_upgrades_keeps_its_state_refuses_bad_bundles_and_rolls_back_a_b
         (rb.slot.as_str(), rb.version.as_deref()),
         ("a", Some("3.0.0"))
     );
-    assert!(
-        rb.reason.contains("testd.trial=fail"),
-        "{}",
-        rb.reason
-    );
+    assert!(rb.reason.contains("testd.trial=fail"), "{}", rb.reason);
     assert_eq!(slot(&s, "a").state, "failed");
     assert_eq!(slot(&s, "b").version.as_deref(), Some("2.0.0"));
     wait_status(&vm, &ops, "registered again on v2", |s| {
