@@ -1,6 +1,5 @@
-//! Files replaced whole and crash-safely: the machine config saved to STATE, K3s's
-//! config and token, `/run/resolv.conf`; and, without waiting for the disk
-//! ([`replace`]), the boot counter. A reader (or the next boot, after a
+//! Files replaced whole and crash-safely: the boot counter, the machine config saved to
+//! STATE, K3s's config and token, `/run/resolv.conf`. A reader (or the next boot, after a
 //! power cut) sees the old content or the new one, never a mix or a missing file.
 
 use std::io::Write;
@@ -16,27 +15,13 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// holds the API key and the join token) are never readable by others, not even
 /// between create and rename.
 pub fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    stage_with(path, bytes, mode, true)?.commit()
-}
-
-/// [`write`] without waiting for the disk: temporary file beside the target, rename.
-/// After a crash the file holds the old or the new content (ext4 flushes a file's data
-/// before a rename over another file commits, its `auto_da_alloc` default), or, when
-/// there was no old file, it may be empty; and the new content is only durable once the
-/// journal commits (within 5 s by default). For what may be lost, such as the boot
-/// counter (an empty one counts as 0), and must not wait for two flushes of the disk.
-pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    stage_with(path, bytes, 0o644, false)?.commit()
+    stage_mode(path, bytes, mode)?.commit()
 }
 
 /// The first half of [`write_mode`]: the temporary file written and synced beside
 /// `path`, which is not touched until [`Staged::commit`]. Dropped uncommitted, the
 /// temporary file is removed. One stage per path at a time.
 pub fn stage_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<Staged> {
-    stage_with(path, bytes, mode, true)
-}
-
-fn stage_with(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Result<Staged> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)?;
@@ -51,7 +36,6 @@ fn stage_with(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Resu
     let staged = Staged {
         tmp: Some(tmp),
         path: path.to_path_buf(),
-        sync,
     };
     let tmp = staged.tmp.as_deref().unwrap_or(path);
     let mut f = std::fs::OpenOptions::new()
@@ -60,9 +44,7 @@ fn stage_with(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Resu
         .mode(mode)
         .open(tmp)?;
     f.write_all(bytes)?;
-    if sync {
-        f.sync_all()?;
-    }
+    f.sync_all()?;
     Ok(staged)
 }
 
@@ -72,8 +54,6 @@ pub struct Staged {
     /// `None` once committed.
     tmp: Option<PathBuf>,
     path: PathBuf,
-    /// Whether the file and its folder are synced (see [`replace`]).
-    sync: bool,
 }
 
 impl Staged {
@@ -88,9 +68,6 @@ impl Staged {
             return Ok(());
         };
         std::fs::rename(&tmp, &self.path)?;
-        if !self.sync {
-            return Ok(());
-        }
         let dir = self.path.parent().unwrap_or(Path::new("/"));
         std::fs::File::open(dir)?.sync_all()
     }
@@ -111,21 +88,6 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
-    }
-
-    #[test]
-    fn replace_without_sync_replaces_the_content_and_leaves_no_temporary_file() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let path = d.path().join("a/file");
-        replace(&path, b"one").expect("first");
-        replace(&path, b"two").expect("second");
-        assert_eq!(std::fs::read(&path).expect("read"), b"two");
-        assert_eq!(mode(&path), 0o644);
-        let names: Vec<_> = std::fs::read_dir(d.path().join("a"))
-            .expect("list")
-            .map(|e| e.expect("entry").file_name())
-            .collect();
-        assert_eq!(names, ["file"]);
     }
 
     #[test]
