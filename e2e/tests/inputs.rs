@@ -60,7 +60,24 @@ fn a_wrong_sha256_names_input_and_hashes_and_leaves_nothing() -> anyhow::Result<
         "output left behind: {:?}",
         files_under(&out)
     );
-    assert_eq!(files_under(&cache), Vec::<std::path::PathBuf>::new());
+    // The other inputs are fetched side by side with the kernel, so the good ones may be
+    // in the cache; nothing there may be the refused kernel, and every entry must hold
+    // what its name says (checked with sha256sum, not basalt's own hashing).
+    for f in files_under(&cache) {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        assert!(
+            name != good && name != wrong,
+            "the refused kernel was cached: {}",
+            f.display()
+        );
+        let sum = std::process::Command::new("sha256sum").arg(&f).output()?;
+        let text = String::from_utf8_lossy(&sum.stdout);
+        assert!(
+            sum.status.success() && text.split_whitespace().next() == Some(name),
+            "cache entry {} does not hold what its name says: {text}",
+            f.display()
+        );
+    }
     Ok(())
 }
 
