@@ -240,7 +240,9 @@ fn service_run(sup: &Supervisor, name: &str, now: Instant) -> Option<ServiceRun>
             .map(|t| now.saturating_duration_since(*t))
             .collect(),
         last_exit: s.last_exit,
-        last_line: sup.logs(name).pop(),
+        // The exited run's last line: by the time a crash loop is reported, the next run
+        // may already have written its first lines.
+        last_line: s.last_exit_line.or_else(|| sup.logs(name).pop()),
     })
 }
 

@@ -125,6 +125,9 @@ pub struct ServiceStatus {
     /// Restarts since [`Supervisor::start`].
     pub restarts: u32,
     pub last_exit: Option<Exit>,
+    /// The last line the exited process wrote: what a crash loop is explained by, even
+    /// once the next run has written lines of its own.
+    pub last_exit_line: Option<String>,
     /// Times at which restarts were started, oldest first (the last 64).
     pub restart_times: Vec<Instant>,
 }
@@ -152,6 +155,7 @@ struct Service {
     /// Consecutive short runs, the exponent of the backoff.
     failures: u32,
     last_exit: Option<Exit>,
+    last_exit_line: Option<String>,
     restart_times: VecDeque<Instant>,
     /// Set by `stop_all`: an exit then means Stopped, not a restart.
     stopping: bool,
@@ -262,6 +266,7 @@ impl Supervisor {
             restarts: 0,
             failures: 0,
             last_exit: None,
+            last_exit_line: None,
             restart_times: VecDeque::new(),
             stopping: false,
             restart_now: false,
@@ -308,6 +313,7 @@ impl Supervisor {
         };
         // The child has ended, so whatever it wrote is in the pipe now.
         svc.drain(&mut self.sink);
+        svc.last_exit_line = svc.log.lines.back().cloned();
         let since = match svc.state {
             State::Running { since, .. } => since,
             _ => now,
@@ -413,6 +419,7 @@ impl Supervisor {
                 state: s.state.clone(),
                 restarts: s.restarts,
                 last_exit: s.last_exit,
+                last_exit_line: s.last_exit_line.clone(),
                 restart_times: s.restart_times.iter().copied().collect(),
             })
             .collect()

@@ -338,3 +338,24 @@ fn restart_now_starts_a_running_or_waiting_service_again_at_once() {
     let _ = sup.stop_all(Duration::from_millis(300), &mut || reap_pids(&pids));
     assert!(!sup.restart_now("long"), "a stopped table restarts nothing");
 }
+
+#[test]
+fn the_last_exit_line_is_the_exited_runs_not_the_next_runs_first() {
+    let (mut sup, _) = supervisor();
+    // Each run writes a first line, waits, then a last line and fails: once the next
+    // run has started and written its first line, the log's last line is that one.
+    sup.start(sh(
+        "loop",
+        "echo starting; sleep 0.2; echo refused >&2; exit 1",
+        policy(10, 10, 1.0),
+    ))
+    .expect("start");
+    drive(&mut sup, Duration::from_secs(20), |s| {
+        state(s, "loop").restarts >= 1
+            && matches!(state(s, "loop").state, State::Running { .. })
+            && s.logs("loop").last().map(String::as_str) == Some("starting")
+    });
+    let st = state(&sup, "loop");
+    assert_eq!(st.last_exit_line.as_deref(), Some("refused"), "{st:?}");
+    assert!(exit_is(st.last_exit, Exit::Code(1)), "{st:?}");
+}
