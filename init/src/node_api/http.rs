@@ -164,7 +164,22 @@ pub fn read_body<S: Read + Write>(stream: &mut S, head: Head) -> Result<Request,
         length,
         early: mut body,
     } = head;
-    if length > body.len()
+    answer_continue(stream, &request, length > body.len())?;
+    let have = body.len();
+    body.resize(length, 0);
+    read_exact(stream, &mut body[have..])?;
+    request.body = body;
+    Ok(request)
+}
+
+/// Answers `100 Continue` when the client waits for it and part of the body is still
+/// to come (`more`).
+fn answer_continue<S: Write>(
+    stream: &mut S,
+    request: &Request,
+    more: bool,
+) -> Result<(), HttpError> {
+    if more
         && request
             .header("expect")
             .is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
@@ -174,11 +189,7 @@ pub fn read_body<S: Read + Write>(stream: &mut S, head: Head) -> Result<Request,
             .and_then(|()| stream.flush())
             .map_err(HttpError::Io)?;
     }
-    let have = body.len();
-    body.resize(length, 0);
-    read_exact(stream, &mut body[have..])?;
-    request.body = body;
-    Ok(request)
+    Ok(())
 }
 
 /// A request body read as it arrives: what came with the head, then the stream.
@@ -196,16 +207,7 @@ pub fn body_reader<S: Read + Write>(
         length,
         early,
     } = head;
-    if length > early.len()
-        && request
-            .header("expect")
-            .is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
-    {
-        stream
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            .and_then(|()| stream.flush())
-            .map_err(HttpError::Io)?;
-    }
+    answer_continue(stream, &request, length > early.len())?;
     let rest = (length - early.len()) as u64;
     Ok((request, io::Cursor::new(early).chain(stream.take(rest))))
 }
