@@ -17,12 +17,21 @@
 //!   either way the node never registers; the double's way lets a test see PID1's
 //!   crash-loop report.
 //!
+//!   Like the real `k3s`, the double first makes sure its userspace is extracted into
+//!   `<data-dir>/data/<hash>` ([`userspace`]: the first run writes and verifies a few MiB
+//!   there, later runs find it and write nothing), for `k3s agent` and for
+//!   `k3s ctr --version` (which basalt-init runs in standby for exactly that), and the
+//!   registered agent imports `<data-dir>/agent/images/` honouring K3s's `.cache.json`
+//!   ([`images`]). Each says on its own line which it did.
+//!
 //! The real pinned K3s is what `images/k3s-node.toml` builds with; nothing here is
 //! installed into a production image.
 
 pub mod agent;
+pub mod images;
 mod server;
 mod static_build;
+pub mod userspace;
 
 pub use server::{K3sServerDouble, ServerDoubleError, AGENT_USER, CLIENT_KUBELET_PATH};
 pub use static_build::build_agent_double;

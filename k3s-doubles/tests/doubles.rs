@@ -7,6 +7,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use k3s_doubles::userspace::{DATA_DIR_ENV, DATA_PREFIX};
 use k3s_doubles::{K3sServerDouble, CLIENT_KUBELET_PATH, LINE_PREFIX};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -397,12 +398,19 @@ fn a_bad_config_exits_1() {
     let out = Command::new(AGENT)
         .args(["agent", "--config"])
         .arg(&path)
+        // Its data-dir is in the config it cannot read: K3s's variable keeps it here.
+        .env(DATA_DIR_ENV, dir.path().join("data"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
+    // K3s extracts before it reads its config.
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with(DATA_PREFIX), "{stdout}");
     assert!(
-        stdout.starts_with(&format!("{LINE_PREFIX} failed: ")),
+        lines
+            .last()
+            .is_some_and(|l| l.starts_with(&format!("{LINE_PREFIX} failed: "))),
         "{stdout}"
     );
 }
@@ -463,4 +471,138 @@ fn tls_client(
         rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("TLS client");
     let sock = std::net::TcpStream::connect(server.addr()).expect("connect to the double");
     rustls::StreamOwned::new(conn, sock)
+}
+
+/// `k3s ctr --version` in `data`, as basalt-init runs it in standby: (exit code, lines).
+fn ctr_version(data: &Path) -> (Option<i32>, Vec<String>) {
+    let out = Command::new(AGENT)
+        .args(["ctr", "--version"])
+        .env(DATA_DIR_ENV, data)
+        .output()
+        .expect("run the agent double's ctr");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    (out.status.code(), lines)
+}
+
+#[test]
+fn ctr_version_extracts_once_and_the_agent_then_finds_the_userspace_and_uses_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let asset = k3s_doubles::userspace::asset_dir(&data);
+
+    let (code, lines) = ctr_version(&data);
+    assert_eq!(code, Some(0), "{lines:?}");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(
+        lines[0],
+        format!("{DATA_PREFIX} preparing data dir {}", asset.display())
+    );
+    assert!(
+        lines[1].starts_with(&format!("{DATA_PREFIX} extracted {}: ", asset.display())),
+        "{lines:?}"
+    );
+    assert!(lines[2].starts_with("k3s-double-ctr: ctr "), "{lines:?}");
+    assert_eq!(
+        std::fs::metadata(asset.join("bin/k3s")).unwrap().len(),
+        5 << 20
+    );
+    let (code, lines) = ctr_version(&data);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        lines[0],
+        format!(
+            "{DATA_PREFIX} found {}: nothing to extract",
+            asset.display()
+        )
+    );
+
+    // The airgap images, with K3s's cache turned on as basalt-init does in standby.
+    let images = data.join("agent/images");
+    std::fs::create_dir_all(&images).unwrap();
+    let bundle = images.join("k3s-airgap-images-0123456789abcdef.tar.zst");
+    std::fs::write(&bundle, vec![7u8; 4096]).unwrap();
+    std::fs::write(images.join(".cache.json"), b"").unwrap();
+
+    let server = K3sServerDouble::start("127.0.0.1:0").unwrap();
+    let config = serde_json::json!({
+        "server": server.url(),
+        "token": server.token("pw"),
+        "node-name": "warm-1",
+    });
+    for (run, want) in [
+        (
+            1,
+            format!(
+                "{LINE_PREFIX} images: imported {} (4096 bytes read in ",
+                bundle.display()
+            ),
+        ),
+        (
+            2,
+            format!(
+                "{LINE_PREFIX} images: skipped {}: unchanged since its import (.cache.json)",
+                bundle.display()
+            ),
+        ),
+    ] {
+        let mut agent = Agent::start(dir.path(), &config);
+        assert_eq!(
+            agent.expect_line(DATA_PREFIX),
+            format!(
+                "{DATA_PREFIX} found {}: nothing to extract",
+                asset.display()
+            ),
+            "run {run}"
+        );
+        agent.expect_line(&format!("{LINE_PREFIX} registered"));
+        let line = agent.expect_line(&format!("{LINE_PREFIX} images: "));
+        assert!(line.starts_with(&want), "run {run}: {line}");
+        let summary = agent.expect_line(&format!("{LINE_PREFIX} images: cache "));
+        assert_eq!(
+            summary,
+            format!(
+                "{LINE_PREFIX} images: cache on, {} imported, {} skipped",
+                2 - run,
+                run - 1
+            )
+        );
+        agent.expect_line(&format!("{LINE_PREFIX} running"));
+        let pid = Pid::from_raw(i32::try_from(agent.child.id()).unwrap());
+        kill(pid, Signal::SIGTERM).unwrap();
+        assert_eq!(agent.exit_code(), Some(0));
+    }
+    let cache: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(images.join(".cache.json")).unwrap()).unwrap();
+    assert_eq!(cache[bundle.to_string_lossy().as_ref()]["size"], 4096);
+}
+
+#[test]
+fn the_agent_extracts_at_its_first_start_when_nothing_did_before() {
+    let server = K3sServerDouble::start("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(
+        dir.path(),
+        &serde_json::json!({ "server": server.url(), "token": server.token("pw") }),
+    );
+    let asset = k3s_doubles::userspace::asset_dir(&dir.path().join("data"));
+    assert_eq!(
+        agent.expect_line(DATA_PREFIX),
+        format!("{DATA_PREFIX} preparing data dir {}", asset.display())
+    );
+    let line = agent.expect_line(DATA_PREFIX);
+    assert!(
+        line.starts_with(&format!("{DATA_PREFIX} extracted ")),
+        "{line}"
+    );
+    // Extraction comes before the config is even read.
+    agent.expect_line(&format!("{LINE_PREFIX} config "));
+    agent.expect_line(&format!(
+        "{LINE_PREFIX} images: cache off, 0 imported, 0 skipped"
+    ));
+    let pid = Pid::from_raw(i32::try_from(agent.child.id()).unwrap());
+    kill(pid, Signal::SIGTERM).unwrap();
+    assert_eq!(agent.exit_code(), Some(0));
 }

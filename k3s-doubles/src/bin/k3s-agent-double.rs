@@ -1,10 +1,17 @@
 //! `k3s-agent-double`: a test double of `k3s agent`, not K3s. Installed as `k3s` in test
 //! images. See the `k3s_doubles` crate docs and `k3s_doubles::agent`.
 //!
-//! Exit codes: 0 after SIGTERM or SIGINT, 1 when the config, the CA check or the
-//! registration (the kubelet client certificate) fails, 2 for an invocation other than
-//! `k3s agent --config FILE`. Real K3s retries a failed registration in-process; the
-//! double exits, so its supervisor restarts it (see the crate docs).
+//! Invocations, each extracting the double's userspace first as K3s does
+//! (`k3s_doubles::userspace`):
+//! - `k3s agent --config FILE`: exit 0 after SIGTERM or SIGINT, 1 when the extraction,
+//!   the config, the CA check or the registration (the kubelet client certificate)
+//!   fails. Real K3s retries a failed registration in-process; the double exits, so its
+//!   supervisor restarts it (see the crate docs). Once registered it imports
+//!   `<data-dir>/agent/images` (`k3s_doubles::images`).
+//! - `k3s ctr --version`: extracts, prints a version line, exits 0 (1 when the
+//!   extraction fails); `k3s ctr` with other arguments exits 2 after the extraction.
+//!
+//! Anything else exits 2 and extracts nothing.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -13,7 +20,8 @@ use basalt_api::config::Token;
 use k3s_doubles::agent::{
     ca_check_report, chain, config_path, register, AgentConfig, RegisterError,
 };
-use k3s_doubles::LINE_PREFIX;
+use k3s_doubles::userspace::{self, CTR_PREFIX, DATA_PREFIX};
+use k3s_doubles::{images, LINE_PREFIX};
 use nix::sys::signal::{SigSet, Signal};
 
 /// K3s's own client timeout for these requests.
@@ -31,15 +39,29 @@ fn main() -> ExitCode {
     }
 
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let env_dir = std::env::var(userspace::DATA_DIR_ENV).ok();
+    if args.first().map(String::as_str) == Some("ctr") {
+        return ctr(&args[1..], env_dir.as_deref());
+    }
     let Some(path) = config_path(&args) else {
         println!("{LINE_PREFIX} unsupported arguments {args:?}; expected: agent --config FILE");
         return ExitCode::from(2);
     };
-    let config = match std::fs::read_to_string(&path)
+    let config = std::fs::read_to_string(&path)
         .map_err(|e| format!("read {}: {e}", path.display()))
         .and_then(|text| {
             AgentConfig::from_json(&text).map_err(|e| format!("{}: {}", path.display(), chain(&e)))
-        }) {
+        });
+    // K3s finds its data dir (its config file's `data-dir` included) and extracts before
+    // anything else, whatever the config holds.
+    let data_dir = userspace::data_dir(
+        env_dir.as_deref(),
+        config.as_ref().ok().and_then(|c| c.data_dir.as_deref()),
+    );
+    if !extract(&data_dir) {
+        return ExitCode::from(1);
+    }
+    let config = match config {
         Ok(c) => c,
         Err(why) => {
             println!("{LINE_PREFIX} failed: {why}");
@@ -106,10 +128,52 @@ fn main() -> ExitCode {
         }
     }
 
+    // K3s starts containerd and imports the airgap images here, before the kubelet.
+    match images::import(&images::images_dir(&data_dir)) {
+        Ok(report) => {
+            for line in report.lines() {
+                println!("{line}");
+            }
+        }
+        // K3s logs a failed import and goes on.
+        Err(e) => println!("{LINE_PREFIX} images: import failed: {}", chain(&e)),
+    }
+
     println!("{LINE_PREFIX} running");
     // Any outcome of the wait means stop: a failing sigwait must not leave a double that
     // can never be stopped.
     let _ = stop.wait();
     println!("{LINE_PREFIX} stopping");
     ExitCode::SUCCESS
+}
+
+/// K3s's `extract` before any command runs; false (after saying why) when it failed.
+fn extract(data_dir: &std::path::Path) -> bool {
+    let result = userspace::extract(data_dir, |dir| {
+        println!("{DATA_PREFIX} preparing data dir {}", dir.display());
+    });
+    match result {
+        Ok(done) => {
+            println!("{}", done.report());
+            true
+        }
+        Err(e) => {
+            println!("{DATA_PREFIX} extracting data: {}", chain(&e));
+            false
+        }
+    }
+}
+
+/// `k3s ctr …`: the extraction, then the double's answer to `--version`.
+fn ctr(args: &[String], env_dir: Option<&str>) -> ExitCode {
+    if !extract(&userspace::data_dir(env_dir, None)) {
+        return ExitCode::from(1);
+    }
+    if matches!(args, [v] if v == "--version" || v == "-v") {
+        println!("{CTR_PREFIX} ctr k3s-agent-double (a double: not containerd's ctr)");
+        ExitCode::SUCCESS
+    } else {
+        println!("{CTR_PREFIX} unsupported ctr arguments {args:?}; expected: ctr --version");
+        ExitCode::from(2)
+    }
 }
