@@ -15,6 +15,7 @@ pub mod atomic_file;
 pub mod boot;
 pub mod config_source;
 pub mod join;
+pub mod k3s_warm;
 pub mod kmod;
 pub mod net;
 pub mod node_api;

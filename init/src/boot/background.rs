@@ -12,8 +12,9 @@
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long a promotion waits for K3s's preparation. It takes about a second under TCG;
-/// this bounds a thread stuck in the kernel.
+/// How long a promotion waits for K3s's preparation. It takes about a second under TCG,
+/// plus K3s's extraction of its userspace the first time (bounded by
+/// [`crate::k3s_warm::TIMEOUT`]); this bounds a thread stuck in the kernel.
 pub const K3S_PREP_WAIT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

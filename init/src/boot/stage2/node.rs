@@ -7,6 +7,7 @@ use crate::boot::background::{self, Background};
 use crate::boot::{kernel, mounts};
 use crate::config_source::{Chosen, SourceError, Sources};
 use crate::join::{self, Joiner, NetworkCheck, NodeHost, Retry};
+use crate::k3s_warm;
 use crate::kmod::modprobe::{ModprobeError, Modules};
 use crate::kmod::parallel::{self, Finit, Loader};
 use crate::net::metadata::{self, Metadata};
@@ -357,8 +358,10 @@ const MODULE_THREADS: usize = 2;
 /// What K3s needs of the kernel, done before any credentials exist: cgroup v2 with all
 /// controllers delegated, then the modules (in parallel), then the sysctls (the bridge
 /// sysctls exist once br_netfilter is loaded); and with STATE, what a join needs on it
-/// ([`join::prepare_standby`]). Each part is a step of the boot timeline. Returns the
-/// failures, each printed and each naming its module, key or file.
+/// ([`join::prepare_standby`]), then K3s's userspace extracted onto it ([`k3s_warm`]).
+/// Each part is a step of the boot timeline. Returns the failures, each printed and each
+/// naming its module, key or file; the warm-up's are printed only (the agent extracts at
+/// its start in any case).
 pub fn prepare_for_k3s(
     sys: &mut dyn System,
     loader: &dyn Loader,
@@ -394,8 +397,31 @@ pub fn prepare_for_k3s(
     });
     if state_mounted {
         console::timed("standby-prep", || join::prepare_standby(sys, root));
+        // Last: the other steps are what the agent needs at once.
+        console::timed(k3s_warm::LOG_NAME, || warm_k3s(root));
     }
     errors
+}
+
+/// Has the image's `k3s` extract its userspace onto STATE now ([`k3s_warm`]), on the
+/// node only (`root` is `/`): a test's root must not run a K3s on the host. Its failure
+/// is reported, not returned: the agent extracts at its start in any case.
+fn warm_k3s(root: &Path) {
+    if root != Path::new("/") {
+        return;
+    }
+    let env = join::agent_spec().env;
+    let mut line = |l: &str| console::service_line(k3s_warm::LOG_NAME, l);
+    match k3s_warm::warm(Path::new(join::K3S_BIN), &env, k3s_warm::TIMEOUT, &mut line) {
+        Ok(k3s_warm::Warmed::NoK3s) => {}
+        Ok(k3s_warm::Warmed::Ran { took }) => console::info(&format!(
+            "k3s: userspace extracted or found ({} {}, {} ms)",
+            join::K3S_BIN,
+            k3s_warm::ARGS.join(" "),
+            took.as_millis()
+        )),
+        Err(e) => console::warn(&format!("k3s warm-up: {}", console::chain(&e))),
+    }
 }
 
 /// The node API's account of what went wrong with the config sources at boot.
