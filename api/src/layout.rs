@@ -137,7 +137,7 @@ impl fmt::Display for Partition {
 /// controls its guest anyway; nothing in a cloud's API can set fw_cfg).
 pub mod fw_cfg {
     // The names as macros, so that `concat!` can build the sysfs paths as constants: the
-    // one way to name where an entry appears (there are only these two entries).
+    // one way to name where an entry appears.
     macro_rules! config_name {
         () => {
             "opt/basalt/config"
@@ -146,6 +146,11 @@ pub mod fw_cfg {
     macro_rules! test_service_name {
         () => {
             "opt/basalt/test-service"
+        };
+    }
+    macro_rules! test_upgrade_stall_name {
+        () => {
+            "opt/basalt/test-upgrade-stall"
         };
     }
     macro_rules! sysfs {
@@ -162,6 +167,12 @@ pub mod fw_cfg {
     pub const CONFIG_SYSFS: &str = sysfs!(config_name!());
     /// [`TEST_SERVICE`] where the `qemu_fw_cfg` module exposes it, relative to the root.
     pub const TEST_SERVICE_SYSFS: &str = sysfs!(test_service_name!());
+    /// Makes a test image's upgrade stop for good at a named point (`armed-before`), so
+    /// that a test can cut the power there; only a basalt-init with the `testd` feature
+    /// reads it.
+    pub const TEST_UPGRADE_STALL: &str = test_upgrade_stall_name!();
+    /// [`TEST_UPGRADE_STALL`] where the `qemu_fw_cfg` module exposes it.
+    pub const TEST_UPGRADE_STALL_SYSFS: &str = sysfs!(test_upgrade_stall_name!());
     /// How logs and errors name the config source [`CONFIG`].
     pub const CONFIG_LABEL: &str = concat!("fw_cfg ", config_name!());
 

@@ -14,60 +14,13 @@ mod common;
 
 use anyhow::Context;
 use basalt_qemu::{Firmware, Vm, VmBuilder};
+use common::disk::{esp_arg, grubenv_list, mtool, sfdisk_partition};
 use common::{copy_sparse, expect_line, image, tool};
 use std::path::Path;
 use std::time::Duration;
 
 /// Guest boot budget on KVM; the harness scales it for TCG.
 const BOOT: Duration = Duration::from_secs(60);
-
-/// Byte offset and size of a partition, as `sfdisk --json` reads the GPT.
-fn sfdisk_partition(raw: &Path, name: &str) -> anyhow::Result<(u64, u64)> {
-    let json: serde_json::Value =
-        serde_json::from_str(&tool("sfdisk", &["--json", raw.to_str().context("path")?])?)?;
-    let table = &json["partitiontable"];
-    let sector = table["sectorsize"].as_u64().unwrap_or(512);
-    let p = table["partitions"]
-        .as_array()
-        .context("partitions")?
-        .iter()
-        .find(|p| p["name"] == name)
-        .with_context(|| format!("sfdisk: no partition {name}"))?;
-    let start = p["start"].as_u64().context("start")?;
-    let size = p["size"].as_u64().context("size")?;
-    Ok((start * sector, size * sector))
-}
-
-/// mtools' `-i image@@offset`: the ESP inside the raw disk.
-fn esp_arg(raw: &Path, esp_offset: u64) -> anyhow::Result<String> {
-    Ok(format!("{}@@{esp_offset}", raw.to_str().context("path")?))
-}
-
-/// An mtools command, without its geometry checks (the ESP is a file system at an offset).
-fn mtool(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .output()
-        .with_context(|| format!("run {program} (mtools)"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{program} {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `grub-editenv list` of the disk's environment block (copied out with mtools).
-fn grubenv_list(raw: &Path, esp_offset: u64, dir: &Path) -> anyhow::Result<String> {
-    let esp = esp_arg(raw, esp_offset)?;
-    let out = dir.join("grubenv.read");
-    let _ = std::fs::remove_file(&out);
-    let out_s = out.to_str().context("path")?;
-    mtool("mcopy", &["-i", &esp, "::/EFI/BOOT/grubenv", out_s])?;
-    tool("grub-editenv", &[out_s, "list"])
-}
 
 /// A copy of the default image whose slot B holds the bundle's root, kernel and
 /// initramfs, with `next_entry=b` armed. Returns the disk and the ESP's offset.

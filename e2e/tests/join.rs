@@ -9,98 +9,44 @@ mod common;
 
 use basalt_api::layout::fw_cfg;
 use basalt_api::node::JoinState;
-use basalt_client::node::{ClientOptions, Endpoint, NodeClient, NodeError};
-use basalt_client::pki::{Ca, CertRequest, Issued, Role, Validity};
+use basalt_client::node::{NodeClient, NodeError};
+use basalt_client::pki::{Ca, Role, Validity};
 use basalt_qemu::{Vm, VmBuilder};
 use common::expect_line;
+use common::pki::{free_port, Pki};
 use k3s_doubles::K3sServerDouble;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Guest boot budget on KVM; the harness scales it for TCG.
 const BOOT: Duration = Duration::from_secs(60);
 
-/// A pool CA, the node's certificate, and client certificates good and bad.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: Ca,
-    node: Issued,
-}
-
-impl Pki {
-    fn new() -> anyhow::Result<Pki> {
-        let dir = tempfile::tempdir()?;
-        let ca = Ca::generate()?;
-        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem())?;
-        let node = ca.issue(&CertRequest {
-            name: "warm-1".into(),
-            role: Role::Node {
-                ips: vec![],
-                dns: vec![],
-            },
-            validity: Validity::days_from_now(30)?,
-        })?;
-        let pki = Pki { dir, ca, node };
-        pki.client("ops", &pki.ca, Validity::days_from_now(30)?)?;
-        let day = Duration::from_secs(86_400);
-        let now = SystemTime::now();
-        pki.client(
-            "expired",
-            &pki.ca,
-            Validity {
-                not_before: now - 10 * day,
-                not_after: now - day,
-            },
-        )?;
-        pki.client("stranger", &Ca::generate()?, Validity::days_from_now(30)?)?;
-        Ok(pki)
-    }
-
-    fn client(&self, name: &str, ca: &Ca, validity: Validity) -> anyhow::Result<()> {
-        let issued = ca.issue(&CertRequest {
-            name: name.into(),
-            role: Role::Client,
-            validity,
-        })?;
-        issued.write(self.dir.path(), name, false)?;
-        Ok(())
-    }
-
-    /// A node API client presenting `who`'s certificate, to the forwarded port.
-    fn as_client(&self, who: &str, port: u16) -> anyhow::Result<NodeClient> {
-        let path = |f: String| -> PathBuf { self.dir.path().join(f) };
-        Ok(NodeClient::new(&ClientOptions {
-            endpoint: Endpoint {
-                host: "127.0.0.1".into(),
-                port,
-            },
-            ca: path("ca.pem".into()),
-            cert: path(format!("{who}.pem")),
-            key: path(format!("{who}.key")),
-            name: Some("warm-1".into()),
-        })?)
-    }
-
-    /// A machine config: the node's identity and API material, plus `extra` TOML.
-    fn config(&self, extra: &str) -> String {
-        format!(
-            "version = 1\n[node]\nhostname = \"warm-1\"\n{extra}\n[api]\nca = '''\n{}'''\ncert = '''\n{}'''\nkey = '''\n{}'''\n",
-            self.ca.cert_pem(),
-            self.node.cert_pem,
-            self.node.key_pem
-        )
-    }
+/// The pool PKI with client certificates good and bad: `ops` from the pool CA, `expired`,
+/// and `stranger` from another CA.
+fn pki() -> anyhow::Result<Pki> {
+    let pki = Pki::with_clients("warm-1", &[("ops", Role::Client)])?;
+    let day = Duration::from_secs(86_400);
+    let now = SystemTime::now();
+    pki.issue(
+        "expired",
+        Role::Client,
+        &pki.ca,
+        Validity {
+            not_before: now - 10 * day,
+            not_after: now - day,
+        },
+    )?;
+    pki.issue(
+        "stranger",
+        Role::Client,
+        &Ca::generate()?,
+        Validity::days_from_now(30)?,
+    )?;
+    Ok(pki)
 }
 
 fn sha(s: &str) -> String {
     hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()))
-}
-
-/// A free port on the host's loopback for QEMU's forward of the node API.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// QEMU's user network (not restricted: the guest reaches the host's loopback as
@@ -194,11 +140,11 @@ fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() 
 {
     let server = K3sServerDouble::start("127.0.0.1:0")?;
     let img = common::join_image();
-    let pki = Pki::new()?;
+    let pki = pki()?;
     let port = free_port()?;
     let mut vm = boot(&img.qcow2, port, Some(&pki.config("")), pki.dir.path())?;
     expect_line(&mut vm, "[basalt] standby t=", BOOT)?;
-    let ops = pki.as_client("ops", port)?;
+    let ops = pki.client("ops", port)?;
     wait_for_api(&vm, &ops)?;
 
     // status with a client certificate from the pool CA.
@@ -214,7 +160,7 @@ fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() 
 
     // Refusals: a client certificate from another CA, an expired one, none at all.
     for who in ["stranger", "expired"] {
-        let e = pki.as_client(who, port)?.status().expect_err(who);
+        let e = pki.client(who, port)?.status().expect_err(who);
         assert!(matches!(e, NodeError::Tls { .. }), "{who}: {}", chain(&e));
     }
     let anonymous = reqwest::blocking::Client::builder()
@@ -374,7 +320,7 @@ fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() 
     expect_line(&mut again, "machine config from STATE", BOOT)?;
     expect_line(&mut again, "[basalt] joined t=", BOOT)?;
     expect_line(&mut again, "k3s-agent-double: ca-check passed", BOOT)?;
-    let ops2 = pki.as_client("ops", port2)?;
+    let ops2 = pki.client("ops", port2)?;
     wait_for_api(&again, &ops2)?;
     // The certificate of the first boot is older than this run of the agent: only the
     // one it fetches again makes the node registered.

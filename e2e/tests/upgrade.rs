@@ -15,119 +15,19 @@ mod common;
 
 use basalt_api::layout::fw_cfg;
 use basalt_api::node::{JoinState, Status};
-use basalt_client::node::{ClientOptions, Endpoint, NodeClient, NodeError};
-use basalt_client::pki::{Ca, CertRequest, Issued, Role, Validity};
+use basalt_client::node::{NodeClient, NodeError};
+use basalt_client::pki::Role;
 use basalt_qemu::{Vm, VmBuilder};
-use common::{expect_line, Image};
+use common::expect_line;
+use common::pki::{free_port, Pki};
+use common::upgrade::{build_version, bundle, slot};
 use k3s_doubles::K3sServerDouble;
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 /// Guest boot budget on KVM; the harness scales it for TCG.
 const BOOT: Duration = Duration::from_secs(90);
-
-/// `images/k3s-node.toml` with another `version` and `extra` kernel arguments, built
-/// with the K3s agent double into `target/tmp/e2e/upgrade-<version>`.
-fn build_version(version: &str, extra_cmdline: &[&str], double: &Path) -> anyhow::Result<Image> {
-    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e");
-    let specs = root.join(format!("upgrade-spec-{version}"));
-    std::fs::create_dir_all(&specs)?;
-    let src = common::workspace().join("images/k3s-node.toml");
-    let text = std::fs::read_to_string(&src)?;
-    let mut out = String::new();
-    for line in text.lines() {
-        if line.starts_with("version = ") && !out.contains("[kernel]") {
-            continue;
-        }
-        if line.starts_with("cmdline = ") && !extra_cmdline.is_empty() {
-            let extra: Vec<String> = extra_cmdline.iter().map(|a| format!(", \"{a}\"")).collect();
-            out.push_str(&line.replacen(']', &format!("{}]", extra.concat()), 1));
-        } else {
-            out.push_str(line);
-        }
-        out.push('\n');
-        if line.starts_with("name = ") {
-            out.push_str(&format!("version = \"{version}\"\n"));
-        }
-    }
-    let spec = specs.join("k3s-node.toml");
-    std::fs::write(&spec, out)?;
-    std::fs::copy(
-        common::workspace().join("images/k3s-node.lock"),
-        specs.join("k3s-node.lock"),
-    )?;
-    common::build_spec(
-        &spec,
-        &format!("upgrade-{version}"),
-        &basalt_builder::cache::Cache::default_dir(),
-        double,
-    )
-}
-
-fn bundle(img: &Image) -> PathBuf {
-    img.dir.join("k3s-node.bundle")
-}
-
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: Ca,
-    node: Issued,
-}
-
-impl Pki {
-    fn new() -> anyhow::Result<Pki> {
-        let dir = tempfile::tempdir()?;
-        let ca = Ca::generate()?;
-        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem())?;
-        let node = ca.issue(&CertRequest {
-            name: "up-1".into(),
-            role: Role::Node {
-                ips: vec![],
-                dns: vec![],
-            },
-            validity: Validity::days_from_now(30)?,
-        })?;
-        for (who, role) in [("ops", Role::Client), ("reader", Role::ReadClient)] {
-            ca.issue(&CertRequest {
-                name: who.into(),
-                role,
-                validity: Validity::days_from_now(30)?,
-            })?
-            .write(dir.path(), who, false)?;
-        }
-        Ok(Pki { dir, ca, node })
-    }
-
-    fn client(&self, who: &str, port: u16) -> anyhow::Result<NodeClient> {
-        let path = |f: String| self.dir.path().join(f);
-        Ok(NodeClient::new(&ClientOptions {
-            endpoint: Endpoint {
-                host: "127.0.0.1".into(),
-                port,
-            },
-            ca: path("ca.pem".into()),
-            cert: path(format!("{who}.pem")),
-            key: path(format!("{who}.key")),
-            name: Some("up-1".into()),
-        })?)
-    }
-
-    fn config(&self, cluster: &str) -> String {
-        format!(
-            "version = 1\n[node]\nhostname = \"up-1\"\n{cluster}\n[api]\nca = '''\n{}'''\ncert = '''\n{}'''\nkey = '''\n{}'''\n",
-            self.ca.cert_pem(),
-            self.node.cert_pem,
-            self.node.key_pem
-        )
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 /// Polls status until `done` holds (the node may be rebooting in between).
 fn wait_status(
@@ -136,31 +36,7 @@ fn wait_status(
     what: &str,
     done: impl Fn(&Status) -> bool,
 ) -> anyhow::Result<Status> {
-    let budget = vm.accel().scale(BOOT) * 2;
-    let deadline = Instant::now() + budget;
-    let mut last;
-    loop {
-        match client.status() {
-            Ok(s) if done(&s.body) => return Ok(s.body),
-            Ok(s) => last = s.raw,
-            Err(e) => last = e.to_string(),
-        }
-        if Instant::now() > deadline {
-            return Err(common::dump(
-                vm,
-                basalt_qemu::HarnessError::Timeout {
-                    what: format!("{what}; last: {last}"),
-                    timeout: budget,
-                },
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(1000));
-    }
-}
-
-fn slot<'a>(s: &'a Status, name: &str) -> &'a basalt_api::node::SlotInfo {
-    let u = s.upgrade.as_ref().expect("upgrade status");
-    u.slots.iter().find(|x| x.name == name).expect("slot")
+    common::upgrade::wait_status(vm, client, what, vm.accel().scale(BOOT) * 2, done)
 }
 
 fn api_error(r: Result<impl std::fmt::Debug, NodeError>) -> (u16, String) {
@@ -217,7 +93,10 @@ fn a_joined_node_upgrades_keeps_its_state_refuses_bad_bundles_and_rolls_back_a_b
     let v2 = build_version("2.0.0", &[], &double)?;
     let v3 = build_version("3.0.0", &["testd.trial=fail"], &double)?;
     let server = K3sServerDouble::start("127.0.0.1:0")?;
-    let pki = Pki::new()?;
+    let pki = Pki::with_clients(
+        "up-1",
+        &[("ops", Role::Client), ("reader", Role::ReadClient)],
+    )?;
     let port = free_port()?;
     let standby = pki.dir.path().join("standby.toml");
     std::fs::write(&standby, pki.config(""))?;
@@ -372,22 +251,8 @@ fn a_joined_node_upgrades_keeps_its_state_refuses_bad_bundles_and_rolls_back_a_b
 
 /// `POST /v1/upgrade` with a sha256 of our choosing (the client computes the real one).
 fn raw_upgrade(pki: &Pki, port: u16, bundle: &Path, sha256: &str) -> anyhow::Result<(u16, String)> {
-    let identity = reqwest::Identity::from_pem(
-        &[
-            std::fs::read(pki.dir.path().join("ops.pem"))?,
-            std::fs::read(pki.dir.path().join("ops.key"))?,
-        ]
-        .concat(),
-    )?;
-    let client = reqwest::blocking::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(
-            pki.ca.cert_pem().as_bytes(),
-        )?)
-        .identity(identity)
-        .resolve("up-1", ([127, 0, 0, 1], port).into())
-        .timeout(None)
-        .build()?;
-    let resp = client
+    let resp = pki
+        .raw_client("ops", port)?
         .post(format!("https://up-1:{port}/v1/upgrade?sha256={sha256}"))
         .body(std::fs::read(bundle)?)
         .send()?;

@@ -58,6 +58,46 @@ fn service(mode: &str) -> ServiceSpec {
     }
 }
 
+/// `testd.panic=stage2` on the kernel command line: the kernel panics (sysrq `c`) as
+/// soon as stage 2 has run its boot plan, before the upgrade check. A test image made to
+/// crash, so that a test can see a new slot's panic end in the old slot (`panic=10`).
+pub const PANIC_PARAM: &str = "testd.panic=stage2";
+
+/// Crashes the kernel if its command line asks for it (see [`PANIC_PARAM`]); returns
+/// otherwise.
+pub fn panic_if_asked(root: &Path) {
+    let cmdline = std::fs::read_to_string(root.join("proc/cmdline")).unwrap_or_default();
+    if !cmdline.split_whitespace().any(|w| w == PANIC_PARAM) {
+        return;
+    }
+    console::warn(&format!(
+        "testd: {PANIC_PARAM} on the kernel command line: crashing the kernel"
+    ));
+    console::flush(console::FLUSH_TIMEOUT);
+    nix::unistd::sync();
+    let trigger = root.join("proc/sysrq-trigger");
+    if let Err(e) = std::fs::write(&trigger, b"c") {
+        console::error(&format!("testd: write {}", trigger.display()), &e);
+    }
+}
+
+/// Stops the upgrade for good at `point` when the host's fw_cfg entry
+/// [`basalt_api::layout::fw_cfg::TEST_UPGRADE_STALL`] names it, so that a test can cut
+/// the power exactly there. Returns at once otherwise.
+pub fn upgrade_stall(root: &Path, point: &str) {
+    let path = root.join(basalt_api::layout::fw_cfg::TEST_UPGRADE_STALL_SYSFS);
+    let Ok(asked) = std::fs::read_to_string(path) else {
+        return;
+    };
+    if asked.trim() != point {
+        return;
+    }
+    console::warn(&format!("testd: upgrade stalled at {point}"));
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 /// Entry point of `/sbin/init testd MODE`; returns the exit status.
 pub fn main(args: &[String]) -> i32 {
     let say = |msg: &str| {

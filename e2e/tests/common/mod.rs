@@ -4,6 +4,10 @@
 
 #![allow(dead_code)]
 
+pub mod disk;
+pub mod pki;
+pub mod upgrade;
+
 use anyhow::Context;
 use basalt_builder::build::{build, BuildOptions};
 use basalt_qemu::{HarnessError, Vm};

@@ -104,12 +104,24 @@ pub fn run() -> ! {
         disk_timeout: DISK_TIMEOUT,
     };
     if let Err(e) = boot(&mut env) {
-        fatal(&e)
+        fatal(&e, Path::new("/"))
     }
     // The console queue does not survive the exec.
     console::flush(console::FLUSH_TIMEOUT);
     let err = exec_stage2();
-    fatal(&err)
+    fatal(&err, Path::new("/"))
+}
+
+/// Whether this boot is the one-shot trial of a new slot: the slot on the command line
+/// (`basalt.slot=`) is not GRUB's default (`saved_entry` in the ESP's environment
+/// block). `None` when either cannot be read.
+fn trial_boot(root: &Path) -> Option<bool> {
+    let cmdline = std::fs::read_to_string(root.join("proc/cmdline")).ok()?;
+    let params = BootParams::parse(&cmdline).ok()?;
+    let esp = partition::find(&root.join("sys"), basalt_api::layout::Partition::Efi.name())?;
+    let dev = root.join("dev").join(&esp.name);
+    let env = crate::upgrade::esp::Esp::open(&dev).ok()?.read_env().ok()?;
+    Some(crate::upgrade::trial::saved(&env) != params.slot.as_str())
 }
 
 /// Everything from the early mounts to the switch into the verified root.
@@ -179,15 +191,30 @@ fn exec_stage2() -> Errno {
 }
 
 /// Stage 1 cannot go on: say why on the console and power off, so that the failure is
-/// visible from outside (a stopped server) instead of a kernel panic loop.
-fn fatal(err: &dyn std::error::Error) -> ! {
+/// visible from outside (a stopped server) instead of a kernel panic loop. Except on the
+/// trial boot of a new slot (a dm-verity failure of a slot written by an upgrade, say):
+/// GRUB has already cleared that one-shot boot, so a reboot runs the good slot again,
+/// which then records the rollback (issue 16: no human involved).
+fn fatal(err: &dyn std::error::Error, root: &Path) -> ! {
     console::error("stage 1 failed", err);
-    console::info("powering off in 3 s");
+    let trial = trial_boot(root) == Some(true);
+    let (mode, what) = if trial {
+        (
+            nix::sys::reboot::RebootMode::RB_AUTOBOOT,
+            "this is the trial boot of a new slot: rebooting into GRUB's default slot in 3 s",
+        )
+    } else {
+        (
+            nix::sys::reboot::RebootMode::RB_POWER_OFF,
+            "powering off in 3 s",
+        )
+    };
+    console::info(what);
     console::flush(console::FLUSH_TIMEOUT);
     std::thread::sleep(Duration::from_secs(3));
     nix::unistd::sync();
     loop {
-        let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+        let _ = nix::sys::reboot::reboot(mode);
         std::thread::sleep(Duration::from_secs(1));
     }
 }

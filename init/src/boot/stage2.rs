@@ -69,6 +69,9 @@ pub fn run() -> ! {
     let mut sys = Real;
     let mut node = Node::new(&mut sys, PathBuf::from("/"));
     boot(&mut node);
+    // A test image made to crash here (`testd.panic=stage2`; testd feature only).
+    #[cfg(feature = "testd")]
+    crate::testd::panic_if_asked(std::path::Path::new("/"));
     // A/B upgrades: a rollback to record, or this boot's trial (issue 16).
     crate::upgrade::start_boot_hook(PathBuf::from("/"));
     let (mut supervisor, commands, counts) = node.into_main_loop();

@@ -233,6 +233,9 @@ pub fn install(
     };
     rec.pending = Some(pending);
     record::save(&t.root, &rec)?;
+    // A test's power cut between the write and the arming (testd feature only).
+    #[cfg(feature = "testd")]
+    crate::testd::upgrade_stall(&t.root, "armed-before");
     let mut env = esp.read_env()?;
     env.set(NEXT_ENTRY, slot)
         .map_err(|e| InstallError::Bundle(e.to_string()))?;
