@@ -59,6 +59,9 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 pub enum Warmed {
     /// The image carries no `k3s`.
     NoK3s,
+    /// The image's `k3s` is not a program the kernel runs (`ENOEXEC`): a stand-in
+    /// file, as in images built without a real K3s. Nothing to warm.
+    NotAProgram,
     /// It ran and exited 0 (or was reaped without a word, which PID1 never does).
     Ran { took: Duration },
 }
@@ -102,8 +105,11 @@ pub fn warm(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    let mut claimed =
-        reap::spawn_claimed(&mut cmd).map_err(|e| WarmError::Spawn(bin.to_path_buf(), e))?;
+    let mut claimed = match reap::spawn_claimed(&mut cmd) {
+        Ok(c) => c,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOEXEC) => return Ok(Warmed::NotAProgram),
+        Err(e) => return Err(WarmError::Spawn(bin.to_path_buf(), e)),
+    };
     let (to, lines) = mpsc::channel::<String>();
     if let Some(out) = claimed.child.stdout.take() {
         forward(out, to.clone());
@@ -257,6 +263,17 @@ mod tests {
         let alive = std::fs::read_to_string(format!("/proc/{child}/stat"))
             .is_ok_and(|s| !s.contains(") Z "));
         assert!(!alive, "the script's child survived");
+    }
+
+    #[test]
+    fn a_stand_in_that_is_no_program_is_not_a_failure() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("k3s");
+        std::fs::write(&path, "a stand-in for the K3s binary, not a program\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let (r, seen) = run(&path, Duration::from_secs(1));
+        assert_eq!(r.expect("a stand-in"), Warmed::NotAProgram);
+        assert!(seen.is_empty(), "{seen:?}");
     }
 
     #[test]

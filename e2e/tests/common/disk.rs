@@ -74,7 +74,10 @@ pub fn to_raw(disk: &Path, out: &Path) -> anyhow::Result<PathBuf> {
 
 /// Copies `len` bytes at `offset` of `raw` into `out` with `dd`.
 fn dd_out(raw: &Path, offset: u64, len: u64, out: &Path) -> anyhow::Result<()> {
-    anyhow::ensure!(offset.is_multiple_of(4096), "offset {offset} is not 4 KiB aligned");
+    anyhow::ensure!(
+        offset.is_multiple_of(4096),
+        "offset {offset} is not 4 KiB aligned"
+    );
     tool(
         "dd",
         &[

@@ -414,6 +414,10 @@ fn warm_k3s(root: &Path) {
     let mut line = |l: &str| console::service_line(k3s_warm::LOG_NAME, l);
     match k3s_warm::warm(Path::new(join::K3S_BIN), &env, k3s_warm::TIMEOUT, &mut line) {
         Ok(k3s_warm::Warmed::NoK3s) => {}
+        Ok(k3s_warm::Warmed::NotAProgram) => console::info(&format!(
+            "k3s: {} is not a program (a stand-in): nothing to extract",
+            join::K3S_BIN
+        )),
         Ok(k3s_warm::Warmed::Ran { took }) => console::info(&format!(
             "k3s: userspace extracted or found ({} {}, {} ms)",
             join::K3S_BIN,
