@@ -446,7 +446,7 @@ fn serve_file(file: &Path) -> anyhow::Result<FileServer> {
             }
             loop {
                 let mut h = String::new();
-                if reader.read_line(&mut h).map_or(true, |n| n == 0) || h == "\r\n" {
+                if !matches!(reader.read_line(&mut h), Ok(n) if n > 0) || h == "\r\n" {
                     break;
                 }
             }

@@ -10,7 +10,8 @@
 //! 200 with a `Content-Length` (any static file server does): the length is what tells a
 //! complete bundle from a truncated one. Redirects are followed (at most
 //! [`MAX_REDIRECTS`]); no proxy is used. A server that sends nothing for
-//! [`READ_TIMEOUT`] is given up.
+//! [`READ_TIMEOUT`] is given up. Logs and errors show the URL without its query
+//! ([`shown`]).
 
 use std::io::{self, Read};
 use std::time::Duration;
@@ -51,6 +52,15 @@ impl FetchError {
     }
 }
 
+/// The URL as logs and errors show it: without its query, which may carry a credential
+/// (a presigned URL's signature).
+pub fn shown(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => url.to_owned(),
+    }
+}
+
 /// The response body being read, and its announced length.
 pub struct Fetched {
     pub body: Box<dyn Read + Send>,
@@ -61,7 +71,7 @@ pub struct Fetched {
 /// would end up in the node's log).
 pub fn check_url(url: &str) -> Result<(), FetchError> {
     let bad = |reason| FetchError::BadUrl {
-        url: url.to_owned(),
+        url: shown(url),
         reason,
     };
     let rest = url
@@ -102,28 +112,26 @@ pub fn open(url: &str) -> Result<Fetched, FetchError> {
         .header("Accept-Encoding", "identity")
         .call()
         .map_err(|source| FetchError::Unreachable {
-            url: url.to_owned(),
+            url: shown(url),
             source,
         })?;
     let status = resp.status().as_u16();
     if status != 200 {
         return Err(FetchError::Status {
-            url: url.to_owned(),
+            url: shown(url),
             status,
         });
     }
     let length = resp
         .body()
         .content_length()
-        .ok_or_else(|| FetchError::NoLength {
-            url: url.to_owned(),
-        })?;
+        .ok_or_else(|| FetchError::NoLength { url: shown(url) })?;
     Ok(Fetched {
         body: Box::new(Counted {
             inner: resp.into_body().into_reader(),
             got: 0,
             length,
-            url: url.to_owned(),
+            url: shown(url),
         }),
         length,
     })
@@ -178,5 +186,10 @@ mod tests {
             assert!(err.to_string().contains(why), "{url}: {err}");
             assert_eq!(err.status(), 400);
         }
+        // A presigned URL's query is a credential: never shown.
+        let err = check_url("gopher://h/b?X-Amz-Signature=secret").unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
+        assert_eq!(shown("https://h/b.tar?sig=secret"), "https://h/b.tar?…");
+        assert_eq!(shown("https://h/b.tar"), "https://h/b.tar");
     }
 }

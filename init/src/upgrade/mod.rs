@@ -147,7 +147,7 @@ pub fn install_from(
             fetch::check_url(url)?;
             install::expected_sha256(opts)?;
             install::precheck(booted, t)?;
-            console::info(&format!("upgrade: fetching {url}"));
+            console::info(&format!("upgrade: fetching {}", fetch::shown(url)));
             let mut got = fetch::open(url)?;
             install::install(&mut got.body, got.length, opts, booted, running, t)
         }
