@@ -88,6 +88,60 @@ mod tests {
         assert_eq!(&top[..32], &hash(b"", l0a));
     }
 
+    /// `veritysetup verify` (cryptsetup) as the oracle of the tree that
+    /// `basalt_api::verity` computes, one and two levels; skipped without it.
+    #[test]
+    fn veritysetup_verifies_what_append_writes() {
+        let Ok(tool) = which_veritysetup() else {
+            eprintln!("veritysetup not installed: skipped");
+            return;
+        };
+        for blocks in [3, PER_BLOCK + 1] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("slot.img");
+            let data: Vec<u8> = (0..blocks * BS).map(|i| (i * 13 % 251) as u8).collect();
+            let mut f = std::fs::File::options()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .expect("create");
+            f.write_all(&data).expect("write");
+            let info = append(&mut f, data.len() as u64, b"salty", [3; 16]).expect("append");
+            drop(f);
+            let out = std::process::Command::new(&tool)
+                .arg("verify")
+                .arg(&path)
+                .arg(&path)
+                .arg(hex_encode(&info.root_hash))
+                .arg(format!("--hash-offset={}", data.len()))
+                .output()
+                .expect("run veritysetup");
+            assert!(
+                out.status.success(),
+                "{blocks} blocks: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    fn which_veritysetup() -> Result<std::path::PathBuf, ()> {
+        [
+            "/usr/sbin/veritysetup",
+            "/sbin/veritysetup",
+            "/usr/bin/veritysetup",
+        ]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or(())
+    }
+
+    fn hex_encode(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
     #[test]
     fn unaligned_data_is_refused() {
         let mut dev = Cursor::new(vec![0u8; 100]);
