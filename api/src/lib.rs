@@ -8,7 +8,8 @@
 //! writes into the root and init keeps the clock above ([`time_floor`]). The machine
 //! config ([`config`]) is the versioned TOML document the CLI writes, the node API
 //! accepts and basalt-init applies. A/B upgrades share the bundle manifest and image
-//! identity ([`bundle`]) and GRUB's environment block ([`grubenv`]).
+//! identity ([`bundle`]), GRUB's environment block ([`grubenv`]), and the dm-verity tree
+//! the builder writes and the node checks ([`verity`]).
 
 pub mod bootparams;
 pub mod bundle;
@@ -20,3 +21,4 @@ pub mod layout;
 pub mod milestone;
 pub mod node;
 pub mod time_floor;
+pub mod verity;

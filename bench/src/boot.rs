@@ -260,7 +260,7 @@ fn boot_image(
 }
 
 /// One boot of the floor until its marker, then until QEMU exits.
-fn boot_floor(
+pub(crate) fn boot_floor(
     opts: &BootBenchOptions,
     accel: Accel,
     floor_boot: &FloorBoot,

@@ -147,14 +147,14 @@ pub fn run(opts: &JoinBenchOptions) -> Result<JoinBench, JoinBenchError> {
 }
 
 /// A pool CA with the node's certificate and one client's, in a scratch folder.
-struct RunPki {
-    dir: tempfile::TempDir,
+pub(crate) struct RunPki {
+    pub(crate) dir: tempfile::TempDir,
     ca_pem: String,
     node: Issued,
 }
 
 impl RunPki {
-    fn new() -> Result<RunPki, JoinBenchError> {
+    pub(crate) fn new() -> Result<RunPki, JoinBenchError> {
         let dir = tempfile::tempdir().map_err(JoinBenchError::TempDir)?;
         let ca = Ca::generate().map_err(JoinBenchError::Pki)?;
         let issue = |name: &str, role| {
@@ -184,7 +184,7 @@ impl RunPki {
         })
     }
 
-    fn client(&self, port: u16) -> Result<NodeClient, NodeError> {
+    pub(crate) fn client(&self, port: u16) -> Result<NodeClient, NodeError> {
         let path = |f: &str| self.dir.path().join(f);
         NodeClient::new(&ClientOptions {
             endpoint: Endpoint {
@@ -201,7 +201,7 @@ impl RunPki {
 
 /// The machine config: the node's name and API material, and `[cluster]` when given
 /// (server URL, token), which is what turns a standby node into a joining one.
-fn machine_config(pki: &RunPki, cluster: Option<(&str, &str)>) -> String {
+pub(crate) fn machine_config(pki: &RunPki, cluster: Option<(&str, &str)>) -> String {
     let cluster = cluster.map_or_else(String::new, |(server, token)| {
         format!("[cluster]\nserver = \"{server}\"\ntoken = \"{token}\"\n")
     });
@@ -214,14 +214,14 @@ fn machine_config(pki: &RunPki, cluster: Option<(&str, &str)>) -> String {
 /// QEMU's user network, not restricted so that the guest reaches the server double on
 /// the host's loopback as 10.0.2.2; the node API forwarded to `port` on the host's
 /// loopback; virtio-rng for TLS; the config over fw_cfg.
-fn qemu_args(port: u16, config: &Path) -> Vec<String> {
+pub(crate) fn qemu_args(port: u16, config: &Path) -> Vec<String> {
     let mut args = basalt_qemu::node_devices(false, &[(port, DEFAULT_PORT)]);
     args.push("-fw_cfg".into());
     args.push(fw_cfg::qemu_arg(fw_cfg::CONFIG, config));
     args
 }
 
-fn free_port() -> Result<u16, JoinBenchError> {
+pub(crate) fn free_port() -> Result<u16, JoinBenchError> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(JoinBenchError::Port)?;
     Ok(listener.local_addr().map_err(JoinBenchError::Port)?.port())
 }
@@ -239,7 +239,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The last lines of the serial log, for an error.
-fn tail(vm: &Vm) -> String {
+pub(crate) fn tail(vm: &Vm) -> String {
     let serial = vm.serial();
     let lines: Vec<&str> = serial.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
@@ -345,7 +345,7 @@ fn join_once(image: &Path, accel: Accel, run: usize) -> Result<JoinRun, JoinBenc
 }
 
 /// Polls `health` until the node API answers (it starts at standby).
-fn wait_for_api(vm: &Vm, client: &NodeClient) -> Result<(), HarnessError> {
+pub(crate) fn wait_for_api(vm: &Vm, client: &NodeClient) -> Result<(), HarnessError> {
     let budget = vm.accel().scale(BOOT);
     let deadline = Instant::now() + budget;
     loop {

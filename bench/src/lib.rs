@@ -21,6 +21,7 @@ pub mod join;
 pub mod pool;
 pub mod size;
 pub mod stats;
+pub mod upgrade;
 pub mod upload;
 
 use basalt_builder::build::{build, BuildError, BuildOptions, InitSource};

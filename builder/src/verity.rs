@@ -2,15 +2,12 @@
 //! 4096-byte blocks): superblock in the first hash block, then the tree, top level first.
 //!
 //! Written by hand: no maintained crate builds verity trees; the format is small and
-//! `veritysetup verify` is the oracle in the tests.
+//! `veritysetup verify` is the oracle in the tests. The tree itself is computed in
+//! [`basalt_api::verity`], which basalt-init uses to check an upgrade's slot.
 
 use basalt_api::bootparams::VERITY_BLOCK_SIZE;
-use sha2::{Digest, Sha256};
+use basalt_api::verity::{hash_block as hash, superblock, Tree, BLOCK as BS};
 use std::io::{Read, Seek, SeekFrom, Write};
-
-const BS: usize = VERITY_BLOCK_SIZE as usize;
-const DIGEST: usize = 32;
-const PER_BLOCK: usize = BS / DIGEST;
 
 /// The result: what the kernel command line and the manifest need.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,29 +16,6 @@ pub struct VerityInfo {
     pub data_blocks: u64,
     /// Bytes of superblock + tree appended after the data.
     pub hash_bytes: u64,
-}
-
-fn hash(salt: &[u8], block: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(salt);
-    h.update(block);
-    h.finalize().into()
-}
-
-/// The superblock (`struct verity_sb` of cryptsetup), padded to a full block.
-fn superblock(uuid: [u8; 16], data_blocks: u64, salt: &[u8]) -> Vec<u8> {
-    let mut sb = vec![0u8; BS];
-    sb[0..8].copy_from_slice(b"verity\0\0");
-    sb[8..12].copy_from_slice(&1u32.to_le_bytes());
-    sb[12..16].copy_from_slice(&1u32.to_le_bytes());
-    sb[16..32].copy_from_slice(&uuid);
-    sb[32..38].copy_from_slice(b"sha256");
-    sb[64..68].copy_from_slice(&(BS as u32).to_le_bytes());
-    sb[68..72].copy_from_slice(&(BS as u32).to_le_bytes());
-    sb[72..80].copy_from_slice(&data_blocks.to_le_bytes());
-    sb[80..82].copy_from_slice(&(salt.len() as u16).to_le_bytes());
-    sb[88..88 + salt.len()].copy_from_slice(salt);
-    sb
 }
 
 /// Hashes the first `data_len` bytes of `dev` (a multiple of the block size) and writes
@@ -67,45 +41,23 @@ pub fn append<D: Read + Write + Seek>(
         dev.read_exact(&mut block)?;
         level.push(hash(salt, &block));
     }
-    // Build levels upwards until one block holds them all; keep their bytes.
-    let mut levels: Vec<Vec<u8>> = Vec::new();
-    loop {
-        let bytes = pack(&level);
-        if bytes.len() == BS {
-            let root = hash(salt, &bytes);
-            levels.push(bytes);
-            levels.reverse(); // on disk: top level first
-            let mut written = BS as u64;
-            dev.seek(SeekFrom::Start(data_len))?;
-            dev.write_all(&superblock(uuid, data_blocks, salt))?;
-            for l in &levels {
-                dev.write_all(l)?;
-                written += l.len() as u64;
-            }
-            return Ok(VerityInfo {
-                root_hash: root,
-                data_blocks,
-                hash_bytes: written,
-            });
-        }
-        level = bytes.chunks(BS).map(|b| hash(salt, b)).collect();
-        levels.push(bytes);
+    let tree = Tree::build(level, salt);
+    dev.seek(SeekFrom::Start(data_len))?;
+    dev.write_all(&superblock(uuid, data_blocks, salt))?;
+    for l in &tree.levels {
+        dev.write_all(l)?;
     }
-}
-
-/// Digests packed into zero-padded hash blocks.
-fn pack(digests: &[[u8; 32]]) -> Vec<u8> {
-    let blocks = digests.len().div_ceil(PER_BLOCK).max(1);
-    let mut out = vec![0u8; blocks * BS];
-    for (i, d) in digests.iter().enumerate() {
-        out[i * DIGEST..(i + 1) * DIGEST].copy_from_slice(d);
-    }
-    out
+    Ok(VerityInfo {
+        root_hash: tree.root,
+        data_blocks,
+        hash_bytes: BS as u64 + tree.bytes(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use basalt_api::verity::PER_BLOCK;
     use std::io::Cursor;
 
     #[test]
@@ -134,6 +86,60 @@ mod tests {
         assert_eq!(info.root_hash, hash(b"", top));
         let l0a = &data[(n + 2) * BS..(n + 3) * BS];
         assert_eq!(&top[..32], &hash(b"", l0a));
+    }
+
+    /// `veritysetup verify` (cryptsetup) as the oracle of the tree that
+    /// `basalt_api::verity` computes, one and two levels; skipped without it.
+    #[test]
+    fn veritysetup_verifies_what_append_writes() {
+        let Ok(tool) = which_veritysetup() else {
+            eprintln!("veritysetup not installed: skipped");
+            return;
+        };
+        for blocks in [3, PER_BLOCK + 1] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("slot.img");
+            let data: Vec<u8> = (0..blocks * BS).map(|i| (i * 13 % 251) as u8).collect();
+            let mut f = std::fs::File::options()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .expect("create");
+            f.write_all(&data).expect("write");
+            let info = append(&mut f, data.len() as u64, b"salty", [3; 16]).expect("append");
+            drop(f);
+            let out = std::process::Command::new(&tool)
+                .arg("verify")
+                .arg(&path)
+                .arg(&path)
+                .arg(hex_encode(&info.root_hash))
+                .arg(format!("--hash-offset={}", data.len()))
+                .output()
+                .expect("run veritysetup");
+            assert!(
+                out.status.success(),
+                "{blocks} blocks: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    fn which_veritysetup() -> Result<std::path::PathBuf, ()> {
+        [
+            "/usr/sbin/veritysetup",
+            "/sbin/veritysetup",
+            "/usr/bin/veritysetup",
+        ]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or(())
+    }
+
+    fn hex_encode(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
     #[test]

@@ -155,6 +155,24 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// A/B upgrade: the request (the bundle streamed, `reboot=1`) → the new slot at
+    /// standby, against the floor in the same run: the bundle's bytes written and synced
+    /// on the host, plus one boot of the floor (as `bench boot`).
+    Upgrade {
+        /// The image booted first (a .raw or .qcow2).
+        image: PathBuf,
+        /// A bundle of a newer version for the same layout (`basalt build` writes one).
+        bundle: PathBuf,
+        /// Upgrades, each from a fresh boot, and as many floors.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Boot with UEFI (OVMF) instead of legacy BIOS (SeaBIOS).
+        #[arg(long)]
+        uefi: bool,
+        /// A prebuilt static basalt-floor [default: built from this source tree].
+        #[arg(long, value_name = "PATH")]
+        floor_init: Option<PathBuf>,
+    },
     /// The warm pool: cluster-autoscaler's demand (gRPC NodeGroupIncreaseSize) → joined
     /// and → the agent reporting, a warm promote against a cold start, N times each, with
     /// the qemu provider. The image must carry the K3s agent double, as for `bench join`.
@@ -307,6 +325,22 @@ fn bench(what: BenchCmd) -> anyhow::Result<()> {
         }
         BenchCmd::Join { image, runs } => {
             print!("{}", join::run(&join::JoinBenchOptions { image, runs })?);
+        }
+        BenchCmd::Upgrade {
+            image,
+            bundle,
+            runs,
+            uefi,
+            floor_init,
+        } => {
+            let opts = basalt_bench::upgrade::UpgradeBenchOptions {
+                image,
+                bundle,
+                runs,
+                firmware: firmware(uefi),
+                floor_init,
+            };
+            print!("{}", basalt_bench::upgrade::run(&opts)?);
         }
         BenchCmd::Pool { image, runs } => {
             let opts = basalt_bench::pool::PoolBenchOptions { image, runs };

@@ -108,6 +108,9 @@ pub enum NodeError {
     },
     #[error("invalid service name {0:?}: letters, digits, '.', '_' and '-' only")]
     ServiceName(String),
+    /// A command line that cannot be run as given.
+    #[error("{0}")]
+    Usage(String),
     #[error("the node did not apply the config: {0}")]
     NotApplied(String),
     #[error("the node applied the config but could not join: {0}")]
@@ -285,7 +288,34 @@ impl NodeClient {
         self.decode("POST", &p, resp)
     }
 
-    /// Makes the other slot the node's default again (it must hold a good image).
+    /// Has the node fetch the bundle at `url` itself (`http://` or `https://`) and
+    /// check it against `sha256`, the whole bundle's. No timeout: the node answers once
+    /// the bundle is written and verified, which takes as long as the download.
+    pub fn upgrade_url(
+        &self,
+        url: &str,
+        sha256: &str,
+        allow_downgrade: bool,
+        reboot: bool,
+    ) -> Result<Reply<UpgradeResponse>, NodeError> {
+        use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+        let mut p = format!(
+            "{}?sha256={sha256}&url={}",
+            path::UPGRADE,
+            utf8_percent_encode(url, NON_ALPHANUMERIC)
+        );
+        if allow_downgrade {
+            p.push_str("&allow_downgrade=1");
+        }
+        if reboot {
+            p.push_str("&reboot=1");
+        }
+        let resp = self.send("POST", &p, None, None)?;
+        self.decode("POST", &p, resp)
+    }
+
+    /// Makes the other slot the node's default again (it must hold a good image); on a
+    /// trial boot, gives the trial up (the old slot, still the default, boots next).
     pub fn rollback(&self, reboot: bool) -> Result<Reply<RollbackResponse>, NodeError> {
         let p = if reboot {
             format!("{}?reboot=1", path::ROLLBACK)

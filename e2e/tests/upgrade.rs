@@ -4,7 +4,8 @@
 //! flipped byte in their root, or are older, are refused before anything is switched;
 //! and a v3 whose init fails its health check (a test image: `testd.trial=fail` on
 //! its command line, honoured only by a basalt-init with the `testd` feature) rolls back
-//! to v2 by itself, and status says why.
+//! to v2 by itself, and status says why. v3 is fetched by the node itself (the URL form,
+//! `?url=`) from a file server double on the host, reached as 10.0.2.2.
 //!
 //! The images are three real builds of `images/k3s-node.toml` that differ in `version`
 //! (and v3 in its command line), each with the **K3s agent double** as its `k3s`; the
@@ -220,9 +221,33 @@ fn a_joined_node_upgrades_keeps_its_state_refuses_bad_bundles_and_rolls_back_a_b
     assert_eq!(code, 400, "{msg}");
     assert!(msg.contains("older"), "{msg}");
 
-    // v3 fails its health check on trial: the node goes back to v2 by itself.
-    let r = ops.upgrade(&bundle(&v3), false, true)?;
+    // v3 fails its health check on trial: the node goes back to v2 by itself. The node
+    // fetches v3 itself (the URL form) from a file server on the host's loopback, which
+    // the guest reaches as 10.0.2.2 over QEMU's user network.
+    let v3b = bundle(&v3);
+    let files = serve_file(&v3b)?;
+    let url = format!("http://10.0.2.2:{}/v3.bundle", files.port);
+    // A URL that answers 404: refused, nothing switched.
+    let (code, msg) = api_error(ops.upgrade_url(
+        &format!("http://10.0.2.2:{}/missing.bundle", files.port),
+        &basalt_client::node::sha256_file(&v3b)?,
+        false,
+        false,
+    ));
+    assert_eq!(code, 502, "{msg}");
+    assert!(msg.contains("HTTP 404"), "{msg}");
+    let u = ops.status()?.body.upgrade.expect("upgrade");
+    assert_eq!(
+        (u.next_boot, u.default_slot.as_deref(), u.booted.as_str()),
+        (None, Some("b"), "b"),
+        "a URL that answers 404 switches nothing"
+    );
+    let r = ops.upgrade_url(&url, &basalt_client::node::sha256_file(&v3b)?, false, true)?;
     assert_eq!(r.body.slot, "a");
+    assert_eq!(
+        files.served.lock().map(|s| s.clone()).unwrap_or_default(),
+        ["GET /missing.bundle", "GET /v3.bundle"]
+    );
     expect_line(&mut vm, "upgrade: slot a is on trial", BOOT * 2)?;
     expect_line(&mut vm, "upgrade: rolled back from slot a", BOOT * 3)?;
     let s = wait_status(&vm, &ops, "back on v2 after the rollback", |s| {
@@ -257,4 +282,63 @@ fn raw_upgrade(pki: &Pki, port: u16, bundle: &Path, sha256: &str) -> anyhow::Res
         .body(std::fs::read(bundle)?)
         .send()?;
     Ok((resp.status().as_u16(), resp.text()?))
+}
+
+/// A test double of a static file server on the host's loopback: `GET /v3.bundle`
+/// answers `file` with its Content-Length, anything else 404. Records each request line.
+struct FileServer {
+    port: u16,
+    served: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn serve_file(file: &Path) -> anyhow::Result<FileServer> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let served = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&served);
+    let file = file.to_path_buf();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let Ok(clone) = conn.try_clone() else {
+                continue;
+            };
+            let mut reader = BufReader::new(clone);
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if !matches!(reader.read_line(&mut h), Ok(n) if n > 0) || h == "\r\n" {
+                    break;
+                }
+            }
+            let path = line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned();
+            if let Ok(mut l) = log.lock() {
+                l.push(format!("GET {path}"));
+            }
+            let _ = match (path.as_str(), std::fs::File::open(&file)) {
+                ("/v3.bundle", Ok(mut f)) => {
+                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    conn.write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .and_then(|()| std::io::copy(&mut f, &mut conn).map(|_| ()))
+                }
+                _ => conn.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                ),
+            };
+        }
+    });
+    Ok(FileServer { port, served })
 }

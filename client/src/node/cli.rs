@@ -60,9 +60,17 @@ pub enum NodeCmd {
     /// sha256 is computed here and checked by the node, which writes and verifies the
     /// slot and boots it once at the next boot; the slot becomes the default only when
     /// it proves healthy, else the node rolls back by itself.
+    ///
+    /// Given an `http://` or `https://` URL instead of a file, the node fetches the
+    /// bundle itself (`--sha256` is then required: the node checks what it fetched
+    /// against it before anything is switched).
     Upgrade {
-        /// The bundle file (`*.bundle.tar`).
-        bundle: PathBuf,
+        /// The bundle file (`*.bundle.tar`), or its URL for the node to fetch.
+        bundle: String,
+        /// The bundle's sha256 (64 hex digits): required with a URL; with a file, checked
+        /// against the file's before it is sent.
+        #[arg(long)]
+        sha256: Option<String>,
         /// Reboot into the new slot at once.
         #[arg(long)]
         reboot: bool,
@@ -136,10 +144,16 @@ pub fn run(args: NodeArgs) -> Result<(), NodeError> {
         NodeCmd::Metrics => client.metrics()?,
         NodeCmd::Upgrade {
             bundle,
+            sha256,
             reboot,
             allow_downgrade,
         } => {
-            let r = client.upgrade(&bundle, allow_downgrade, reboot)?;
+            let r = match upgrade_source(&bundle, sha256.as_deref())? {
+                UpgradeSource::Url { url, sha256 } => {
+                    client.upgrade_url(url, &sha256, allow_downgrade, reboot)?
+                }
+                UpgradeSource::File(path) => client.upgrade(&path, allow_downgrade, reboot)?,
+            };
             pick(json, r.raw, || format!("{}\n", r.body.message))
         }
         NodeCmd::Rollback { reboot } => {
@@ -148,6 +162,56 @@ pub fn run(args: NodeArgs) -> Result<(), NodeError> {
         }
     };
     print(&text)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum UpgradeSource<'a> {
+    File(PathBuf),
+    Url { url: &'a str, sha256: String },
+}
+
+/// A URL (the node fetches it; `--sha256` required) or a file (hashed here; a given
+/// `--sha256` must match it).
+fn upgrade_source<'a>(
+    bundle: &'a str,
+    sha256: Option<&str>,
+) -> Result<UpgradeSource<'a>, NodeError> {
+    let sha256 = match sha256 {
+        Some(s) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(s.to_ascii_lowercase())
+        }
+        Some(s) => {
+            return Err(NodeError::Usage(format!(
+                "--sha256 {s:?} is not a sha256 (64 hex digits)"
+            )))
+        }
+        None => None,
+    };
+    if bundle.starts_with("http://") || bundle.starts_with("https://") {
+        let sha256 = sha256.ok_or_else(|| {
+            NodeError::Usage(format!(
+                "{bundle}: a URL needs --sha256 (the bundle's, e.g. from sha256sum): the \
+                 node checks what it fetches against it"
+            ))
+        })?;
+        return Ok(UpgradeSource::Url {
+            url: bundle,
+            sha256,
+        });
+    }
+    let path = PathBuf::from(bundle);
+    if let Some(want) = sha256 {
+        let got = super::sha256_file(&path).map_err(|source| NodeError::Bundle {
+            path: path.clone(),
+            source,
+        })?;
+        if got != want {
+            return Err(NodeError::Usage(format!(
+                "{bundle}: its sha256 is {got}, not the --sha256 given ({want})"
+            )));
+        }
+    }
+    Ok(UpgradeSource::File(path))
 }
 
 fn pick(json: bool, raw: String, human: impl FnOnce() -> String) -> String {
@@ -167,4 +231,41 @@ fn print(text: &str) -> Result<(), NodeError> {
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
         .map_err(NodeError::Output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_needs_its_sha256_and_a_file_given_one_must_match_it() {
+        let sha = "AB".repeat(32);
+        assert_eq!(
+            upgrade_source("https://example.com/v2.bundle.tar", Some(&sha)).expect("url"),
+            UpgradeSource::Url {
+                url: "https://example.com/v2.bundle.tar",
+                sha256: "ab".repeat(32)
+            }
+        );
+        let err = upgrade_source("http://10.0.2.2:8000/v2.bundle.tar", None).unwrap_err();
+        assert!(err.to_string().contains("needs --sha256"), "{err}");
+        let err = upgrade_source("http://h/b", Some("123")).unwrap_err();
+        assert!(err.to_string().contains("64 hex digits"), "{err}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("v2.bundle.tar");
+        std::fs::write(&file, b"bundle").expect("write");
+        let name = file.to_str().expect("utf8");
+        assert_eq!(
+            upgrade_source(name, None).expect("file"),
+            UpgradeSource::File(file.clone())
+        );
+        let real = super::super::sha256_file(&file).expect("sha");
+        assert_eq!(
+            upgrade_source(name, Some(&real)).expect("file"),
+            UpgradeSource::File(file.clone())
+        );
+        let err = upgrade_source(name, Some(&sha)).unwrap_err();
+        assert!(err.to_string().contains("not the --sha256 given"), "{err}");
+    }
 }

@@ -1,7 +1,10 @@
 //! `POST /v1/upgrade` and `POST /v1/rollback`: the HTTP side of [`crate::upgrade`].
 //!
 //! Upgrade: the body is the bundle (a tar, `Content-Length` required), streamed into the
-//! inactive slot as it arrives, never held. The query carries `sha256=<hex>`, the
+//! inactive slot as it arrives, never held. Or the body is empty and the query has
+//! `url=<percent-encoded URL>`: the node fetches the bundle from there
+//! ([`crate::upgrade::fetch`]) and reads it exactly as a body; a server that cannot be
+//! reached or does not answer 200 with the bundle is a 502. The query carries `sha256=<hex>`, the
 //! sha256 of the whole bundle (required: a bundle whose bytes hash otherwise is refused
 //! after it arrived, before anything is switched), and optionally `allow_downgrade=1`
 //! and `reboot=1`. Answers: 200 with [`UpgradeResponse`]; 400 for a bundle that is
@@ -16,6 +19,7 @@ use super::Context;
 use crate::pid1::console;
 use crate::pid1::mailbox::Power;
 use crate::upgrade::install::Options;
+use crate::upgrade::Source;
 use basalt_api::node::{RollbackResponse, UpgradeResponse};
 use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
@@ -40,11 +44,23 @@ pub fn receive<S: Read + Write>(ctx: &Context, head: Head, stream: &mut S) -> Re
         }
         resp
     };
-    if length == 0 {
+    let url = match req.param("url").map(decode) {
+        None => None,
+        Some(Ok(u)) => Some(u),
+        Some(Err(why)) => {
+            let resp = Response::error(400, &format!("url=: {why}"));
+            return Reply::Done(answer(resp, &mut body));
+        }
+    };
+    if url.is_some() && length != 0 {
+        let resp = Response::error(400, "send either the bundle as the body or url=, not both");
+        return Reply::Done(answer(resp, &mut body));
+    }
+    if url.is_none() && length == 0 {
         let resp = Response::error(
             400,
             "send the upgrade bundle as the body, with Content-Length \
-             (basalt node upgrade BUNDLE)",
+             (basalt node upgrade BUNDLE), or its URL as url= (basalt node upgrade URL)",
         );
         return Reply::Done(answer(resp, &mut body));
     }
@@ -61,7 +77,15 @@ pub fn receive<S: Read + Write>(ctx: &Context, head: Head, stream: &mut S) -> Re
         allow_downgrade: req.flag("allow_downgrade"),
     };
     let reboot = req.flag("reboot");
-    match crate::upgrade::upgrade(&ctx.root, &mut body, length, &opts) {
+    let source = match &url {
+        Some(u) => Source::Url(u),
+        None => Source::Body {
+            body: &mut body,
+            length,
+        },
+    };
+    let done = crate::upgrade::upgrade(&ctx.root, source, &opts);
+    match done {
         Ok(done) => {
             let slot = done.slot.as_str();
             let message = if reboot {
@@ -93,22 +117,41 @@ pub fn receive<S: Read + Write>(ctx: &Context, head: Head, stream: &mut S) -> Re
     }
 }
 
-/// `POST /v1/rollback[?reboot=1]`.
+/// A query value, percent-decoded (`url=` is sent encoded: it has `?`, `&`, `=`).
+fn decode(v: &str) -> Result<String, &'static str> {
+    percent_encoding::percent_decode_str(v)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| "not UTF-8 once percent-decoded")
+}
+
+/// `POST /v1/rollback[?reboot=1]`. On a trial boot it gives the trial up (see
+/// [`crate::upgrade::rollback_on`]): without `reboot=1` the node runs on, never marked
+/// good, and its next boot is the old slot's.
 pub fn rollback(ctx: &Context, req: &http::Request) -> Reply {
     let reboot = req.flag("reboot");
     match crate::upgrade::rollback(&ctx.root) {
-        Ok(slot) => {
-            let slot = slot.as_str();
+        Ok(done) => {
+            let slot = done.slot.as_str();
+            let message = match (done.ended_trial, reboot) {
+                (true, true) => {
+                    format!("the trial is given up (never marked good); rebooting into slot {slot}")
+                }
+                (true, false) => format!(
+                    "the trial is given up (never marked good); slot {slot}, still GRUB's \
+                     default, boots next (reboot to go there now)"
+                ),
+                (false, true) => format!("slot {slot} is the default again; rebooting into it"),
+                (false, false) => {
+                    format!("slot {slot} is the default again from the next boot")
+                }
+            };
             let resp = Response::json(
                 200,
                 &RollbackResponse {
                     slot: slot.to_owned(),
                     rebooting: reboot,
-                    message: if reboot {
-                        format!("slot {slot} is the default again; rebooting into it")
-                    } else {
-                        format!("slot {slot} is the default again from the next boot")
-                    },
+                    message,
                 },
             );
             if reboot {

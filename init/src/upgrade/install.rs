@@ -71,6 +71,8 @@ pub enum InstallError {
     Esp(#[from] EspError),
     #[error(transparent)]
     Record(#[from] RecordError),
+    #[error(transparent)]
+    Fetch(#[from] super::fetch::FetchError),
 }
 
 impl InstallError {
@@ -92,6 +94,7 @@ impl InstallError {
             | InstallError::Write { .. }
             | InstallError::Esp(_)
             | InstallError::Record(_) => 500,
+            InstallError::Fetch(e) => e.status(),
         }
     }
 }
@@ -190,6 +193,17 @@ pub fn precheck(booted: &str, t: &Target) -> Result<(), InstallError> {
     Ok(())
 }
 
+/// The sha256 the request expects of the whole bundle, lowercase.
+pub fn expected_sha256(opts: &Options) -> Result<String, InstallError> {
+    let expected = opts.sha256.to_ascii_lowercase();
+    if expected.len() != 64 || hex::decode(&expected).is_err() {
+        return Err(InstallError::Bundle(
+            "the expected sha256 of the bundle (sha256=) must be 64 hex digits".into(),
+        ));
+    }
+    Ok(expected)
+}
+
 /// Receives the bundle from `body` (`length` bytes announced) into `t`. See the module.
 pub fn install(
     body: &mut dyn Read,
@@ -199,12 +213,7 @@ pub fn install(
     running: &Identity,
     t: &Target,
 ) -> Result<Installed, InstallError> {
-    let expected = opts.sha256.to_ascii_lowercase();
-    if expected.len() != 64 || hex::decode(&expected).is_err() {
-        return Err(InstallError::Bundle(
-            "the expected sha256 of the bundle (sha256=) must be 64 hex digits".into(),
-        ));
-    }
+    let expected = expected_sha256(opts)?;
     precheck(booted, t)?;
     let slot = t.slot.as_str();
     let mut esp = Esp::open(&t.esp_dev)?;

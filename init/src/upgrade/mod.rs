@@ -8,6 +8,7 @@
 //! (the good one) and `next_entry` (one boot of a new one, cleared by GRUB as it boots it).
 
 pub mod esp;
+pub mod fetch;
 pub mod install;
 pub mod record;
 pub mod refuse;
@@ -36,6 +37,8 @@ static BUSY: Mutex<()> = Mutex::new(());
 /// What the trial of this boot is doing, for status.
 static TRIAL: Mutex<Option<String>> = Mutex::new(None);
 static WATCHDOG: Mutex<Option<String>> = Mutex::new(None);
+/// Set by a rollback during the trial: the trial stops and never marks its slot good.
+static TRIAL_ABORT: Mutex<Option<String>> = Mutex::new(None);
 
 /// The kernel parameter a test image sets to make its trial fail its health check (only
 /// honoured by a basalt-init built with the `testd` feature).
@@ -98,13 +101,16 @@ fn esp_dev(root: &Path) -> Result<PathBuf, InstallError> {
     Ok(target(root, b.slot)?.esp_dev)
 }
 
-/// `POST /v1/upgrade` on the node: the bundle from `body` into the inactive slot.
-pub fn upgrade(
-    root: &Path,
-    body: &mut dyn Read,
-    length: u64,
-    opts: &Options,
-) -> Result<Installed, InstallError> {
+/// Where a bundle comes from.
+pub enum Source<'a> {
+    /// The request's body, `length` bytes announced.
+    Body { body: &'a mut dyn Read, length: u64 },
+    /// A URL the node fetches ([`fetch`]).
+    Url(&'a str),
+}
+
+/// `POST /v1/upgrade` on the node: the bundle from `source` into the inactive slot.
+pub fn upgrade(root: &Path, source: Source<'_>, opts: &Options) -> Result<Installed, InstallError> {
     let Ok(_busy) = BUSY.try_lock() else {
         return Err(
             Refusal::Pending("another upgrade or rollback is being done now".into()).into(),
@@ -113,7 +119,7 @@ pub fn upgrade(
     let params = booted(root)?;
     let t = target(root, params.slot)?;
     let running = install::identity(root)?;
-    let done = install::install(body, length, opts, params.slot.as_str(), &running, &t);
+    let done = install_from(source, opts, params.slot.as_str(), &running, &t);
     match &done {
         Ok(i) => console::info(&format!(
             "upgrade: version {} written to slot {} and verified; armed for the next boot",
@@ -125,19 +131,119 @@ pub fn upgrade(
     done
 }
 
+/// One path for both sources: a URL is checked, the node's state too (so nothing is
+/// downloaded for an upgrade that would be refused as pending), then its body is read
+/// exactly as a streamed one.
+pub fn install_from(
+    source: Source<'_>,
+    opts: &Options,
+    booted: &str,
+    running: &basalt_api::bundle::Identity,
+    t: &Target,
+) -> Result<Installed, InstallError> {
+    match source {
+        Source::Body { body, length } => install::install(body, length, opts, booted, running, t),
+        Source::Url(url) => {
+            fetch::check_url(url)?;
+            install::expected_sha256(opts)?;
+            install::precheck(booted, t)?;
+            console::info(&format!("upgrade: fetching {}", fetch::shown(url)));
+            let mut got = fetch::open(url)?;
+            install::install(&mut got.body, got.length, opts, booted, running, t)
+        }
+    }
+}
+
+/// The reason recorded when the operator gives up a trial (`basalt node rollback`).
+pub const OPERATOR_ROLLBACK: &str =
+    "rollback requested by the operator during the trial (basalt node rollback)";
+
+/// What `POST /v1/rollback` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RolledBack {
+    /// The slot GRUB boots from the next boot on.
+    pub slot: Slot,
+    /// The booted slot was on trial: the trial is given up (never marked good), and the
+    /// rollback is counted when the old slot boots, as an automatic one is.
+    pub ended_trial: bool,
+}
+
 /// `POST /v1/rollback`: the other slot becomes GRUB's default again, if it holds a good
-/// image and nothing is pending. Returns that slot.
-pub fn rollback(root: &Path) -> Result<Slot, InstallError> {
+/// image and nothing is pending. On a trial boot, the trial is given up instead: see
+/// [`rollback_on`].
+pub fn rollback(root: &Path) -> Result<RolledBack, InstallError> {
     let Ok(_busy) = BUSY.try_lock() else {
         return Err(Refusal::Pending("an upgrade or rollback is being done now".into()).into());
     };
     let params = booted(root)?;
     let t = target(root, params.slot)?;
+    let done = rollback_on(params.slot, &t, &TRIAL_ABORT, record::now())?;
+    if done.ended_trial {
+        set(
+            &TRIAL,
+            Some(format!(
+                "given up: {OPERATOR_ROLLBACK}; slot {} (GRUB's default) boots next",
+                done.slot.as_str()
+            )),
+        );
+        console::warn(&format!(
+            "upgrade: the trial of slot {} is given up by the operator; slot {} boots next",
+            params.slot.as_str(),
+            done.slot.as_str()
+        ));
+    } else {
+        console::info(&format!(
+            "upgrade: rollback requested; slot {} is the default from the next boot",
+            done.slot.as_str()
+        ));
+    }
+    Ok(done)
+}
+
+/// The rollback itself, for the booted slot `booted` whose other slot is `t.slot`, at
+/// `now`. Called with [`BUSY`] held, which the trial also takes to mark its slot good,
+/// so the two never cross.
+///
+/// - Booted slot on trial (GRUB's default is still the other, good slot): nothing in
+///   GRUB's environment changes, since the old slot is already what the next boot runs.
+///   The trial's failure is recorded with [`OPERATOR_ROLLBACK`] (so the old slot's next
+///   boot records the rollback with that reason, exactly as after a failed health check)
+///   and `abort` is set, so the running trial stops and never marks its slot good. The
+///   node reboots only if asked (`?reboot=1`); until then it runs on, not marked good.
+/// - Otherwise: the other slot must hold a good image and nothing may be pending; it
+///   becomes `saved_entry`, and the rollback is recorded at once.
+pub fn rollback_on(
+    booted: Slot,
+    t: &Target,
+    abort: &Mutex<Option<String>>,
+    now: u64,
+) -> Result<RolledBack, InstallError> {
     let mut esp = Esp::open(&t.esp_dev)?;
     let mut env = esp.read_env()?;
-    let mut rec = record::load(root)?;
-    refuse::idle(params.slot.as_str(), &env, &rec)?;
+    let mut rec = record::load(&t.root)?;
+    let from = booted.as_str();
     let to = t.slot.as_str();
+    if trial::saved(&env) == to {
+        if get(abort).is_some() {
+            return Err(Refusal::Pending(format!(
+                "the trial of slot {from} was already given up; slot {to} boots next \
+                 (POST /v1/reboot, or basalt node rollback --reboot, to go there now)"
+            ))
+            .into());
+        }
+        trial::fail(from, OPERATOR_ROLLBACK, &mut rec, now);
+        record::save(&t.root, &rec)?;
+        if env.get(NEXT_ENTRY).is_some() {
+            env.remove(NEXT_ENTRY);
+            esp.write_env(&env)?;
+        }
+        set(abort, Some(OPERATOR_ROLLBACK.to_owned()));
+        return Ok(RolledBack {
+            slot: t.slot,
+            ended_trial: true,
+        });
+    }
+    refuse::idle(from, &env, &rec)?;
     match rec.slots.get(to) {
         Some(s) if s.good && !s.failed => {}
         _ => {
@@ -150,19 +256,18 @@ pub fn rollback(root: &Path) -> Result<Slot, InstallError> {
         .map_err(|e| InstallError::Locate(e.to_string()))?;
     env.remove(NEXT_ENTRY);
     esp.write_env(&env)?;
-    let from = params.slot.as_str();
     rec.rollbacks += 1;
     rec.last_rollback = Some(basalt_api::node::Rollback {
         slot: from.to_owned(),
         version: rec.slots.get(from).and_then(|s| s.version.clone()),
         reason: "requested through the node API (basalt node rollback)".into(),
-        at: record::now(),
+        at: now,
     });
-    record::save(root, &rec)?;
-    console::info(&format!(
-        "upgrade: rollback requested; slot {to} is the default from the next boot"
-    ));
-    Ok(t.slot)
+    record::save(&t.root, &rec)?;
+    Ok(RolledBack {
+        slot: t.slot,
+        ended_trial: false,
+    })
 }
 
 /// What this boot's own slot is: its version (image identity) and root hash.
@@ -323,13 +428,34 @@ fn run_trial(
         )),
     );
     let must_join = saved_config_joins(root);
-    let mut health = || health(&cmdline, must_join);
+    let mut health = || match get(&TRIAL_ABORT) {
+        Some(why) => Check::Failed(why),
+        None => health(&cmdline, must_join),
+    };
     let tick = Duration::from_secs(1).min(watchdog::FEED_EVERY);
     let outcome = trial::wait(&mut health, timeout, tick, &mut || {
         if let Some(d) = dog.as_mut() {
             d.feed();
         }
     });
+    // Held while the slot is marked good, so that a rollback cannot cross it.
+    let _busy = BUSY.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(why) = get(&TRIAL_ABORT) {
+        // Given up by `POST /v1/rollback`, which recorded why and reboots if asked:
+        // the old slot is GRUB's default, so nothing is left to do but stop the watchdog.
+        if let Some(d) = dog.take() {
+            d.disarm();
+        }
+        set(&WATCHDOG, None);
+        set(
+            &TRIAL,
+            Some(format!(
+                "given up: {why}; slot {} (GRUB's default) boots next",
+                other(params.slot).as_str()
+            )),
+        );
+        return Ok(());
+    }
     match outcome {
         Ok(()) => {
             let mut env = esp.read_env()?;
@@ -410,4 +536,261 @@ fn health(cmdline: &str, must_join: bool) -> Check {
         }
     }
     Check::Healthy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::install::tests::{Node, Parts};
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn write_env(node: &Node, f: impl FnOnce(&mut basalt_api::grubenv::GrubEnv)) {
+        let mut esp = Esp::open(&node.target.esp_dev).expect("esp");
+        let mut env = esp.read_env().expect("env");
+        f(&mut env);
+        esp.write_env(&env).expect("write env");
+    }
+
+    #[test]
+    fn a_rollback_during_the_trial_gives_it_up_and_the_old_slot_records_why() {
+        let node = Node::new("1.0.0");
+        let bundle = Parts::new("2.0.0").tar();
+        node.install(&bundle, &hex::encode(Sha256::digest(&bundle)), false)
+            .expect("installed");
+        // GRUB boots b once and clears next_entry: b is on trial, a is the default.
+        write_env(&node, |env| {
+            env.remove(NEXT_ENTRY);
+        });
+        let on_b = Target {
+            slot: Slot::A,
+            ..node.target.clone()
+        };
+        let abort = Mutex::new(None);
+        let done = rollback_on(Slot::B, &on_b, &abort, record::now()).expect("rollback");
+        assert_eq!(
+            done,
+            RolledBack {
+                slot: Slot::A,
+                ended_trial: true
+            }
+        );
+        assert_eq!(get(&abort).as_deref(), Some(OPERATOR_ROLLBACK));
+        let env = node.env();
+        assert_eq!(
+            env.get(SAVED_ENTRY),
+            Some("a"),
+            "the old slot stays the default"
+        );
+        assert_eq!(env.get(NEXT_ENTRY), None);
+
+        // Twice is refused: it is already given up.
+        let err = rollback_on(Slot::B, &on_b, &abort, record::now()).unwrap_err();
+        assert_eq!(err.status(), 409, "{err}");
+
+        // The old slot's next boot records the rollback with the operator's reason.
+        let mut rec = record::load(&node.target.root).expect("rec");
+        let found = trial::find("a", &env, &rec);
+        assert_eq!(
+            found,
+            trial::Found::RolledBack {
+                slot: "b".into(),
+                reason: OPERATOR_ROLLBACK.into()
+            }
+        );
+        let running = SlotRecord {
+            version: Some("1.0.0".into()),
+            root_hash: None,
+            good: false,
+            failed: false,
+        };
+        trial::settle(&found, "a", &running, &mut rec, record::now());
+        assert_eq!(rec.rollbacks, 1);
+        assert!(rec.slots["b"].failed && !rec.slots["b"].good);
+        assert_eq!(
+            rec.last_rollback.map(|r| r.reason).as_deref(),
+            Some(OPERATOR_ROLLBACK)
+        );
+    }
+
+    #[test]
+    fn a_rollback_off_trial_switches_the_default_only_to_a_good_slot() {
+        let node = Node::new("1.0.0");
+        let abort = Mutex::new(None);
+        // Slot b holds nothing known to be good.
+        let err = rollback_on(Slot::A, &node.target, &abort, 5).unwrap_err();
+        assert!(err.to_string().contains("nothing to roll back to"), "{err}");
+        assert_eq!(node.env().get(SAVED_ENTRY), Some("a"));
+
+        let mut rec = record::load(&node.target.root).expect("rec");
+        rec.slots.insert(
+            "b".into(),
+            SlotRecord {
+                version: Some("0.9.0".into()),
+                root_hash: None,
+                good: true,
+                failed: false,
+            },
+        );
+        record::save(&node.target.root, &rec).expect("save");
+        let done = rollback_on(Slot::A, &node.target, &abort, 5).expect("rollback");
+        assert_eq!(
+            done,
+            RolledBack {
+                slot: Slot::B,
+                ended_trial: false
+            }
+        );
+        assert_eq!(node.env().get(SAVED_ENTRY), Some("b"));
+        assert_eq!(get(&abort), None, "no trial to stop");
+        let rec = record::load(&node.target.root).expect("rec");
+        assert_eq!(rec.rollbacks, 1);
+        assert_eq!(rec.last_rollback.map(|r| r.slot).as_deref(), Some("a"));
+    }
+
+    /// A test double of a static file server on loopback: answers each connection with
+    /// the next of `answers` (raw HTTP/1.1 bytes, so a response can be cut short), then
+    /// closes it.
+    fn serve(answers: Vec<Vec<u8>>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!(
+            "http://{}/v2.bundle.tar",
+            listener.local_addr().expect("addr")
+        );
+        let handle = std::thread::spawn(move || {
+            let mut asked = Vec::new();
+            for answer in answers {
+                let (mut conn, _) = listener.accept().expect("accept");
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut line = String::new();
+                reader.read_line(&mut line).expect("request line");
+                asked.push(line.trim_end().to_owned());
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).expect("header") == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let _ = conn.write_all(&answer);
+            }
+            asked
+        });
+        (url, handle)
+    }
+
+    fn ok(body: &[u8]) -> Vec<u8> {
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    fn from_url(node: &Node, url: &str, sha: &str) -> Result<Installed, InstallError> {
+        let running = install::identity(&node.target.root).expect("identity");
+        install_from(
+            Source::Url(url),
+            &Options {
+                sha256: sha.into(),
+                allow_downgrade: false,
+            },
+            "a",
+            &running,
+            &node.target,
+        )
+    }
+
+    #[test]
+    fn a_bundle_fetched_from_a_url_is_written_verified_and_armed() {
+        let node = Node::new("1.0.0");
+        let parts = Parts::new("2.0.0");
+        let bundle = parts.tar();
+        let (url, server) = serve(vec![ok(&bundle)]);
+        let done = from_url(&node, &url, &hex::encode(Sha256::digest(&bundle))).expect("installed");
+        assert_eq!((done.slot, done.version.as_str()), (Slot::B, "2.0.0"));
+        assert_eq!(&node.slot()[..parts.root.len()], &parts.root[..]);
+        assert_eq!(node.env().get(NEXT_ENTRY), Some("b"));
+        assert_eq!(
+            server.join().expect("server"),
+            ["GET /v2.bundle.tar HTTP/1.1"]
+        );
+    }
+
+    #[test]
+    fn a_url_that_fails_in_any_way_switches_nothing() {
+        let node = Node::new("1.0.0");
+        let bundle = Parts::new("2.0.0").tar();
+        let sha = hex::encode(Sha256::digest(&bundle));
+
+        // Nobody listens.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let url = format!("http://127.0.0.1:{port}/v2.bundle.tar");
+        let err = from_url(&node, &url, &sha).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                InstallError::Fetch(fetch::FetchError::Unreachable { .. })
+            ),
+            "{err}"
+        );
+        assert_eq!(err.status(), 502);
+        assert!(err.to_string().contains(&url), "{err}");
+        node.assert_untouched();
+
+        let mut cut = ok(&bundle);
+        cut.truncate(cut.len() - bundle.len() / 2);
+        let mut chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        chunked.extend_from_slice(format!("{:x}\r\n", bundle.len()).as_bytes());
+        chunked.extend_from_slice(&bundle);
+        chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+        let (url, server) = serve(vec![
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            cut,
+            chunked,
+            ok(&bundle),
+        ]);
+        let err = from_url(&node, &url, &sha).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                InstallError::Fetch(fetch::FetchError::Status { status: 404, .. })
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("HTTP 404"), "{err}");
+        node.assert_untouched();
+
+        let err = from_url(&node, &url, &sha).unwrap_err();
+        assert!(
+            matches!(err, InstallError::Truncated { expected, .. } if expected == bundle.len() as u64),
+            "{err}"
+        );
+        node.assert_untouched();
+
+        let err = from_url(&node, &url, &sha).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                InstallError::Fetch(fetch::FetchError::NoLength { .. })
+            ),
+            "{err}"
+        );
+        node.assert_untouched();
+
+        // The whole bundle, but not the one asked for.
+        let err = from_url(&node, &url, &"ab".repeat(32)).unwrap_err();
+        assert!(matches!(err, InstallError::Sha256 { .. }), "{err}");
+        node.assert_untouched();
+        assert_eq!(server.join().expect("server").len(), 4);
+
+        // A sha256 that is not one: refused before anything is fetched.
+        let err = from_url(&node, "http://127.0.0.1:9/x", "abc").unwrap_err();
+        assert!(err.to_string().contains("64 hex digits"), "{err}");
+    }
 }

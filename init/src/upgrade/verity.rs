@@ -3,15 +3,12 @@
 //! sha256, 4096-byte blocks, top level first after one superblock block, as the builder
 //! and `veritysetup` lay it out), its top block must hash to the root hash, and the tree
 //! on the partition must be byte for byte the rebuilt one. A byte flipped anywhere in the
-//! data or in the tree is found here, before anything points at the slot.
+//! data or in the tree is found here, before anything points at the slot. The tree is
+//! computed by [`basalt_api::verity`], as the builder's is.
 
 use basalt_api::bootparams::VERITY_BLOCK_SIZE;
-use sha2::{Digest, Sha256};
+use basalt_api::verity::{hash_block as hash, Tree, BLOCK as BS};
 use std::io::{self, Read, Seek, SeekFrom};
-
-const BS: usize = VERITY_BLOCK_SIZE as usize;
-const DIGEST: usize = 32;
-const PER_BLOCK: usize = BS / DIGEST;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerityError {
@@ -45,33 +42,9 @@ pub struct Params {
     pub hash_offset: u64,
 }
 
-fn hash(salt: &[u8], block: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(salt);
-    h.update(block);
-    h.finalize().into()
-}
-
-fn pack(digests: &[[u8; 32]]) -> Vec<u8> {
-    let blocks = digests.len().div_ceil(PER_BLOCK).max(1);
-    let mut out = vec![0u8; blocks * BS];
-    for (i, d) in digests.iter().enumerate() {
-        out[i * DIGEST..(i + 1) * DIGEST].copy_from_slice(d);
-    }
-    out
-}
-
 /// Bytes of superblock and tree the slot holds after its data blocks.
 pub fn hash_bytes(data_blocks: u64) -> u64 {
-    let mut total = 1u64; // the superblock
-    let mut n = data_blocks;
-    loop {
-        n = n.div_ceil(PER_BLOCK as u64).max(1);
-        total += n;
-        if n == 1 {
-            return total * VERITY_BLOCK_SIZE;
-        }
-    }
+    basalt_api::verity::hash_bytes(data_blocks)
 }
 
 /// Reads the slot (`dev`) back and checks it against `p`.
@@ -115,18 +88,7 @@ pub fn check<D: Read + Seek>(dev: &mut D, p: &Params) -> Result<(), VerityError>
         at += n;
     }
     // Levels upwards; on disk the top level comes first.
-    let mut levels: Vec<Vec<u8>> = Vec::new();
-    let root = loop {
-        let bytes = pack(&level);
-        if bytes.len() == BS {
-            let root = hash(&salt, &bytes);
-            levels.push(bytes);
-            break root;
-        }
-        level = bytes.chunks(BS).map(|b| hash(&salt, b)).collect();
-        levels.push(bytes);
-    };
-    levels.reverse();
+    let Tree { root, levels } = Tree::build(level, &salt);
     let got = hex::encode(root);
     if got != p.root_hash.to_ascii_lowercase() {
         return Err(VerityError::RootHash {
@@ -153,24 +115,14 @@ pub fn check<D: Read + Seek>(dev: &mut D, p: &Params) -> Result<(), VerityError>
 #[cfg(test)]
 pub mod tests {
     use super::*;
+    use basalt_api::verity::PER_BLOCK;
     use std::io::Cursor;
 
     /// A slot as the builder writes it: `blocks` data blocks, superblock, tree (top first).
     pub fn slot(blocks: usize, salt: &[u8]) -> (Vec<u8>, Params) {
         let mut data: Vec<u8> = (0..blocks * BS).map(|i| (i * 7 % 251) as u8).collect();
-        let mut level: Vec<[u8; 32]> = data.chunks(BS).map(|b| hash(salt, b)).collect();
-        let mut levels = Vec::new();
-        let root = loop {
-            let bytes = pack(&level);
-            if bytes.len() == BS {
-                let r = hash(salt, &bytes);
-                levels.push(bytes);
-                break r;
-            }
-            level = bytes.chunks(BS).map(|b| hash(salt, b)).collect();
-            levels.push(bytes);
-        };
-        levels.reverse();
+        let level: Vec<[u8; 32]> = data.chunks(BS).map(|b| hash(salt, b)).collect();
+        let Tree { root, levels } = Tree::build(level, salt);
         let mut sb = vec![0u8; BS];
         sb[..8].copy_from_slice(b"verity\0\0");
         data.extend_from_slice(&sb);
