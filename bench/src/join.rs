@@ -9,6 +9,12 @@
 //! (`k3s_doubles::build_agent_double`), which performs K3s's CA-hash check and then
 //! idles. Neither is K3s, so the figures are basalt's share of a promotion: the API
 //! round trip, PID1's own CA check against the server, writing K3s's config, the exec.
+//!
+//! A promotion is measured at two moments ([`When`]): right after `standby` (the node API
+//! answers; K3s's background preparation is still running and the promotion waits for
+//! it), and on a prepared standby, once stage 2 has printed its `standby-prep` step and
+//! the warm-up of PID1's binary (`join-warm`, from images that have it): what a warm
+//! pool's node, promoted minutes after its boot, looks like.
 
 use super::boot::{parse_footprint, Footprint, CPUS, MEMORY_MIB};
 use super::stats::Spread;
@@ -37,6 +43,44 @@ const AGENT_EXEC: &str = "[basalt] join: agent exec ";
 const CA_CHECK: &str = "[basalt] join: CA check ";
 /// The agent double's own timing of one `/cacerts` fetch (`k3s-agent-double`).
 const ROUND_TRIP: &str = "cacerts round trip ";
+/// The last step of K3s's background preparation (`init/src/boot/stage2/node.rs`).
+const STANDBY_PREP: &str = "standby-prep";
+/// The warm-up of PID1's binary after it (`init/src/join/warm.rs`).
+const JOIN_WARM: &str = "join-warm";
+/// How long a prepared run waits for `join-warm` after `standby-prep`: an image from
+/// before the warm-up never prints it, and is promoted after this grace.
+const WARM_GRACE: Duration = Duration::from_secs(20);
+
+/// When a run promotes its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum When {
+    /// As soon as the node API answers after `standby`.
+    #[default]
+    Standby,
+    /// Once K3s's background preparation (and the warm-up) has printed its step.
+    Prepared,
+}
+
+impl When {
+    pub fn name(self) -> &'static str {
+        match self {
+            When::Standby => "right after standby",
+            When::Prepared => "prepared standby",
+        }
+    }
+
+    /// `standby`, `prepared` or `both` (each run boots twice, one of each).
+    pub fn parse_list(s: &str) -> Result<Vec<When>, String> {
+        match s {
+            "standby" => Ok(vec![When::Standby]),
+            "prepared" => Ok(vec![When::Prepared]),
+            "both" => Ok(vec![When::Standby, When::Prepared]),
+            other => Err(format!(
+                "--when {other:?}: expected standby, prepared or both"
+            )),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinBenchError {
@@ -78,11 +122,20 @@ pub struct JoinBenchOptions {
     /// A .raw or .qcow2 image whose `k3s` is the K3s agent double.
     pub image: PathBuf,
     pub runs: usize,
+    /// Each run boots once per entry, in this order.
+    pub when: Vec<When>,
 }
 
 /// One promotion. Wall times are seconds from sending the apply, as seen on the host.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JoinRun {
+    /// When the node was promoted.
+    pub when: When,
+    /// For a prepared run: seconds on the guest's clock from `standby` until the
+    /// preparation's last step ended (`standby-prep`, or `join-warm` when printed).
+    pub prepared_after_standby: Option<f64>,
+    /// For a prepared run: whether the image printed its `join-warm` step.
+    pub warmed: Option<bool>,
     /// PID1's VmRSS (status) at standby, just before the apply.
     pub standby_rss_kib: Option<u64>,
     /// PID1's footprint line printed on the way to standby.
@@ -135,9 +188,16 @@ pub struct JoinBench {
 pub fn run(opts: &JoinBenchOptions) -> Result<JoinBench, JoinBenchError> {
     let accel = basalt_qemu::detect_accel();
     let mut runs = vec![];
+    let when = if opts.when.is_empty() {
+        vec![When::Standby]
+    } else {
+        opts.when.clone()
+    };
     for n in 1..=opts.runs.max(1) {
-        eprintln!("basalt: bench join run {n}");
-        runs.push(join_once(&opts.image, accel, n)?);
+        for &w in &when {
+            eprintln!("basalt: bench join run {n}, promoted {}", w.name());
+            runs.push(join_once(&opts.image, accel, n, w)?);
+        }
     }
     Ok(JoinBench {
         image: opts.image.clone(),
@@ -247,7 +307,12 @@ pub(crate) fn tail(vm: &Vm) -> String {
 
 // One run is one story (boot, wait for standby, promote, wait for the agent, measure);
 // split up, its clocks and the VM would have to be threaded through every piece.
-fn join_once(image: &Path, accel: Accel, run: usize) -> Result<JoinRun, JoinBenchError> {
+fn join_once(
+    image: &Path,
+    accel: Accel,
+    run: usize,
+    when: When,
+) -> Result<JoinRun, JoinBenchError> {
     let server = K3sServerDouble::start("127.0.0.1:0").map_err(JoinBenchError::ServerDouble)?;
     let pki = RunPki::new()?;
     let port = free_port()?;
@@ -281,6 +346,27 @@ fn join_once(image: &Path, accel: Accel, run: usize) -> Result<JoinRun, JoinBenc
     let standby = format!("{} {} t=", milestone::PREFIX, Milestone::Standby.name());
     vm.wait_for(&standby, accel.scale(BOOT))
         .map_err(|e| vm_err(&vm, "booting to standby", e))?;
+    let (mut prepared_after_standby, mut warmed) = (None, None);
+    if when == When::Prepared {
+        let step = |name| format!("{} {} {name} at=", milestone::PREFIX, milestone::STEP);
+        vm.wait_for(&step(STANDBY_PREP), accel.scale(BOOT))
+            .map_err(|e| vm_err(&vm, "waiting for K3s's preparation (standby-prep)", e))?;
+        let warm = vm.wait_for(&step(JOIN_WARM), WARM_GRACE).is_ok();
+        warmed = Some(warm);
+        let serial = vm.serial();
+        let standby_at = serial
+            .lines()
+            .filter_map(milestone::parse)
+            .find(|(name, _)| *name == Milestone::Standby.name())
+            .map(|(_, t)| t);
+        let last = if warm { JOIN_WARM } else { STANDBY_PREP };
+        let done = serial
+            .lines()
+            .filter_map(milestone::parse_step)
+            .find(|s| s.name == last)
+            .map(|s| s.at + s.took);
+        prepared_after_standby = standby_at.zip(done).map(|(s, d)| d - s);
+    }
     let client = pki
         .client(port)
         .map_err(|e| api_err(&vm, "setting up the node API client", e))?;
@@ -332,6 +418,9 @@ fn join_once(image: &Path, accel: Accel, run: usize) -> Result<JoinRun, JoinBenc
         .map_err(|e| api_err(&vm, "reading status after the join", e))?;
     let joined_split = client.metrics().ok().as_deref().and_then(parse_rss_split);
     Ok(JoinRun {
+        when,
+        prepared_after_standby,
+        warmed,
         standby_split,
         joined_split,
         standby_rss_kib: before.body.rss_kib,
@@ -616,27 +705,61 @@ Not K3s: K3s's own start-up is not in these figures."
             "  runs: {}, each a fresh boot to standby (config over fw_cfg, no [cluster]), then one apply of a config with [cluster]",
             self.runs.len()
         )?;
-        writeln!(f)?;
-        writeln!(f, "  {:<42}median  (min–max)", "promote → …")?;
-        rows(f, &self.runs, &LATENCIES, "ms")?;
-        let label = "agent exec / floor, per run";
-        match Spread::of(self.runs.iter().filter_map(exec_over_floor)) {
-            Some(s) => writeln!(
-                f,
-                "  {label:<42}{:>7.2} ×   ({:.2}–{:.2}), over {} runs",
-                s.median, s.min, s.max, s.n
-            )?,
-            None => writeln!(f, "  {label:<42}not seen")?,
+        for when in [When::Standby, When::Prepared] {
+            let runs: Vec<JoinRun> = self
+                .runs
+                .iter()
+                .filter(|r| r.when == when)
+                .cloned()
+                .collect();
+            if runs.is_empty() {
+                continue;
+            }
+            writeln!(f)?;
+            writeln!(f, "  promoted {} ({} runs)", when.name(), runs.len())?;
+            if when == When::Prepared {
+                let label = "prepared, after standby (guest)";
+                match Spread::of(runs.iter().filter_map(|r| r.prepared_after_standby)) {
+                    Some(s) => writeln!(
+                        f,
+                        "  {label:<42}{:>7.0} ms  ({:.0}–{:.0})",
+                        s.median * 1e3,
+                        s.min * 1e3,
+                        s.max * 1e3
+                    )?,
+                    None => writeln!(f, "  {label:<42}not seen")?,
+                }
+                let warmed = runs.iter().filter(|r| r.warmed == Some(true)).count();
+                writeln!(
+                    f,
+                    "  {:<42}{warmed} of {} runs (an image without it is promoted {} s after standby-prep)",
+                    "join-warm step seen",
+                    runs.len(),
+                    WARM_GRACE.as_secs()
+                )?;
+            }
+            writeln!(f, "  {:<42}median  (min–max)", "promote → …")?;
+            rows(f, &runs, &LATENCIES, "ms")?;
+            let label = "agent exec / floor, per run";
+            match Spread::of(runs.iter().filter_map(exec_over_floor)) {
+                Some(s) => writeln!(
+                    f,
+                    "  {label:<42}{:>7.2} ×   ({:.2}–{:.2}), over {} runs",
+                    s.median, s.min, s.max, s.n
+                )?,
+                None => writeln!(f, "  {label:<42}not seen")?,
+            }
+            writeln!(f, "  PID1 memory, VmRSS")?;
+            rows(f, &runs, &MEMORY, "KiB")?;
         }
-        writeln!(f, "  PID1 memory, VmRSS")?;
-        rows(f, &self.runs, &MEMORY, "KiB")?;
         writeln!(f)?;
         for (n, r) in self.runs.iter().enumerate() {
             let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
             writeln!(
                 f,
-                "  run {}: floor {} ms, exec {} ms, response {:.0} ms, joined {} ms, ca-check {} ms; VmRSS {} → {} KiB; state {}",
+                "  run {} ({}): floor {} ms, exec {} ms, response {:.0} ms, joined {} ms, ca-check {} ms; VmRSS {} → {} KiB; state {}",
                 n + 1,
+                r.when.name(),
                 opt(r.console.floor_ms.map(|m| m as f64)),
                 opt(r.console.agent_exec_ms.map(|m| m as f64)),
                 r.response * 1e3,
@@ -822,12 +945,66 @@ mod tests {
             "600 ms  (500–700)\n",
             "500 ms  (400–600)  seen in 2 of 3 runs\n",
             "600 KiB (600–600)\n",
-            "run 2: floor 15 ms, exec 30 ms, response 700 ms, joined - ms",
+            "promoted right after standby (3 runs)",
+            "run 2 (right after standby): floor 15 ms, exec 30 ms, response 700 ms, joined - ms",
             "agent exec / floor, per run                  2.00 ×   (2.00–2.00), over 3 runs\n",
             "RssAnon growth                                100 KiB (100–100)\n",
             "RssFile growth                                500 KiB (500–500)\n",
         ] {
             assert!(text.contains(want), "{want:?} not in:\n{text}");
         }
+    }
+
+    #[test]
+    fn prepared_runs_are_reported_apart_with_their_wait() {
+        let prepared = |exec, after| JoinRun {
+            when: When::Prepared,
+            prepared_after_standby: Some(after),
+            warmed: Some(true),
+            ..joined_run(exec, 0.2, Some(0.1))
+        };
+        let bench = JoinBench {
+            image: "join.qcow2".into(),
+            accel: Accel::Tcg,
+            runs: vec![
+                joined_run(3000, 3.2, Some(3.1)),
+                prepared(40, 2.5),
+                joined_run(2000, 2.2, Some(2.1)),
+                prepared(60, 3.5),
+            ],
+        };
+        let text = bench.to_string();
+        let (at_standby, prepared_part) = text
+            .split_once("promoted prepared standby (2 runs)")
+            .expect("a prepared section");
+        assert!(
+            at_standby.contains("promoted right after standby (2 runs)"),
+            "{text}"
+        );
+        assert!(at_standby.contains("2500 ms  (2000–3000)\n"), "{text}");
+        assert!(
+            prepared_part
+                .contains("prepared, after standby (guest)              3000 ms  (2500–3500)\n"),
+            "{text}"
+        );
+        assert!(prepared_part.contains("join-warm step seen"), "{text}");
+        assert!(prepared_part.contains("  2 of 2 runs"), "{text}");
+        assert!(prepared_part.contains("50 ms  (40–60)\n"), "{text}");
+        assert!(
+            text.contains("run 4 (prepared standby): floor 30 ms, exec 60 ms"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn when_names_one_or_both_moments() {
+        assert_eq!(
+            When::parse_list("both"),
+            Ok(vec![When::Standby, When::Prepared])
+        );
+        assert_eq!(When::parse_list("prepared"), Ok(vec![When::Prepared]));
+        assert_eq!(When::parse_list("standby"), Ok(vec![When::Standby]));
+        let err = When::parse_list("later").unwrap_err();
+        assert!(err.contains("later") && err.contains("both"), "{err}");
     }
 }

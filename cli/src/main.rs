@@ -151,9 +151,14 @@ enum BenchCmd {
     Join {
         /// A .raw or .qcow2 image.
         image: PathBuf,
-        /// Boots, each promoted once.
+        /// Boots, each promoted once (twice as many with `--when both`).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// When to promote: `standby` (as soon as the node API answers), `prepared`
+        /// (after K3s's background preparation and the warm-up have printed their steps),
+        /// or `both` (each run boots once for each).
+        #[arg(long, default_value = "both", value_parser = ["standby", "prepared", "both"])]
+        when: String,
     },
     /// A/B upgrade: the request (the bundle streamed, `reboot=1`) → the new slot at
     /// standby, against the floor in the same run: the bundle's bytes written and synced
@@ -323,8 +328,12 @@ fn bench(what: BenchCmd) -> anyhow::Result<()> {
             })?;
             print!("{result}");
         }
-        BenchCmd::Join { image, runs } => {
-            print!("{}", join::run(&join::JoinBenchOptions { image, runs })?);
+        BenchCmd::Join { image, runs, when } => {
+            let when = join::When::parse_list(&when).map_err(anyhow::Error::msg)?;
+            print!(
+                "{}",
+                join::run(&join::JoinBenchOptions { image, runs, when })?
+            );
         }
         BenchCmd::Upgrade {
             image,

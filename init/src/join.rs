@@ -36,6 +36,7 @@
 //! ([`ApplyError::AgentSupervised`], 409).
 
 mod node;
+pub mod warm;
 
 pub use node::agent_run_of;
 pub use node::{agent_spec, bind_rancher, prepare_standby, write_secret, NodeHost};

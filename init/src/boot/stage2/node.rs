@@ -174,6 +174,8 @@ impl Machine for Node<'_> {
                 modules.as_deref(),
                 state_mounted,
             );
+            // After K3s's preparation, so as not to compete with it for the vCPUs.
+            join::warm::spawn();
             if errors.is_empty() {
                 Ok(())
             } else {
