@@ -4,6 +4,78 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+/// Whether files may still be written: shutdown closes it ([`close_writes`]) once the
+/// writes in flight have ended, so that no thread (the upgrade's boot check, standby's
+/// preparation) holds a file open on STATE when it is unmounted, or writes after it.
+pub struct Gate(RwLock<bool>);
+
+/// The error of a write refused because the node is shutting down.
+#[derive(Debug, thiserror::Error)]
+#[error("not written: the node is shutting down")]
+pub struct Closed;
+
+impl Gate {
+    pub const fn new() -> Gate {
+        Gate(RwLock::new(false))
+    }
+
+    /// Held for one write; refused once the gate is closed.
+    fn enter(&self) -> std::io::Result<RwLockReadGuard<'_, bool>> {
+        let open = self.0.read().unwrap_or_else(|e| e.into_inner());
+        if *open {
+            return Err(std::io::Error::other(Closed));
+        }
+        Ok(open)
+    }
+
+    /// Waits up to `wait` for the writes in flight, then refuses any further one.
+    /// Returns whether every write in flight had ended.
+    pub fn close(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.0.try_write() {
+                Ok(mut closed) => {
+                    *closed = true;
+                    return true;
+                }
+                Err(std::sync::TryLockError::Poisoned(e)) => {
+                    *e.into_inner() = true;
+                    return true;
+                }
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return false,
+            }
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        *self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate::new()
+    }
+}
+
+static GATE: Gate = Gate::new();
+
+/// Shutdown: waits up to `wait` for the writes in flight, then refuses every further
+/// write with [`Closed`]. Returns whether the writes in flight had ended.
+pub fn close_writes(wait: Duration) -> bool {
+    GATE.close(wait)
+}
+
+/// Whether shutdown has closed writing ([`close_writes`]).
+pub fn closed() -> bool {
+    GATE.is_closed()
+}
 
 /// Temporary file beside the target, fsync, rename, fsync the folder: after a crash
 /// the file holds either the old or the new content, never a mix.
@@ -23,6 +95,7 @@ pub fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 /// temporary file is removed. One stage per path at a time.
 pub fn stage_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<Staged> {
     use std::os::unix::fs::OpenOptionsExt;
+    let _open = GATE.enter()?;
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
@@ -64,6 +137,7 @@ impl Staged {
 
     /// Renames the temporary file over the target and syncs the folder.
     pub fn commit(mut self) -> std::io::Result<()> {
+        let _open = GATE.enter()?;
         let Some(tmp) = self.tmp.take() else {
             return Ok(());
         };
@@ -88,6 +162,26 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_closed_gate_waits_for_the_write_in_flight_then_refuses_the_next() {
+        let gate = std::sync::Arc::new(Gate::new());
+        let held = gate.enter().expect("open");
+        // A write in flight: closing waits for it, and gives up after its wait.
+        assert!(!gate.close(Duration::from_millis(50)));
+        assert!(!gate.is_closed());
+        let g = gate.clone();
+        let closer = std::thread::spawn(move || g.close(Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(50));
+        drop(held);
+        assert!(closer.join().expect("closer"));
+        assert!(gate.is_closed());
+        let refused = gate.enter().map(|_| ()).expect_err("closed");
+        assert!(
+            refused.get_ref().is_some_and(|e| e.is::<Closed>()),
+            "{refused}"
+        );
     }
 
     #[test]

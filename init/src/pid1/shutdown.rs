@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 /// How long processes get between SIGTERM and SIGKILL at shutdown.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// How long shutdown waits for PID1's own file writes in flight.
+const WRITE_WAIT: Duration = Duration::from_secs(5);
+
 /// Whether any child process remains (reaping those that exited).
 fn children_remain() -> bool {
     let _ = reap();
@@ -97,6 +100,11 @@ pub fn emergency(mode: RebootMode) -> ! {
 /// STATE, then `mode`.
 fn stop_the_rest(mode: RebootMode) -> ! {
     let what = describe(mode);
+    // PID1's own threads (the upgrade's boot check, standby's preparation) may be
+    // writing to STATE: let those writes end, and refuse the next, before STATE goes.
+    if !crate::atomic_file::close_writes(WRITE_WAIT) {
+        console::warn("shutdown: a file write still ran after 5 s; going on");
+    }
     console::info(&format!("shutdown ({what}): stopping processes"));
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
     let deadline = Instant::now() + STOP_GRACE;

@@ -365,8 +365,14 @@ pub fn start_boot_hook(root: PathBuf) {
     let spawned = std::thread::Builder::new()
         .name("upgrade".into())
         .spawn(move || {
-            if let Err(e) = at_boot(&root) {
-                console::error("upgrade: at boot", &e);
+            match at_boot(&root) {
+                Ok(()) => {}
+                // Shutdown came first: nothing was half-written, the next boot checks again.
+                Err(e) if crate::atomic_file::closed() => console::info(&format!(
+                    "upgrade: at boot: stopped by the shutdown ({})",
+                    console::chain(&e)
+                )),
+                Err(e) => console::error("upgrade: at boot", &e),
             }
         });
     if let Err(e) = spawned {
