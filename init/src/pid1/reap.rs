@@ -18,15 +18,18 @@ use std::time::Duration;
 static CLAIMS: Mutex<Vec<(Pid, Sender<Exit>)>> = Mutex::new(Vec::new());
 
 /// Reaps every exited child without blocking and returns the exits (orphans included).
-/// A claimed child's exit also goes to its claimant.
+/// A claimed child's exit also goes to its claimant. It reaps under the claims' lock,
+/// which [`spawn_claimed`] holds while it spawns: std's spawn itself waits for a child
+/// whose exec failed, and panics if `waitpid(-1)` took that child first.
 pub fn reap() -> Vec<(Pid, Exit)> {
+    let mut claims = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
     let mut out = Vec::new();
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) => return out,
             Ok(status) => {
                 if let Some((pid, exit)) = Exit::from_wait(status) {
-                    hand_over(pid, exit);
+                    hand_over(&mut claims, pid, exit);
                     out.push((pid, exit));
                 }
             }
@@ -38,8 +41,7 @@ pub fn reap() -> Vec<(Pid, Exit)> {
 }
 
 /// Sends a reaped child's exit to the thread that claimed it, if one did.
-fn hand_over(pid: Pid, exit: Exit) {
-    let mut claims = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
+fn hand_over(claims: &mut Vec<(Pid, Sender<Exit>)>, pid: Pid, exit: Exit) {
     if let Some(i) = claims.iter().position(|(p, _)| *p == pid) {
         let (_, to) = claims.swap_remove(i);
         let _ = to.send(exit);
@@ -158,7 +160,7 @@ mod tests {
         // children): waitpid, then the hand-over.
         let status = waitpid(c.pid(), None).expect("waitpid");
         let (pid, exit) = Exit::from_wait(status).expect("an exit");
-        hand_over(pid, exit);
+        hand_over(&mut CLAIMS.lock().expect("claims"), pid, exit);
         assert_eq!(c.try_exit(), Some(Ended::Exit(Exit::Code(7))));
         assert!(!claimed(c.pid()), "handed over, the claim is gone");
     }
