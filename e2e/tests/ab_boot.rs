@@ -14,7 +14,7 @@ mod common;
 
 use anyhow::Context;
 use basalt_qemu::{Firmware, Vm, VmBuilder};
-use common::disk::{esp_arg, grubenv_list, mtool, sfdisk_partition};
+use common::disk::{esp_arg, grubenv_list, mtool, sfdisk_partition, to_raw};
 use common::{copy_sparse, expect_line, image, tool};
 use std::path::Path;
 use std::time::Duration;
@@ -116,18 +116,7 @@ fn boot(
     expect_line(&mut vm, "[basalt] ready t=", BOOT)?;
     let serial = vm.serial();
     vm.kill();
-    let after = out.to_path_buf();
-    tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-q",
-            "-O",
-            "raw",
-            vm.overlay().to_str().context("path")?,
-            after.to_str().context("path")?,
-        ],
-    )?;
+    let after = to_raw(vm.overlay(), out)?;
     Ok((serial, after))
 }
 
