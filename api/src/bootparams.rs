@@ -84,6 +84,47 @@ pub enum BootParamsError {
     },
 }
 
+/// How long a task may wait uninterruptibly (a stuck disk) during a trial boot before the
+/// kernel's hung-task detector panics it: half the kernel's default of 120 s, so that a hang
+/// is caught (between 60 and 120 s after it starts: the detector looks every 60 s) well
+/// within the trial's own 300 s health budget, yet far above any wait of a healthy boot
+/// (a SCSI command times out and is retried after 30 s; no boot step reads for a minute).
+pub const TRIAL_HUNG_TASK_TIMEOUT_SECS: u64 = 60;
+/// The kernel's own default of `kernel.hung_task_timeout_secs`
+/// (`CONFIG_DEFAULT_HUNG_TASK_TIMEOUT`), restored once a trial slot is marked good.
+pub const HUNG_TASK_TIMEOUT_SECS: u64 = 120;
+
+/// Kernel arguments GRUB adds to the one-shot trial boot of a new slot, and to no other
+/// boot, so that a kernel that hangs before PID1 can arm its watchdog panics, and the
+/// panic reboots into GRUB's saved (good) slot. Names as Linux 6.1 takes them:
+///
+/// - `panic=10`: reboot 10 s after a panic, whatever the slot's own command line says;
+/// - `softlockup_panic=1` (`__setup` in kernel/watchdog.c): a CPU stuck in the kernel for
+///   20 s (2 × `watchdog_thresh`) panics;
+/// - `nmi_watchdog=panic` (kernel/watchdog.c, `hardlockup_panic_setup`): a CPU stuck
+///   with interrupts off panics, where the perf NMI hard-lockup detector runs; without a
+///   PMU (QEMU under TCG) that detector is simply off and the word does nothing;
+/// - `hung_task_panic=1` (an alias of `kernel.hung_task_panic`, fs/proc/proc_sysctl.c) and
+///   `sysctl.kernel.hung_task_timeout_secs=60` (the `sysctl.` command-line form, Linux
+///   5.8 and later, `do_sysctl_args`): a task blocked uninterruptibly for 60 s panics.
+///   Both are applied by `do_sysctl_args`, after the initcalls and before PID1 starts.
+///
+/// Added after the slot's own arguments, so they win over its `panic=`.
+pub const TRIAL_HANG_ARGS: &[&str] = &[
+    "panic=10",
+    "softlockup_panic=1",
+    "nmi_watchdog=panic",
+    "hung_task_panic=1",
+    "sysctl.kernel.hung_task_timeout_secs=60",
+];
+
+/// Whether GRUB added [`TRIAL_HANG_ARGS`] to this command line (every one of them).
+pub fn has_trial_hang_args(cmdline: &str) -> bool {
+    TRIAL_HANG_ARGS
+        .iter()
+        .all(|a| cmdline.split_whitespace().any(|w| w == *a))
+}
+
 const SLOT: &str = "basalt.slot";
 const ROOT: &str = "basalt.verity.root";
 const SALT: &str = "basalt.verity.salt";
@@ -155,6 +196,20 @@ impl fmt::Display for BootParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_trial_hang_args_carry_the_trial_timeout_and_are_recognised_only_whole() {
+        let timeout =
+            format!("sysctl.kernel.hung_task_timeout_secs={TRIAL_HUNG_TASK_TIMEOUT_SECS}");
+        assert!(TRIAL_HANG_ARGS.contains(&timeout.as_str()));
+        let trial = format!("quiet panic=10 basalt.slot=b {}", TRIAL_HANG_ARGS.join(" "));
+        assert!(has_trial_hang_args(&trial));
+        assert!(!has_trial_hang_args("quiet panic=10 basalt.slot=a"));
+        // An operator's own single setting is not GRUB's trial.
+        assert!(!has_trial_hang_args(
+            "quiet hung_task_panic=1 basalt.slot=a"
+        ));
+    }
 
     fn sample() -> BootParams {
         BootParams {

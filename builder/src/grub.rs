@@ -5,6 +5,7 @@
 //! directories. `grub-bios-setup` is not used: it wants a block device and root; the two
 //! fields it patches are written here instead (see `bios_boot_code` and `patch_core`).
 
+use basalt_api::bootparams::TRIAL_HANG_ARGS;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -191,6 +192,10 @@ pub fn slot_files(id: &str) -> [String; 3] {
 /// - each entry sources its slot.cfg first and boots nothing when it is missing; during a
 ///   trial, GRUB's `fallback` is the saved slot, which GRUB boots when the trial's entry
 ///   fails (a slot.cfg or kernel that is not there).
+/// - the trial's entry (the one `basalt_try` names; not the fallback) gets
+///   [`TRIAL_HANG_ARGS`] after the slot's own arguments: a kernel that hangs before PID1
+///   arms its watchdog panics, and `panic=10` reboots into `saved_entry`. PID1 turns them
+///   off once the slot is marked good; no other boot gets them.
 ///
 /// Two choices made for the boot's speed (measured under TCG, SeaBIOS; BENCHMARKS.md):
 ///
@@ -236,21 +241,27 @@ pub fn config(entries: &[Entry<'_>]) -> String {
         ));
     }
     cfg.push_str("        fi\n    fi\nfi\n");
+    let trial_args = TRIAL_HANG_ARGS.join(" ");
     for e in entries {
         let [kernel, initrd, slot_cfg] = slot_files(e.id);
         cfg.push_str(&format!(
             "\nmenuentry '{}' --id {} {{\n    \
              if source {slot_cfg}; then\n        \
              echo 'basalt: booting slot {}'\n        \
+             set basalt_trial_args=\n        \
+             if [ \"${{basalt_try}}\" = {} ]; then\n            \
+             set basalt_trial_args='{trial_args}'\n            \
+             echo 'basalt: trial boot of slot {}: a hung kernel panics and reboots'\n        \
+             fi\n        \
              if [ \"${{grub_platform}}\" = pc ]; then\n            \
-             linux16 {kernel} ${{basalt_args}}\n            \
+             linux16 {kernel} ${{basalt_args}} ${{basalt_trial_args}}\n            \
              initrd16 {initrd}\n        \
              else\n            \
-             linux {kernel} ${{basalt_args}}\n            \
+             linux {kernel} ${{basalt_args}} ${{basalt_trial_args}}\n            \
              initrd {initrd}\n        \
              fi\n    \
              fi\n}}\n",
-            e.title, e.id, e.id
+            e.title, e.id, e.id, e.id, e.id
         ));
     }
     cfg
@@ -349,6 +360,174 @@ mod tests {
         // Keys from the console only; output on both.
         assert!(!cfg.contains("terminal_input serial"), "{cfg}");
         assert!(cfg.contains("terminal_output serial console\n"), "{cfg}");
+    }
+
+    /// Runs grub.cfg the way GRUB would for the few commands it uses: `env` is the
+    /// environment block, `platform` GRUB's `grub_platform`; every slot.cfg exists and sets
+    /// `basalt_args` to `args-<id>`. Returns the entry booted and its `linux16`/`linux`
+    /// line (command and words, variables expanded and split as GRUB does).
+    fn run_grub_cfg(cfg: &str, env: &[(&str, &str)], platform: &str) -> (String, Vec<String>) {
+        use std::collections::HashMap;
+        let mut vars: HashMap<String, String> = HashMap::new();
+        vars.insert("grub_platform".into(), platform.into());
+        let expand = |vars: &HashMap<String, String>, word: &str| -> String {
+            let mut out = word.to_owned();
+            while let Some(at) = out.find("${") {
+                let end = out[at..].find('}').expect("closing brace") + at;
+                let value = vars.get(&out[at + 2..end]).cloned().unwrap_or_default();
+                out.replace_range(at..=end, &value);
+            }
+            out
+        };
+        let unquote = |v: &str| v.trim_matches('"').trim_matches('\'').to_owned();
+        // One `[ ... ]` test, or one of the commands used as a condition.
+        let cond = |vars: &mut HashMap<String, String>, c: &str| -> bool {
+            if let Some(t) = c.strip_prefix("[ -n ") {
+                return !expand(vars, &unquote(t.trim_end_matches(" ]"))).is_empty();
+            }
+            if let Some(t) = c.strip_prefix("[ ") {
+                let (l, r) = t
+                    .trim_end_matches(" ]")
+                    .split_once(" = ")
+                    .expect("a = test");
+                return expand(vars, &unquote(l)) == unquote(r);
+            }
+            if c.starts_with("load_env") {
+                for (k, v) in env {
+                    vars.insert((*k).into(), (*v).into());
+                }
+                return true;
+            }
+            if let Some(path) = c.strip_prefix("source /boot/") {
+                let id = path.split('/').next().expect("slot id");
+                vars.insert("basalt_args".into(), format!("args-{id}"));
+                return true;
+            }
+            assert!(c.starts_with("save_env"), "unknown condition {c}");
+            true
+        };
+        let mut linux = None;
+        // Runs lines; `active` is the stack of the enclosing ifs' truth.
+        let mut exec = |vars: &mut HashMap<String, String>, lines: &[&str]| {
+            let mut active: Vec<bool> = Vec::new();
+            for raw in lines {
+                let line = raw.trim();
+                let on = active.iter().all(|a| *a);
+                if let Some(rest) = line.strip_prefix("if ") {
+                    if let Some((c, body)) = rest.split_once("; then ") {
+                        // One-line `if C; then S; fi`.
+                        let body = body.strip_suffix("; fi").expect("one-line if");
+                        if on && cond(vars, c) {
+                            let (k, v) = body
+                                .strip_prefix("set ")
+                                .and_then(|b| b.split_once('='))
+                                .expect("one-line set");
+                            vars.insert(k.into(), v.into());
+                        }
+                        continue;
+                    }
+                    let c = rest.strip_suffix("; then").expect("if ...; then");
+                    active.push(on && cond(vars, c));
+                    continue;
+                }
+                match line {
+                    "fi" => {
+                        active.pop().expect("fi without if");
+                        continue;
+                    }
+                    "else" => {
+                        let last = active.pop().expect("else without if");
+                        let outer = active.iter().all(|a| *a);
+                        // Taken when the outer ifs were and this one was not.
+                        active.push(outer && !last);
+                        continue;
+                    }
+                    _ => {}
+                }
+                if !on {
+                    continue;
+                }
+                if let Some(kv) = line.strip_prefix("set ") {
+                    let (k, v) = kv.split_once('=').expect("set k=v");
+                    let v = if v.starts_with('\'') {
+                        unquote(v)
+                    } else {
+                        expand(vars, &unquote(v))
+                    };
+                    vars.insert(k.into(), v);
+                } else if let Some(k) = line.strip_prefix("unset ") {
+                    vars.remove(k);
+                } else if line.starts_with("linux") {
+                    let words: Vec<String> = line
+                        .split_whitespace()
+                        .flat_map(|w| {
+                            expand(vars, w)
+                                .split_whitespace()
+                                .map(str::to_owned)
+                                .collect::<Vec<_>>()
+                        })
+                        .collect();
+                    linux = Some(words);
+                }
+            }
+            assert!(active.is_empty(), "unbalanced if/fi");
+        };
+        let (top, entries) = cfg.split_once("\nmenuentry").expect("entries");
+        exec(&mut vars, &top.lines().collect::<Vec<_>>());
+        let entries = format!("\nmenuentry{entries}");
+        let entries: Vec<&str> = entries.split("\nmenuentry ").skip(1).collect();
+        let default: usize = vars["default"].parse().expect("numeric default");
+        let entry = entries[default];
+        let id = entry
+            .split_once("--id ")
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .expect("id")
+            .to_owned();
+        let body: Vec<&str> = entry.lines().skip(1).filter(|l| *l != "}").collect();
+        exec(&mut vars, &body);
+        (id, linux.expect("a linux line"))
+    }
+
+    #[test]
+    fn only_the_trial_boot_gets_the_hang_args_on_both_firmwares() {
+        let cfg = config(&SLOTS);
+        let hang = |words: &[String]| {
+            TRIAL_HANG_ARGS
+                .iter()
+                .filter(|a| words.iter().any(|w| w == *a))
+                .count()
+        };
+        for (platform, cmd) in [("pc", "linux16"), ("efi", "linux")] {
+            // Normal boots: the default slot, with or without saved_entry.
+            for (env, want) in [
+                (&[("saved_entry", "a")][..], "a"),
+                (&[("saved_entry", "b")][..], "b"),
+                (&[][..], "a"),
+            ] {
+                let (id, words) = run_grub_cfg(&cfg, env, platform);
+                assert_eq!(id, want, "{platform} {env:?}");
+                assert_eq!(words[0], cmd);
+                assert_eq!(words[1], format!("/boot/{want}/vmlinuz"));
+                assert_eq!(words[2..], [format!("args-{want}")], "{platform} {env:?}");
+                assert_eq!(hang(&words), 0, "a normal boot got trial args: {words:?}");
+            }
+            // Trials: the tried slot, the slot's own args first, then every trial arg.
+            for (saved, next) in [("a", "b"), ("b", "a")] {
+                let env = [("saved_entry", saved), ("next_entry", next)];
+                let (id, words) = run_grub_cfg(&cfg, &env, platform);
+                assert_eq!(id, next, "{platform} {env:?}");
+                assert_eq!(words[0], cmd);
+                assert_eq!(words[2], format!("args-{next}"));
+                assert_eq!(
+                    words[3..],
+                    TRIAL_HANG_ARGS
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>(),
+                    "{platform} {env:?}"
+                );
+            }
+        }
     }
 
     #[test]

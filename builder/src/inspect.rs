@@ -578,7 +578,8 @@ mod tests {
             id: id.into(),
             kernel: format!("/boot/{id}/vmlinuz"),
             initrd: format!("/boot/{id}/initrd.img"),
-            cmdline: "${basalt_args}".into(),
+            // GRUB's trial arguments follow the slot's own (empty on a normal boot).
+            cmdline: "${basalt_args} ${basalt_trial_args}".into(),
             slot_cfg: Some(format!("/boot/{id}/slot.cfg")),
         };
         assert_eq!(cfg.entries, [entry("a"), entry("b")]);

@@ -28,13 +28,15 @@ mod common;
 
 use anyhow::Context;
 use basalt_api::layout::fw_cfg;
-use basalt_api::node::{Status, DEFAULT_PORT};
-use basalt_client::node::NodeClient;
+use basalt_api::node::{Status, UpgradeStatus};
 use basalt_client::pki::Role;
-use basalt_qemu::{Firmware, Vm, VmBuilder};
-use common::disk::{esp_fsck, grubenv_list, root_version, sfdisk_partition, to_raw};
-use common::pki::{free_port, Pki};
-use common::upgrade::{build_version, bundle, slot};
+use basalt_qemu::Firmware;
+use common::disk::{root_version, sfdisk_partition};
+use common::pki::Pki;
+use common::upgrade::{
+    build_version, bundle, config_arg, cut, expect_in_order, grubenv, slot, start, up_on, Node,
+    NEVER_HEALTHY,
+};
 use common::{expect_line, flip_byte, Image};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -44,11 +46,6 @@ use std::time::Duration;
 
 /// Guest boot budget on KVM; the harness scales it for TCG.
 const BOOT: Duration = Duration::from_secs(90);
-
-/// The reason a rollback carries when the new slot recorded none (init's
-/// `upgrade::trial::NEVER_HEALTHY`).
-const NEVER_HEALTHY: &str =
-    "the new slot never became healthy: panic, verity failure or hang before PID1";
 
 struct Versions {
     v1: Image,
@@ -78,46 +75,6 @@ fn one_guest() -> std::sync::MutexGuard<'static, ()> {
     GUEST.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A node on `disk` (kept across its own reboots), its API forwarded to a fresh port.
-struct Node {
-    vm: Vm,
-    ops: NodeClient,
-    port: u16,
-}
-
-fn start(disk: &Path, firmware: Firmware, pki: &Pki, extra: &[String]) -> anyhow::Result<Node> {
-    let port = free_port()?;
-    let mut args = basalt_qemu::node_devices(false, &[(port, DEFAULT_PORT)]);
-    args.extend(extra.iter().cloned());
-    let vm = VmBuilder::new(disk)
-        .firmware(firmware)
-        .reboots(true)
-        .extra_args(args)
-        .spawn()?;
-    Ok(Node {
-        vm,
-        ops: pki.client("ops", port)?,
-        port,
-    })
-}
-
-/// QEMU's `-fw_cfg` for the machine config, written into `dir`.
-fn config_arg(pki: &Pki, dir: &Path) -> anyhow::Result<Vec<String>> {
-    let file = dir.join("config.toml");
-    std::fs::write(&file, pki.config(""))?;
-    Ok(vec![
-        "-fw_cfg".into(),
-        fw_cfg::qemu_arg(fw_cfg::CONFIG, &file),
-    ])
-}
-
-/// The power cut: QEMU killed (SIGKILL), the disk as it left it written out as raw
-/// into `dir/<name>.raw`.
-fn cut(mut node: Node, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    node.vm.kill();
-    to_raw(node.vm.overlay(), &dir.join(format!("{name}.raw")))
-}
-
 /// [`cut`] of a node started from `previous`, a disk written out by an earlier cut:
 /// removed once the new one is written (it backs QEMU's overlay until then).
 fn cut_after(node: Node, dir: &Path, name: &str, previous: PathBuf) -> anyhow::Result<PathBuf> {
@@ -126,69 +83,64 @@ fn cut_after(node: Node, dir: &Path, name: &str, previous: PathBuf) -> anyhow::R
     Ok(raw)
 }
 
-/// GRUB's environment block on a stopped disk, after `fsck.fat -n` found the ESP clean.
-fn grubenv(raw: &Path, dir: &Path) -> anyhow::Result<String> {
-    esp_fsck(raw, dir).with_context(|| format!("the ESP of {}", raw.display()))?;
-    let (esp, _) = sfdisk_partition(raw, "EFI")?;
-    grubenv_list(raw, esp, dir)
-}
-
-/// Waits until every needle is on the console, each after the one before it.
-fn expect_in_order(vm: &mut Vm, needles: &[&str], base: Duration) -> anyhow::Result<()> {
-    let timeout = vm.accel().scale(base);
-    let owned: Vec<String> = needles.iter().map(|s| s.to_string()).collect();
-    vm.wait_until(timeout, |serial| {
-        let mut rest = serial;
-        for n in &owned {
-            let at = rest.find(n.as_str())?;
-            rest = &rest[at + n.len()..];
-        }
-        Some(())
-    })
-    .map_err(|e| common::dump(vm, e))
-}
-
-/// The slot GRUB booted last, from its own console line.
-fn grub_booted(serial: &str) -> Option<&str> {
-    serial
-        .rmatch_indices("basalt: booting slot ")
-        .next()
-        .and_then(|(at, m)| serial.get(at + m.len()..at + m.len() + 1))
-}
-
-/// The node is up on `want` (`a`/`b`) running `version`, with its API answering from the
-/// config saved on STATE, GRUB's last boot being that slot, nothing armed, and nothing
-/// the node could not read.
-fn up_on(node: &mut Node, want: &str, version: &str, from_state: bool) -> anyhow::Result<Status> {
+/// [`up_on`] within the budget of a boot that may reboot on the way.
+fn up(node: &mut Node, want: &str, version: &str, from_state: bool) -> anyhow::Result<Status> {
     let budget = node.vm.accel().scale(BOOT) * 2;
-    let s = common::upgrade::wait_status(
-        &node.vm,
-        &node.ops,
-        &format!("the node API up on slot {want}"),
-        budget,
-        |s| s.upgrade.as_ref().is_some_and(|u| !u.booted.is_empty()),
-    )?;
-    let serial = node.vm.serial();
-    assert_eq!(
-        grub_booted(&serial),
-        Some(want),
-        "GRUB's last boot:\n{serial}"
-    );
-    let u = s.upgrade.clone().context("upgrade status")?;
-    assert_eq!(u.error, None, "{u:?}");
-    assert_eq!((s.slot.as_str(), u.booted.as_str()), (want, want), "{u:?}");
-    assert_eq!(
-        u.default_slot.as_deref(),
-        Some(want),
-        "GRUB's default: {u:?}"
-    );
-    assert_eq!(u.next_boot, None, "armed: {u:?}");
-    assert_eq!(slot(&s, want).version.as_deref(), Some(version), "{u:?}");
-    assert_eq!(slot(&s, want).state, "active", "{u:?}");
-    if from_state {
-        assert_eq!(s.config_source.as_deref(), Some("state"), "STATE's config");
+    up_on(node, want, version, from_state, budget)
+}
+
+/// A first boot of v1 on `firmware`, its machine config on fw_cfg (returned, written
+/// into `dir`), up at standby on slot A.
+fn v1_node(
+    vs: &Versions,
+    firmware: Firmware,
+    pki: &Pki,
+    dir: &Path,
+) -> anyhow::Result<(Node, Vec<String>)> {
+    let config = config_arg(&pki.config(""), dir)?;
+    let mut node = start(&vs.v1.qcow2, firmware, pki, &config)?;
+    expect_line(&mut node.vm, "[basalt] standby t=", BOOT)?;
+    up(&mut node, "a", "1.0.0", false)?;
+    Ok((node, config))
+}
+
+/// The upgrade section of `s`, whose counts are `(upgrades, rollbacks)`.
+fn counted(s: &Status, counts: (u64, u64)) -> anyhow::Result<UpgradeStatus> {
+    let u = s.upgrade.clone().context("upgrade")?;
+    assert_eq!((u.upgrades, u.rollbacks), counts, "{u:?}");
+    Ok(u)
+}
+
+/// After a power cut: the node restarted on `raw` with `extra` QEMU arguments, `line` on
+/// its console first (if any), then [`up_on`] slot `want` running `version` with STATE's
+/// config, `(upgrades, rollbacks)` counted as `counts`.
+fn restart(
+    raw: &Path,
+    pki: &Pki,
+    extra: &[String],
+    line: Option<&str>,
+    (want, version): (&str, &str),
+    counts: (u64, u64),
+) -> anyhow::Result<(Node, Status, UpgradeStatus)> {
+    let mut node = start(raw, Firmware::Bios, pki, extra)?;
+    if let Some(line) = line {
+        expect_line(&mut node.vm, line, BOOT * 2)?;
     }
-    Ok(s)
+    let s = up(&mut node, want, version, true)?;
+    let u = counted(&s, counts)?;
+    Ok((node, s, u))
+}
+
+/// The last rollback was from slot B running `version`, for the never-healthy reason,
+/// and slot B is failed.
+fn rolled_back_from_b(s: &Status, u: &UpgradeStatus, version: &str) -> anyhow::Result<()> {
+    let rb = u.last_rollback.clone().context("last rollback")?;
+    assert_eq!(
+        (rb.slot.as_str(), rb.version.as_deref(), rb.reason.as_str()),
+        ("b", Some(version), NEVER_HEALTHY)
+    );
+    assert_eq!(slot(s, "b").state, "failed", "{u:?}");
+    Ok(())
 }
 
 /// A body that sends the first half of `file` at once, then says so and sends nothing
@@ -237,9 +189,7 @@ fn power_cuts_during_an_upgrade_end_on_v1_or_v2_never_unbootable() -> anyhow::Re
     ];
 
     // v1, its config applied and so saved on STATE.
-    let mut node = start(&vs.v1.qcow2, Firmware::Bios, &pki, &config_arg(&pki, work)?)?;
-    expect_line(&mut node.vm, "[basalt] standby t=", BOOT)?;
-    up_on(&mut node, "a", "1.0.0", false)?;
+    let (node, _) = v1_node(vs, Firmware::Bios, &pki, work)?;
     let applied = node.ops.apply(pki.config(""))?;
     assert!(applied.body.applied, "{}", applied.raw);
 
@@ -285,11 +235,8 @@ fn power_cuts_during_an_upgrade_end_on_v1_or_v2_never_unbootable() -> anyhow::Re
     assert_eq!(root_version(&raw, "ROOT-A", work)?, "1.0.0");
     // Expected: v1, nothing recorded of slot B. Restarted with the stall point set, for
     // the next cut.
-    let mut node = start(&raw, Firmware::Bios, &pki, &stall)?;
-    let s = up_on(&mut node, "a", "1.0.0", true)?;
-    assert_eq!(slot(&s, "b").state, "empty", "{:?}", s.upgrade);
-    let u = s.upgrade.clone().context("upgrade")?;
-    assert_eq!((u.upgrades, u.rollbacks), (0, 0), "{u:?}");
+    let (mut node, s, u) = restart(&raw, &pki, &stall, None, ("a", "1.0.0"), (0, 0))?;
+    assert_eq!(slot(&s, "b").state, "empty", "{u:?}");
 
     // 2. Between the write and the arming: the node stops there (testd's stall point),
     // the slot written and verified, the upgrade recorded but not armed.
@@ -315,15 +262,14 @@ fn power_cuts_during_an_upgrade_end_on_v1_or_v2_never_unbootable() -> anyhow::Re
     );
     assert_eq!(root_version(&raw, "ROOT-A", work)?, "1.0.0");
     // Expected: v1; the upgrade found interrupted, no rollback, slot B not good.
-    let mut node = start(&raw, Firmware::Bios, &pki, &[])?;
-    expect_line(
-        &mut node.vm,
-        "upgrade: the upgrade of slot b was interrupted before it was armed",
-        BOOT * 2,
+    let (mut node, s, u) = restart(
+        &raw,
+        &pki,
+        &[],
+        Some("upgrade: the upgrade of slot b was interrupted before it was armed"),
+        ("a", "1.0.0"),
+        (0, 0),
     )?;
-    let s = up_on(&mut node, "a", "1.0.0", true)?;
-    let u = s.upgrade.clone().context("upgrade")?;
-    assert_eq!((u.upgrades, u.rollbacks), (0, 0), "{u:?}");
     assert_eq!(slot(&s, "b").state, "empty", "{u:?}");
 
     // 3. During v2's first boot: armed, rebooted, GRUB took the one-shot entry, the
@@ -347,17 +293,15 @@ fn power_cuts_during_an_upgrade_end_on_v1_or_v2_never_unbootable() -> anyhow::Re
     );
     assert_eq!(root_version(&raw, "ROOT-B", work)?, "2.0.0");
     // Expected: v1, and a rollback without a recorded reason.
-    let mut node = start(&raw, Firmware::Bios, &pki, &[])?;
-    expect_line(&mut node.vm, "upgrade: rolled back from slot b", BOOT * 2)?;
-    let s = up_on(&mut node, "a", "1.0.0", true)?;
-    let u = s.upgrade.clone().context("upgrade")?;
-    assert_eq!((u.upgrades, u.rollbacks), (0, 1), "{u:?}");
-    let rb = u.last_rollback.clone().context("last rollback")?;
-    assert_eq!(
-        (rb.slot.as_str(), rb.version.as_deref(), rb.reason.as_str()),
-        ("b", Some("2.0.0"), NEVER_HEALTHY)
-    );
-    assert_eq!(slot(&s, "b").state, "failed", "{u:?}");
+    let (mut node, s, u) = restart(
+        &raw,
+        &pki,
+        &[],
+        Some("upgrade: rolled back from slot b"),
+        ("a", "1.0.0"),
+        (0, 1),
+    )?;
+    rolled_back_from_b(&s, &u, "2.0.0")?;
 
     // 4. Right after v2 marked itself good; power cut.
     node.ops.upgrade(&v2, false, true)?;
@@ -372,10 +316,7 @@ fn power_cuts_during_an_upgrade_end_on_v1_or_v2_never_unbootable() -> anyhow::Re
     let raw = cut_after(node, work, "cut-after-good", raw)?;
     assert_eq!(grubenv(&raw, work)?, "saved_entry=b\n", "cut after good");
     // Expected: v2, GRUB's default now, the upgrade counted.
-    let mut node = start(&raw, Firmware::Bios, &pki, &[])?;
-    let s = up_on(&mut node, "b", "2.0.0", true)?;
-    let u = s.upgrade.clone().context("upgrade")?;
-    assert_eq!((u.upgrades, u.rollbacks), (1, 1), "{u:?}");
+    let (mut node, s, u) = restart(&raw, &pki, &[], None, ("b", "2.0.0"), (1, 1))?;
     assert_eq!(slot(&s, "a").state, "good", "{u:?}");
     assert_eq!(slot(&s, "a").version.as_deref(), Some("1.0.0"));
     node.vm.kill();
@@ -393,10 +334,7 @@ fn a_new_slot_that_panics_or_fails_verity_rolls_back_by_itself() -> anyhow::Resu
     let dir = tempfile::tempdir()?;
     let work = dir.path();
     let pki = Pki::with_clients("bad-1", &[("ops", Role::Client)])?;
-    let config = config_arg(&pki, work)?;
-    let mut node = start(&vs.v1.qcow2, Firmware::Bios, &pki, &config)?;
-    expect_line(&mut node.vm, "[basalt] standby t=", BOOT)?;
-    up_on(&mut node, "a", "1.0.0", false)?;
+    let (mut node, config) = v1_node(vs, Firmware::Bios, &pki, work)?;
 
     // A kernel panic in the new slot: panic=10 reboots, GRUB boots the saved slot A.
     let r = node.ops.upgrade(&bundle(&vs.panics), false, true)?;
@@ -412,15 +350,8 @@ fn a_new_slot_that_panics_or_fails_verity_rolls_back_by_itself() -> anyhow::Resu
         ],
         BOOT * 3,
     )?;
-    let s = up_on(&mut node, "a", "1.0.0", false)?;
-    let u = s.upgrade.clone().context("upgrade")?;
-    assert_eq!((u.upgrades, u.rollbacks), (0, 1), "{u:?}");
-    let rb = u.last_rollback.clone().context("last rollback")?;
-    assert_eq!(
-        (rb.slot.as_str(), rb.version.as_deref(), rb.reason.as_str()),
-        ("b", Some("3.0.0-panic"), NEVER_HEALTHY)
-    );
-    assert_eq!(slot(&s, "b").state, "failed", "{u:?}");
+    let s = up(&mut node, "a", "1.0.0", false)?;
+    rolled_back_from_b(&s, &counted(&s, (0, 1))?, "3.0.0-panic")?;
 
     // A verity failure: v2 written, verified and armed; the VM stopped; one byte of
     // slot B's first block flipped on the disk (past the squashfs superblock, so only
@@ -445,15 +376,8 @@ fn a_new_slot_that_panics_or_fails_verity_rolls_back_by_itself() -> anyhow::Resu
         ],
         BOOT * 3,
     )?;
-    let s = up_on(&mut node, "a", "1.0.0", false)?;
-    let u = s.upgrade.clone().context("upgrade")?;
-    assert_eq!((u.upgrades, u.rollbacks), (0, 2), "{u:?}");
-    let rb = u.last_rollback.clone().context("last rollback")?;
-    assert_eq!(
-        (rb.slot.as_str(), rb.version.as_deref(), rb.reason.as_str()),
-        ("b", Some("2.0.0"), NEVER_HEALTHY)
-    );
-    assert_eq!(slot(&s, "b").state, "failed", "{u:?}");
+    let s = up(&mut node, "a", "1.0.0", false)?;
+    rolled_back_from_b(&s, &counted(&s, (0, 2))?, "2.0.0")?;
     node.vm.kill();
     Ok(())
 }
@@ -469,10 +393,7 @@ fn ovmf_upgrades_v1_to_v2_and_boots_v2_from_then_on() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let work = dir.path();
     let pki = Pki::with_clients("uefi-1", &[("ops", Role::Client)])?;
-    let config = config_arg(&pki, work)?;
-    let mut node = start(&vs.v1.qcow2, Firmware::Uefi, &pki, &config)?;
-    expect_line(&mut node.vm, "[basalt] standby t=", BOOT)?;
-    up_on(&mut node, "a", "1.0.0", false)?;
+    let (mut node, config) = v1_node(vs, Firmware::Uefi, &pki, work)?;
 
     let r = node.ops.upgrade(&bundle(&vs.v2), false, true)?;
     assert_eq!(
@@ -511,7 +432,7 @@ fn ovmf_upgrades_v1_to_v2_and_boots_v2_from_then_on() -> anyhow::Result<()> {
     assert_eq!(root_version(&raw, "ROOT-A", work)?, "1.0.0");
     let mut node = start(&raw, Firmware::Uefi, &pki, &config)?;
     expect_line(&mut node.vm, "[basalt] standby t=", BOOT)?;
-    up_on(&mut node, "b", "2.0.0", false)?;
+    up(&mut node, "b", "2.0.0", false)?;
     node.vm.kill();
     Ok(())
 }

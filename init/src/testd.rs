@@ -186,6 +186,103 @@ fn state_of(stat: &str) -> Option<char> {
     rest.trim_start().chars().next()
 }
 
+/// `testd.hang=<point>` on the kernel command line (`cmdline`): the calling thread stops
+/// at `point` for good, as if deadlocked (`trial`: the trial's thread, right after it fed
+/// the watchdog, so the watchdog is never fed again). A test image made to hang, so that
+/// a test can see the watchdog reset a stuck trial into the old slot. Returns at once
+/// otherwise.
+pub fn hang_if_asked(cmdline: &str, point: &str) {
+    let asked = cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("testd.hang="))
+        .any(|p| p == point);
+    if !asked {
+        return;
+    }
+    console::warn(&format!(
+        "testd: testd.hang={point} on the kernel command line: this thread hangs for good \
+         and feeds nothing from now on"
+    ));
+    loop {
+        std::thread::park();
+    }
+}
+
+/// `testd.hang=stage1-io` on the kernel command line: on the trial boot of a new slot,
+/// stage 1 blocks itself in the kernel the way a stuck disk does, before the trial's
+/// watchdog is armed: a dm-linear device over the first 4 KiB of `device` (the root
+/// partition, `major:minor`) is read while active, suspended, then those same bytes are
+/// written back through the page cache and `fsync`ed. The fsync waits for the page's
+/// writeback in TASK_UNINTERRUPTIBLE with no timeout, for ever (the queued write never
+/// reaches the disk). A read does not do: a buffered read waits killable, and a direct
+/// read (`O_DIRECT`, `submit_bio_wait`) wakes every half hung-task timeout on purpose
+/// (`blk_io_schedule`), both of which the hung-task detector ignores. So only the
+/// kernel's hang detection of a trial (GRUB's `hung_task_panic=1`) can end this boot. Not
+/// a trial (the old slot booted again, or `trial` could not tell): returns at once.
+pub const HANG_PARAM: &str = "testd.hang=stage1-io";
+
+/// Blocks for ever if the command line asks for it (see [`HANG_PARAM`]) and `trial` says
+/// this is a trial boot; returns otherwise (also when the hang cannot be set up).
+pub fn hang_stage1_io_if_asked(root: &Path, device: &str, trial: impl FnOnce() -> Option<bool>) {
+    use std::io::{Read, Seek};
+    let cmdline = std::fs::read_to_string(root.join("proc/cmdline")).unwrap_or_default();
+    if !cmdline.split_whitespace().any(|w| w == HANG_PARAM) {
+        return;
+    }
+    if trial() != Some(true) {
+        console::info(&format!(
+            "testd: {HANG_PARAM} on the kernel command line, but this is no trial boot: not hanging"
+        ));
+        return;
+    }
+    const NAME: &str = "testd-hang";
+    let control = match crate::storage::dm::Control::open(&root.join("dev")) {
+        Ok(c) => c,
+        Err(e) => return console::error("testd: hang: device-mapper", &e),
+    };
+    let table = format!("{device} 0");
+    let target = crate::storage::dm::Target {
+        start: 0,
+        sectors: 8,
+        kind: "linear",
+        params: &table,
+    };
+    let minor = match control.create(NAME, &[target], false) {
+        Ok((_, minor)) => minor,
+        Err(e) => return console::error("testd: hang: create the dm-linear device", &e),
+    };
+    let dev = root.join(format!("dev/dm-{minor}"));
+    let mut block = [0u8; 4096];
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev)
+        .and_then(|mut f| f.read_exact(&mut block).map(|()| f));
+    let mut file = match opened {
+        Ok(f) => f,
+        Err(e) => return console::error(&format!("testd: hang: read {}", dev.display()), &e),
+    };
+    if let Err(e) = control.suspend(NAME) {
+        return console::error("testd: hang: suspend the dm-linear device", &e);
+    }
+    console::warn(&format!(
+        "testd: {HANG_PARAM} on the kernel command line: PID1 writes {} (suspended) \
+         back and fsyncs it, blocking uninterruptibly before the trial's watchdog is armed",
+        dev.display()
+    ));
+    console::flush(console::FLUSH_TIMEOUT);
+    // The same bytes: nothing would change on the disk even if the write got there.
+    let done = file
+        .rewind()
+        .and_then(|()| file.write_all(&block))
+        .and_then(|()| file.sync_all());
+    // Only reached if the device is resumed (or the write failed at once).
+    match done {
+        Ok(()) => console::warn("testd: hang: the fsync returned"),
+        Err(e) => console::error(&format!("testd: hang: write {}", dev.display()), &e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -148,6 +148,14 @@ pub fn boot(env: &mut Env<'_>) -> Result<BootParams, Stage1Error> {
             source,
         })?;
     console::milestone(Milestone::RootVerified);
+    // A test image made to hang here, in the kernel, on its trial boot
+    // (`testd.hang=stage1-io`; testd feature only).
+    #[cfg(feature = "testd")]
+    crate::testd::hang_stage1_io_if_asked(
+        &env.root,
+        &format!("{}:{}", part.major, part.minor),
+        || trial_boot(&env.root),
+    );
 
     let new_root = env.root.join(NEW_ROOT.trim_start_matches('/'));
     let _ = env.sys.mkdir(&new_root);

@@ -48,6 +48,7 @@ const SPEC: usize = std::mem::size_of::<DmTargetSpec>();
 const BUF_SIZE: usize = 16 * 1024;
 
 const DM_READONLY_FLAG: u32 = 1 << 0;
+const DM_SUSPEND_FLAG: u32 = 1 << 1;
 
 const DM_DEV_CREATE: u8 = 3;
 const DM_DEV_SUSPEND: u8 = 6;
@@ -182,6 +183,13 @@ impl Control {
             nix::sys::stat::major(dev) as u32,
             nix::sys::stat::minor(dev) as u32,
         ))
+    }
+
+    /// Suspends device `name`: I/O to it waits, uninterruptibly, until it is resumed.
+    /// Used only by the test hook that makes a boot hang (`testd`).
+    pub fn suspend(&self, name: &str) -> Result<(), DmError> {
+        let mut buf = Buf::new(name, DM_SUSPEND_FLAG)?;
+        self.ioctl(DM_DEV_SUSPEND, "suspend", &mut buf)
     }
 
     /// The status string of the first target (for verity: `V` verified, `C` corrupted).

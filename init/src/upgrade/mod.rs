@@ -9,6 +9,7 @@
 
 pub mod esp;
 pub mod fetch;
+pub mod hang;
 pub mod install;
 pub mod record;
 pub mod refuse;
@@ -406,6 +407,11 @@ fn at_boot(root: &Path) -> Result<(), InstallError> {
         Found::Normal | Found::Armed => {}
         Found::Trial => run_trial(root, &params, &running, &mut esp)?,
     }
+    // Not a trial (or the trial's slot was just marked good): GRUB's trial arguments, if
+    // this boot has them, are turned off; nothing is written on a normal boot.
+    if found != Found::Trial {
+        hang::disarm_and_say(root);
+    }
     Ok(())
 }
 
@@ -443,6 +449,9 @@ fn run_trial(
         if let Some(d) = dog.as_mut() {
             d.feed();
         }
+        // A test image whose trial deadlocks here (`testd.hang=trial`; testd feature only).
+        #[cfg(feature = "testd")]
+        crate::testd::hang_if_asked(&cmdline, "trial");
     });
     // Held while the slot is marked good, so that a rollback cannot cross it.
     let _busy = BUSY.lock().unwrap_or_else(|e| e.into_inner());
@@ -478,6 +487,7 @@ fn run_trial(
             console::info(&format!(
                 "upgrade: slot {booted} is healthy and marked good (GRUB saved_entry={booted})"
             ));
+            hang::disarm_and_say(root);
         }
         Err(reason) => {
             set(&TRIAL, Some(format!("failed: {reason}; rebooting")));
@@ -798,5 +808,22 @@ mod tests {
         // A sha256 that is not one: refused before anything is fetched.
         let err = from_url(&node, "http://127.0.0.1:9/x", "abc").unwrap_err();
         assert!(err.to_string().contains("64 hex digits"), "{err}");
+    }
+
+    #[cfg(feature = "testd")]
+    #[test]
+    fn a_trial_asked_to_hang_stops_for_good_only_at_its_point() {
+        // Not asked, or asked for another point: returns.
+        crate::testd::hang_if_asked("quiet panic=10", "trial");
+        crate::testd::hang_if_asked("quiet testd.hang=other", "trial");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            crate::testd::hang_if_asked("quiet testd.hang=trial panic=10", "trial");
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(500)).is_err(),
+            "the hung thread went on"
+        );
     }
 }

@@ -9,7 +9,9 @@
 //! marks the slot good (`saved_entry=<booted>`) and disarms the watchdog. A failed or
 //! timed-out trial records why on STATE and reboots: GRUB boots `saved_entry`, the old
 //! slot. Any other failure of that boot (a panic with `panic=10`, dm-verity refusing the
-//! root, a hang the watchdog resets) ends there too, with no record.
+//! root, a hang the watchdog resets, a hang in the kernel before the watchdog is armed,
+//! which GRUB's trial arguments turn into a panic: see [`super::hang`]) ends there too,
+//! with no record.
 //!
 //! The old slot then finds an upgrade pending for the other slot, no longer armed: a
 //! rollback. Its reason is the recorded one, or, when the new slot left none,
