@@ -18,15 +18,14 @@ const MILESTONES: [Milestone; 7] = [
 ];
 
 /// The steps of K3s's preparation, which stage 2 runs in the background
-/// (`init/src/boot/stage2/node.rs`, `prepare_for_k3s`), then the warm-ups after it
-/// (K3s's extraction, `init/src/k3s_warm.rs`, and PID1's pages, `init/src/join/warm.rs`).
-const BACKGROUND_STEPS: [&str; 6] = [
+/// (`init/src/boot/stage2/node.rs`, `prepare_for_k3s`), then the warm-up after it
+/// (K3s's extraction, `init/src/k3s_warm.rs`).
+const BACKGROUND_STEPS: [&str; 5] = [
     "cgroups",
     "k3s-modules",
     "k3s-sysctls",
     "standby-prep",
     "k3s-warm",
-    "join-warm",
 ];
 
 fn firmware_name(f: Firmware) -> &'static str {

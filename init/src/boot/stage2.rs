@@ -27,7 +27,10 @@ pub trait Machine: Sources {
     fn mount_kernel_filesystems(&mut self);
     /// STATE, grown to fill its disk the first time; whether it is mounted.
     fn mount_state(&mut self) -> bool;
-    /// The running kernel's module index, read once for every load below.
+    /// The running kernel's module index, read once for every load below. On a node it
+    /// was read, and the coldplug's drivers loaded, in a thread started by
+    /// [`Machine::mount_kernel_filesystems`], beside STATE's mount; this joins it, and
+    /// the boot counter's write that [`Machine::mount_state`] left beside them.
     fn read_module_index(&mut self);
     /// Starts, in the background, what a promotion needs and standby does not: cgroup v2
     /// with its controllers, K3s's modules and sysctls, and (with STATE only) what a join
@@ -42,7 +45,8 @@ pub trait Machine: Sources {
     /// Ctrl-Alt-Del then arrives as SIGINT instead of an immediate reboot.
     fn disable_ctrl_alt_del(&mut self);
     /// Drivers for the devices present (the NIC, virtio-rng), and those found by name
-    /// (the power button's, fw_cfg's), in one batch.
+    /// (the power button's, fw_cfg's), in one batch: on a node, loaded already beside
+    /// STATE's mount, and only their failures are reported here.
     fn coldplug(&mut self);
     fn milestone(&mut self, milestone: Milestone);
     /// SNTP against `servers` in a thread of its own, once the network is up.
@@ -89,8 +93,10 @@ pub fn run() -> ! {
 pub fn boot(m: &mut dyn Machine) {
     console::timed("kernel-filesystems", || m.mount_kernel_filesystems());
     let state_mounted = console::timed("mount-state", || m.mount_state());
-    console::timed("module-index", || m.read_module_index());
-    console::timed("coldplug", || m.coldplug());
+    // The index and the drivers were read and loaded beside STATE's mount, and the boot
+    // counter synced beside both: what is left of them on the boot's path is this wait.
+    console::timed("drivers-wait", || m.read_module_index());
+    m.coldplug();
     m.start_k3s_prep(state_mounted);
     console::timed("power-button", || m.watch_power_button());
     m.disable_ctrl_alt_del();

@@ -67,13 +67,15 @@ pub fn coldplug(
     threads: usize,
 ) -> (usize, Vec<crate::kmod::parallel::ParallelError>) {
     use crate::kmod::parallel::{load_all, ParallelError};
-    let aliases = modaliases(root);
+    let aliases = crate::pid1::console::timed("coldplug.scan", || modaliases(root));
     let names: Vec<&str> = aliases
         .iter()
         .map(String::as_str)
         .chain(also.iter().copied())
         .collect();
-    let outcome = load_all(loader, root, modules, &names, threads);
+    let outcome = crate::pid1::console::timed("coldplug.load", || {
+        load_all(loader, root, modules, &names, threads)
+    });
     let errors = outcome
         .errors
         .into_iter()

@@ -54,11 +54,17 @@ pub enum Note {
     Warn(String),
 }
 
-/// Finds STATE on the disk of the verified root, grows it if its disk is larger, mounts it on `/var` under `root`, counts
-/// the boot; says on the console what it grew and how large STATE is.
-pub fn mount(sys: &mut dyn System, root: &Path, timeout: Duration) -> Result<Mounted, StateError> {
+/// Finds STATE on the disk of the verified root, grows it if its disk is larger, mounts
+/// it on `/var` under `root`; says on the console what it grew and how large STATE is.
+/// The boot is counted beside the boot ([`BootCount`]): the counter's two fsyncs wait on
+/// the disk, and nothing before `ready` reads the counter.
+pub fn mount(
+    sys: &mut dyn System,
+    root: &Path,
+    timeout: Duration,
+) -> Result<(BlockDev, BootCount), StateError> {
     let mut notes = Vec::new();
-    let mounted = mount_with(sys, &mut grow::Ioctls, root, timeout, &mut notes);
+    let mounted = mount_only(sys, &mut grow::Ioctls, root, timeout, &mut notes);
     for note in &notes {
         match note {
             Note::Info(line) => console::info(line),
@@ -66,7 +72,61 @@ pub fn mount(sys: &mut dyn System, root: &Path, timeout: Duration) -> Result<Mou
             Note::Warn(line) => console::warn(line),
         }
     }
-    mounted
+    let (device, target) = mounted?;
+    Ok((device, BootCount::start(target.join(BOOTS))))
+}
+
+/// This boot's number on STATE, known at once; its counter file written and synced in a
+/// thread of its own (the step `mount-state.count`), which [`BootCount::wait`] joins.
+pub struct BootCount {
+    number: u64,
+    path: PathBuf,
+    write: Write,
+}
+
+/// The counter's write: in its thread, or done already when no thread could start.
+enum Write {
+    Beside(std::thread::JoinHandle<Result<(), StateError>>),
+    Done(Result<(), StateError>),
+}
+
+impl BootCount {
+    /// Starts writing the next number.
+    pub fn start(path: PathBuf) -> BootCount {
+        let number = next_boot(&path);
+        let to = path.clone();
+        let write = match std::thread::Builder::new()
+            .name("boot-count".into())
+            .spawn(move || console::timed("mount-state.count", || write_boot(&to, number)))
+        {
+            Ok(writer) => Write::Beside(writer),
+            Err(_) => Write::Done(write_boot(&path, number)),
+        };
+        BootCount {
+            number,
+            path,
+            write,
+        }
+    }
+
+    /// The number this boot has once [`BootCount::wait`] says it is written.
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// Waits for the counter's write: the number, or why the boot is not counted.
+    pub fn wait(self) -> Result<u64, StateError> {
+        let written = match self.write {
+            Write::Done(written) => written,
+            Write::Beside(writer) => writer.join().unwrap_or_else(|_| {
+                Err(StateError::Write(
+                    self.path,
+                    std::io::Error::other("its writer panicked"),
+                ))
+            }),
+        };
+        written.map(|()| self.number)
+    }
 }
 
 /// [`mount`] with the resize ioctls and the console lines in the caller's hands. Only
@@ -79,6 +139,34 @@ pub fn mount_with(
     timeout: Duration,
     notes: &mut Vec<Note>,
 ) -> Result<Mounted, StateError> {
+    let (device, target) = mount_only(sys, ops, root, timeout, notes)?;
+    let boot = match console::timed("mount-state.count", || count_boot(&target.join(BOOTS))) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            notes.push(Note::Warn(not_counted(&device.name, &e)));
+            None
+        }
+    };
+    Ok(Mounted { device, boot })
+}
+
+/// The warning for a boot whose counter could not be written.
+pub fn not_counted(name: &str, e: &StateError) -> String {
+    format!(
+        "STATE {name}: boot not counted ({}); STATE is used as it is",
+        console::chain(e)
+    )
+}
+
+/// Finds, grows and mounts STATE: [`mount_with`] without the boot counter. Returns the
+/// device and the mount point under `root`.
+fn mount_only(
+    sys: &mut dyn System,
+    ops: &mut dyn Resize,
+    root: &Path,
+    timeout: Duration,
+    notes: &mut Vec<Note>,
+) -> Result<(BlockDev, PathBuf), StateError> {
     let sys_root = root.join("sys");
     // Only on the verified root's disk: an attached volume's STATE never wins.
     let device = console::timed("mount-state.find", || {
@@ -142,17 +230,7 @@ pub fn mount_with(
         grow_at,
         console::uptime() - grow_at,
     );
-    let boot = match console::timed("mount-state.count", || count_boot(&target.join(BOOTS))) {
-        Ok(n) => Some(n),
-        Err(e) => {
-            notes.push(Note::Warn(format!(
-                "STATE {name}: boot not counted ({}); STATE is used as it is",
-                console::chain(&e)
-            )));
-            None
-        }
-    };
-    Ok(Mounted { device, boot })
+    Ok((device, target))
 }
 
 /// The partition step: whether STATE just grew, and its length for the ext4 step (`None`
@@ -201,14 +279,24 @@ fn grow_partition(
 /// under TCG, but then a power cut within seconds of the boot loses that boot's count
 /// (e2e `state_survives_a_reboot_of_the_same_disk` kills the VM right after `ready`).
 pub fn count_boot(path: &Path) -> Result<u64, StateError> {
-    let previous = std::fs::read_to_string(path)
+    let boot = next_boot(path);
+    write_boot(path, boot)?;
+    Ok(boot)
+}
+
+/// The counter's next number: 1 when the file is missing or unreadable.
+fn next_boot(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    let boot = previous + 1;
+        .unwrap_or(0)
+        + 1
+}
+
+/// Replaces the counter with `boot`, whole and synced.
+fn write_boot(path: &Path, boot: u64) -> Result<(), StateError> {
     atomic_file::write(path, format!("{boot}\n").as_bytes())
-        .map_err(|e| StateError::Write(path.into(), e))?;
-    Ok(boot)
+        .map_err(|e| StateError::Write(path.into(), e))
 }
 
 #[cfg(test)]
@@ -244,6 +332,27 @@ mod tests {
                 Note::Warn(line) => panic!("{line}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn the_boot_count_is_known_at_once_and_written_beside() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = d.path().join("boots");
+        std::fs::write(&f, "4\n").expect("write");
+        let count = BootCount::start(f.clone());
+        assert_eq!(count.number(), 5);
+        assert_eq!(count.wait().expect("written"), 5);
+        assert_eq!(std::fs::read_to_string(&f).expect("read"), "5\n");
+
+        // Under a file, not a folder: the write fails and says where.
+        let bad = f.join("boots");
+        let count = BootCount::start(bad.clone());
+        assert_eq!(count.number(), 1);
+        let err = count.wait().expect_err("not a folder");
+        let line = not_counted("vda5", &err);
+        assert!(line.contains("boot not counted"), "{line}");
+        assert!(line.contains(&bad.display().to_string()), "{line}");
+        assert_eq!(std::fs::read_to_string(&f).expect("read"), "5\n");
     }
 
     #[test]

@@ -40,10 +40,18 @@ const TIME_SYNC_WAIT: Duration = Duration::from_secs(60);
 pub struct Node<'a> {
     sys: &'a mut dyn System,
     root: PathBuf,
+    /// When stage 2 began (CLOCK_BOOTTIME, s), for the `exec-stage2` step.
+    started: f64,
     state_mounted: bool,
     modules: Option<Arc<Modules>>,
-    /// The module index being read while STATE mounts; taken by `read_module_index`.
-    index_reader: Option<std::thread::JoinHandle<Result<Modules, ModprobeError>>>,
+    /// The module index being read, then the coldplug, while STATE mounts; taken by
+    /// `read_module_index`.
+    drivers: Option<std::thread::JoinHandle<Drivers>>,
+    /// STATE's device name and its boot counter being written; joined by
+    /// `read_module_index`.
+    boot_count: Option<(String, state::BootCount)>,
+    /// The coldplug's failures, once its thread is joined; reported by `coldplug`.
+    coldplug_errors: Option<Vec<parallel::ParallelError>>,
     /// Set from the config when the network starts; metadata fills it in otherwise.
     hostname: Option<String>,
     up: NetworkUp,
@@ -79,9 +87,12 @@ impl<'a> Node<'a> {
         Node {
             sys,
             root,
+            started: console::uptime(),
             state_mounted: false,
             modules: None,
-            index_reader: None,
+            drivers: None,
+            boot_count: None,
+            coldplug_errors: None,
             hostname: None,
             up: NetworkUp::default(),
             supervisor,
@@ -111,31 +122,40 @@ impl Machine for Node<'_> {
         }
         // Stage 1's milestones, for the node API's boot timeline.
         console::import_milestones(&self.root.join("dev/kmsg"));
-        // The module index is read off the root while STATE mounts (which mostly waits
-        // for the disk); `read_module_index` takes it.
+        // From stage 1's last milestone to here: the switch of root, the exec of this
+        // binary off the verified root (its pages read on first touch) and its start.
+        let mounted = Milestone::RootMounted.name();
+        if let Some((_, at)) = console::milestones()
+            .into_iter()
+            .find(|(n, _)| n == mounted)
+        {
+            console::step("exec-stage2", at, (self.started - at).max(0.0));
+        }
+        // The module index is read off the root and the drivers of the devices present
+        // are loaded while STATE mounts (which mostly waits for the disk): neither needs
+        // STATE, and `read_module_index` joins them.
         let root = self.root.clone();
         match std::thread::Builder::new()
-            .name("module-index".into())
-            .spawn(move || Modules::running(&root))
+            .name("drivers".into())
+            .spawn(move || index_and_coldplug(&root))
         {
-            Ok(reader) => self.index_reader = Some(reader),
-            Err(e) => console::error("module index: start the reader", &e),
+            Ok(drivers) => self.drivers = Some(drivers),
+            Err(e) => console::error("drivers: start the thread", &e),
         }
     }
 
     fn mount_state(&mut self) -> bool {
         match state::mount(self.sys, &self.root, STATE_TIMEOUT) {
-            Ok(m) => {
+            Ok((device, count)) => {
                 console::milestone(Milestone::StateMounted);
-                let boot = m
-                    .boot
-                    .map_or_else(|| "not counted".to_owned(), |n| n.to_string());
                 console::info(&format!(
-                    "STATE {} mounted on {}, boot {boot}",
-                    m.device.name,
+                    "STATE {} mounted on {}, boot {}",
+                    device.name,
                     state::MOUNT_POINT,
+                    count.number(),
                 ));
                 self.state_mounted = true;
+                self.boot_count = Some((device.name, count));
             }
             // A node without STATE still serves read-only: say why and go on.
             Err(e) => console::error(Partition::State.name(), &e),
@@ -144,14 +164,22 @@ impl Machine for Node<'_> {
     }
 
     fn read_module_index(&mut self) {
-        let read = match self.index_reader.take().map(std::thread::JoinHandle::join) {
-            Some(Ok(read)) => read,
-            // Its thread could not start, or panicked (the panic hook has said why).
-            _ => Modules::running(&self.root),
+        let (read, errors) = match self.drivers.take().map(std::thread::JoinHandle::join) {
+            Some(Ok((read, errors))) => (read, Some(errors)),
+            // Its thread could not start, or panicked (the panic hook has said why): the
+            // index is read here, and `coldplug` loads the drivers.
+            _ => (Modules::running(&self.root).map(Arc::new), None),
         };
         match read {
-            Ok(m) => self.modules = Some(Arc::new(m)),
+            Ok(m) => self.modules = Some(m),
             Err(e) => console::error("module index", &e),
+        }
+        self.coldplug_errors = errors;
+        // The boot counter's write, which also went on beside the drivers.
+        if let Some((name, count)) = self.boot_count.take() {
+            if let Err(e) = count.wait() {
+                console::warn(&state::not_counted(&name, &e));
+            }
         }
     }
 
@@ -204,15 +232,13 @@ impl Machine for Node<'_> {
     /// and K3s need. The power button's drivers and fw_cfg's (the config source) load in
     /// the same batch.
     fn coldplug(&mut self) {
-        let Some(modules) = &self.modules else {
-            return;
+        let errors = match self.coldplug_errors.take() {
+            Some(errors) => errors,
+            None => match &self.modules {
+                Some(modules) => console::timed("coldplug", || coldplug(&self.root, modules)),
+                None => return,
+            },
         };
-        let by_name: Vec<&str> = power::MODULES
-            .iter()
-            .copied()
-            .chain([FW_CFG_MODULE])
-            .collect();
-        let (_, errors) = net::coldplug(&Finit, &self.root, modules, &by_name, MODULE_THREADS);
         for e in &errors {
             console::error("coldplug", e);
         }
@@ -347,6 +373,35 @@ impl Sources for Node<'_> {
     fn rejected(&mut self, err: &SourceError) {
         console::error("machine config", err);
     }
+}
+
+/// The module index, and the coldplug's failures.
+type Drivers = (
+    Result<Arc<Modules>, ModprobeError>,
+    Vec<parallel::ParallelError>,
+);
+
+/// Reads the module index, then loads the drivers of the devices present and those
+/// found by name ([`coldplug`]); each is a step of the boot timeline.
+fn index_and_coldplug(root: &Path) -> Drivers {
+    match console::timed("module-index", || Modules::running(root)) {
+        Ok(modules) => {
+            let modules = Arc::new(modules);
+            let errors = console::timed("coldplug", || coldplug(root, &modules));
+            (Ok(modules), errors)
+        }
+        Err(e) => (Err(e), Vec::new()),
+    }
+}
+
+/// The drivers of the devices present, and the power button's and fw_cfg's by name.
+fn coldplug(root: &Path, modules: &Modules) -> Vec<parallel::ParallelError> {
+    let by_name: Vec<&str> = power::MODULES
+        .iter()
+        .copied()
+        .chain([FW_CFG_MODULE])
+        .collect();
+    net::coldplug(&Finit, root, modules, &by_name, MODULE_THREADS).1
 }
 
 /// fw_cfg's driver, which shows QEMU's fw_cfg files (a config source) in sysfs. fw_cfg
