@@ -13,7 +13,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
@@ -24,8 +24,10 @@ use crate::config::Token;
 
 mod cahash;
 mod https;
+mod warm_up;
 
 pub use cahash::CertError;
+pub use warm_up::{warm_up, WarmUpError};
 
 /// The largest `/cacerts` body accepted; a CA bundle is a few KiB.
 pub const CACERTS_LIMIT: usize = 1024 * 1024;
@@ -133,8 +135,56 @@ pub fn ca_hash(cacerts_pem: &[u8]) -> Result<String, K3sError> {
 /// replaced by `/cacerts`, as K3s does. The body is at most [`CACERTS_LIMIT`] bytes.
 pub fn fetch_cacerts(server: &str, timeout: Duration) -> Result<Vec<u8>, K3sError> {
     let server = https::Server::parse(server)?;
-    let verifier = Arc::new(https::AcceptAnyCertificate(https::provider()));
-    https::get(&server, "/cacerts", verifier, timeout, CACERTS_LIMIT)
+    let config = https::any_certificate_config()?;
+    https::get(&server, "/cacerts", config, timeout, CACERTS_LIMIT)
+}
+
+/// When each step of a [`check_server_ca_timed`] ended, counted from its `start`; `None`
+/// for a step it did not reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckTimes {
+    pub start: Instant,
+    /// The TCP connection is up.
+    pub connected: Option<Duration>,
+    /// The TLS handshake is done (the server's signature over it checked).
+    pub handshake: Option<Duration>,
+    /// The whole `/cacerts` body is in: one TLS round trip, cold or warm.
+    pub response: Option<Duration>,
+    /// The server's certificates are verified against the bundle.
+    pub verified: Option<Duration>,
+    /// The bundle's hash is compared with the token's: the check's end.
+    pub hashed: Option<Duration>,
+}
+
+impl Default for CheckTimes {
+    fn default() -> Self {
+        CheckTimes {
+            start: Instant::now(),
+            connected: None,
+            handshake: None,
+            response: None,
+            verified: None,
+            hashed: None,
+        }
+    }
+}
+
+impl CheckTimes {
+    /// `connected 2, handshake 60, response 64, verified 70, hashed 71` (ms), the steps
+    /// reached.
+    pub fn describe(&self) -> String {
+        [
+            ("connected", self.connected),
+            ("handshake", self.handshake),
+            ("response", self.response),
+            ("verified", self.verified),
+            ("hashed", self.hashed),
+        ]
+        .iter()
+        .filter_map(|(name, at)| at.map(|d| format!("{name} {}", d.as_millis())))
+        .collect::<Vec<_>>()
+        .join(", ")
+    }
 }
 
 /// K3s's join check against `server` for `token`: fetch `/cacerts` unverified, verify the
@@ -153,9 +203,30 @@ pub fn check_server_ca(
     token: &Token,
     timeout: Duration,
 ) -> Result<CaCheck, K3sError> {
+    check_server_ca_timed(server, token, timeout).0
+}
+
+/// [`check_server_ca`], and when each of its steps ended.
+pub fn check_server_ca_timed(
+    server: &str,
+    token: &Token,
+    timeout: Duration,
+) -> (Result<CaCheck, K3sError>, CheckTimes) {
+    let mut times = CheckTimes::default();
+    let result = check(server, token, timeout, &mut times);
+    (result, times)
+}
+
+fn check(
+    server: &str,
+    token: &Token,
+    timeout: Duration,
+    times: &mut CheckTimes,
+) -> Result<CaCheck, K3sError> {
     let parsed = https::Server::parse(server)?;
-    let any = Arc::new(https::AcceptAnyCertificate(https::provider()));
-    let (cacerts, peer) = https::get_with_peer(&parsed, "/cacerts", any, timeout, CACERTS_LIMIT)?;
+    let config = https::any_certificate_config()?;
+    let (cacerts, peer) =
+        https::get_with_peer(&parsed, "/cacerts", config, timeout, CACERTS_LIMIT, times)?;
     let url = parsed.url("/cacerts");
     let verifier = bundle_verifier(&cacerts, &url)?;
     let invalid = |e: rustls::Error| K3sError::CaValidation {
@@ -178,12 +249,15 @@ pub fn check_server_ca(
             UnixTime::now(),
         )
         .map_err(invalid)?;
+    times.verified = Some(times.start.elapsed());
     let Some(expected) = token.ca_hash() else {
+        times.hashed = times.verified;
         return Ok(CaCheck::NotPinned);
     };
     // K3s ignores a bundle it cannot hash and compares with an empty hash; the outcome,
     // a refused join, is the same, and the error says why.
     let actual = ca_hash(&cacerts)?;
+    times.hashed = Some(times.start.elapsed());
     if actual == expected {
         Ok(CaCheck::Matched { hash: actual })
     } else {

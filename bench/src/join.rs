@@ -12,9 +12,14 @@
 //!
 //! A promotion is measured at two moments ([`When`]): right after `standby` (the node API
 //! answers; K3s's background preparation is still running and the promotion waits for
-//! it), and on a prepared standby, once stage 2 has printed its `standby-prep` step and
-//! the warm-up of PID1's binary (`join-warm`, from images that have it): what a warm
-//! pool's node, promoted minutes after its boot, looks like.
+//! it), and on a prepared standby, [`SETTLE`] after stage 2's last background step
+//! (`k3s-warm`), the same delay for every image whatever warm-ups it runs after that
+//! step: what a warm pool's node, promoted minutes after its boot, looks like.
+//!
+//! Besides the totals, each run reads PID1's own timeline of the apply (`join: timeline
+//! ms after the request: …`, `init/src/join/timeline.rs`) and the agent double's times
+//! for its own first, cold CA check (`ca-check times ms: …`): the same check PID1 runs,
+//! so the two compare cold to cold, and its `response` is a cold TLS round trip.
 
 use super::boot::{parse_footprint, Footprint, CPUS, MEMORY_MIB};
 use super::stats::Spread;
@@ -25,7 +30,7 @@ use basalt_api::node::DEFAULT_PORT;
 use basalt_client::node::{ClientOptions, Endpoint, NodeClient, NodeError};
 use basalt_client::pki::{Ca, CertRequest, Issued, PkiError, Role, Validity};
 use basalt_qemu::{Accel, HarnessError, Vm, VmBuilder};
-use k3s_doubles::{K3sServerDouble, ServerDoubleError, LINE_PREFIX};
+use k3s_doubles::{K3sServerDouble, ServerDoubleError, CHECK_TIMES, LINE_PREFIX};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -43,13 +48,18 @@ const AGENT_EXEC: &str = "[basalt] join: agent exec ";
 const CA_CHECK: &str = "[basalt] join: CA check ";
 /// The agent double's own timing of one `/cacerts` fetch (`k3s-agent-double`).
 const ROUND_TRIP: &str = "cacerts round trip ";
-/// The last step of K3s's background preparation (`init/src/boot/stage2/node.rs`).
-const STANDBY_PREP: &str = "standby-prep";
-/// The warm-up of PID1's binary after it (`init/src/join/warm.rs`).
-const JOIN_WARM: &str = "join-warm";
-/// How long a prepared run waits for `join-warm` after `standby-prep`: an image from
-/// before the warm-up never prints it, and is promoted after this grace.
-const WARM_GRACE: Duration = Duration::from_secs(20);
+/// PID1's timeline of the apply (`init/src/join/timeline.rs`).
+const TIMELINE: &str = "[basalt] join: timeline ms after the request: ";
+/// The last step of K3s's background preparation, K3s's extraction
+/// (`init/src/boot/stage2/node.rs`), which every image prints.
+const K3S_WARM: &str = "k3s-warm";
+/// How long a prepared run waits after [`K3S_WARM`] before it promotes: the same for
+/// every image, and long enough for the warm-ups PID1 starts after it.
+pub const SETTLE: Duration = Duration::from_secs(10);
+/// Warm-ups that PID1 may run after [`K3S_WARM`]: the page-in of its binary (main before
+/// issue 15 item 2's third pass) and the CA check's dry run (after it). A prepared run
+/// records which of them had ended when it promoted.
+const WARM_UPS: [&str; 2] = ["join-warm", "check-warm"];
 
 /// When a run promotes its node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -132,10 +142,10 @@ pub struct JoinRun {
     /// When the node was promoted.
     pub when: When,
     /// For a prepared run: seconds on the guest's clock from `standby` until the
-    /// preparation's last step ended (`standby-prep`, or `join-warm` when printed).
+    /// preparation's last step (`k3s-warm`) ended.
     pub prepared_after_standby: Option<f64>,
-    /// For a prepared run: whether the image printed its `join-warm` step.
-    pub warmed: Option<bool>,
+    /// For a prepared run: the warm-ups of [`WARM_UPS`] that had ended when it promoted.
+    pub warmed: Option<Vec<String>>,
     /// PID1's VmRSS (status) at standby, just before the apply.
     pub standby_rss_kib: Option<u64>,
     /// PID1's footprint line printed on the way to standby.
@@ -349,23 +359,28 @@ fn join_once(
     let (mut prepared_after_standby, mut warmed) = (None, None);
     if when == When::Prepared {
         let step = |name| format!("{} {} {name} at=", milestone::PREFIX, milestone::STEP);
-        vm.wait_for(&step(STANDBY_PREP), accel.scale(BOOT))
-            .map_err(|e| vm_err(&vm, "waiting for K3s's preparation (standby-prep)", e))?;
-        let warm = vm.wait_for(&step(JOIN_WARM), WARM_GRACE).is_ok();
-        warmed = Some(warm);
+        vm.wait_for(&step(K3S_WARM), accel.scale(BOOT))
+            .map_err(|e| vm_err(&vm, "waiting for K3s's preparation (k3s-warm)", e))?;
+        std::thread::sleep(SETTLE);
         let serial = vm.serial();
         let standby_at = serial
             .lines()
             .filter_map(milestone::parse)
             .find(|(name, _)| *name == Milestone::Standby.name())
             .map(|(_, t)| t);
-        let last = if warm { JOIN_WARM } else { STANDBY_PREP };
-        let done = serial
-            .lines()
-            .filter_map(milestone::parse_step)
-            .find(|s| s.name == last)
+        let steps: Vec<_> = serial.lines().filter_map(milestone::parse_step).collect();
+        let done = steps
+            .iter()
+            .find(|s| s.name == K3S_WARM)
             .map(|s| s.at + s.took);
         prepared_after_standby = standby_at.zip(done).map(|(s, d)| d - s);
+        warmed = Some(
+            WARM_UPS
+                .iter()
+                .filter(|w| steps.iter().any(|s| s.name == **w))
+                .map(|w| w.to_string())
+                .collect(),
+        );
     }
     let client = pki
         .client(port)
@@ -525,6 +540,10 @@ pub struct AfterApply {
     /// `[basalt] join: CA check N ms; prepared alongside in M ms`: PID1's check, and
     /// the work it did beside it, both from the check's start.
     pub check_ms: Option<(u64, u64)>,
+    /// PID1's timeline of the apply: `(step, ms after the request)`, in its order.
+    pub timeline: Option<Vec<(String, u64)>>,
+    /// The agent double's first (cold) CA check: `(step, ms from its start)`.
+    pub double_check: Option<Vec<(String, u64)>>,
 }
 
 impl AfterApply {
@@ -551,8 +570,46 @@ impl AfterApply {
             if self.check_ms.is_none() {
                 self.check_ms = parse_ca_check(line);
             }
+            if self.timeline.is_none() {
+                self.timeline = parse_timeline(line);
+            }
+            if self.double_check.is_none() {
+                self.double_check = parse_double_check(line);
+            }
         }
     }
+}
+
+/// `step 12, other 30` → `[("step", 12), ("other", 30)]`; `None` if any pair is not a
+/// name and a number.
+fn parse_steps(list: &str) -> Option<Vec<(String, u64)>> {
+    list.trim_end()
+        .split(", ")
+        .map(|pair| {
+            let (name, ms) = pair.rsplit_once(' ')?;
+            Some((name.to_owned(), ms.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `[basalt] join: timeline ms after the request: parsed 1, exec 30` → its steps.
+pub fn parse_timeline(line: &str) -> Option<Vec<(String, u64)>> {
+    parse_steps(&line[line.find(TIMELINE)? + TIMELINE.len()..])
+}
+
+/// `k3s-agent-double: ca-check times ms: connected 2, …, hashed 71` → its steps.
+pub fn parse_double_check(line: &str) -> Option<Vec<(String, u64)>> {
+    let rest = line[line.find(LINE_PREFIX)? + LINE_PREFIX.len()..].trim_start();
+    parse_steps(rest.strip_prefix(CHECK_TIMES)?)
+}
+
+/// The ms of `step` in a parsed list.
+fn step_ms(steps: &Option<Vec<(String, u64)>>, step: &str) -> Option<f64> {
+    steps
+        .as_ref()?
+        .iter()
+        .find(|(name, _)| name == step)
+        .map(|(_, ms)| *ms as f64)
 }
 
 /// `[basalt] join: agent exec 12 ms after apply` → 12.
@@ -598,9 +655,15 @@ type Figure = (&'static str, fn(&JoinRun) -> Option<f64>);
 
 /// Milliseconds: the floor and the guest's own measures, then the host's wall clock
 /// from the apply.
-const LATENCIES: [Figure; 8] = [
+const LATENCIES: [Figure; 10] = [
     ("floor: one TLS round trip (guest, double)", |r| {
         r.console.floor_ms.map(|m| m as f64)
+    }),
+    ("cold round trip: the double's first (guest)", |r| {
+        step_ms(&r.console.double_check, "response")
+    }),
+    ("the double's first CA check, cold (guest)", |r| {
+        step_ms(&r.console.double_check, "hashed")
     }),
     ("agent exec (guest clock, PID1's)", |r| {
         r.console.agent_exec_ms.map(|m| m as f64)
@@ -629,6 +692,41 @@ const LATENCIES: [Figure; 8] = [
 fn exec_over_floor(r: &JoinRun) -> Option<f64> {
     let floor = r.console.floor_ms?;
     Some(r.console.agent_exec_ms? as f64 / floor.max(1) as f64)
+}
+
+/// Agent exec over the cold round trip (the double's first), per run.
+fn exec_over_cold(r: &JoinRun) -> Option<f64> {
+    let cold = step_ms(&r.console.double_check, "response")?;
+    Some(r.console.agent_exec_ms? as f64 / cold.max(1.0))
+}
+
+/// PID1's timeline, each step's median over the runs that marked it, in the order of
+/// the first run that printed one.
+fn timeline_rows(f: &mut std::fmt::Formatter<'_>, runs: &[JoinRun]) -> std::fmt::Result {
+    let Some(order) = runs.iter().find_map(|r| r.console.timeline.as_ref()) else {
+        return writeln!(
+            f,
+            "  PID1's timeline of the apply: not printed (an image from before it)"
+        );
+    };
+    writeln!(
+        f,
+        "  PID1's timeline of the apply, ms after the request (step ended)"
+    )?;
+    for (step, _) in order {
+        let s = Spread::of(
+            runs.iter()
+                .filter_map(|r| step_ms(&r.console.timeline, step)),
+        );
+        if let Some(s) = s {
+            writeln!(
+                f,
+                "    {step:<40}{:>7.0} ms  ({:.0}–{:.0})",
+                s.median, s.min, s.max
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// PID1's VmRSS in KiB, and its split (metrics).
@@ -729,14 +827,24 @@ Not K3s: K3s's own start-up is not in these figures."
                     )?,
                     None => writeln!(f, "  {label:<42}not seen")?,
                 }
-                let warmed = runs.iter().filter(|r| r.warmed == Some(true)).count();
                 writeln!(
                     f,
-                    "  {:<42}{warmed} of {} runs (an image without it is promoted {} s after standby-prep)",
-                    "join-warm step seen",
-                    runs.len(),
-                    WARM_GRACE.as_secs()
+                    "  {:<42}{} s after k3s-warm, in every run",
+                    "promoted",
+                    SETTLE.as_secs()
                 )?;
+                for w in WARM_UPS {
+                    let seen = runs
+                        .iter()
+                        .filter(|r| r.warmed.as_ref().is_some_and(|v| v.iter().any(|x| x == w)))
+                        .count();
+                    writeln!(
+                        f,
+                        "  {:<42}{seen} of {} runs",
+                        format!("{w} ended before the apply"),
+                        runs.len()
+                    )?;
+                }
             }
             writeln!(f, "  {:<42}median  (min–max)", "promote → …")?;
             rows(f, &runs, &LATENCIES, "ms")?;
@@ -749,6 +857,16 @@ Not K3s: K3s's own start-up is not in these figures."
                 )?,
                 None => writeln!(f, "  {label:<42}not seen")?,
             }
+            let label = "agent exec / cold round trip, per run";
+            match Spread::of(runs.iter().filter_map(exec_over_cold)) {
+                Some(s) => writeln!(
+                    f,
+                    "  {label:<42}{:>7.2} ×   ({:.2}–{:.2}), over {} runs",
+                    s.median, s.min, s.max, s.n
+                )?,
+                None => writeln!(f, "  {label:<42}not seen")?,
+            }
+            timeline_rows(f, &runs)?;
             writeln!(f, "  PID1 memory, VmRSS")?;
             rows(f, &runs, &MEMORY, "KiB")?;
         }
@@ -757,10 +875,11 @@ Not K3s: K3s's own start-up is not in these figures."
             let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
             writeln!(
                 f,
-                "  run {} ({}): floor {} ms, exec {} ms, response {:.0} ms, joined {} ms, ca-check {} ms; VmRSS {} → {} KiB; state {}",
+                "  run {} ({}): floor {} ms, cold {} ms, exec {} ms, response {:.0} ms, joined {} ms, ca-check {} ms; VmRSS {} → {} KiB; state {}",
                 n + 1,
                 r.when.name(),
                 opt(r.console.floor_ms.map(|m| m as f64)),
+                opt(step_ms(&r.console.double_check, "response")),
                 opt(r.console.agent_exec_ms.map(|m| m as f64)),
                 r.response * 1e3,
                 opt(r.console.joined.map(|j| j.0 * 1e3)),
@@ -803,6 +922,35 @@ mod tests {
         for (line, want) in cases {
             assert_eq!(parse_agent_exec(line), want, "{line:?}");
         }
+    }
+
+    #[test]
+    fn the_timelines_of_pid1_and_of_the_double_are_parsed() {
+        let line = "[   12.5] [basalt] join: timeline ms after the request: parsed 1, check-response 14, exec 31\r";
+        assert_eq!(
+            parse_timeline(line),
+            Some(vec![
+                ("parsed".into(), 1),
+                ("check-response".into(), 14),
+                ("exec".into(), 31)
+            ])
+        );
+        assert_eq!(
+            parse_timeline("[basalt] join: timeline ms after the request: parsed one"),
+            None
+        );
+        assert_eq!(
+            parse_timeline("[basalt] join: agent exec 12 ms after apply"),
+            None
+        );
+        let line = "k3s-agent-double: ca-check times ms: connected 2, handshake 60, response 64, verified 70, hashed 71";
+        let steps = parse_double_check(line).expect("parsed");
+        assert_eq!(steps.len(), 5);
+        assert_eq!(step_ms(&Some(steps), "response"), Some(64.0));
+        assert_eq!(
+            parse_double_check("k3s-agent-double: ca-check passed"),
+            None
+        );
     }
 
     #[test]
@@ -919,6 +1067,8 @@ mod tests {
                 agent: Some((0.9, AgentLine::CaCheckPassed)),
                 floor_ms: Some(exec / 2),
                 check_ms: Some((exec / 2 + 1, 3)),
+                timeline: Some(vec![("check-response".into(), 12), ("exec".into(), exec)]),
+                double_check: Some(vec![("response".into(), 40), ("hashed".into(), 45)]),
             },
             joined_state: Some(JoinState::AgentStarted),
             ..JoinRun::default()
@@ -946,7 +1096,10 @@ mod tests {
             "500 ms  (400–600)  seen in 2 of 3 runs\n",
             "600 KiB (600–600)\n",
             "promoted right after standby (3 runs)",
-            "run 2 (right after standby): floor 15 ms, exec 30 ms, response 700 ms, joined - ms",
+            "run 2 (right after standby): floor 15 ms, cold 40 ms, exec 30 ms, response 700 ms, joined - ms",
+            "agent exec / cold round trip, per run        0.50 ×   (0.25–0.75), over 3 runs\n",
+            format!("    {:<40}{:>7} ms  (12–12)\n", "check-response", 12).as_str(),
+            format!("    {:<40}{:>7} ms  (10–30)\n", "exec", 20).as_str(),
             "agent exec / floor, per run                  2.00 ×   (2.00–2.00), over 3 runs\n",
             "RssAnon growth                                100 KiB (100–100)\n",
             "RssFile growth                                500 KiB (500–500)\n",
@@ -960,7 +1113,7 @@ mod tests {
         let prepared = |exec, after| JoinRun {
             when: When::Prepared,
             prepared_after_standby: Some(after),
-            warmed: Some(true),
+            warmed: Some(vec!["check-warm".into()]),
             ..joined_run(exec, 0.2, Some(0.1))
         };
         let bench = JoinBench {
@@ -987,11 +1140,23 @@ mod tests {
                 .contains("prepared, after standby (guest)              3000 ms  (2500–3500)\n"),
             "{text}"
         );
-        assert!(prepared_part.contains("join-warm step seen"), "{text}");
-        assert!(prepared_part.contains("  2 of 2 runs"), "{text}");
+        assert!(
+            prepared_part.contains(&format!(
+                "  {:<42}2 of 2 runs\n",
+                "check-warm ended before the apply"
+            )),
+            "{text}"
+        );
+        assert!(
+            prepared_part.contains(&format!(
+                "  {:<42}0 of 2 runs\n",
+                "join-warm ended before the apply"
+            )),
+            "{text}"
+        );
         assert!(prepared_part.contains("50 ms  (40–60)\n"), "{text}");
         assert!(
-            text.contains("run 4 (prepared standby): floor 30 ms, exec 60 ms"),
+            text.contains("run 4 (prepared standby): floor 30 ms, cold 40 ms, exec 60 ms"),
             "{text}"
         );
     }

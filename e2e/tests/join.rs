@@ -7,15 +7,13 @@
 
 mod common;
 
-use basalt_api::layout::fw_cfg;
 use basalt_api::node::JoinState;
 use basalt_client::node::{NodeClient, NodeError};
 use basalt_client::pki::{Ca, Role, Validity};
-use basalt_qemu::{Vm, VmBuilder};
-use common::expect_line;
+use basalt_qemu::Vm;
 use common::pki::{free_port, Pki};
+use common::{boot_node, expect_line, reboot_from_state};
 use k3s_doubles::K3sServerDouble;
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Guest boot budget on KVM; the harness scales it for TCG.
@@ -47,24 +45,6 @@ fn pki() -> anyhow::Result<Pki> {
 
 fn sha(s: &str) -> String {
     hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()))
-}
-
-/// QEMU's user network (not restricted: the guest reaches the host's loopback as
-/// 10.0.2.2, where the K3s server double listens, and nothing else is addressed), the
-/// node API forwarded to `port` on the host's loopback, and virtio-rng for TLS.
-fn network(port: u16) -> Vec<String> {
-    basalt_qemu::node_devices(false, &[(port, basalt_api::node::DEFAULT_PORT)])
-}
-
-fn boot(disk: &Path, port: u16, config: Option<&str>, dir: &Path) -> anyhow::Result<Vm> {
-    let mut args = network(port);
-    if let Some(text) = config {
-        let file = dir.join("config.toml");
-        std::fs::write(&file, text)?;
-        args.push("-fw_cfg".into());
-        args.push(fw_cfg::qemu_arg(fw_cfg::CONFIG, &file));
-    }
-    Ok(VmBuilder::new(disk).extra_args(args).spawn()?)
 }
 
 /// Polls `health` until the node API answers (it starts at standby).
@@ -142,7 +122,7 @@ fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() 
     let img = common::join_image();
     let pki = pki()?;
     let port = free_port()?;
-    let mut vm = boot(&img.qcow2, port, Some(&pki.config("")), pki.dir.path())?;
+    let mut vm = boot_node(&img.qcow2, port, Some(&pki.config("")), pki.dir.path())?;
     expect_line(&mut vm, "[basalt] standby t=", BOOT)?;
     let ops = pki.client("ops", port)?;
     wait_for_api(&vm, &ops)?;
@@ -312,12 +292,7 @@ fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() 
 
     // Reboot through the API (-no-reboot turns it into QEMU's exit), then boot the same
     // disk without fw_cfg: the node joins again from STATE without being told.
-    ops.reboot()?;
-    vm.wait_exit(vm.accel().scale(BOOT))
-        .map_err(|e| common::dump(&vm, e))?;
-    let port2 = free_port()?;
-    let mut again = boot(vm.overlay(), port2, None, pki.dir.path())?;
-    expect_line(&mut again, "machine config from STATE", BOOT)?;
+    let (mut again, port2) = reboot_from_state(&mut vm, &ops, pki.dir.path(), BOOT)?;
     expect_line(&mut again, "[basalt] joined t=", BOOT)?;
     expect_line(&mut again, "k3s-agent-double: ca-check passed", BOOT)?;
     let ops2 = pki.client("ops", port2)?;

@@ -23,12 +23,19 @@ impl Gate {
     }
 
     /// Held for one write; refused once the gate is closed.
-    fn enter(&self) -> std::io::Result<RwLockReadGuard<'_, bool>> {
+    fn enter(&self) -> std::io::Result<Held<'_>> {
+        self.hold().map_err(std::io::Error::other)
+    }
+
+    /// Held while a thread changes STATE by other means than this module's (folders,
+    /// links, a bind mount: standby's preparation): [`Gate::close`] waits for it as for a
+    /// write in flight. Refused once the gate is closed.
+    pub fn hold(&self) -> Result<Held<'_>, Closed> {
         let open = self.0.read().unwrap_or_else(|e| e.into_inner());
         if *open {
-            return Err(std::io::Error::other(Closed));
+            return Err(Closed);
         }
-        Ok(open)
+        Ok(Held { _open: open })
     }
 
     /// Waits up to `wait` for the writes in flight, then refuses any further one.
@@ -58,6 +65,11 @@ impl Gate {
     }
 }
 
+/// The gate held open ([`Gate::hold`]) until dropped.
+pub struct Held<'a> {
+    _open: RwLockReadGuard<'a, bool>,
+}
+
 impl Default for Gate {
     fn default() -> Self {
         Gate::new()
@@ -65,6 +77,12 @@ impl Default for Gate {
 }
 
 static GATE: Gate = Gate::new();
+
+/// The node's gate, which shutdown closes ([`close_writes`]): for work on STATE that does
+/// not go through this module ([`Gate::hold`]).
+pub fn gate() -> &'static Gate {
+    &GATE
+}
 
 /// Shutdown: waits up to `wait` for the writes in flight, then refuses every further
 /// write with [`Closed`]. Returns whether the writes in flight had ended.
@@ -94,6 +112,18 @@ pub fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 /// `path`, which is not touched until [`Staged::commit`]. Dropped uncommitted, the
 /// temporary file is removed. One stage per path at a time.
 pub fn stage_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<Staged> {
+    stage(path, bytes, mode, true)
+}
+
+/// [`stage_mode`] without its fsync: for a file whose content must be in place at
+/// once but need not survive a crash until [`Renamed::sync`] (K3s's config, which PID1
+/// writes again before every start of the agent). Its [`Staged::commit`] syncs the file
+/// too.
+pub fn stage_mode_unsynced(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<Staged> {
+    stage(path, bytes, mode, false)
+}
+
+fn stage(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Result<Staged> {
     use std::os::unix::fs::OpenOptionsExt;
     let _open = GATE.enter()?;
     let dir = path.parent().unwrap_or(Path::new("/"));
@@ -109,6 +139,7 @@ pub fn stage_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<Stage
     let staged = Staged {
         tmp: Some(tmp),
         path: path.to_path_buf(),
+        synced: sync,
     };
     let tmp = staged.tmp.as_deref().unwrap_or(path);
     let mut f = std::fs::OpenOptions::new()
@@ -117,7 +148,9 @@ pub fn stage_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<Stage
         .mode(mode)
         .open(tmp)?;
     f.write_all(bytes)?;
-    f.sync_all()?;
+    if sync {
+        f.sync_all()?;
+    }
     Ok(staged)
 }
 
@@ -127,6 +160,29 @@ pub struct Staged {
     /// `None` once committed.
     tmp: Option<PathBuf>,
     path: PathBuf,
+    /// Whether the temporary file's content was synced when written.
+    synced: bool,
+}
+
+/// A file renamed into place by [`Staged::rename`], not yet made to survive a crash.
+#[derive(Debug)]
+#[must_use = "the rename is not durable until synced"]
+pub struct Renamed {
+    path: PathBuf,
+    synced: bool,
+}
+
+impl Renamed {
+    /// Syncs the file (if it was staged unsynced) and its folder: from here on the
+    /// new content survives a crash.
+    pub fn sync(self) -> std::io::Result<()> {
+        let _open = GATE.enter()?;
+        if !self.synced {
+            std::fs::File::open(&self.path)?.sync_all()?;
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("/"));
+        std::fs::File::open(dir)?.sync_all()
+    }
 }
 
 impl Staged {
@@ -135,15 +191,24 @@ impl Staged {
         &self.path
     }
 
-    /// Renames the temporary file over the target and syncs the folder.
-    pub fn commit(mut self) -> std::io::Result<()> {
+    /// Renames the temporary file over the target and syncs it and the folder.
+    pub fn commit(self) -> std::io::Result<()> {
+        self.rename()?.sync()
+    }
+
+    /// Renames the temporary file over the target: readers see the new content from
+    /// now on; a crash before [`Renamed::sync`] may leave the old one.
+    pub fn rename(mut self) -> std::io::Result<Renamed> {
         let _open = GATE.enter()?;
+        let renamed = Renamed {
+            path: self.path.clone(),
+            synced: self.synced,
+        };
         let Some(tmp) = self.tmp.take() else {
-            return Ok(());
+            return Ok(renamed);
         };
         std::fs::rename(&tmp, &self.path)?;
-        let dir = self.path.parent().unwrap_or(Path::new("/"));
-        std::fs::File::open(dir)?.sync_all()
+        Ok(renamed)
     }
 }
 
@@ -210,8 +275,15 @@ mod tests {
         assert_eq!(std::fs::read(&path).expect("read"), b"new");
         assert_eq!(mode(&path), 0o600);
 
-        drop(stage_mode(&path, b"dropped", 0o600).expect("stage"));
+        let unsynced = stage_mode_unsynced(&path, b"newer", 0o600).expect("stage unsynced");
         assert_eq!(std::fs::read(&path).expect("read"), b"new");
+        let renamed = unsynced.rename().expect("rename");
+        assert_eq!(std::fs::read(&path).expect("read"), b"newer");
+        renamed.sync().expect("sync");
+        assert_eq!(mode(&path), 0o600);
+
+        drop(stage_mode(&path, b"dropped", 0o600).expect("stage"));
+        assert_eq!(std::fs::read(&path).expect("read"), b"newer");
         let names: Vec<_> = std::fs::read_dir(d.path())
             .expect("list")
             .map(|e| e.expect("entry").file_name())

@@ -36,6 +36,7 @@
 //! ([`ApplyError::AgentSupervised`], 409).
 
 mod node;
+pub mod timeline;
 pub mod warm;
 
 pub use node::agent_run_of;
@@ -44,13 +45,14 @@ pub use node::{agent_spec, bind_rancher, prepare_standby, write_secret, NodeHost
 use crate::boot::background::{self, PrepSlot};
 use crate::pid1::console;
 use basalt_api::config::{MachineConfig, Token};
-use basalt_api::k3s::{CaCheck, K3sError};
+use basalt_api::k3s::{CaCheck, CheckTimes, K3sError};
 use basalt_api::milestone::Milestone;
 use basalt_api::node::{JoinState, JoinStatus};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use timeline::Timeline;
 
 /// The supervised service's name (`basalt node logs k3s`).
 pub const AGENT_SERVICE: &str = "k3s";
@@ -144,12 +146,15 @@ pub enum Applied {
     Failed { error: String },
 }
 
-/// The join's work done while the CA check runs, each waiting for its verdict.
-struct Prepared {
-    /// The applied config, written aside.
+/// What a checked join did: the verdict, the agent's start (after a passed check), and
+/// what is left to make durable.
+struct Joined {
+    checked: Result<CaCheck, K3sError>,
+    activation: Activation,
+    /// K3s's config, in place but not synced yet.
+    k3s_config: Option<Box<dyn Durable>>,
+    /// The applied config, written aside (synced), to commit.
     persist: Result<Box<dyn Commit>, JoinError>,
-    /// K3s's config, written aside; see [`Joiner::prepare_agent`].
-    agent: Result<Box<dyn Commit>, JoinError>,
 }
 
 /// How far an activation got.
@@ -164,6 +169,14 @@ enum Activation {
 /// K3s's CA check against a server; a trait so tests fake the server.
 pub trait CaChecker: Send + Sync {
     fn check(&self, server: &str, token: &Token) -> Result<CaCheck, K3sError>;
+    /// [`CaChecker::check`], and when its steps ended, where the checker knows.
+    fn check_timed(
+        &self,
+        server: &str,
+        token: &Token,
+    ) -> (Result<CaCheck, K3sError>, Option<CheckTimes>) {
+        (self.check(server, token), None)
+    }
 }
 
 /// The real check, over the network.
@@ -174,6 +187,15 @@ pub struct NetworkCheck {
 impl CaChecker for NetworkCheck {
     fn check(&self, server: &str, token: &Token) -> Result<CaCheck, K3sError> {
         basalt_api::k3s::check_server_ca(server, token, self.timeout)
+    }
+
+    fn check_timed(
+        &self,
+        server: &str,
+        token: &Token,
+    ) -> (Result<CaCheck, K3sError>, Option<CheckTimes>) {
+        let (checked, times) = basalt_api::k3s::check_server_ca_timed(server, token, self.timeout);
+        (checked, Some(times))
     }
 }
 
@@ -235,6 +257,26 @@ pub fn agent_state(run: &AgentRun, since_start: Duration) -> (JoinState, Option<
 /// dropped uncommitted (a refused join), it leaves nothing behind.
 pub trait Commit: Send {
     fn commit(self: Box<Self>) -> Result<(), JoinError>;
+    /// Puts the file in place now, readers see it at once; what it returns makes it
+    /// survive a crash. By default, the commit, with nothing left to sync.
+    fn rename(self: Box<Self>) -> Result<Box<dyn Durable>, JoinError> {
+        self.commit()?;
+        Ok(Box::new(Synced))
+    }
+}
+
+/// A file in place whose crash safety waits for [`Durable::sync`].
+pub trait Durable: Send {
+    fn sync(self: Box<Self>) -> Result<(), JoinError>;
+}
+
+/// Nothing left to sync.
+struct Synced;
+
+impl Durable for Synced {
+    fn sync(self: Box<Self>) -> Result<(), JoinError> {
+        Ok(())
+    }
 }
 
 /// A [`Commit`] that runs a closure: for test hosts, whose writes need no staging.
@@ -392,6 +434,18 @@ impl Joiner {
         text: &str,
         received: Instant,
     ) -> Result<Applied, ApplyError> {
+        self.apply_timed(config, text, &Timeline::new(received))
+    }
+
+    /// [`Joiner::apply`], marking its steps on `timeline` (which counts from the
+    /// request's arrival); a join prints it once the agent runs.
+    pub fn apply_timed(
+        &self,
+        config: &MachineConfig,
+        text: &str,
+        timeline: &Timeline,
+    ) -> Result<Applied, ApplyError> {
+        let received = timeline.start();
         let _one = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let supervised = self.inner().agent.is_some();
         // Asked before the inner lock is taken: a round trip to PID1's main loop.
@@ -430,117 +484,198 @@ impl Joiner {
         };
         let server = cluster.server.as_str();
         self.set(JoinState::Joining, Some(server), None);
-        let (checked, prepared) = self.check_while_preparing(config, text, server, &cluster.token);
+        let joined = self.check_and_start(config, text, server, &cluster.token, replace, timeline);
+        // The spawn, not the save waited for after it.
+        let exec = timeline
+            .get("agent-started")
+            .unwrap_or_else(|| received.elapsed());
+        let Joined {
+            checked,
+            activation,
+            k3s_config,
+            persist,
+        } = joined;
         if let Err(e) = checked {
+            for note in timeline.take_notes() {
+                console::info(&note);
+            }
             let error = console::chain(&JoinError::Check(e));
             console::info(&format!("join: refused: {error}"));
             self.set(JoinState::Failed, Some(server), Some(error.clone()));
-            // `prepared` is dropped here: its files were written aside, never committed.
+            // The files written aside were dropped uncommitted.
             return Ok(Applied::Refused { error });
         }
-        let Prepared { persist, agent } = prepared;
-        if let Err(e) = persist.and_then(Commit::commit) {
-            self.set(JoinState::Failed, Some(server), Some(console::chain(&e)));
-            return Err(ApplyError::Persist(e));
+        // The agent runs (or was tried); the saved config is made durable before the
+        // answer, so a success reported is a config the next boot finds.
+        let saved = persist.and_then(Commit::commit);
+        if let Some(k3s_config) = k3s_config {
+            // K3s's config is written again before every start of the agent: losing it
+            // to a crash loses nothing, so a failure here is only reported.
+            if let Err(e) = k3s_config.sync() {
+                console::warn(&format!("join: {}", console::chain(&e)));
+            }
         }
+        timeline.mark("synced");
         if replace {
             console::info(&format!(
-                "join: the agent is not registered; replacing its [cluster] with {server}"
+                "join: the agent is not registered; replaced its [cluster] with {server}"
             ));
         }
-        match self.activate(config, replace, agent) {
+        if matches!(activation, Activation::Running) && !replace {
+            console::info(&format!(
+                "join: agent exec {} ms after apply",
+                exec.as_millis()
+            ));
+        }
+        for note in timeline.take_notes() {
+            console::info(&note);
+        }
+        console::info(&timeline.line());
+        if let Err(e) = saved {
+            let error = format!(
+                "k3s agent was started, but the config was not saved: {}",
+                console::chain(&e)
+            );
+            self.inner().status.last_error = Some(error);
+            return Err(ApplyError::Persist(e));
+        }
+        match activation {
             Activation::Running if replace => Ok(Applied::Replaced),
-            Activation::Running => {
-                let exec = received.elapsed();
-                console::info(&format!(
-                    "join: agent exec {} ms after apply",
-                    exec.as_millis()
-                ));
-                Ok(Applied::Joined { exec })
-            }
+            Activation::Running => Ok(Applied::Joined { exec }),
             Activation::Supervised(error) | Activation::Failed(error) => {
                 Ok(Applied::Failed { error })
             }
         }
     }
 
-    /// Runs the CA check against `server` and, in a thread beside it, everything of the
-    /// join that does not depend on its verdict ([`Joiner::prepare_agent`], the
-    /// config's save written aside), so that a passed check leaves only renames and the
-    /// exec. Logs how long each side took.
-    fn check_while_preparing(
+    /// Runs the CA check against `server` and, in threads beside it, everything of the
+    /// join that does not depend on its verdict: [`Joiner::prepare_agent`] (K3s's config
+    /// written aside, unsynced) and the config's save written aside (synced). A passed
+    /// check then renames K3s's config into place and starts the agent; the save is only
+    /// waited for after that, and committed by the caller. Nothing is printed before the
+    /// agent's start: the console is slow under emulation.
+    fn check_and_start(
         &self,
         config: &MachineConfig,
         text: &str,
         server: &str,
         token: &Token,
-    ) -> (Result<CaCheck, K3sError>, Prepared) {
+        replace: bool,
+        timeline: &Timeline,
+    ) -> Joined {
         let began = Instant::now();
-        let prepare = || {
-            let persist = self.host.stage_persist(text);
-            let agent = self.prepare_agent(config);
-            (Prepared { persist, agent }, began.elapsed())
+        timeline.mark_at("check-start", began);
+        let stage_persist = || {
+            let staged = self.host.stage_persist(text);
+            timeline.mark("config-staged");
+            staged
         };
-        let (checked, checked_in, (prepared, prepared_in)) = std::thread::scope(|s| {
-            let beside = std::thread::Builder::new()
+        let prepare_agent = || {
+            let staged = self.prepare_agent(config, Some(timeline));
+            timeline.mark("prepared");
+            (staged, began.elapsed())
+        };
+        let gone = || JoinError::Start("the join's preparation thread panicked".into());
+        let (joined, checked_in, prepared_in) = std::thread::scope(|s| {
+            let persist = std::thread::Builder::new()
+                .name("join-save".into())
+                .spawn_scoped(s, stage_persist);
+            let agent = std::thread::Builder::new()
                 .name("join-prep".into())
-                .spawn_scoped(s, prepare);
-            let checked = self.checker.check(server, token);
+                .spawn_scoped(s, prepare_agent);
+            let (checked, times) = self.checker.check_timed(server, token);
             let checked_in = began.elapsed();
-            let prepared = match beside {
-                Ok(handle) => handle.join().unwrap_or_else(|_| {
-                    let gone = || JoinError::Start("the join's preparation thread panicked".into());
-                    let failed = Prepared {
-                        persist: Err(gone()),
-                        agent: Err(gone()),
-                    };
-                    (failed, began.elapsed())
-                }),
+            if let Some(times) = &times {
+                timeline.mark_check(times);
+            }
+            timeline.mark("checked");
+            let (agent, prepared_in) = match agent {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|_| (Err(gone()), began.elapsed())),
                 // No thread: the same work, after the check.
-                Err(_) => prepare(),
+                Err(_) => prepare_agent(),
             };
-            (checked, checked_in, prepared)
+            let (activation, k3s_config) = match &checked {
+                // Dropped uncommitted below: nothing of a refused join stays.
+                Err(_) => (Activation::Failed(String::new()), None),
+                Ok(_) => self.activate(config, replace, agent, Some(timeline)),
+            };
+            let persist = match persist {
+                Ok(handle) => handle.join().unwrap_or_else(|_| Err(gone())),
+                Err(_) => stage_persist(),
+            };
+            let joined = Joined {
+                checked,
+                activation,
+                k3s_config,
+                persist,
+            };
+            (joined, checked_in, prepared_in)
         });
-        console::info(&format!(
+        timeline.note(format!(
             "join: CA check {} ms; prepared alongside in {} ms",
             checked_in.as_millis(),
             prepared_in.as_millis()
         ));
-        (checked, prepared)
+        joined
     }
 
     /// What starting the agent needs that no verdict of the CA check changes: the
     /// background preparation ended, K3s's config rendered and written aside, the
     /// metadata service closed.
-    fn prepare_agent(&self, config: &MachineConfig) -> Result<Box<dyn Commit>, JoinError> {
+    fn prepare_agent(
+        &self,
+        config: &MachineConfig,
+        timeline: Option<&Timeline>,
+    ) -> Result<Box<dyn Commit>, JoinError> {
+        let mark = |step| {
+            if let Some(t) = timeline {
+                t.mark(step);
+            }
+        };
         let json = config
             .k3s_config_json(self.host.node_ip(config))
             .ok_or_else(|| JoinError::Start("the config has no [cluster]".into()))?;
+        mark("rendered");
         self.prep
             .wait()
             .map_err(|e| JoinError::Start(e.to_string()))?;
+        mark("prep-waited");
         let staged = self.host.stage_k3s_config(&json)?;
+        mark("k3s-config-staged");
         self.host.close_metadata()?;
+        mark("metadata-closed");
         Ok(staged)
     }
 
-    /// Commits K3s's config prepared by [`Joiner::prepare_agent`] and starts the agent
-    /// (again at once, with `restart`, for an agent already supervised); the status says
-    /// how it went.
+    /// Renames K3s's config prepared by [`Joiner::prepare_agent`] into place and starts
+    /// the agent (again at once, with `restart`, for an agent already supervised); the
+    /// status says how it went. Returns what makes K3s's config durable, to do after.
     fn activate(
         &self,
         config: &MachineConfig,
         restart: bool,
         prepared: Result<Box<dyn Commit>, JoinError>,
-    ) -> Activation {
+        timeline: Option<&Timeline>,
+    ) -> (Activation, Option<Box<dyn Durable>>) {
+        let mark = |step| {
+            if let Some(t) = timeline {
+                t.mark(step);
+            }
+        };
         let server = config.cluster.as_ref().map(|c| c.server.as_str());
-        let result = prepared.and_then(Commit::commit).and_then(|()| {
+        let mut durable = None;
+        let result = prepared.and_then(Commit::rename).and_then(|renamed| {
+            durable = Some(renamed);
+            mark("k3s-config-renamed");
             if restart {
                 self.host.restart_agent()
             } else {
                 self.host.start_agent()
             }
         });
+        mark("agent-started");
         let supervised = matches!(result, Ok(()) | Err(JoinError::NotRunning(_)));
         if supervised {
             let mut inner = self.inner();
@@ -552,7 +687,7 @@ impl Joiner {
                 self.set(JoinState::AgentStarted, server, None);
                 // The agent's start, the console's `joined`; registration is in status.
                 console::milestone(Milestone::Joined);
-                Activation::Running
+                (Activation::Running, durable)
             }
             Err(e) => {
                 console::error("join", &e);
@@ -564,11 +699,12 @@ impl Joiner {
                     JoinState::Failed
                 };
                 self.set(state, server, Some(error.clone()));
-                if supervised {
+                let activation = if supervised {
                     Activation::Supervised(error)
                 } else {
                     Activation::Failed(error)
-                }
+                };
+                (activation, durable)
             }
         }
     }
@@ -618,8 +754,12 @@ impl Joiner {
                     if self.superseded(generation) {
                         return;
                     }
-                    let prepared = self.prepare_agent(config);
-                    match self.activate(config, false, prepared) {
+                    let prepared = self.prepare_agent(config, None);
+                    let (activation, k3s_config) = self.activate(config, false, prepared, None);
+                    if let Some(Err(e)) = k3s_config.map(Durable::sync) {
+                        console::warn(&format!("join: {}", console::chain(&e)));
+                    }
+                    match activation {
                         Activation::Running | Activation::Supervised(_) => return,
                         Activation::Failed(error) => (JoinState::Failed, error),
                     }

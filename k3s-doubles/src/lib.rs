@@ -39,3 +39,7 @@ pub use static_build::build_agent_double;
 /// Every line the agent double prints starts with this, so a test can pick its lines out
 /// of a serial console.
 pub const LINE_PREFIX: &str = "k3s-agent-double:";
+/// After [`LINE_PREFIX`]: the agent double's line with its (cold, first) CA check's step
+/// times, `connected 2, handshake 60, response 64, verified 70, hashed 71` in ms from the
+/// check's start (`basalt_api::k3s::CheckTimes::describe`).
+pub const CHECK_TIMES: &str = "ca-check times ms: ";

@@ -22,7 +22,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, TcpStream, ToSocketAddrs};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -30,7 +30,7 @@ use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvi
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
 
-use super::K3sError;
+use super::{CheckTimes, K3sError};
 
 /// Larger response heads are refused.
 const MAX_HEAD: usize = 16 * 1024;
@@ -95,41 +95,59 @@ impl Server {
     }
 }
 
+/// The ring provider, made once per process.
 pub(super) fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    Arc::clone(PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())))
 }
 
-/// GET `path` from `server`; the body of a 2xx answer, at most `limit` bytes.
-pub(super) fn get(
-    server: &Server,
-    path: &str,
-    verifier: Arc<dyn ServerCertVerifier>,
-    timeout: Duration,
-    limit: usize,
-) -> Result<Vec<u8>, K3sError> {
-    get_with_peer(server, path, verifier, timeout, limit).map(|(body, _)| body)
-}
-
-/// [`get`], with the certificates the server showed in the handshake (end entity
-/// first), whose signature over the handshake `verifier` checked.
-pub(super) fn get_with_peer(
-    server: &Server,
-    path: &str,
-    verifier: Arc<dyn ServerCertVerifier>,
-    timeout: Duration,
-    limit: usize,
-) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), K3sError> {
-    let url = server.url(path);
-    let deadline = Instant::now() + timeout;
+/// The client side of K3s's first `/cacerts` request ([`AcceptAnyCertificate`]): it
+/// depends on nothing a join brings, so it is made once per process (a node's standby
+/// warm-up makes it, [`super::warm_up`]) and shared by every check after.
+pub(super) fn any_certificate_config() -> Result<Arc<ClientConfig>, K3sError> {
+    static CONFIG: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+    if let Some(config) = CONFIG.get() {
+        return Ok(Arc::clone(config));
+    }
+    let verifier = Arc::new(AcceptAnyCertificate(provider()));
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(K3sError::TlsConfig)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    let conn = ClientConnection::new(Arc::new(config), server.server_name()?)
-        .map_err(K3sError::TlsConfig)?;
+    Ok(Arc::clone(CONFIG.get_or_init(|| Arc::new(config))))
+}
+
+/// GET `path` from `server` with `config`; the body of a 2xx answer, at most `limit`
+/// bytes.
+pub(super) fn get(
+    server: &Server,
+    path: &str,
+    config: Arc<ClientConfig>,
+    timeout: Duration,
+    limit: usize,
+) -> Result<Vec<u8>, K3sError> {
+    let mut times = CheckTimes::default();
+    get_with_peer(server, path, config, timeout, limit, &mut times).map(|(body, _)| body)
+}
+
+/// [`get`], with the certificates the server showed in the handshake (end entity
+/// first), whose signature over the handshake `config`'s verifier checked. `times`
+/// gets the connect, the handshake and the response, from its `start`.
+pub(super) fn get_with_peer(
+    server: &Server,
+    path: &str,
+    config: Arc<ClientConfig>,
+    timeout: Duration,
+    limit: usize,
+    times: &mut CheckTimes,
+) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), K3sError> {
+    let url = server.url(path);
+    let deadline = Instant::now() + timeout;
+    let conn = ClientConnection::new(config, server.server_name()?).map_err(K3sError::TlsConfig)?;
     let sock = connect(server, &url, deadline)?;
+    times.connected = Some(times.start.elapsed());
     let mut tls = Deadlined {
         inner: rustls::StreamOwned::new(conn, sock),
         deadline,
@@ -142,6 +160,7 @@ pub(super) fn get_with_peer(
                 source,
             })?;
     }
+    times.handshake = Some(times.start.elapsed());
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: basalt\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         server.authority
@@ -158,7 +177,9 @@ pub(super) fn get_with_peer(
         .peer_certificates()
         .map(<[CertificateDer<'static>]>::to_vec)
         .unwrap_or_default();
-    read_response(&mut tls, &url, limit).map(|body| (body, peer))
+    let body = read_response(&mut tls, &url, limit)?;
+    times.response = Some(times.start.elapsed());
+    Ok((body, peer))
 }
 
 fn connect(server: &Server, url: &str, deadline: Instant) -> Result<TcpStream, K3sError> {

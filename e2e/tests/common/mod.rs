@@ -290,3 +290,39 @@ pub fn write_esp_file(img: &Image, raw: &Path, file: &str, bytes: &[u8]) -> anyh
     );
     Ok(())
 }
+
+/// A node on `disk` with its API forwarded to `port` on the host's loopback (QEMU's
+/// user network: the guest reaches the host's loopback as 10.0.2.2, where the K3s
+/// server double listens), and `config`, if any, as the machine config on fw_cfg
+/// (written into `dir`).
+pub fn boot_node(disk: &Path, port: u16, config: Option<&str>, dir: &Path) -> anyhow::Result<Vm> {
+    let mut args = basalt_qemu::node_devices(false, &[(port, basalt_api::node::DEFAULT_PORT)]);
+    if let Some(text) = config {
+        let file = dir.join("config.toml");
+        std::fs::write(&file, text)?;
+        args.push("-fw_cfg".into());
+        args.push(basalt_api::layout::fw_cfg::qemu_arg(
+            basalt_api::layout::fw_cfg::CONFIG,
+            &file,
+        ));
+    }
+    Ok(basalt_qemu::VmBuilder::new(disk).extra_args(args).spawn()?)
+}
+
+/// Reboots the node through its API (`-no-reboot` turns that into QEMU's exit), then
+/// boots the same disk (`vm`'s overlay, so keep `vm`) without fw_cfg, its API forwarded
+/// to a fresh port, and waits until it has read its machine config from STATE.
+pub fn reboot_from_state(
+    vm: &mut Vm,
+    ops: &basalt_client::node::NodeClient,
+    dir: &Path,
+    base: Duration,
+) -> anyhow::Result<(Vm, u16)> {
+    ops.reboot()?;
+    let timeout = vm.accel().scale(base);
+    vm.wait_exit(timeout).map_err(|e| dump(vm, e))?;
+    let port = pki::free_port()?;
+    let mut again = boot_node(vm.overlay(), port, None, dir)?;
+    expect_line(&mut again, "machine config from STATE", base)?;
+    Ok((again, port))
+}

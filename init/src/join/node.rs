@@ -2,10 +2,10 @@
 //! started through PID1's mailbox; and what standby prepares for a join.
 
 use super::{
-    AgentRun, Commit, Host, JoinError, AGENT_SERVICE, AIRGAP_IMAGES, K3S_BIN, K3S_CONFIG,
+    AgentRun, Commit, Durable, Host, JoinError, AGENT_SERVICE, AIRGAP_IMAGES, K3S_BIN, K3S_CONFIG,
     K3S_IMAGES_DIR, KUBELET_CLIENT_CERT, RANCHER_MOUNT, RANCHER_STATE,
 };
-use crate::atomic_file::Staged;
+use crate::atomic_file::{Gate, Renamed, Staged};
 use crate::pid1::console;
 use crate::pid1::mailbox::{self, Control, ServiceRun, StartError};
 use crate::pid1::supervise::{RestartPolicy, ServiceSpec};
@@ -29,12 +29,19 @@ struct StagedSecret {
 }
 
 impl StagedSecret {
+    /// Written aside and synced (`sync`), or only written.
     fn stage(
         path: PathBuf,
         bytes: &[u8],
         error: fn(PathBuf, std::io::Error) -> JoinError,
+        sync: bool,
     ) -> Result<Box<dyn Commit>, JoinError> {
-        match crate::atomic_file::stage_mode(&path, bytes, SECRET_MODE) {
+        let staged = if sync {
+            crate::atomic_file::stage_mode(&path, bytes, SECRET_MODE)
+        } else {
+            crate::atomic_file::stage_mode_unsynced(&path, bytes, SECRET_MODE)
+        };
+        match staged {
             Ok(staged) => Ok(Box::new(StagedSecret { staged, error })),
             Err(e) => Err(error(path, e)),
         }
@@ -46,12 +53,43 @@ impl Commit for StagedSecret {
         let path = self.staged.path().to_path_buf();
         self.staged.commit().map_err(|e| (self.error)(path, e))
     }
+
+    fn rename(self: Box<Self>) -> Result<Box<dyn Durable>, JoinError> {
+        let path = self.staged.path().to_path_buf();
+        let error = self.error;
+        match self.staged.rename() {
+            Ok(renamed) => Ok(Box::new(RenamedSecret {
+                renamed,
+                path,
+                error,
+            })),
+            Err(e) => Err(error(path, e)),
+        }
+    }
+}
+
+/// A [`StagedSecret`] renamed into place, not yet synced.
+struct RenamedSecret {
+    renamed: Renamed,
+    path: PathBuf,
+    error: fn(PathBuf, std::io::Error) -> JoinError,
+}
+
+impl Durable for RenamedSecret {
+    fn sync(self: Box<Self>) -> Result<(), JoinError> {
+        let RenamedSecret {
+            renamed,
+            path,
+            error,
+        } = *self;
+        renamed.sync().map_err(|e| error(path, e))
+    }
 }
 
 impl Host for NodeHost {
     fn stage_persist(&self, text: &str) -> Result<Box<dyn Commit>, JoinError> {
         let path = self.root.join(crate::config_source::STATE_CONFIG);
-        StagedSecret::stage(path, text.as_bytes(), JoinError::Persist)
+        StagedSecret::stage(path, text.as_bytes(), JoinError::Persist, true)
     }
 
     fn node_ip(&self, config: &MachineConfig) -> Option<IpAddr> {
@@ -65,7 +103,9 @@ impl Host for NodeHost {
     fn stage_k3s_config(&self, json: &str) -> Result<Box<dyn Commit>, JoinError> {
         bind_rancher(&mut crate::sys::Real, &self.root)?;
         let path = self.root.join(K3S_CONFIG);
-        StagedSecret::stage(path, json.as_bytes(), JoinError::Write)
+        // Not synced before the agent's start: K3s reads it from the page cache, and
+        // PID1 writes it again before every start (see `Joiner::apply_timed`).
+        StagedSecret::stage(path, json.as_bytes(), JoinError::Write, false)
     }
 
     /// No agent, and so no pod, ever runs with the user-data readable: the joiner
@@ -138,8 +178,18 @@ pub fn agent_spec() -> ServiceSpec {
 /// What a join needs that no credential does, done in standby so that promotion is
 /// "write config, exec": `/etc/rancher` on STATE, and the image's airgap images where
 /// K3s imports them from ([`link_airgap_images`]). Failures are reported and left for
-/// the join to retry.
+/// the join to retry. It holds the node's write gate ([`crate::atomic_file::gate`]), so
+/// that a shutdown waits for it before it unmounts STATE, and after that it does nothing.
 pub fn prepare_standby(sys: &mut dyn System, root: &Path) {
+    prepare_standby_under(sys, root, crate::atomic_file::gate())
+}
+
+/// [`prepare_standby`] holding `gate` open throughout.
+fn prepare_standby_under(sys: &mut dyn System, root: &Path, gate: &Gate) {
+    let Ok(_held) = gate.hold() else {
+        console::info("standby prep: not done, the node is shutting down");
+        return;
+    };
     if let Err(e) = bind_rancher(sys, root) {
         console::error("standby prep", &e);
     }
@@ -269,7 +319,9 @@ const SECRET_MODE: u32 = 0o600;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::{Call, Recording};
     use std::fs;
+    use std::sync::{mpsc, Arc};
 
     const HASH: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     const OTHER: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
@@ -312,6 +364,85 @@ mod tests {
 
     fn target() -> Option<PathBuf> {
         Some(Path::new("/").join(AIRGAP_IMAGES))
+    }
+
+    /// A machine whose mounts wait until released: standby's preparation caught in flight.
+    struct SlowMount {
+        calls: Recording,
+        mounting: mpsc::Sender<()>,
+        release: mpsc::Receiver<()>,
+    }
+
+    impl System for SlowMount {
+        fn mount(
+            &mut self,
+            source: &str,
+            target: &Path,
+            fstype: Option<&str>,
+            flags: nix::mount::MsFlags,
+            data: Option<&str>,
+        ) -> Result<(), nix::errno::Errno> {
+            let _ = self.mounting.send(());
+            let _ = self.release.recv();
+            self.calls.mount(source, target, fstype, flags, data)
+        }
+
+        fn mkdir(&mut self, path: &Path) -> std::io::Result<()> {
+            self.calls.mkdir(path)
+        }
+
+        fn load_module(&mut self, path: &Path) -> std::io::Result<()> {
+            self.calls.load_module(path)
+        }
+
+        fn switch_root(&mut self, new_root: &Path) -> Result<(), nix::errno::Errno> {
+            self.calls.switch_root(new_root)
+        }
+    }
+
+    #[test]
+    fn a_shutdown_waits_for_standby_prep_in_flight_and_a_later_one_touches_nothing() {
+        let gate = Arc::new(Gate::new());
+        let r = root(Some(&cmdline(HASH)));
+        let (mounting_tx, mounting) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let (path, g) = (r.path().to_path_buf(), gate.clone());
+        let prep = std::thread::spawn(move || {
+            let mut sys = SlowMount {
+                calls: Recording::default(),
+                mounting: mounting_tx,
+                release: release_rx,
+            };
+            prepare_standby_under(&mut sys, &path, &g);
+            sys.calls.calls
+        });
+        mounting
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the prep binds /etc/rancher");
+        // In flight: closing waits for it, and gives up after its wait.
+        assert!(!gate.close(Duration::from_millis(50)));
+        let g = gate.clone();
+        let closer = std::thread::spawn(move || g.close(Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!closer.is_finished(), "closed with the prep in flight");
+        release.send(()).expect("release");
+        let calls = prep.join().expect("prep");
+        assert!(closer.join().expect("closer"), "closed once the prep ended");
+        assert!(gate.is_closed());
+        // The prep in flight ran whole: bound, linked, the cache on.
+        assert!(
+            matches!(calls.as_slice(), [Call::Mount { target, .. }] if target.ends_with(RANCHER_MOUNT)),
+            "{calls:?}"
+        );
+        assert_eq!(listing(r.path()).len(), 2, "{:?}", listing(r.path()));
+
+        // One that starts after the shutdown closed the gate: nothing on STATE.
+        let late = root(Some(&cmdline(HASH)));
+        let mut sys = Recording::default();
+        prepare_standby_under(&mut sys, late.path(), &gate);
+        assert!(sys.calls.is_empty(), "{:?}", sys.calls);
+        assert!(!late.path().join(RANCHER_STATE).exists());
+        assert!(!late.path().join(K3S_IMAGES_DIR).exists());
     }
 
     #[test]

@@ -110,6 +110,8 @@ struct FakeHost {
     fail_start: bool,
     /// Supervised, but the process does not run.
     not_running: bool,
+    /// The applied config's save fails when committed.
+    fail_persist: bool,
     /// Told when a K3s config is written aside.
     staged: std::sync::Condvar,
 }
@@ -154,6 +156,12 @@ impl Host for Arc<FakeHost> {
     fn stage_persist(&self, text: &str) -> Result<Box<dyn Commit>, JoinError> {
         let (me, text) = (Arc::clone(self), text.to_owned());
         Ok(Box::new(CommitFn(move || {
+            if me.fail_persist {
+                return Err(JoinError::Persist(
+                    "/var/lib/basalt/config.toml".into(),
+                    std::io::Error::other("EIO"),
+                ));
+            }
             me.calls().persisted.push(text);
             Ok(())
         })))
@@ -225,6 +233,28 @@ fn a_ca_mismatch_persists_nothing_starts_nothing_and_names_both_hashes() {
     assert_eq!(st.state, JoinState::Failed);
     assert_eq!(st.server.as_deref(), Some("https://10.0.2.2:6443"));
     assert_eq!(st.last_error.as_deref(), Some(error.as_str()));
+}
+
+#[test]
+fn a_save_failing_after_the_start_is_an_error_answer_and_in_status() {
+    // The agent is started before the applied config's save is committed (the save
+    // is off the exec's path); a save that then fails is no success to report.
+    let server = Arc::new(FakeServer::new(HASH, 0));
+    let host = Arc::new(FakeHost {
+        fail_persist: true,
+        ..FakeHost::default()
+    });
+    let j = joiner(&server, &host);
+    let (c, text) = config(true);
+    let err = j.apply(&c, &text, Instant::now()).expect_err("not saved");
+    assert!(matches!(err, ApplyError::Persist(_)), "{err:?}");
+    assert_eq!(host.calls().started, 1);
+    assert_eq!(host.calls().k3s_config.len(), 1);
+    let error = j.status().last_error.expect("an error in status");
+    assert!(
+        error.contains("not saved") && error.contains("EIO"),
+        "{error}"
+    );
 }
 
 #[test]

@@ -14,13 +14,60 @@ pub const BODY_LIMIT: usize = crate::config_source::MAX_BYTES as usize;
 pub const UPGRADE_BODY_LIMIT: usize = 16 << 30;
 const MAX_HEADERS: usize = 64;
 
+/// A query's `name=value` pairs, names and values percent-decoded alike (`url=` is sent
+/// encoded: it has `?`, `&`, `=`); `+` stays `+` (the API's clients encode a space as
+/// `%20`). A `%` that does not start two hex digits, or bytes that are not UTF-8 once
+/// decoded, are refused naming the parameter.
+fn parse_query(query: &str) -> Result<Vec<(String, Option<String>)>, HttpError> {
+    query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (name, value) = match kv.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (kv, None),
+            };
+            let bad = |why| HttpError::BadParam {
+                name: name.to_owned(),
+                why,
+            };
+            let name_decoded = percent_decode(name).map_err(bad)?;
+            let value =
+                value
+                    .map(percent_decode)
+                    .transpose()
+                    .map_err(|why| HttpError::BadParam {
+                        name: name_decoded.clone(),
+                        why,
+                    })?;
+            Ok((name_decoded, value))
+        })
+        .collect()
+}
+
+/// One query component percent-decoded (by the `percent-encoding` crate, which passes a
+/// malformed escape through as it is: refused here first).
+fn percent_decode(s: &str) -> Result<String, &'static str> {
+    let b = s.as_bytes();
+    let hex = |i: usize| b.get(i).is_some_and(u8::is_ascii_hexdigit);
+    if (0..b.len()).any(|i| b[i] == b'%' && !(hex(i + 1) && hex(i + 2))) {
+        return Err("a malformed percent escape (% must start two hex digits)");
+    }
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|d| d.into_owned())
+        .map_err(|_| "not UTF-8 once percent-decoded")
+}
+
 /// One parsed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub method: String,
     /// The path without the query.
     pub path: String,
-    pub query: Option<String>,
+    /// The query's `name=value` pairs in order, both sides percent-decoded
+    /// ([`parse_query`]); a bare `name` has no value.
+    pub params: Vec<(String, Option<String>)>,
     /// Names lowercased.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -34,23 +81,18 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The value of `name=value` in the query (not percent-decoded: the values the API
-    /// takes are hex and words).
+    /// The (percent-decoded) value of the first `name=value` in the query.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.query
-            .as_deref()?
-            .split('&')
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        self.params
+            .iter()
+            .find_map(|(n, v)| if n == name { v.as_deref() } else { None })
     }
 
-    /// Whether the query has `name=1`, `name=true` or a bare `name`.
+    /// Whether the query has `name=1`, `name=true`, `name=yes` or a bare `name`.
     pub fn flag(&self, name: &str) -> bool {
-        self.query.as_deref().is_some_and(|q| {
-            q.split('&').any(|kv| match kv.split_once('=') {
-                Some((k, v)) => k == name && matches!(v, "1" | "true" | "yes"),
-                None => kv == name,
-            })
-        })
+        self.params
+            .iter()
+            .any(|(n, v)| n == name && matches!(v.as_deref(), None | Some("1" | "true" | "yes")))
     }
 }
 
@@ -59,6 +101,8 @@ impl Request {
 pub enum HttpError {
     #[error("malformed request: {0}")]
     Malformed(String),
+    #[error("query parameter {name:?}: {why}")]
+    BadParam { name: String, why: &'static str },
     #[error("request head larger than {HEAD_LIMIT} bytes")]
     HeadTooLarge,
     #[error("request body larger than {BODY_LIMIT} bytes")]
@@ -75,7 +119,7 @@ impl HttpError {
     /// The response that says so, if the client is still there to read one.
     pub fn response(&self) -> Option<Response> {
         let status = match self {
-            HttpError::Malformed(_) => 400,
+            HttpError::Malformed(_) | HttpError::BadParam { .. } => 400,
             HttpError::HeadTooLarge => 431,
             HttpError::BodyTooLarge => 413,
             HttpError::LengthRequired => 411,
@@ -244,9 +288,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
     if req.version != Some(1) {
         return Err(HttpError::Malformed("HTTP/1.1 only".into()));
     }
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p, Some(q.to_owned())),
-        None => (target, None),
+    let (path, params) = match target.split_once('?') {
+        Some((p, q)) => (p, parse_query(q)?),
+        None => (target, Vec::new()),
     };
     let headers = req
         .headers
@@ -261,7 +305,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
         Request {
             method: method.to_owned(),
             path: path.to_owned(),
-            query,
+            params,
             headers,
             body: Vec::new(),
         },
@@ -430,6 +474,38 @@ mod tests {
         assert_eq!(req.body, b"version = 1");
         assert!(req.flag("follow") && !req.flag("x2"));
         assert!(sent.is_empty());
+    }
+
+    #[test]
+    fn query_parameters_are_percent_decoded_and_a_malformed_one_is_refused_by_name() {
+        let raw = b"POST /v1/upgrade?url=https%3A%2F%2Fh%2Fb%3Fa%3D1%26b%3D2&sha256=ab%63d&reboot&allow%5Fdowngrade=1&p=a+b%20c&e= HTTP/1.1\r\nHost: n\r\n\r\n";
+        let req = read(raw).0.expect("request");
+        assert_eq!(req.param("url"), Some("https://h/b?a=1&b=2"));
+        assert_eq!(req.param("sha256"), Some("abcd"));
+        assert_eq!(req.param("p"), Some("a+b c"));
+        assert_eq!(req.param("e"), Some(""));
+        assert_eq!(req.param("reboot"), None);
+        assert!(req.flag("reboot") && req.flag("allow_downgrade"));
+        assert!(!req.flag("e") && !req.flag("p") && !req.flag("allow"));
+        for (query, name, why) in [
+            ("sha256=ab%zz", "sha256", "malformed percent escape"),
+            ("reboot=1&follow=%", "follow", "malformed percent escape"),
+            ("url=http%3A%2", "url", "malformed percent escape"),
+            ("url=%ff", "url", "not UTF-8"),
+            ("sha%5=1", "sha%5", "malformed percent escape"),
+            ("%C3%A9=%", "\u{e9}", "malformed percent escape"),
+        ] {
+            let raw = format!("GET /v1/status?{query} HTTP/1.1\r\nHost: n\r\n\r\n");
+            let err = read(raw.as_bytes()).0.expect_err(query);
+            let resp = err.response().expect("answered");
+            assert_eq!(resp.status, 400, "{query}");
+            let text = err.to_string();
+            assert!(String::from_utf8_lossy(&resp.body).contains(why), "{query}");
+            assert!(
+                text.contains(&format!("query parameter \"{name}\"")) && text.contains(why),
+                "{query}: {text}"
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@
 use super::guard::{self, Client};
 use super::http::{Request, Response, PROMETHEUS, TEXT};
 use super::{status, tls, Context};
+use crate::join::timeline::Timeline;
 use crate::join::{Applied, ApplyError};
 use crate::pid1::mailbox::Power;
 use basalt_api::config::{CertSerial, MachineConfig, Token};
@@ -206,10 +207,12 @@ fn apply(ctx: &Context, req: &Request, client: &Client, received: Instant) -> Re
     if text.trim().is_empty() {
         return Response::error(400, "empty body: send a machine config (TOML)");
     }
+    let timeline = Timeline::new(received);
     let config = match MachineConfig::parse(text) {
         Ok(c) => c,
         Err(e) => return Response::error(400, &crate::pid1::console::chain(&e)),
     };
+    timeline.mark("parsed");
     // Before anything is saved: certificates that cannot serve would lock us out.
     let tls = match tls::server_config(&config.api) {
         Ok(t) => t,
@@ -219,7 +222,8 @@ fn apply(ctx: &Context, req: &Request, client: &Client, received: Instant) -> Re
     if let Err(e) = guard::check_apply(&config.api, name.as_deref(), client, SystemTime::now()) {
         return Response::error(400, &crate::pid1::console::chain(&e));
     }
-    let applied = match ctx.joiner.apply(&config, text, received) {
+    timeline.mark("validated");
+    let applied = match ctx.joiner.apply_timed(&config, text, &timeline) {
         Ok(a) => a,
         Err(e @ (ApplyError::AlreadyJoined { .. } | ApplyError::AgentSupervised { .. })) => {
             return Response::error(409, &e.to_string())

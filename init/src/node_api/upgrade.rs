@@ -44,14 +44,7 @@ pub fn receive<S: Read + Write>(ctx: &Context, head: Head, stream: &mut S) -> Re
         }
         resp
     };
-    let url = match req.param("url").map(decode) {
-        None => None,
-        Some(Ok(u)) => Some(u),
-        Some(Err(why)) => {
-            let resp = Response::error(400, &format!("url=: {why}"));
-            return Reply::Done(answer(resp, &mut body));
-        }
-    };
+    let url = req.param("url");
     if url.is_some() && length != 0 {
         let resp = Response::error(400, "send either the bundle as the body or url=, not both");
         return Reply::Done(answer(resp, &mut body));
@@ -115,14 +108,6 @@ pub fn receive<S: Read + Write>(ctx: &Context, head: Head, stream: &mut S) -> Re
             &mut body,
         )),
     }
-}
-
-/// A query value, percent-decoded (`url=` is sent encoded: it has `?`, `&`, `=`).
-fn decode(v: &str) -> Result<String, &'static str> {
-    percent_encoding::percent_decode_str(v)
-        .decode_utf8()
-        .map(|s| s.into_owned())
-        .map_err(|_| "not UTF-8 once percent-decoded")
 }
 
 /// `POST /v1/rollback[?reboot=1]`. On a trial boot it gives the trial up (see

@@ -21,7 +21,7 @@ use k3s_doubles::agent::{
     ca_check_report, chain, config_path, register, AgentConfig, RegisterError,
 };
 use k3s_doubles::userspace::{self, CTR_PREFIX, DATA_PREFIX};
-use k3s_doubles::{images, LINE_PREFIX};
+use k3s_doubles::{images, CHECK_TIMES, LINE_PREFIX};
 use nix::sys::signal::{SigSet, Signal};
 
 /// K3s's own client timeout for these requests.
@@ -77,10 +77,15 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = basalt_api::k3s::check_server_ca(&config.server, &token, CHECK_TIMEOUT)
-        .map_err(|e| chain(&e));
+    let (result, times) =
+        basalt_api::k3s::check_server_ca_timed(&config.server, &token, CHECK_TIMEOUT);
+    let result = result.map_err(|e| chain(&e));
     let (line, go_on) = ca_check_report(&result);
     println!("{line}");
+    // The same check PID1 runs before the exec, here the first TLS code this process
+    // runs (cold): `basalt bench join` compares PID1's check with it, and its `response`
+    // (connect, handshake, GET, body) with the warm round trip below.
+    println!("{LINE_PREFIX} {CHECK_TIMES}{}", times.describe());
     if !go_on {
         return ExitCode::from(1);
     }

@@ -549,6 +549,12 @@ fn oversized_malformed_and_misrouted_requests_get_json_errors() {
     assert_eq!(status, 405);
     let (status, _) = get(&n, me, "/v1/logs/bad%20name");
     assert_eq!(status, 400);
+    let (status, body) = get(&n, me, "/v1/logs/k3s?follow=%zz");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        error_of(&body).contains("query parameter \"follow\""),
+        "{body}"
+    );
     let (status, _) = get(&n, me, "/v1/logs/k3s");
     assert_eq!(status, 404);
 }
