@@ -24,9 +24,11 @@ use crate::config::Token;
 
 mod cahash;
 mod https;
+mod known;
 mod warm_up;
 
 pub use cahash::CertError;
+pub use known::FRESH_FOR as PREFETCH_FRESH_FOR;
 pub use warm_up::{warm_up, WarmUpError};
 
 /// The largest `/cacerts` body accepted; a CA bundle is a few KiB.
@@ -154,6 +156,11 @@ pub struct CheckTimes {
     pub verified: Option<Duration>,
     /// The bundle's hash is compared with the token's: the check's end.
     pub hashed: Option<Duration>,
+    /// The bundle and the server's certificates were the ones a recent prefetch verified
+    /// and hashed ([`prefetch_server_ca`]), so neither was done again.
+    pub known: bool,
+    /// The TLS handshake resumed an earlier session with the server.
+    pub resumed: bool,
 }
 
 impl Default for CheckTimes {
@@ -165,6 +172,8 @@ impl Default for CheckTimes {
             response: None,
             verified: None,
             hashed: None,
+            known: false,
+            resumed: false,
         }
     }
 }
@@ -182,6 +191,8 @@ impl CheckTimes {
         ]
         .iter()
         .filter_map(|(name, at)| at.map(|d| format!("{name} {}", d.as_millis())))
+        .chain(self.resumed.then(|| "resumed".to_owned()))
+        .chain(self.known.then(|| "prefetched".to_owned()))
         .collect::<Vec<_>>()
         .join(", ")
     }
@@ -228,11 +239,81 @@ fn check(
     let (cacerts, peer) =
         https::get_with_peer(&parsed, "/cacerts", config, timeout, CACERTS_LIMIT, times)?;
     let url = parsed.url("/cacerts");
-    let verifier = bundle_verifier(&cacerts, &url)?;
+    let known = known::recall(&url, &cacerts, &peer);
+    times.known = known.is_some();
+    if !times.known {
+        verify_peer(&parsed, &url, &cacerts, &peer)?;
+    }
+    times.verified = Some(times.start.elapsed());
+    let Some(expected) = token.ca_hash() else {
+        times.hashed = times.verified;
+        return Ok(CaCheck::NotPinned);
+    };
+    // K3s ignores a bundle it cannot hash and compares with an empty hash; the outcome,
+    // a refused join, is the same, and the error says why.
+    let actual = match known {
+        Some(hash) => hash,
+        None => ca_hash(&cacerts)?,
+    };
+    times.hashed = Some(times.start.elapsed());
+    if actual == expected {
+        Ok(CaCheck::Matched { hash: actual })
+    } else {
+        Err(K3sError::CaMismatch {
+            server: server.to_owned(),
+            expected: expected.to_owned(),
+            actual,
+        })
+    }
+}
+
+/// The join check's work that needs no token, done ahead for a server a node in standby
+/// may be promoted into (`standby.servers`): `/cacerts` fetched as [`check_server_ca`]
+/// fetches it, the server verified against the bundle, the bundle hashed. The verdict is
+/// kept for the process ([`known`]), and the TLS session with it (in the check's client
+/// configuration), so that a check against the same server soon after takes a resumed
+/// round trip and finds its work done. Returns the bundle's hash, and when each step ended.
+pub fn prefetch_server_ca(
+    server: &str,
+    timeout: Duration,
+) -> (Result<String, K3sError>, CheckTimes) {
+    let mut times = CheckTimes::default();
+    let mut prefetch = || {
+        let parsed = https::Server::parse(server)?;
+        let config = https::any_certificate_config()?;
+        let (cacerts, peer) = https::get_with_peer(
+            &parsed,
+            "/cacerts",
+            config,
+            timeout,
+            CACERTS_LIMIT,
+            &mut times,
+        )?;
+        let url = parsed.url("/cacerts");
+        verify_peer(&parsed, &url, &cacerts, &peer)?;
+        times.verified = Some(times.start.elapsed());
+        let hash = ca_hash(&cacerts)?;
+        times.hashed = Some(times.start.elapsed());
+        known::remember(&url, cacerts, peer, hash.clone());
+        Ok(hash)
+    };
+    let result = prefetch();
+    (result, times)
+}
+
+/// K3s's "CA cert validation": the certificates the server showed (`peer`, end entity
+/// first) must verify against the bundle it served.
+fn verify_peer(
+    parsed: &https::Server,
+    url: &str,
+    cacerts: &[u8],
+    peer: &[CertificateDer<'static>],
+) -> Result<(), K3sError> {
+    let verifier = bundle_verifier(cacerts, url)?;
     let invalid = |e: rustls::Error| K3sError::CaValidation {
-        url: url.clone(),
+        url: url.to_owned(),
         source: Box::new(K3sError::Handshake {
-            url: url.clone(),
+            url: url.to_owned(),
             // What the second connection's handshake would have failed with.
             source: io::Error::new(io::ErrorKind::InvalidData, e),
         }),
@@ -249,24 +330,7 @@ fn check(
             UnixTime::now(),
         )
         .map_err(invalid)?;
-    times.verified = Some(times.start.elapsed());
-    let Some(expected) = token.ca_hash() else {
-        times.hashed = times.verified;
-        return Ok(CaCheck::NotPinned);
-    };
-    // K3s ignores a bundle it cannot hash and compares with an empty hash; the outcome,
-    // a refused join, is the same, and the error says why.
-    let actual = ca_hash(&cacerts)?;
-    times.hashed = Some(times.start.elapsed());
-    if actual == expected {
-        Ok(CaCheck::Matched { hash: actual })
-    } else {
-        Err(K3sError::CaMismatch {
-            server: server.to_owned(),
-            expected: expected.to_owned(),
-            actual,
-        })
-    }
+    Ok(())
 }
 
 /// Every certificate of the bundle is trusted, as Go's `AppendCertsFromPEM` pool is.

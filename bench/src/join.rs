@@ -60,6 +60,10 @@ pub const SETTLE: Duration = Duration::from_secs(10);
 /// issue 15 item 2's third pass) and the CA check's dry run (after it). A prepared run
 /// records which of them had ended when it promoted.
 const WARM_UPS: [&str; 2] = ["join-warm", "check-warm"];
+/// PID1's line when its standby prefetch checked a server's CA (`init/src/join/warm.rs`).
+const PREFETCHED: &str = "[basalt] prefetch: ";
+/// PID1's note on how its promotion's check went (`resumed`, `prefetched`).
+const CHECK_HOW: &str = "[basalt] join: CA check ";
 
 /// When a run promotes its node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,6 +73,10 @@ pub enum When {
     Standby,
     /// Once K3s's background preparation (and the warm-up) has printed its step.
     Prepared,
+    /// As [`When::Prepared`], with the server named in the standby config's
+    /// `standby.servers`, as the warm pool names its clusters' servers: PID1 checks its
+    /// CA ahead, and the promotion's check resumes that TLS session.
+    Prefetched,
 }
 
 impl When {
@@ -76,17 +84,21 @@ impl When {
         match self {
             When::Standby => "right after standby",
             When::Prepared => "prepared standby",
+            When::Prefetched => "prepared standby, the server's CA prefetched",
         }
     }
 
-    /// `standby`, `prepared` or `both` (each run boots twice, one of each).
+    /// `standby`, `prepared`, `prefetched`, `both` (standby and prepared: each run boots
+    /// twice) or `all` (the three).
     pub fn parse_list(s: &str) -> Result<Vec<When>, String> {
         match s {
             "standby" => Ok(vec![When::Standby]),
             "prepared" => Ok(vec![When::Prepared]),
+            "prefetched" => Ok(vec![When::Prefetched]),
             "both" => Ok(vec![When::Standby, When::Prepared]),
+            "all" => Ok(vec![When::Standby, When::Prepared, When::Prefetched]),
             other => Err(format!(
-                "--when {other:?}: expected standby, prepared or both"
+                "--when {other:?}: expected standby, prepared, prefetched, both or all"
             )),
         }
     }
@@ -144,8 +156,11 @@ pub struct JoinRun {
     /// For a prepared run: seconds on the guest's clock from `standby` until the
     /// preparation's last step (`k3s-warm`) ended.
     pub prepared_after_standby: Option<f64>,
-    /// For a prepared run: the warm-ups of [`WARM_UPS`] that had ended when it promoted.
+    /// For a prepared run: the warm-ups of [`WARM_UPS`] that had ended when it promoted
+    /// (and `prefetch`, when PID1 had checked the server's CA ahead).
     pub warmed: Option<Vec<String>>,
+    /// PID1 said its promotion's check found the prefetch's work done.
+    pub check_prefetched: bool,
     /// PID1's VmRSS (status) at standby, just before the apply.
     pub standby_rss_kib: Option<u64>,
     /// PID1's footprint line printed on the way to standby.
@@ -271,10 +286,18 @@ impl RunPki {
 
 /// The machine config: the node's name and API material, and `[cluster]` when given
 /// (server URL, token), which is what turns a standby node into a joining one.
-pub(crate) fn machine_config(pki: &RunPki, cluster: Option<(&str, &str)>) -> String {
-    let cluster = cluster.map_or_else(String::new, |(server, token)| {
+/// `prefetch` names a server in `standby.servers`.
+pub(crate) fn machine_config(
+    pki: &RunPki,
+    cluster: Option<(&str, &str)>,
+    prefetch: Option<&str>,
+) -> String {
+    let mut cluster = cluster.map_or_else(String::new, |(server, token)| {
         format!("[cluster]\nserver = \"{server}\"\ntoken = \"{token}\"\n")
     });
+    if let Some(server) = prefetch {
+        cluster.push_str(&format!("[standby]\nservers = [\"{server}\"]\n"));
+    }
     format!(
         "version = 1\n[node]\nhostname = \"{NODE}\"\n{cluster}[api]\nca = '''\n{}'''\ncert = '''\n{}'''\nkey = '''\n{}'''\n",
         pki.ca_pem, pki.node.cert_pem, pki.node.key_pem
@@ -327,7 +350,9 @@ fn join_once(
     let pki = RunPki::new()?;
     let port = free_port()?;
     let config = pki.dir.path().join("standby.toml");
-    std::fs::write(&config, machine_config(&pki, None))
+    let server_url = server.url_for("10.0.2.2");
+    let prefetch = (when == When::Prefetched).then_some(server_url.as_str());
+    std::fs::write(&config, machine_config(&pki, None, prefetch))
         .map_err(|e| JoinBenchError::Write(config.clone(), e))?;
     let mut vm = VmBuilder::new(image)
         .memory_mib(MEMORY_MIB)
@@ -357,7 +382,7 @@ fn join_once(
     vm.wait_for(&standby, accel.scale(BOOT))
         .map_err(|e| vm_err(&vm, "booting to standby", e))?;
     let (mut prepared_after_standby, mut warmed) = (None, None);
-    if when == When::Prepared {
+    if when != When::Standby {
         let step = |name| format!("{} {} {name} at=", milestone::PREFIX, milestone::STEP);
         vm.wait_for(&step(K3S_WARM), accel.scale(BOOT))
             .map_err(|e| vm_err(&vm, "waiting for K3s's preparation (k3s-warm)", e))?;
@@ -374,11 +399,15 @@ fn join_once(
             .find(|s| s.name == K3S_WARM)
             .map(|s| s.at + s.took);
         prepared_after_standby = standby_at.zip(done).map(|(s, d)| d - s);
+        let prefetched = serial
+            .lines()
+            .any(|l| l.starts_with(PREFETCHED) && l.contains("checked ahead"));
         warmed = Some(
             WARM_UPS
                 .iter()
                 .filter(|w| steps.iter().any(|s| s.name == **w))
                 .map(|w| w.to_string())
+                .chain(prefetched.then(|| "prefetch".to_owned()))
                 .collect(),
         );
     }
@@ -395,10 +424,7 @@ fn join_once(
         .map_err(|e| api_err(&vm, "reading status at standby", e))?;
     let status_round_trip = asked.elapsed().as_secs_f64();
 
-    let join = machine_config(
-        &pki,
-        Some((&server.url_for("10.0.2.2"), &server.token("bench"))),
-    );
+    let join = machine_config(&pki, Some((&server_url, &server.token("bench"))), None);
     let (applied, response, console) = promote(&vm, &client, join, accel.scale(JOIN));
     let applied = applied.map_err(|e| api_err(&vm, "applying the join config", e))?;
     if !applied.body.applied {
@@ -436,6 +462,10 @@ fn join_once(
         when,
         prepared_after_standby,
         warmed,
+        check_prefetched: vm
+            .serial()
+            .lines()
+            .any(|l| l.starts_with(CHECK_HOW) && l.contains("prefetched")),
         standby_split,
         joined_split,
         standby_rss_kib: before.body.rss_kib,
@@ -803,7 +833,7 @@ Not K3s: K3s's own start-up is not in these figures."
             "  runs: {}, each a fresh boot to standby (config over fw_cfg, no [cluster]), then one apply of a config with [cluster]",
             self.runs.len()
         )?;
-        for when in [When::Standby, When::Prepared] {
+        for when in [When::Standby, When::Prepared, When::Prefetched] {
             let runs: Vec<JoinRun> = self
                 .runs
                 .iter()
@@ -815,7 +845,7 @@ Not K3s: K3s's own start-up is not in these figures."
             }
             writeln!(f)?;
             writeln!(f, "  promoted {} ({} runs)", when.name(), runs.len())?;
-            if when == When::Prepared {
+            if when != When::Standby {
                 let label = "prepared, after standby (guest)";
                 match Spread::of(runs.iter().filter_map(|r| r.prepared_after_standby)) {
                     Some(s) => writeln!(
@@ -833,7 +863,7 @@ Not K3s: K3s's own start-up is not in these figures."
                     "promoted",
                     SETTLE.as_secs()
                 )?;
-                for w in WARM_UPS {
+                for w in WARM_UPS.iter().copied().chain(["prefetch"]) {
                     let seen = runs
                         .iter()
                         .filter(|r| r.warmed.as_ref().is_some_and(|v| v.iter().any(|x| x == w)))
@@ -845,6 +875,15 @@ Not K3s: K3s's own start-up is not in these figures."
                         runs.len()
                     )?;
                 }
+            }
+            if when == When::Prefetched {
+                let found = runs.iter().filter(|r| r.check_prefetched).count();
+                writeln!(
+                    f,
+                    "  {:<42}{found} of {} runs",
+                    "check found the prefetch's work done",
+                    runs.len()
+                )?;
             }
             writeln!(f, "  {:<42}median  (min–max)", "promote → …")?;
             rows(f, &runs, &LATENCIES, "ms")?;
@@ -1037,10 +1076,15 @@ mod tests {
     #[test]
     fn the_configs_are_a_standby_one_and_a_join_one() {
         let pki = RunPki::new().expect("pki");
-        let standby = MachineConfig::parse(&machine_config(&pki, None)).expect("standby config");
+        let standby =
+            MachineConfig::parse(&machine_config(&pki, None, None)).expect("standby config");
         assert!(standby.cluster.is_none());
+        assert!(standby.prefetch_servers().is_empty());
+        let text = machine_config(&pki, None, Some("https://10.0.2.2:6443"));
+        let prefetching = MachineConfig::parse(&text).expect("prefetching standby config");
+        assert_eq!(prefetching.prefetch_servers(), ["https://10.0.2.2:6443"]);
         let token = format!("K10{}::server:bench", "ab".repeat(32));
-        let text = machine_config(&pki, Some(("https://10.0.2.2:6443", &token)));
+        let text = machine_config(&pki, Some(("https://10.0.2.2:6443", &token)), None);
         let join = MachineConfig::parse(&text).expect("join config");
         let cluster = join.cluster.expect("[cluster]");
         assert_eq!(cluster.server.as_str(), "https://10.0.2.2:6443");
@@ -1050,6 +1094,7 @@ mod tests {
 
     fn joined_run(exec: u64, response: f64, joined: Option<f64>) -> JoinRun {
         JoinRun {
+            check_prefetched: false,
             standby_rss_kib: Some(2000),
             joined_rss_kib: Some(2600),
             standby_split: Some(RssSplit {
@@ -1168,6 +1213,10 @@ mod tests {
             Ok(vec![When::Standby, When::Prepared])
         );
         assert_eq!(When::parse_list("prepared"), Ok(vec![When::Prepared]));
+        assert_eq!(
+            When::parse_list("all"),
+            Ok(vec![When::Standby, When::Prepared, When::Prefetched])
+        );
         assert_eq!(When::parse_list("standby"), Ok(vec![When::Standby]));
         let err = When::parse_list("later").unwrap_err();
         assert!(err.contains("later") && err.contains("both"), "{err}");

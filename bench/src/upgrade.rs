@@ -211,7 +211,7 @@ fn upgrade_once(
     let pki = RunPki::new()?;
     let port = super::join::free_port()?;
     let config = pki.dir.path().join("standby.toml");
-    std::fs::write(&config, machine_config(&pki, None))
+    std::fs::write(&config, machine_config(&pki, None, None))
         .map_err(|e| super::join::JoinBenchError::Write(config.clone(), e))?;
     let vm_err = |vm: Option<&Vm>, what, source| UpgradeBenchError::Vm {
         what,

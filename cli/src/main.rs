@@ -156,8 +156,10 @@ enum BenchCmd {
         runs: usize,
         /// When to promote: `standby` (as soon as the node API answers), `prepared`
         /// (after K3s's background preparation and the warm-up have printed their steps),
-        /// or `both` (each run boots once for each).
-        #[arg(long, default_value = "both", value_parser = ["standby", "prepared", "both"])]
+        /// `prefetched` (prepared, with the server in the standby config's
+        /// `standby.servers`, as the warm pool writes it), `both` (standby and prepared:
+        /// each run boots once for each) or `all` (the three).
+        #[arg(long, default_value = "both", value_parser = ["standby", "prepared", "prefetched", "both", "all"])]
         when: String,
     },
     /// A/B upgrade: the request (the bundle streamed, `reboot=1`) → the new slot at

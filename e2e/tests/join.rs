@@ -327,3 +327,76 @@ fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() 
     }
     Ok(())
 }
+
+/// A standby node told which server it may join (`standby.servers`, as the warm pool
+/// writes it) checks that server's CA ahead; the promotion's check still fetches
+/// `/cacerts` and compares it with the token, on the TLS session the prefetch left, and
+/// finds the certificate work done. A token pinning another CA is refused all the same.
+#[test]
+#[cfg_attr(
+    basalt_skip_qemu,
+    ignore = "needs QEMU and the image host tools: scripts/install-host-tools"
+)]
+fn a_standby_node_checks_its_servers_ca_ahead_and_its_promotion_uses_it() -> anyhow::Result<()> {
+    let server = K3sServerDouble::start("127.0.0.1:0")?;
+    let url = server.url_for("10.0.2.2");
+    let img = common::join_image();
+    let pki = Pki::with_clients("warm-2", &[("ops", Role::Client)])?;
+    let port = free_port()?;
+    let standby = format!("[standby]\nservers = [\"{url}\"]\n");
+    let mut vm = boot_node(
+        &img.qcow2,
+        port,
+        Some(&pki.config(&standby)),
+        pki.dir.path(),
+    )?;
+    expect_line(&mut vm, "[basalt] standby t=", BOOT)?;
+    // The hash K3s pins for the double's one self-signed CA: the bytes as served (the
+    // independent oracle is sha2 over the double's PEM, not basalt's hash code).
+    let ca_hash = sha(server.ca_pem());
+    let line = expect_line(&mut vm, &format!("[basalt] prefetch: {url}: "), BOOT)?;
+    assert!(
+        line.contains(&format!("CA {ca_hash} checked ahead")),
+        "{line}"
+    );
+    let fetched = server.requests("/cacerts");
+    assert!(fetched >= 1, "the prefetch fetched /cacerts");
+    let ops = pki.client("ops", port)?;
+    wait_for_api(&vm, &ops)?;
+
+    let cluster = |token: &str| format!("[cluster]\nserver = \"{url}\"\ntoken = \"{token}\"\n");
+    // A prefetch spares work, never the comparison with the token.
+    let wrong = format!("K10{}::server:secret", "0".repeat(64));
+    let refused = ops.apply(pki.config(&cluster(&wrong)));
+    assert!(
+        refused.as_ref().map_or(true, |r| !r.body.applied),
+        "{refused:?}"
+    );
+    let status = ops.status()?.body;
+    assert_eq!(status.join.state, JoinState::Failed, "{status:?}");
+    let why = status.join.last_error.unwrap_or_default();
+    assert!(
+        why.contains(&ca_hash),
+        "the refusal names the CA's hash: {why}"
+    );
+
+    let token = server.token("secret");
+    let applied = ops.apply(pki.config(&cluster(&token)))?;
+    assert!(applied.body.applied, "{}", applied.raw);
+    expect_line(&mut vm, "[basalt] joined t=", BOOT)?;
+    let how = expect_line(&mut vm, "[basalt] join: CA check ", BOOT)?;
+    // Each check fetched the bundle again, over the network.
+    assert!(server.requests("/cacerts") >= fetched + 2);
+    let serial = vm.serial();
+    let notes: Vec<&str> = serial
+        .lines()
+        .filter(|l| l.starts_with("[basalt] join: CA check "))
+        .collect();
+    assert!(
+        notes.iter().any(|l| l.contains("prefetched")),
+        "{how}: {notes:?}"
+    );
+    expect_line(&mut vm, "k3s-agent-double: ca-check passed", BOOT)?;
+    wait_for_join(&vm, &ops, JoinState::Registered, &[])?;
+    Ok(())
+}

@@ -480,6 +480,7 @@ impl Joiner {
         let Some(cluster) = &config.cluster else {
             self.host.persist(text).map_err(ApplyError::Persist)?;
             self.set(JoinState::Standby, None, None);
+            warm::set_servers(config.prefetch_servers());
             return Ok(Applied::Standby);
         };
         let server = cluster.server.as_str();
@@ -505,6 +506,8 @@ impl Joiner {
             // The files written aside were dropped uncommitted.
             return Ok(Applied::Refused { error });
         }
+        // Joining: nothing more to fetch ahead (after the exec: off its path).
+        warm::set_servers(Vec::new());
         // The agent runs (or was tried); the saved config is made durable before the
         // answer, so a success reported is a config the next boot finds.
         let saved = persist.and_then(Commit::commit);

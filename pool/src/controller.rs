@@ -577,7 +577,15 @@ impl<P: Provider, N: Nodes> Controller<P, N> {
     ) -> Result<Server, ControllerError> {
         let pool = &self.settings.pool;
         let name = format!("{pool}-{generation}-{:04x}", rand::random::<u16>());
-        let user_data = standby_config(&self.ca, &name).map_err(|e| ProviderError {
+        // Its promotion's CA check prepared ahead: the one cluster it is made for, or
+        // any of the pool's.
+        let clusters: Vec<&ClusterConfig> = self
+            .settings
+            .clusters
+            .iter()
+            .filter(|c| cluster.is_none_or(|name| c.name == name))
+            .collect();
+        let user_data = standby_config(&self.ca, &name, &clusters).map_err(|e| ProviderError {
             provider: self.provider.kind(),
             what: e.to_string(),
             transient: false,

@@ -9,7 +9,7 @@ use crate::config::ClusterConfig;
 use crate::provider::Server;
 use basalt_api::config::{
     ApiConfig, ClusterConfig as JoinCluster, Hostname, MachineConfig, NodeConfig, Pem, SecretPem,
-    CONFIG_VERSION, DEFAULT_API_LISTEN,
+    StandbyConfig, CONFIG_VERSION, DEFAULT_API_LISTEN,
 };
 use basalt_api::node::{ApplyResponse, Health, Status};
 use basalt_client::node::{ClientOptions, Endpoint, NodeClient};
@@ -194,8 +194,17 @@ fn render(name: &str, config: &MachineConfig) -> Result<String, NodeApiError> {
 }
 
 /// The standby machine config of a new server named `name`: its hostname, and its node
-/// API with its own certificate from the pool CA; no `[cluster]`.
-pub fn standby_config(ca: &Ca, name: &str) -> Result<String, NodeApiError> {
+/// API with its own certificate from the pool CA; no `[cluster]`. `clusters` are those it
+/// may be promoted into: their servers go in `standby.servers`, whose CA the node checks
+/// ahead so that its promotion's check is one round trip.
+pub fn standby_config(
+    ca: &Ca,
+    name: &str,
+    clusters: &[&ClusterConfig],
+) -> Result<String, NodeApiError> {
+    let mut servers: Vec<_> = clusters.iter().map(|c| c.server.clone()).collect();
+    servers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    servers.dedup();
     let config = MachineConfig {
         version: CONFIG_VERSION,
         node: NodeConfig {
@@ -205,6 +214,7 @@ pub fn standby_config(ca: &Ca, name: &str) -> Result<String, NodeApiError> {
         network: Default::default(),
         api: api_section(ca, name)?,
         cluster: None,
+        standby: StandbyConfig { servers },
     };
     render(name, &config)
 }
@@ -240,6 +250,7 @@ pub fn join_config(
                     }
                 })?),
             }),
+            standby: StandbyConfig::default(),
         };
     render(name, &config)
 }
@@ -297,9 +308,16 @@ mod tests {
     #[test]
     fn the_standby_config_parses_and_has_no_cluster() {
         let ca = Ca::generate().expect("ca");
-        let text = standby_config(&ca, "pool-g1-abc").expect("config");
+        let text = standby_config(&ca, "pool-g1-abc", &[]).expect("config");
         let c = MachineConfig::parse(&text).expect("valid machine config");
         assert!(c.is_standby());
+        assert!(c.prefetch_servers().is_empty());
+        // The servers of the clusters it may join, each once, for the CA prefetch.
+        let (a, mut b) = (cluster(), cluster());
+        b.name = "customer-b".into();
+        let text = standby_config(&ca, "pool-g1-abc", &[&a, &b]).expect("config");
+        let c = MachineConfig::parse(&text).expect("valid machine config");
+        assert_eq!(c.prefetch_servers(), ["https://10.0.0.2:6443"]);
         assert_eq!(c.api.ca.as_str(), ca.cert_pem());
         assert_eq!(
             c.node.hostname.as_ref().map(Hostname::as_str),

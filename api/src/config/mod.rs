@@ -135,6 +135,8 @@ pub struct MachineConfig {
     pub api: ApiConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    #[serde(default, skip_serializing_if = "StandbyConfig::is_empty")]
+    pub standby: StandbyConfig,
 }
 
 /// `[node]`: identity and scheduling.
@@ -246,6 +248,25 @@ pub struct ClusterConfig {
     pub provider_id: Option<ProviderId>,
 }
 
+/// `[standby]`: what a node waiting to be promoted may do ahead of its promotion.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandbyConfig {
+    /// K3s servers this node may be told to join. In standby, basalt-init fetches and
+    /// checks each one's `/cacerts` ahead (as the join's check does: unverified TLS,
+    /// nothing sent but the GET) and keeps the TLS session, so that a promotion's check
+    /// against one of them takes one resumed round trip and no certificate work. Joining
+    /// any other server works as well, only without that head start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<ServerUrl>,
+}
+
+impl StandbyConfig {
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+}
+
 impl MachineConfig {
     /// Parse and validate a TOML document.
     pub fn parse(text: &str) -> Result<MachineConfig, ConfigError> {
@@ -317,6 +338,16 @@ impl MachineConfig {
     /// No `[cluster]`: the node waits to be told to join.
     pub fn is_standby(&self) -> bool {
         self.cluster.is_none()
+    }
+
+    /// The servers whose CA a node in standby fetches ahead (`standby.servers`); none
+    /// once it has a `[cluster]`.
+    pub fn prefetch_servers(&self) -> Vec<String> {
+        if !self.is_standby() {
+            return Vec::new();
+        }
+        let servers = self.standby.servers.iter().map(|s| s.as_str().to_owned());
+        servers.collect()
     }
 
     /// The K3s node name: `cluster.node_name`, else `node.hostname`, lowercased either way

@@ -110,6 +110,24 @@ fn minimal_config_is_standby_with_defaults() {
 }
 
 #[test]
+fn standby_servers_are_prefetched_only_in_standby() {
+    let standby =
+        doc("[standby]\nservers = [\"https://10.0.0.2:6443\", \"https://k3s.example.com\"]");
+    let c = MachineConfig::parse(&standby).unwrap();
+    assert_eq!(
+        c.prefetch_servers(),
+        ["https://10.0.0.2:6443", "https://k3s.example.com"]
+    );
+    let joining = standby + "[cluster]\nserver = \"https://10.0.0.2:6443\"\ntoken = \"t\"\n";
+    let c = MachineConfig::parse(&joining).unwrap();
+    assert!(c.prefetch_servers().is_empty());
+    assert!(MachineConfig::parse(&doc(""))
+        .unwrap()
+        .prefetch_servers()
+        .is_empty());
+}
+
+#[test]
 fn other_good_configs() {
     let good = [
         "[node]\nhostname = \"a\"",
@@ -119,6 +137,7 @@ fn other_good_configs() {
         "[network]\naddresses = [\"192.0.2.1/32\", \"::1/128\", \"0.0.0.0/0\"]",
         "[cluster]\nserver = \"https://k3s.example.com\"\ntoken = \"plain-secret\"",
         "[cluster]\nserver = \"https://[2a01:4f8::2]:6443/\"\ntoken = \"abcdef.0123456789abcdef\"",
+        "[standby]\nservers = []",
     ];
     for body in good {
         let text = doc(body);
@@ -182,6 +201,8 @@ fn bad_cases() -> Vec<(String, String, &'static str)> {
         (doc("[network]\nipv6_from_metadata = 1"), "network.ipv6_from_metadata", "invalid type: integer"),
         (doc("[network]\ndhcp6 = true"), "network.dhcp6", "unknown field"),
         (doc("[cluster]\nserver = \"http://10.0.0.2:6443\"\ntoken = \"t\""), "cluster.server", "https://"),
+        (doc("[standby]\nservers = [\"https://a:6443\", \"http://b:6443\"]"), "standby.servers[1]", "https://"),
+        (doc("[standby]\nserver = \"https://a:6443\""), "standby.server", "unknown field"),
         (doc("[cluster]\nserver = \"https://:6443\"\ntoken = \"t\""), "cluster.server", "host"),
         (doc("[cluster]\nserver = \"https://a:99999\"\ntoken = \"t\""), "cluster.server", "port"),
         (doc("[cluster]\nserver = \"https://a:6443\"\ntoken = \"K10abc::u:p\""), "cluster.token", "CA hash"),
@@ -527,12 +548,21 @@ fn config() -> impl Strategy<Value = MachineConfig> {
             }
         }),
     );
-    (node, network, api, cluster).prop_map(|(node, network, api, cluster)| MachineConfig {
-        version: CONFIG_VERSION,
-        node,
-        network,
-        api,
-        cluster,
+    let standby = proptest::collection::vec(hostname(), 0..3).prop_map(|hosts| StandbyConfig {
+        servers: hosts
+            .into_iter()
+            .map(|h| format!("https://{h}:6443").parse().unwrap())
+            .collect(),
+    });
+    (node, network, api, cluster, standby).prop_map(|(node, network, api, cluster, standby)| {
+        MachineConfig {
+            version: CONFIG_VERSION,
+            node,
+            network,
+            api,
+            cluster,
+            standby,
+        }
     })
 }
 

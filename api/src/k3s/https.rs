@@ -161,6 +161,7 @@ pub(super) fn get_with_peer(
             })?;
     }
     times.handshake = Some(times.start.elapsed());
+    times.resumed = tls.inner.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: basalt\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         server.authority

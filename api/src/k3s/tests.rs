@@ -1,7 +1,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rcgen::{
@@ -238,6 +238,16 @@ fn serve_counting(
     response: Vec<u8>,
     sans: Vec<rcgen::SanType>,
 ) -> (SocketAddr, Arc<AtomicUsize>) {
+    let (addr, accepted, _) = serve_changing(signer, response, sans);
+    (addr, accepted)
+}
+
+/// [`serve_counting`], with the response a test may change between connections.
+fn serve_changing(
+    signer: &Ca,
+    response: Vec<u8>,
+    sans: Vec<rcgen::SanType>,
+) -> (SocketAddr, Arc<AtomicUsize>, Arc<Mutex<Vec<u8>>>) {
     let key = KeyPair::generate().unwrap();
     let mut p = params("test-server", false, true);
     p.subject_alt_names = sans;
@@ -257,6 +267,8 @@ fn serve_counting(
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = Arc::clone(&accepted);
+    let response = Arc::new(Mutex::new(response));
+    let answer = Arc::clone(&response);
     std::thread::spawn(move || {
         for sock in listener.incoming().flatten() {
             count.fetch_add(1, Ordering::SeqCst);
@@ -271,13 +283,14 @@ fn serve_counting(
                 }
             }
             if head.starts_with(b"GET /cacerts HTTP/1.1\r\n") {
+                let response = answer.lock().unwrap().clone();
                 let _ = tls.write_all(&response);
             }
             tls.conn.send_close_notify();
             let _ = tls.flush();
         }
     });
-    (addr, accepted)
+    (addr, accepted, response)
 }
 
 fn ok_response(body: &[u8]) -> Vec<u8> {
@@ -349,6 +362,75 @@ fn the_server_check_refuses_a_server_its_bundle_does_not_sign() {
     let token = Token::parse(&format!("K10{}::server:secret", sha(served.as_bytes()))).unwrap();
     let err = check_server_ca(&format!("https://{addr}"), &token, T).unwrap_err();
     assert!(matches!(err, K3sError::CaValidation { .. }), "{err:?}");
+}
+
+#[test]
+fn a_prefetched_server_is_checked_without_redoing_its_work() {
+    let ca = root("k3s-server-ca");
+    let pem = ca.pem();
+    let sans = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
+    let (addr, accepted) = serve_counting(&ca, ok_response(pem.as_bytes()), sans);
+    let server = format!("https://{addr}");
+    let (hash, times) = prefetch_server_ca(&server, T);
+    assert_eq!(hash.unwrap(), sha(pem.as_bytes()));
+    assert!(!times.known);
+    let token = Token::parse(&format!("K10{}::server:secret", sha(pem.as_bytes()))).unwrap();
+    let (checked, times) = check_server_ca_timed(&server, &token, T);
+    assert_eq!(
+        checked.unwrap(),
+        CaCheck::Matched {
+            hash: sha(pem.as_bytes())
+        }
+    );
+    assert!(times.known, "{}", times.describe());
+    assert!(
+        times.describe().ends_with("prefetched"),
+        "{}",
+        times.describe()
+    );
+    // The check still fetched the bundle: a prefetch spares work, not the request.
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // And still compares with the token: a prefetch never makes a check pass.
+    let other = sha(root("other-ca").pem().as_bytes());
+    let wrong = Token::parse(&format!("K10{other}::server:secret")).unwrap();
+    let (checked, times) = check_server_ca_timed(&server, &wrong, T);
+    assert!(times.known);
+    assert!(
+        matches!(checked, Err(K3sError::CaMismatch { .. })),
+        "{checked:?}"
+    );
+}
+
+#[test]
+fn a_bundle_changed_since_the_prefetch_is_checked_anew() {
+    let ca = root("k3s-server-ca");
+    let pem = ca.pem();
+    let sans = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
+    let (addr, _, response) = serve_changing(&ca, ok_response(pem.as_bytes()), sans);
+    let server = format!("https://{addr}");
+    prefetch_server_ca(&server, T).0.unwrap();
+    // The same server now serves a bundle that does not sign its certificate.
+    let served = root("served-ca").pem();
+    *response.lock().unwrap() = ok_response(served.as_bytes());
+    let token = Token::parse(&format!("K10{}::server:secret", sha(served.as_bytes()))).unwrap();
+    let (checked, times) = check_server_ca_timed(&server, &token, T);
+    assert!(!times.known);
+    assert!(
+        matches!(checked, Err(K3sError::CaValidation { .. })),
+        "{checked:?}"
+    );
+}
+
+#[test]
+fn a_prefetch_refuses_what_the_check_refuses() {
+    let signer = root("real-ca");
+    let served = root("served-ca").pem();
+    let addr = serve(&signer, ok_response(served.as_bytes()));
+    let (hash, _) = prefetch_server_ca(&format!("https://{addr}"), T);
+    assert!(
+        matches!(hash, Err(K3sError::CaValidation { .. })),
+        "{hash:?}"
+    );
 }
 
 #[test]

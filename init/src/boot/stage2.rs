@@ -115,6 +115,9 @@ pub fn boot(m: &mut dyn Machine) {
     m.report_resources();
     m.milestone(Milestone::Standby);
     m.release_k3s_prep();
+    // What a promotion's CA check can have done ahead (after K3s's preparation).
+    let prefetch = chosen.as_ref().map(|c| c.config.prefetch_servers());
+    crate::join::warm::set_servers(prefetch.unwrap_or_default());
     if let Some(chosen) = chosen.filter(|c| !c.config.is_standby()) {
         m.join(chosen.config);
     }

@@ -64,6 +64,11 @@ impl Timeline {
                 self.mark_at(name, times.start + d);
             }
         }
+        if times.resumed || times.known {
+            let how = [(times.resumed, "resumed"), (times.known, "prefetched")];
+            let how: Vec<&str> = how.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
+            self.note(format!("join: CA check {}", how.join(", ")));
+        }
     }
 
     /// Keeps `line` to print later ([`Timeline::take_notes`]).
@@ -141,11 +146,21 @@ mod tests {
             response: None,
             verified: None,
             hashed: None,
+            known: false,
+            resumed: false,
         };
         t.mark_check(&times);
         assert_eq!(
             t.line(),
             "join: timeline ms after the request: check-connected 12, check-handshake 30"
         );
+        assert!(t.take_notes().is_empty());
+        // A check on a resumed session that found a prefetch's work says so.
+        t.mark_check(&basalt_api::k3s::CheckTimes {
+            known: true,
+            resumed: true,
+            ..times
+        });
+        assert_eq!(t.take_notes(), ["join: CA check resumed, prefetched"]);
     }
 }

@@ -10,6 +10,17 @@
 //! in a thread at low priority; it also makes the check's client configuration, which
 //! every later check reuses. Its failure only leaves the promotion slower: it is printed,
 //! never fatal.
+//!
+//! Then, for as long as the node is in standby, the same thread fetches and checks the CA
+//! of each server the config names in `standby.servers` ([`set_servers`]), and again every
+//! [`REFRESH`] ([`basalt_api::k3s::prefetch_server_ca`]): a promotion into one of them
+//! resumes that TLS session and finds the certificate work done, so its check is one
+//! round trip (the floor issue 15 sets). The check itself is still made, in full, against
+//! what the server sends at the promotion.
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 use crate::pid1::console;
 
@@ -41,8 +52,75 @@ pub fn spawn() {
                 console::chain(&e)
             )),
         }
+        prefetch_forever();
     });
     if let Err(e) = spawned {
         console::warn(&format!("{STEP}: start its thread: {e}"));
+    }
+}
+
+/// The step's name on the console for the standby's prefetch.
+pub const PREFETCH: &str = "prefetch";
+/// How often a server's CA is fetched again while in standby: well within
+/// [`basalt_api::k3s::PREFETCH_FRESH_FOR`], after which a prefetch is not used.
+pub const REFRESH: Duration = Duration::from_secs(5 * 60);
+/// The pause after a failed prefetch (the network may not be up yet).
+const RETRY: Duration = Duration::from_secs(10);
+
+/// The servers to prefetch, and the wake-up of [`prefetch_forever`] when they change.
+static SERVERS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static CHANGED: Condvar = Condvar::new();
+
+/// The servers whose CA to fetch ahead: the config in force's `standby.servers`
+/// ([`basalt_api::config::MachineConfig::prefetch_servers`]; none once it joins).
+pub fn set_servers(servers: Vec<String>) {
+    let mut current = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
+    if *current != servers {
+        *current = servers;
+        CHANGED.notify_all();
+    }
+}
+
+/// Prefetches [`SERVERS`] now, then every [`REFRESH`] (every [`RETRY`] after a
+/// failure), and at once when they change. Prints a server's outcome when it changes.
+fn prefetch_forever() {
+    let mut outcomes: HashMap<String, String> = HashMap::new();
+    let mut done: Vec<String> = Vec::new();
+    let mut pause = Duration::ZERO;
+    loop {
+        let servers = {
+            let current = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
+            let (current, _) = CHANGED
+                .wait_timeout_while(current, pause, |s| *s == done)
+                .unwrap_or_else(|e| e.into_inner());
+            current.clone()
+        };
+        let mut failed = false;
+        for server in &servers {
+            let (result, times) = basalt_api::k3s::prefetch_server_ca(server, super::CHECK_TIMEOUT);
+            let outcome = match &result {
+                Ok(hash) => format!("CA {hash} checked ahead"),
+                Err(e) => {
+                    failed = true;
+                    format!("{} (a promotion's check runs in full)", console::chain(e))
+                }
+            };
+            if outcomes.get(server) != Some(&outcome) {
+                let line = format!("{PREFETCH}: {server}: {outcome} (ms: {})", times.describe());
+                match result {
+                    Ok(_) => console::info(&line),
+                    Err(_) => console::warn(&line),
+                }
+                outcomes.insert(server.clone(), outcome);
+            }
+        }
+        outcomes.retain(|s, _| servers.contains(s));
+        done = servers;
+        pause = match (done.is_empty(), failed) {
+            // Nothing to do until the servers change.
+            (true, _) => Duration::from_secs(24 * 3600),
+            (false, true) => RETRY,
+            (false, false) => REFRESH,
+        };
     }
 }
