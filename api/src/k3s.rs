@@ -191,10 +191,18 @@ impl CheckTimes {
         ]
         .iter()
         .filter_map(|(name, at)| at.map(|d| format!("{name} {}", d.as_millis())))
-        .chain(self.resumed.then(|| "resumed".to_owned()))
-        .chain(self.known.then(|| "prefetched".to_owned()))
+        .chain(self.reused().into_iter().map(str::to_owned))
         .collect::<Vec<_>>()
         .join(", ")
+    }
+
+    /// What the check took from earlier work: `resumed` (the TLS session), `prefetched`
+    /// (the verification and hash).
+    pub fn reused(&self) -> Vec<&'static str> {
+        [(self.resumed, "resumed"), (self.known, "prefetched")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect()
     }
 }
 
@@ -234,16 +242,13 @@ fn check(
     timeout: Duration,
     times: &mut CheckTimes,
 ) -> Result<CaCheck, K3sError> {
-    let parsed = https::Server::parse(server)?;
-    let config = https::any_certificate_config()?;
-    let (cacerts, peer) =
-        https::get_with_peer(&parsed, "/cacerts", config, timeout, CACERTS_LIMIT, times)?;
-    let url = parsed.url("/cacerts");
-    let known = known::recall(&url, &cacerts, &peer);
+    let fetched = fetch_cacerts_with_peer(server, timeout, times)?;
+    let known = known::recall(&fetched.url, &fetched.cacerts, &fetched.peer);
     times.known = known.is_some();
     if !times.known {
-        verify_peer(&parsed, &url, &cacerts, &peer)?;
+        fetched.verify()?;
     }
+    let cacerts = fetched.cacerts;
     times.verified = Some(times.start.elapsed());
     let Some(expected) = token.ca_hash() else {
         times.hashed = times.verified;
@@ -279,58 +284,74 @@ pub fn prefetch_server_ca(
 ) -> (Result<String, K3sError>, CheckTimes) {
     let mut times = CheckTimes::default();
     let mut prefetch = || {
-        let parsed = https::Server::parse(server)?;
-        let config = https::any_certificate_config()?;
-        let (cacerts, peer) = https::get_with_peer(
-            &parsed,
-            "/cacerts",
-            config,
-            timeout,
-            CACERTS_LIMIT,
-            &mut times,
-        )?;
-        let url = parsed.url("/cacerts");
-        verify_peer(&parsed, &url, &cacerts, &peer)?;
+        let fetched = fetch_cacerts_with_peer(server, timeout, &mut times)?;
+        fetched.verify()?;
         times.verified = Some(times.start.elapsed());
-        let hash = ca_hash(&cacerts)?;
+        let hash = ca_hash(&fetched.cacerts)?;
         times.hashed = Some(times.start.elapsed());
-        known::remember(&url, cacerts, peer, hash.clone());
+        known::remember(&fetched.url, fetched.cacerts, fetched.peer, hash.clone());
         Ok(hash)
     };
     let result = prefetch();
     (result, times)
 }
 
-/// K3s's "CA cert validation": the certificates the server showed (`peer`, end entity
-/// first) must verify against the bundle it served.
-fn verify_peer(
-    parsed: &https::Server,
-    url: &str,
-    cacerts: &[u8],
-    peer: &[CertificateDer<'static>],
-) -> Result<(), K3sError> {
-    let verifier = bundle_verifier(cacerts, url)?;
-    let invalid = |e: rustls::Error| K3sError::CaValidation {
-        url: url.to_owned(),
-        source: Box::new(K3sError::Handshake {
-            url: url.to_owned(),
-            // What the second connection's handshake would have failed with.
-            source: io::Error::new(io::ErrorKind::InvalidData, e),
-        }),
-    };
-    let (end_entity, intermediates) = peer
-        .split_first()
-        .ok_or_else(|| invalid(rustls::Error::NoCertificatesPresented))?;
-    verifier
-        .verify_server_cert(
-            end_entity,
-            intermediates,
-            &parsed.server_name()?,
-            &[],
-            UnixTime::now(),
-        )
-        .map_err(invalid)?;
-    Ok(())
+/// `/cacerts` as the check and the prefetch fetch it: unverified, with the certificates
+/// the server showed in the handshake.
+struct FetchedCa {
+    server: https::Server,
+    url: String,
+    cacerts: Vec<u8>,
+    /// End entity first.
+    peer: Vec<CertificateDer<'static>>,
+}
+
+fn fetch_cacerts_with_peer(
+    server: &str,
+    timeout: Duration,
+    times: &mut CheckTimes,
+) -> Result<FetchedCa, K3sError> {
+    let parsed = https::Server::parse(server)?;
+    let config = https::any_certificate_config()?;
+    let (cacerts, peer) =
+        https::get_with_peer(&parsed, "/cacerts", config, timeout, CACERTS_LIMIT, times)?;
+    Ok(FetchedCa {
+        url: parsed.url("/cacerts"),
+        server: parsed,
+        cacerts,
+        peer,
+    })
+}
+
+impl FetchedCa {
+    /// K3s's "CA cert validation": the certificates the server showed must verify against
+    /// the bundle it served.
+    fn verify(&self) -> Result<(), K3sError> {
+        let url = &self.url;
+        let verifier = bundle_verifier(&self.cacerts, url)?;
+        let invalid = |e: rustls::Error| K3sError::CaValidation {
+            url: url.clone(),
+            source: Box::new(K3sError::Handshake {
+                url: url.clone(),
+                // What the second connection's handshake would have failed with.
+                source: io::Error::new(io::ErrorKind::InvalidData, e),
+            }),
+        };
+        let (end_entity, intermediates) = self
+            .peer
+            .split_first()
+            .ok_or_else(|| invalid(rustls::Error::NoCertificatesPresented))?;
+        verifier
+            .verify_server_cert(
+                end_entity,
+                intermediates,
+                &self.server.server_name()?,
+                &[],
+                UnixTime::now(),
+            )
+            .map_err(invalid)?;
+        Ok(())
+    }
 }
 
 /// Every certificate of the bundle is trusted, as Go's `AppendCertsFromPEM` pool is.

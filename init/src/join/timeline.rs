@@ -64,10 +64,9 @@ impl Timeline {
                 self.mark_at(name, times.start + d);
             }
         }
-        if times.resumed || times.known {
-            let how = [(times.resumed, "resumed"), (times.known, "prefetched")];
-            let how: Vec<&str> = how.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
-            self.note(format!("join: CA check {}", how.join(", ")));
+        let reused = times.reused();
+        if !reused.is_empty() {
+            self.note(format!("join: CA check {}", reused.join(", ")));
         }
     }
 
