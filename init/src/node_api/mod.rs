@@ -112,8 +112,9 @@ pub struct Context {
     config_source: Mutex<Option<String>>,
     /// What went wrong with the config sources at boot; cleared by an apply.
     config_report: Mutex<basalt_api::node::ConfigReport>,
-    /// Replaced when an applied config brings other certificates.
-    tls: RwLock<Arc<ServerConfig>>,
+    /// Replaced when an applied config brings other certificates; with the `[api]` it
+    /// was built from ([`Context::server_config_for`]).
+    tls: RwLock<(ApiConfig, Arc<ServerConfig>)>,
     /// What the routes check from `[api]`, replaced with [`Context::tls`].
     api: RwLock<ApiState>,
     pub metrics: Metrics,
@@ -139,7 +140,7 @@ impl Context {
             network,
             config_source: Mutex::new(config_source),
             config_report: Mutex::default(),
-            tls: RwLock::new(tls::server_config(api)?),
+            tls: RwLock::new((api.clone(), tls::server_config(api)?)),
             api: RwLock::new(ApiState::of(api)),
             metrics: Metrics::default(),
             refusals: RefusalLog::default(),
@@ -190,13 +191,28 @@ impl Context {
     }
 
     fn tls(&self) -> Arc<ServerConfig> {
-        self.tls.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.tls.read().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
+
+    /// [`tls::server_config`] of `api`: the one in force when `api` has the CA,
+    /// certificate and key it was built from, as a promotion's config has (the pool
+    /// keeps the standby's `[api]`). The same bytes pass the same checks; building it
+    /// again cost milliseconds of the promotion under TCG (BENCHMARKS.md, issue 15
+    /// item 2).
+    fn server_config_for(&self, api: &ApiConfig) -> Result<Arc<ServerConfig>, tls::TlsError> {
+        {
+            let (built_from, config) = &*self.tls.read().unwrap_or_else(|e| e.into_inner());
+            if built_from.ca == api.ca && built_from.cert == api.cert && built_from.key == api.key {
+                return Ok(config.clone());
+            }
+        }
+        tls::server_config(api)
     }
 
     /// The TLS config and `[api]` state of an applied `[api]`, for new connections.
     fn set_api(&self, config: Arc<ServerConfig>, api: &ApiConfig) {
         *self.api.write().unwrap_or_else(|e| e.into_inner()) = ApiState::of(api);
-        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = config;
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = (api.clone(), config);
     }
 
     pub fn api_state(&self) -> ApiState {

@@ -17,7 +17,7 @@
 
 use super::guard::{self, Client};
 use super::http::{Request, Response, PROMETHEUS, TEXT};
-use super::{status, tls, Context};
+use super::{status, Context};
 use crate::join::timeline::Timeline;
 use crate::join::{Applied, ApplyError};
 use crate::pid1::mailbox::Power;
@@ -214,7 +214,7 @@ fn apply(ctx: &Context, req: &Request, client: &Client, received: Instant) -> Re
     };
     timeline.mark("parsed");
     // Before anything is saved: certificates that cannot serve would lock us out.
-    let tls = match tls::server_config(&config.api) {
+    let tls = match ctx.server_config_for(&config.api) {
         Ok(t) => t,
         Err(e) => return Response::error(400, &crate::pid1::console::chain(&e)),
     };

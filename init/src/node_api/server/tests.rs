@@ -1460,3 +1460,45 @@ fn an_upgrade_body_larger_than_a_config_is_streamed_and_answered_after_it_is_rea
     let s: Status = serde_json::from_str(&text).expect("status");
     assert!(s.upgrade.and_then(|u| u.error).is_some(), "{text}");
 }
+
+#[test]
+fn an_apply_with_the_api_material_in_force_reuses_its_tls_config_and_other_material_is_built_anew()
+{
+    let n = node();
+    let same =
+        MachineConfig::parse(&n.pki.config("[node]\nhostname = \"node-1\"\n")).expect("parse");
+    let in_force = n.ctx.tls();
+    let reused = n.ctx.server_config_for(&same.api).expect("same material");
+    assert!(
+        Arc::ptr_eq(&in_force, &reused),
+        "the same [api] material is not built again"
+    );
+
+    // Another node certificate (and key) from the same CA: built and checked anew.
+    let (cert, key) = leaf(
+        "node-1",
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &n.pki.issuer,
+        false,
+    );
+    let other = n
+        .pki
+        .config("")
+        .replace(&n.pki.node_cert, &cert.pem())
+        .replace(&n.pki.node_key, &key.serialize_pem());
+    let other = MachineConfig::parse(&other).expect("parse");
+    let built = n.ctx.server_config_for(&other.api).expect("other material");
+    assert!(!Arc::ptr_eq(&in_force, &built));
+
+    // The certificate in force with a key that is not its own: refused, not reused.
+    let mismatched = n
+        .pki
+        .config("")
+        .replace(&n.pki.node_key, &key.serialize_pem());
+    let mismatched = MachineConfig::parse(&mismatched).expect("parse");
+    let err = n
+        .ctx
+        .server_config_for(&mismatched.api)
+        .expect_err("a key that does not match the certificate");
+    assert!(err.to_string().contains("key"), "{err}");
+}
