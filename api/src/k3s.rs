@@ -161,6 +161,9 @@ pub struct CheckTimes {
     pub known: bool,
     /// The TLS handshake resumed an earlier session with the server.
     pub resumed: bool,
+    /// The request went over the connection a prefetch left open: no connect, no
+    /// handshake.
+    pub kept: bool,
 }
 
 impl Default for CheckTimes {
@@ -174,6 +177,7 @@ impl Default for CheckTimes {
             hashed: None,
             known: false,
             resumed: false,
+            kept: false,
         }
     }
 }
@@ -196,13 +200,17 @@ impl CheckTimes {
         .join(", ")
     }
 
-    /// What the check took from earlier work: `resumed` (the TLS session), `prefetched`
-    /// (the verification and hash).
+    /// What the check took from earlier work: `kept` (the prefetch's open connection),
+    /// `resumed` (the TLS session), `prefetched` (the verification and hash).
     pub fn reused(&self) -> Vec<&'static str> {
-        [(self.resumed, "resumed"), (self.known, "prefetched")]
-            .into_iter()
-            .filter_map(|(on, name)| on.then_some(name))
-            .collect()
+        [
+            (self.kept, "kept"),
+            (self.resumed, "resumed"),
+            (self.known, "prefetched"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
     }
 }
 
@@ -242,8 +250,16 @@ fn check(
     timeout: Duration,
     times: &mut CheckTimes,
 ) -> Result<CaCheck, K3sError> {
-    let fetched = fetch_cacerts_with_peer(server, timeout, times)?;
-    let known = known::recall(&fetched.url, &fetched.cacerts, &fetched.peer);
+    let mut fetched = fetch_cacerts_with_peer(server, timeout, times, true)?;
+    let mut known = known::recall(&fetched.url, &fetched.cacerts, &fetched.peer);
+    if known.is_none() && times.kept {
+        // Not what the prefetch verified: the server may have changed its certificate
+        // since that connection was made. Ask again, as a new connection would see it.
+        times.kept = false;
+        fetched = fetch_cacerts_with_peer(server, timeout, times, false)?;
+        known = known::recall(&fetched.url, &fetched.cacerts, &fetched.peer);
+    }
+    known::give_back(&fetched.url, fetched.kept.take());
     times.known = known.is_some();
     if !times.known {
         fetched.verify()?;
@@ -275,25 +291,43 @@ fn check(
 /// The join check's work that needs no token, done ahead for a server a node in standby
 /// may be promoted into (`standby.servers`): `/cacerts` fetched as [`check_server_ca`]
 /// fetches it, the server verified against the bundle, the bundle hashed. The verdict is
-/// kept for the process ([`known`]), and the TLS session with it (in the check's client
-/// configuration), so that a check against the same server soon after takes a resumed
-/// round trip and finds its work done. Returns the bundle's hash, and when each step ended.
+/// kept for the process ([`known`]), with the connection if the server leaves it open and
+/// the TLS session (in the check's client configuration), so that a check against the
+/// same server soon after takes one round trip on that connection (or a resumed
+/// handshake) and finds its work done. Each prefetch makes a new connection. Returns the
+/// bundle's hash, and when each step ended.
 pub fn prefetch_server_ca(
     server: &str,
     timeout: Duration,
 ) -> (Result<String, K3sError>, CheckTimes) {
     let mut times = CheckTimes::default();
     let mut prefetch = || {
-        let fetched = fetch_cacerts_with_peer(server, timeout, &mut times)?;
+        let fetched = fetch_cacerts_with_peer(server, timeout, &mut times, false)?;
         fetched.verify()?;
         times.verified = Some(times.start.elapsed());
         let hash = ca_hash(&fetched.cacerts)?;
         times.hashed = Some(times.start.elapsed());
-        known::remember(&fetched.url, fetched.cacerts, fetched.peer, hash.clone());
+        let FetchedCa {
+            url,
+            cacerts,
+            peer,
+            kept,
+            ..
+        } = fetched;
+        known::remember(&url, cacerts, peer, hash.clone(), kept);
         Ok(hash)
     };
     let result = prefetch();
     (result, times)
+}
+
+/// Forgets the prefetch of `server` (as the machine config writes it) and closes the
+/// connection it left open: for a server a node in standby is no longer told about, or
+/// once it joined.
+pub fn forget_prefetch(server: &str) {
+    if let Ok(parsed) = https::Server::parse(server) {
+        known::forget(&parsed.url("/cacerts"));
+    }
 }
 
 /// `/cacerts` as the check and the prefetch fetch it: unverified, with the certificates
@@ -304,22 +338,40 @@ struct FetchedCa {
     cacerts: Vec<u8>,
     /// End entity first.
     peer: Vec<CertificateDer<'static>>,
+    /// The connection, if the server left it open.
+    kept: Option<https::Kept>,
 }
 
+/// `reuse`: first try the connection a prefetch of this server left open.
 fn fetch_cacerts_with_peer(
     server: &str,
     timeout: Duration,
     times: &mut CheckTimes,
+    reuse: bool,
 ) -> Result<FetchedCa, K3sError> {
     let parsed = https::Server::parse(server)?;
+    let url = parsed.url("/cacerts");
     let config = https::any_certificate_config()?;
-    let (cacerts, peer) =
-        https::get_with_peer(&parsed, "/cacerts", config, timeout, CACERTS_LIMIT, times)?;
+    let kept = if reuse {
+        known::take_connection(&url)
+    } else {
+        None
+    };
+    let fetched = https::get_keeping(
+        &parsed,
+        "/cacerts",
+        config,
+        timeout,
+        CACERTS_LIMIT,
+        times,
+        kept,
+    )?;
     Ok(FetchedCa {
-        url: parsed.url("/cacerts"),
+        url,
         server: parsed,
-        cacerts,
-        peer,
+        cacerts: fetched.body,
+        peer: fetched.peer,
+        kept: fetched.kept,
     })
 }
 

@@ -161,6 +161,8 @@ pub struct JoinRun {
     pub warmed: Option<Vec<String>>,
     /// PID1 said its promotion's check found the prefetch's work done.
     pub check_prefetched: bool,
+    /// PID1 said its promotion's check went over the connection the prefetch left open.
+    pub check_kept: bool,
     /// PID1's VmRSS (status) at standby, just before the apply.
     pub standby_rss_kib: Option<u64>,
     /// PID1's footprint line printed on the way to standby.
@@ -462,10 +464,8 @@ fn join_once(
         when,
         prepared_after_standby,
         warmed,
-        check_prefetched: vm
-            .serial()
-            .lines()
-            .any(|l| l.starts_with(CHECK_HOW) && l.contains("prefetched")),
+        check_prefetched: check_said(&vm.serial(), "prefetched"),
+        check_kept: check_said(&vm.serial(), "kept"),
         standby_split,
         joined_split,
         standby_rss_kib: before.body.rss_kib,
@@ -494,6 +494,15 @@ pub(crate) fn wait_for_api(vm: &Vm, client: &NodeClient) -> Result<(), HarnessEr
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
+}
+
+/// PID1's note on its promotion's check (`[basalt] join: CA check …`) names `what` it
+/// reused (`kept`, `resumed`, `prefetched`).
+fn check_said(serial: &str, what: &str) -> bool {
+    serial
+        .lines()
+        .filter_map(|l| l.strip_prefix(CHECK_HOW))
+        .any(|rest| rest.trim_end().split([',', ' ']).any(|w| w == what))
 }
 
 /// Sends the join config and, while the request is in flight, watches the console from
@@ -884,6 +893,13 @@ Not K3s: K3s's own start-up is not in these figures."
                     "check found the prefetch's work done",
                     runs.len()
                 )?;
+                let kept = runs.iter().filter(|r| r.check_kept).count();
+                writeln!(
+                    f,
+                    "  {:<42}{kept} of {} runs",
+                    "check sent on the prefetch's connection",
+                    runs.len()
+                )?;
             }
             writeln!(f, "  {:<42}median  (min–max)", "promote → …")?;
             rows(f, &runs, &LATENCIES, "ms")?;
@@ -1092,9 +1108,19 @@ mod tests {
         assert!(pki.dir.path().join("bench.key").exists());
     }
 
+    #[test]
+    fn the_checks_reuse_is_read_off_its_note() {
+        let serial = "[basalt] join: CA check kept, prefetched\r\n[basalt] prefetch: x: CA y checked ahead\r\n";
+        assert!(check_said(serial, "kept"));
+        assert!(check_said(serial, "prefetched"));
+        assert!(!check_said(serial, "resumed"));
+        assert!(!check_said("[basalt] join: CA check resumed\r\n", "kept"));
+    }
+
     fn joined_run(exec: u64, response: f64, joined: Option<f64>) -> JoinRun {
         JoinRun {
             check_prefetched: false,
+            check_kept: false,
             standby_rss_kib: Some(2000),
             joined_rss_kib: Some(2600),
             standby_split: Some(RssSplit {

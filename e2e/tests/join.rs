@@ -330,8 +330,8 @@ fn a_standby_node_refuses_strangers_and_bad_input_then_joins_and_stays_joined() 
 
 /// A standby node told which server it may join (`standby.servers`, as the warm pool
 /// writes it) checks that server's CA ahead; the promotion's check still fetches
-/// `/cacerts` and compares it with the token, on the TLS session the prefetch left, and
-/// finds the certificate work done. A token pinning another CA is refused all the same.
+/// `/cacerts` and compares it with the token, on the connection the prefetch left open,
+/// and finds the certificate work done. A token pinning another CA is refused all the same.
 #[test]
 #[cfg_attr(
     basalt_skip_qemu,
@@ -395,6 +395,15 @@ fn a_standby_node_checks_its_servers_ca_ahead_and_its_promotion_uses_it() -> any
     assert!(
         notes.iter().any(|l| l.contains("prefetched")),
         "{how}: {notes:?}"
+    );
+    // The requests went over the connection the prefetch left open (the double keeps
+    // it, as K3s's server does): more requests than connections.
+    assert!(notes.iter().any(|l| l.contains("kept")), "{how}: {notes:?}");
+    assert!(
+        server.total_requests() > server.connections(),
+        "{} requests over {} connections",
+        server.total_requests(),
+        server.connections()
     );
     expect_line(&mut vm, "k3s-agent-double: ca-check passed", BOOT)?;
     wait_for_join(&vm, &ops, JoinState::Registered, &[])?;

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -16,8 +16,12 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
-/// How long a connection may idle before the double drops it.
+/// How long a request may take to arrive, once begun, before the double drops it.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may idle between requests before the double drops it. K3s's
+/// supervisor (`http.Server` with no timeouts set, `pkg/cluster/https.go`) sets no limit;
+/// this one outlasts a standby's prefetch refresh (5 minutes).
+const KEEP_IDLE: Duration = Duration::from_secs(15 * 60);
 /// How often the accept loop looks at the stop flag.
 const POLL: Duration = Duration::from_millis(10);
 /// The route K3s's supervisor serves a node its kubelet client certificate on.
@@ -43,7 +47,9 @@ pub enum ServerDoubleError {
 /// certificate is valid for `127.0.0.1`, `10.0.2.2` — the host as a QEMU user-network guest
 /// sees it —, `169.254.0.2` — the same on the cold-path test's link-local network — and
 /// `localhost`), answers `GET /cacerts` with the CA's PEM and `GET /ping`
-/// with `pong`, and counts requests per path. Dropping it stops the listener.
+/// with `pong`, and counts requests per path and connections. As K3s's Go server does, it
+/// keeps a connection open between requests (HTTP/1.1 keep-alive) unless the client
+/// asks `Connection: close`. Dropping it stops the listener.
 ///
 /// `GET /v1-k3s/client-kubelet.crt` is K3s's supervisor route that issues a node its
 /// kubelet client certificate, the moment a node is registered. As K3s does, it wants
@@ -64,6 +70,8 @@ pub struct K3sServerDouble {
 struct Shared {
     stop: AtomicBool,
     requests: Mutex<BTreeMap<String, usize>>,
+    /// TLS connections accepted so far.
+    connections: AtomicUsize,
     ca_pem: String,
     /// Signs the kubelet client certificates.
     issuer: Issuer<'static, KeyPair>,
@@ -85,6 +93,7 @@ impl K3sServerDouble {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             requests: Mutex::new(BTreeMap::new()),
+            connections: AtomicUsize::new(0),
             ca_pem: ca_pem.clone(),
             issuer,
             passwords: Mutex::new(BTreeSet::new()),
@@ -147,6 +156,11 @@ impl K3sServerDouble {
     /// Requests answered so far, all paths together.
     pub fn total_requests(&self) -> usize {
         lock(&self.shared.requests).values().sum()
+    }
+
+    /// Connections accepted so far: fewer than requests when clients kept theirs open.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
     }
 
     /// The nodes issued a kubelet client certificate so far, by name.
@@ -245,18 +259,44 @@ fn accept_loop(listener: TcpListener, config: Arc<ServerConfig>, shared: Arc<Sha
 
 fn serve(sock: TcpStream, config: Arc<ServerConfig>, shared: &Shared) -> io::Result<()> {
     sock.set_nonblocking(false)?;
-    sock.set_read_timeout(Some(IO_TIMEOUT))?;
     sock.set_write_timeout(Some(IO_TIMEOUT))?;
+    shared.connections.fetch_add(1, Ordering::SeqCst);
     let conn = ServerConnection::new(config).map_err(io::Error::other)?;
     let mut tls = StreamOwned::new(conn, sock);
-    let head = read_head(&mut tls)?;
+    let mut pending = Vec::new();
+    let mut wait = IO_TIMEOUT;
+    loop {
+        let Some(head) = read_head(&mut tls, &mut pending, wait)? else {
+            // The client closed the connection between requests.
+            return Ok(());
+        };
+        wait = KEEP_IDLE;
+        let (status, body, close) = answer(&head, shared);
+        let connection = if close { "Connection: close\r\n" } else { "" };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n",
+            body.len()
+        );
+        tls.write_all(head.as_bytes())?;
+        tls.write_all(&body)?;
+        if close {
+            tls.conn.send_close_notify();
+            return tls.flush();
+        }
+        tls.flush()?;
+    }
+}
+
+/// The answer to one request head: status, body, and whether to close the connection
+/// after it (the client asked, or the head does not parse).
+fn answer(head: &[u8], shared: &Shared) -> (&'static str, Vec<u8>, bool) {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
-    let (status, body): (&str, Vec<u8>) = match req.parse(&head) {
+    match req.parse(head) {
         Ok(httparse::Status::Complete(_)) => {
             let path = req.path.unwrap_or_default().to_owned();
             let text = |s: &str| s.as_bytes().to_vec();
-            let answer = match (req.method.unwrap_or_default(), path.as_str()) {
+            let (status, body) = match (req.method.unwrap_or_default(), path.as_str()) {
                 ("GET", "/cacerts") => ("200 OK", text(&shared.ca_pem)),
                 ("GET", "/ping") => ("200 OK", text("pong")),
                 ("GET", CLIENT_KUBELET_PATH) => client_kubelet(req.headers, shared),
@@ -264,18 +304,12 @@ fn serve(sock: TcpStream, config: Arc<ServerConfig>, shared: &Shared) -> io::Res
                 _ => ("405 Method Not Allowed", text("method not allowed\n")),
             };
             *lock(&shared.requests).entry(path).or_default() += 1;
-            answer
+            let close = header(req.headers, "Connection")
+                .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+            (status, body, close)
         }
-        _ => ("400 Bad Request", b"bad request\n".to_vec()),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    tls.write_all(head.as_bytes())?;
-    tls.write_all(&body)?;
-    tls.conn.send_close_notify();
-    tls.flush()
+        _ => ("400 Bad Request", b"bad request\n".to_vec(), true),
+    }
 }
 
 fn header<'a>(headers: &'a [httparse::Header<'_>], name: &str) -> Option<&'a str> {
@@ -368,16 +402,35 @@ fn kubelet_client_cert(node: &str, shared: &Shared) -> Result<String, rcgen::Err
     ))
 }
 
-/// The request head, up to and including the blank line; at most 16 KiB.
-fn read_head(tls: &mut impl Read) -> io::Result<Vec<u8>> {
-    let mut head = Vec::new();
+/// The next request head, up to and including the blank line, at most 16 KiB; `None` when
+/// the client closed the connection before sending one. `pending` holds what was read
+/// past the head (a pipelined request); `wait` bounds the wait for its first byte, and
+/// [`IO_TIMEOUT`] the rest.
+fn read_head(
+    tls: &mut StreamOwned<ServerConnection, TcpStream>,
+    pending: &mut Vec<u8>,
+    wait: Duration,
+) -> io::Result<Option<Vec<u8>>> {
     let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tls.read(&mut chunk)?;
-        if n == 0 || head.len() + n > 16 * 1024 {
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = pending.split_off(end + 4);
+            return Ok(Some(std::mem::replace(pending, rest)));
+        }
+        if pending.len() > 16 * 1024 {
             return Err(io::ErrorKind::InvalidData.into());
         }
-        head.extend_from_slice(&chunk[..n]);
+        let timeout = if pending.is_empty() { wait } else { IO_TIMEOUT };
+        tls.sock.set_read_timeout(Some(timeout))?;
+        match tls.read(&mut chunk) {
+            Ok(0) if pending.is_empty() => return Ok(None),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            // A TCP close without close_notify, between requests.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && pending.is_empty() => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        }
     }
-    Ok(head)
 }

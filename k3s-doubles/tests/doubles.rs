@@ -451,6 +451,37 @@ fn the_server_double_serves_cacerts_and_ping_and_counts() {
     TcpListener::bind(addr).unwrap();
 }
 
+#[test]
+fn the_server_double_keeps_a_connection_open_until_the_client_asks_to_close() {
+    use std::io::{Read, Write};
+    let server = K3sServerDouble::start("127.0.0.1:0").unwrap();
+    let mut tls = tls_client(&server);
+    // Two requests in one write (pipelined), then a third that asks to close.
+    tls.write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\nGET /cacerts HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    tls.flush().unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let pem = server.ca_pem().as_bytes();
+    while !seen.ends_with(pem) {
+        let n = tls.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{text}");
+    assert!(!text.contains("Connection: close"), "{text}");
+    tls.write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tls.read_to_end(&mut rest);
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("Connection: close\r\n"), "{rest}");
+    assert!(rest.ends_with("\r\n\r\npong"), "{rest}");
+    assert_eq!(server.total_requests(), 3);
+    assert_eq!(server.connections(), 1);
+}
+
 /// A TLS client that trusts the double's CA, for requests `basalt_api` does not make.
 fn tls_client(
     server: &K3sServerDouble,

@@ -1,8 +1,10 @@
 //! One HTTPS GET, the way K3s's agent asks a server for `/cacerts`.
 //!
 //! rustls (ring provider) straight over a `TcpStream` with a minimal HTTP/1.1 client
-//! (`Connection: close`; `Content-Length`, chunked, or up to EOF), parsed with httparse.
-//! Every read and write runs against one deadline.
+//! (`Content-Length`, chunked, or up to EOF), parsed with httparse. Every read and write
+//! runs against one deadline. A check asks for `Connection: close`; a standby's prefetch
+//! keeps its connection open ([`get_keeping`]) so that the promotion's check after it is
+//! one round trip on it.
 //!
 //! Why not ureq, which PID1 already links (plain HTTP, for Hetzner metadata)? Measured
 //! with ureq 3.5 `rustls-no-provider` and our ring provider passed in (no aws-lc, no
@@ -119,8 +121,8 @@ pub(super) fn any_certificate_config() -> Result<Arc<ClientConfig>, K3sError> {
     Ok(Arc::clone(CONFIG.get_or_init(|| Arc::new(config))))
 }
 
-/// GET `path` from `server` with `config`; the body of a 2xx answer, at most `limit`
-/// bytes.
+/// GET `path` from `server` with `config` on a new connection; the body of a 2xx
+/// answer, at most `limit` bytes.
 pub(super) fn get(
     server: &Server,
     path: &str,
@@ -128,23 +130,100 @@ pub(super) fn get(
     timeout: Duration,
     limit: usize,
 ) -> Result<Vec<u8>, K3sError> {
-    let mut times = CheckTimes::default();
-    get_with_peer(server, path, config, timeout, limit, &mut times).map(|(body, _)| body)
+    let deadline = Instant::now() + timeout;
+    let mut tls = open(server, path, config, deadline, &mut CheckTimes::default())?;
+    exchange(&mut tls, server, path, limit, false).map(|(body, _)| body)
 }
 
-/// [`get`], with the certificates the server showed in the handshake (end entity
-/// first), whose signature over the handshake `config`'s verifier checked. `times`
-/// gets the connect, the handshake and the response, from its `start`.
-pub(super) fn get_with_peer(
+/// A TLS connection to a server that a GET left open (HTTP/1.1 keep-alive), for the
+/// next GET to the same server.
+pub(super) struct Kept {
+    tls: rustls::StreamOwned<ClientConnection, TcpStream>,
+}
+
+impl Kept {
+    /// Nothing has come in since the last answer: no close_notify, no FIN, no reset.
+    /// Read without waiting; a connection the server closed while idle (or anything
+    /// unexpected on it) is not used.
+    fn quiet(&self) -> bool {
+        let sock = &self.tls.sock;
+        if sock.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        let quiet = matches!(sock.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        sock.set_nonblocking(false).is_ok() && quiet
+    }
+}
+
+/// How long a GET on a [`Kept`] connection may take before it is given up for a new
+/// connection. An answer on an open connection is one round trip; a connection that has
+/// not answered within this is more likely forgotten by something between (a NAT, a
+/// firewall, a server that went away without a word) than slow, and the new connection
+/// still has the rest of the timeout.
+pub(super) const KEPT_PATIENCE: Duration = Duration::from_secs(1);
+
+/// What [`get_keeping`] fetched.
+pub(super) struct Fetched {
+    pub body: Vec<u8>,
+    /// The certificates of the connection the body came over, end entity first.
+    pub peer: Vec<CertificateDer<'static>>,
+    /// That connection, when the server left it open for another request.
+    pub kept: Option<Kept>,
+}
+
+/// [`get`] that asks the server to keep the connection open and returns the certificates
+/// the server showed in the handshake (whose signature over it `config`'s verifier
+/// checked). It first tries `kept`, a connection an earlier GET left open: no connect,
+/// no handshake, one round trip. Anything that goes wrong on `kept` (the server closed it, it does not answer
+/// within [`KEPT_PATIENCE`], a malformed or refused answer) is forgotten and the GET is
+/// made again on a new connection, as it would have been without one: a GET can be
+/// repeated, and only the new connection's outcome counts. `times.kept` says which
+/// connection answered.
+pub(super) fn get_keeping(
     server: &Server,
     path: &str,
     config: Arc<ClientConfig>,
     timeout: Duration,
     limit: usize,
     times: &mut CheckTimes,
-) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), K3sError> {
-    let url = server.url(path);
+    kept: Option<Kept>,
+) -> Result<Fetched, K3sError> {
     let deadline = Instant::now() + timeout;
+    if let Some(kept) = kept.filter(Kept::quiet) {
+        let mut tls = Deadlined {
+            inner: kept.tls,
+            deadline: deadline.min(Instant::now() + KEPT_PATIENCE),
+        };
+        if let Ok((body, reusable)) = exchange(&mut tls, server, path, limit, true) {
+            times.kept = true;
+            times.response = Some(times.start.elapsed());
+            return Ok(Fetched {
+                body,
+                peer: peer_of(&tls),
+                kept: reusable.then_some(Kept { tls: tls.inner }),
+            });
+        }
+    }
+    let mut tls = open(server, path, config, deadline, times)?;
+    let (body, reusable) = exchange(&mut tls, server, path, limit, true)?;
+    times.response = Some(times.start.elapsed());
+    Ok(Fetched {
+        body,
+        peer: peer_of(&tls),
+        kept: reusable.then_some(Kept { tls: tls.inner }),
+    })
+}
+
+/// A new connection to `server`, its TLS handshake done; errors name `path`'s URL.
+fn open(
+    server: &Server,
+    path: &str,
+    config: Arc<ClientConfig>,
+    deadline: Instant,
+    times: &mut CheckTimes,
+) -> Result<Deadlined, K3sError> {
+    let url = server.url(path);
     let conn = ClientConnection::new(config, server.server_name()?).map_err(K3sError::TlsConfig)?;
     let sock = connect(server, &url, deadline)?;
     times.connected = Some(times.start.elapsed());
@@ -162,8 +241,34 @@ pub(super) fn get_with_peer(
     }
     times.handshake = Some(times.start.elapsed());
     times.resumed = tls.inner.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    Ok(tls)
+}
+
+fn peer_of(tls: &Deadlined) -> Vec<CertificateDer<'static>> {
+    tls.inner
+        .conn
+        .peer_certificates()
+        .map(<[CertificateDer<'static>]>::to_vec)
+        .unwrap_or_default()
+}
+
+/// One request and its answer on `tls`: the body, and whether the connection can carry
+/// another request (see [`read_response`]). `keep_alive` leaves out `Connection: close`.
+fn exchange(
+    tls: &mut Deadlined,
+    server: &Server,
+    path: &str,
+    limit: usize,
+    keep_alive: bool,
+) -> Result<(Vec<u8>, bool), K3sError> {
+    let url = server.url(path);
+    let connection = if keep_alive {
+        ""
+    } else {
+        "Connection: close\r\n"
+    };
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: basalt\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: basalt\r\nAccept: */*\r\n{connection}\r\n",
         server.authority
     );
     tls.write_all(request.as_bytes())
@@ -172,15 +277,8 @@ pub(super) fn get_with_peer(
             url: url.clone(),
             source,
         })?;
-    let peer = tls
-        .inner
-        .conn
-        .peer_certificates()
-        .map(<[CertificateDer<'static>]>::to_vec)
-        .unwrap_or_default();
-    let body = read_response(&mut tls, &url, limit)?;
-    times.response = Some(times.start.elapsed());
-    Ok((body, peer))
+    let (body, reusable) = read_response(tls, &url, limit)?;
+    Ok((body, reusable && keep_alive))
 }
 
 fn connect(server: &Server, url: &str, deadline: Instant) -> Result<TcpStream, K3sError> {
@@ -314,7 +412,16 @@ enum Framing {
     UntilClose,
 }
 
-fn read_response<R: Read>(reader: &mut R, url: &str, limit: usize) -> Result<Vec<u8>, K3sError> {
+/// The body of a 2xx answer, and whether the connection can carry another request: the
+/// body's length was given, the server did not say `Connection: close`, and nothing came
+/// after the body. A chunked answer is read whole but its connection is not used again
+/// (its trailers are not read to their end); K3s's `/cacerts` is small enough for Go to
+/// send its length.
+fn read_response<R: Read>(
+    reader: &mut R,
+    url: &str,
+    limit: usize,
+) -> Result<(Vec<u8>, bool), K3sError> {
     let mut inc = Incoming {
         reader,
         buf: Vec::new(),
@@ -322,14 +429,16 @@ fn read_response<R: Read>(reader: &mut R, url: &str, limit: usize) -> Result<Vec
         url,
         limit,
     };
-    let (status, framing) = loop {
+    let (status, framing, closing) = loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut resp = httparse::Response::new(&mut headers);
         match resp.parse(&inc.buf) {
             Ok(httparse::Status::Complete(len)) => {
                 let framing = framing(resp.headers).map_err(|r| inc.malformed(r))?;
+                let closing = header(resp.headers, "connection")
+                    .is_some_and(|v| v.split(',').any(|t| t.trim() == "close"));
                 inc.pos = len;
-                break (resp.code.unwrap_or_default(), framing);
+                break (resp.code.unwrap_or_default(), framing, closing);
             }
             Ok(httparse::Status::Partial) if inc.buf.len() > MAX_HEAD => {
                 return Err(inc.malformed("the response head is too large"))
@@ -352,27 +461,31 @@ fn read_response<R: Read>(reader: &mut R, url: &str, limit: usize) -> Result<Vec
         Framing::Length(n) if n > limit => Err(inc.too_large()),
         Framing::Length(n) => {
             inc.need(n)?;
-            Ok(inc.buf[inc.pos..inc.pos + n].to_vec())
+            let reusable = !closing && inc.buf.len() == inc.pos + n;
+            Ok((inc.buf[inc.pos..inc.pos + n].to_vec(), reusable))
         }
-        Framing::Chunked => read_chunked(&mut inc),
+        Framing::Chunked => Ok((read_chunked(&mut inc)?, false)),
         Framing::UntilClose => {
             while inc.fill()? {}
             let body = inc.buf.split_off(inc.pos);
             if body.len() > limit {
                 return Err(inc.too_large());
             }
-            Ok(body)
+            Ok((body, false))
         }
     }
 }
 
+/// The value of header `name`, trimmed and in lower case.
+fn header(headers: &[httparse::Header<'_>], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+}
+
 fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, &'static str> {
-    let value = |name: &str| {
-        headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
-    };
+    let value = |name: &str| header(headers, name);
     if let Some(te) = value("transfer-encoding") {
         return if te == "chunked" {
             Ok(Framing::Chunked)
@@ -536,11 +649,36 @@ mod tests {
     }
 
     fn parse(raw: &[u8], limit: usize) -> Result<Vec<u8>, K3sError> {
+        parse_keeping(raw, limit).map(|(body, _)| body)
+    }
+
+    fn parse_keeping(raw: &[u8], limit: usize) -> Result<(Vec<u8>, bool), K3sError> {
         read_response(
             &mut io::Cursor::new(raw.to_vec()),
             "https://t/cacerts",
             limit,
         )
+    }
+
+    #[test]
+    fn only_an_answer_of_known_length_that_ends_the_data_leaves_the_connection_usable() {
+        let reusable = |raw: &[u8]| parse_keeping(raw, 1024).unwrap().1;
+        assert!(reusable(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"));
+        assert!(reusable(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nabc"
+        ));
+        for raw in [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: Close\r\n\r\nabc".as_slice(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nconnection: upgrade, close\r\n\r\nabc",
+            // Something after the body: not an answer this client can line up.
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcHTTP/1.1",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\nabc",
+        ] {
+            let (body, reusable) = parse_keeping(raw, 1024).unwrap();
+            assert_eq!(body, b"abc");
+            assert!(!reusable, "{}", String::from_utf8_lossy(raw));
+        }
     }
 
     #[test]

@@ -248,6 +248,35 @@ fn serve_changing(
     response: Vec<u8>,
     sans: Vec<rcgen::SanType>,
 ) -> (SocketAddr, Arc<AtomicUsize>, Arc<Mutex<Vec<u8>>>) {
+    let server = serve_with(signer, response, sans, Conn::Close);
+    (server.addr, server.accepted, server.response)
+}
+
+/// How [`serve_with`]'s server treats a connection.
+#[derive(Clone, Copy)]
+enum Conn {
+    /// One answer, then close_notify: a server without keep-alive.
+    Close,
+    /// Answers every request on it (HTTP/1.1 keep-alive, as K3s's Go server does).
+    Keep,
+    /// Answers so many requests, then reads on and never answers: a connection
+    /// something on the way forgot.
+    Silent(usize),
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicUsize>,
+    /// Requests read so far, answered or not.
+    requests: Arc<AtomicUsize>,
+    /// What it answers `GET /cacerts` with from now on.
+    response: Arc<Mutex<Vec<u8>>>,
+}
+
+/// A loopback TLS server with a certificate for `sans` signed by `signer`, answering
+/// `GET /cacerts` with `response`, each connection in a thread of its own.
+fn serve_with(signer: &Ca, response: Vec<u8>, sans: Vec<rcgen::SanType>, mode: Conn) -> TestServer {
     let key = KeyPair::generate().unwrap();
     let mut p = params("test-server", false, true);
     p.subject_alt_names = sans;
@@ -264,33 +293,61 @@ fn serve_changing(
         .unwrap();
     let config = Arc::new(config);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = Arc::clone(&accepted);
-    let response = Arc::new(Mutex::new(response));
-    let answer = Arc::clone(&response);
+    let server = TestServer {
+        addr: listener.local_addr().unwrap(),
+        accepted: Arc::new(AtomicUsize::new(0)),
+        requests: Arc::new(AtomicUsize::new(0)),
+        response: Arc::new(Mutex::new(response)),
+    };
+    let (accepted, requests, answer) = (
+        Arc::clone(&server.accepted),
+        Arc::clone(&server.requests),
+        Arc::clone(&server.response),
+    );
     std::thread::spawn(move || {
         for sock in listener.incoming().flatten() {
-            count.fetch_add(1, Ordering::SeqCst);
+            accepted.fetch_add(1, Ordering::SeqCst);
             let conn = rustls::ServerConnection::new(config.clone()).unwrap();
-            let mut tls = rustls::StreamOwned::new(conn, sock);
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                match tls.read(&mut byte) {
-                    Ok(1) => head.push(byte[0]),
-                    _ => break,
+            let (requests, answer) = (Arc::clone(&requests), Arc::clone(&answer));
+            std::thread::spawn(move || {
+                let mut tls = rustls::StreamOwned::new(conn, sock);
+                let mut answered = 0;
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match tls.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            // The client went away.
+                            _ => return,
+                        }
+                    }
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    let answers = match mode {
+                        Conn::Close => 1,
+                        Conn::Keep => usize::MAX,
+                        Conn::Silent(n) => n,
+                    };
+                    if answered == answers {
+                        // Silent: read on, answer nothing.
+                        continue;
+                    }
+                    if head.starts_with(b"GET /cacerts HTTP/1.1\r\n") {
+                        let response = answer.lock().unwrap().clone();
+                        let _ = tls.write_all(&response);
+                    }
+                    answered += 1;
+                    if let Conn::Close = mode {
+                        tls.conn.send_close_notify();
+                        let _ = tls.flush();
+                        return;
+                    }
+                    let _ = tls.flush();
                 }
-            }
-            if head.starts_with(b"GET /cacerts HTTP/1.1\r\n") {
-                let response = answer.lock().unwrap().clone();
-                let _ = tls.write_all(&response);
-            }
-            tls.conn.send_close_notify();
-            let _ = tls.flush();
+            });
         }
     });
-    (addr, accepted, response)
+    server
 }
 
 fn ok_response(body: &[u8]) -> Vec<u8> {
@@ -399,6 +456,105 @@ fn a_prefetched_server_is_checked_without_redoing_its_work() {
         matches!(checked, Err(K3sError::CaMismatch { .. })),
         "{checked:?}"
     );
+}
+
+fn localhost() -> Vec<rcgen::SanType> {
+    vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())]
+}
+
+fn pinning(pem: &str) -> Token {
+    Token::parse(&format!("K10{}::server:secret", sha(pem.as_bytes()))).unwrap()
+}
+
+#[test]
+fn a_promotion_checks_on_the_connection_its_prefetch_left_open() {
+    let ca = root("k3s-server-ca");
+    let pem = ca.pem();
+    let server = serve_with(&ca, ok_response(pem.as_bytes()), localhost(), Conn::Keep);
+    let url = format!("https://{}", server.addr);
+    prefetch_server_ca(&url, T).0.unwrap();
+    let (checked, times) = check_server_ca_timed(&url, &pinning(&pem), T);
+    assert_eq!(
+        checked.unwrap(),
+        CaCheck::Matched {
+            hash: sha(pem.as_bytes())
+        }
+    );
+    assert!(times.kept && times.known, "{}", times.describe());
+    // No connect, no handshake: one request on the open connection.
+    assert_eq!((times.connected, times.handshake), (None, None));
+    assert!(
+        times.describe().ends_with("kept, prefetched"),
+        "{}",
+        times.describe()
+    );
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(server.requests.load(Ordering::SeqCst), 2);
+    // The connection stays for the next check, which still compares with its token.
+    let wrong = pinning(&root("other-ca").pem());
+    let (checked, times) = check_server_ca_timed(&url, &wrong, T);
+    assert!(times.kept);
+    assert!(
+        matches!(checked, Err(K3sError::CaMismatch { .. })),
+        "{checked:?}"
+    );
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(server.requests.load(Ordering::SeqCst), 3);
+    // Forgotten, the prefetch's connection and work are no longer used.
+    forget_prefetch(&url);
+    let (checked, times) = check_server_ca_timed(&url, &pinning(&pem), T);
+    assert!(checked.is_ok(), "{checked:?}");
+    assert!(!times.kept && !times.known, "{}", times.describe());
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_kept_connection_that_went_silent_is_given_up_for_a_new_one() {
+    let ca = root("k3s-server-ca");
+    let pem = ca.pem();
+    let server = serve_with(
+        &ca,
+        ok_response(pem.as_bytes()),
+        localhost(),
+        Conn::Silent(1),
+    );
+    let url = format!("https://{}", server.addr);
+    prefetch_server_ca(&url, T).0.unwrap();
+    let start = Instant::now();
+    let (checked, times) = check_server_ca_timed(&url, &pinning(&pem), T);
+    assert!(checked.is_ok(), "{checked:?}");
+    // The request was sent on the kept connection, waited for, then made anew.
+    assert!(
+        start.elapsed() >= https::KEPT_PATIENCE,
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(start.elapsed() < T);
+    assert!(!times.kept && times.known, "{}", times.describe());
+    assert!(times.connected.is_some());
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(server.requests.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn a_kept_connection_that_serves_another_bundle_is_checked_on_a_new_one() {
+    let ca = root("k3s-server-ca");
+    let pem = ca.pem();
+    let server = serve_with(&ca, ok_response(pem.as_bytes()), localhost(), Conn::Keep);
+    let url = format!("https://{}", server.addr);
+    prefetch_server_ca(&url, T).0.unwrap();
+    // The bundle no longer signs the server's certificate: what the open connection
+    // shows is not taken for what a new one would; the check asks again and refuses.
+    let served = root("served-ca").pem();
+    *server.response.lock().unwrap() = ok_response(served.as_bytes());
+    let (checked, times) = check_server_ca_timed(&url, &pinning(&served), T);
+    assert!(
+        matches!(checked, Err(K3sError::CaValidation { .. })),
+        "{checked:?}"
+    );
+    assert!(!times.kept && !times.known, "{}", times.describe());
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(server.requests.load(Ordering::SeqCst), 3);
 }
 
 #[test]

@@ -147,6 +147,7 @@ mod tests {
             hashed: None,
             known: false,
             resumed: false,
+            kept: false,
         };
         t.mark_check(&times);
         assert_eq!(
@@ -161,5 +162,12 @@ mod tests {
             ..times
         });
         assert_eq!(t.take_notes(), ["join: CA check resumed, prefetched"]);
+        // And one sent on the connection the prefetch left open.
+        t.mark_check(&basalt_api::k3s::CheckTimes {
+            known: true,
+            kept: true,
+            ..times
+        });
+        assert_eq!(t.take_notes(), ["join: CA check kept, prefetched"]);
     }
 }

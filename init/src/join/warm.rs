@@ -14,8 +14,9 @@
 //! Then, for as long as the node is in standby, the same thread fetches and checks the CA
 //! of each server the config names in `standby.servers` ([`set_servers`]), and again every
 //! [`REFRESH`] ([`basalt_api::k3s::prefetch_server_ca`]): a promotion into one of them
-//! resumes that TLS session and finds the certificate work done, so its check is one
-//! round trip (the floor issue 15 sets). The check itself is still made, in full, against
+//! sends its request on the connection the prefetch left open (or resumes its TLS
+//! session if the server closed it) and finds the certificate work done, so its check is
+//! one round trip (the floor issue 15 sets). The check itself is still made, in full, against
 //! what the server sends at the promotion.
 
 use std::collections::HashMap;
@@ -95,6 +96,11 @@ fn prefetch_forever() {
                 .unwrap_or_else(|e| e.into_inner());
             current.clone()
         };
+        // A server no longer named (none once the node joins) needs no prefetch, nor
+        // the connection its last one left open.
+        for gone in done.iter().filter(|s| !servers.contains(s)) {
+            basalt_api::k3s::forget_prefetch(gone);
+        }
         let mut failed = false;
         for server in &servers {
             let (result, times) = basalt_api::k3s::prefetch_server_ca(server, super::CHECK_TIMEOUT);
