@@ -407,7 +407,9 @@ fn join_once(
         warmed = Some(
             WARM_UPS
                 .iter()
+                // Ended, and without a warning (a warm-up that failed warmed nothing).
                 .filter(|w| steps.iter().any(|s| s.name == **w))
+                .filter(|w| !serial.contains(&format!("[basalt] warning: {w}: ")))
                 .map(|w| w.to_string())
                 .chain(prefetched.then(|| "prefetch".to_owned()))
                 .collect(),

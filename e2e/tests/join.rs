@@ -351,6 +351,13 @@ fn a_standby_node_checks_its_servers_ca_ahead_and_its_promotion_uses_it() -> any
         pki.dir.path(),
     )?;
     expect_line(&mut vm, "[basalt] standby t=", BOOT)?;
+    // The loopback is up: the check's warm-up served itself on 127.0.0.1 (as K3s's agent
+    // will reach its load balancer there).
+    expect_line(
+        &mut vm,
+        "[basalt] check-warm: the CA check ran against a loopback server",
+        BOOT,
+    )?;
     // The hash K3s pins for the double's one self-signed CA: the bytes as served (the
     // independent oracle is sha2 over the double's PEM, not basalt's hash code).
     let ca_hash = sha(server.ca_pem());

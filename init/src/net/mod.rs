@@ -264,6 +264,13 @@ pub fn apply_ipv6(iface: &str, addr: Ipv6Addr, prefix: u8) -> Result<(), Network
         .map_err(err)
 }
 
+/// Brings `lo` up; the kernel gives it 127.0.0.1/8 and ::1 as it comes up. It starts down
+/// and nothing else on the node brings it up: K3s's agent reaches its own API load balancer
+/// and the kubelet on 127.0.0.1, and the CA check's warm-up serves on it (`join/warm.rs`).
+pub fn loopback_up() -> Result<(), NetworkError> {
+    open_link("lo").map(drop)
+}
+
 fn open_link(iface: &str) -> Result<(Netlink, u32), NetworkError> {
     let wrap = |source| NetworkError::Netlink {
         iface: iface.to_owned(),
@@ -351,6 +358,9 @@ fn run_dhcp(iface: &str, hostname: Option<String>, up: &NetworkUp, dns_from_leas
 /// Returns at once; `up` is marked when the addresses are there.
 pub fn start(root: &Path, net: &NetworkConfig, hostname: Option<String>) -> NetworkUp {
     let up = NetworkUp::default();
+    if let Err(e) = loopback_up() {
+        console::error("network: loopback", &e);
+    }
     // A NIC driver may take a moment to register its interface after coldplug.
     let deadline = Instant::now() + Duration::from_secs(2);
     let iface = loop {
