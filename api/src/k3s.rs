@@ -255,7 +255,6 @@ fn check(
     if known.is_none() && times.kept {
         // Not what the prefetch verified: the server may have changed its certificate
         // since that connection was made. Ask again, as a new connection would see it.
-        times.kept = false;
         fetched = fetch_cacerts_with_peer(server, timeout, times, false)?;
         known = known::recall(&fetched.url, &fetched.cacerts, &fetched.peer);
     }

@@ -462,12 +462,13 @@ fn join_once(
         .status()
         .map_err(|e| api_err(&vm, "reading status after the join", e))?;
     let joined_split = client.metrics().ok().as_deref().and_then(parse_rss_split);
+    let serial_after = vm.serial();
     Ok(JoinRun {
         when,
         prepared_after_standby,
         warmed,
-        check_prefetched: check_said(&vm.serial(), "prefetched"),
-        check_kept: check_said(&vm.serial(), "kept"),
+        check_prefetched: check_said(&serial_after, "prefetched"),
+        check_kept: check_said(&serial_after, "kept"),
         standby_split,
         joined_split,
         standby_rss_kib: before.body.rss_kib,

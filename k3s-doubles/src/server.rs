@@ -288,7 +288,7 @@ fn serve(sock: TcpStream, config: Arc<ServerConfig>, shared: &Shared) -> io::Res
 }
 
 /// The answer to one request head: status, body, and whether to close the connection
-/// after it (the client asked, or the head does not parse).
+/// after it (the client asked, the request is not a GET, or the head does not parse).
 fn answer(head: &[u8], shared: &Shared) -> (&'static str, Vec<u8>, bool) {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
@@ -304,8 +304,11 @@ fn answer(head: &[u8], shared: &Shared) -> (&'static str, Vec<u8>, bool) {
                 _ => ("405 Method Not Allowed", text("method not allowed\n")),
             };
             *lock(&shared.requests).entry(path).or_default() += 1;
-            let close = header(req.headers, "Connection")
-                .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+            // A request other than GET may carry a body, which the double does not read:
+            // its connection ends with the answer.
+            let close = req.method != Some("GET")
+                || header(req.headers, "Connection")
+                    .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
             (status, body, close)
         }
         _ => ("400 Bad Request", b"bad request\n".to_vec(), true),

@@ -480,6 +480,16 @@ fn the_server_double_keeps_a_connection_open_until_the_client_asks_to_close() {
     assert!(rest.ends_with("\r\n\r\npong"), "{rest}");
     assert_eq!(server.total_requests(), 3);
     assert_eq!(server.connections(), 1);
+    // A request other than GET (whose body the double does not read) ends its connection.
+    let mut tls = tls_client(&server);
+    tls.write_all(b"POST /cacerts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        .unwrap();
+    let mut refused = Vec::new();
+    let _ = tls.read_to_end(&mut refused);
+    let refused = String::from_utf8_lossy(&refused);
+    assert!(refused.starts_with("HTTP/1.1 405 "), "{refused}");
+    assert!(refused.contains("Connection: close\r\n"), "{refused}");
+    assert_eq!(server.connections(), 2);
 }
 
 /// A TLS client that trusts the double's CA, for requests `basalt_api` does not make.

@@ -2,9 +2,9 @@
 //!
 //! rustls (ring provider) straight over a `TcpStream` with a minimal HTTP/1.1 client
 //! (`Content-Length`, chunked, or up to EOF), parsed with httparse. Every read and write
-//! runs against one deadline. A check asks for `Connection: close`; a standby's prefetch
-//! keeps its connection open ([`get_keeping`]) so that the promotion's check after it is
-//! one round trip on it.
+//! runs against one deadline. [`get`] asks for `Connection: close`; the join check and a
+//! standby's prefetch leave the connection open ([`get_keeping`]), so that the promotion's
+//! check after a prefetch is one round trip on the prefetch's connection.
 //!
 //! Why not ureq, which PID1 already links (plain HTTP, for Hetzner metadata)? Measured
 //! with ureq 3.5 `rustls-no-provider` and our ring provider passed in (no aws-lc, no
@@ -175,11 +175,11 @@ pub(super) struct Fetched {
 /// [`get`] that asks the server to keep the connection open and returns the certificates
 /// the server showed in the handshake (whose signature over it `config`'s verifier
 /// checked). It first tries `kept`, a connection an earlier GET left open: no connect,
-/// no handshake, one round trip. Anything that goes wrong on `kept` (the server closed it, it does not answer
-/// within [`KEPT_PATIENCE`], a malformed or refused answer) is forgotten and the GET is
-/// made again on a new connection, as it would have been without one: a GET can be
-/// repeated, and only the new connection's outcome counts. `times.kept` says which
-/// connection answered.
+/// no handshake, one round trip. Anything that goes wrong on `kept` (the server closed
+/// it, it does not answer within [`KEPT_PATIENCE`], a malformed or refused answer) is
+/// forgotten and the GET is made again on a new connection, as it would have been
+/// without one: a GET can be repeated, and only the new connection's outcome counts.
+/// `times.kept` says whether `kept` answered.
 pub(super) fn get_keeping(
     server: &Server,
     path: &str,
@@ -190,23 +190,23 @@ pub(super) fn get_keeping(
     kept: Option<Kept>,
 ) -> Result<Fetched, K3sError> {
     let deadline = Instant::now() + timeout;
-    if let Some(kept) = kept.filter(Kept::quiet) {
+    let on_kept = kept.filter(Kept::quiet).and_then(|kept| {
         let mut tls = Deadlined {
             inner: kept.tls,
             deadline: deadline.min(Instant::now() + KEPT_PATIENCE),
         };
-        if let Ok((body, reusable)) = exchange(&mut tls, server, path, limit, true) {
-            times.kept = true;
-            times.response = Some(times.start.elapsed());
-            return Ok(Fetched {
-                body,
-                peer: peer_of(&tls),
-                kept: reusable.then_some(Kept { tls: tls.inner }),
-            });
+        let answer = exchange(&mut tls, server, path, limit, true).ok()?;
+        Some((tls, answer))
+    });
+    times.kept = on_kept.is_some();
+    let (tls, (body, reusable)) = match on_kept {
+        Some(answered) => answered,
+        None => {
+            let mut tls = open(server, path, config, deadline, times)?;
+            let answer = exchange(&mut tls, server, path, limit, true)?;
+            (tls, answer)
         }
-    }
-    let mut tls = open(server, path, config, deadline, times)?;
-    let (body, reusable) = exchange(&mut tls, server, path, limit, true)?;
+    };
     times.response = Some(times.start.elapsed());
     Ok(Fetched {
         body,

@@ -466,13 +466,20 @@ fn pinning(pem: &str) -> Token {
     Token::parse(&format!("K10{}::server:secret", sha(pem.as_bytes()))).unwrap()
 }
 
-#[test]
-fn a_promotion_checks_on_the_connection_its_prefetch_left_open() {
+/// A server in `mode` with a CA of its own serving that CA's PEM, its URL, and its CA
+/// prefetched: where a promotion's check starts from on a standby told its server.
+fn prefetched(mode: Conn) -> (String, TestServer, String) {
     let ca = root("k3s-server-ca");
     let pem = ca.pem();
-    let server = serve_with(&ca, ok_response(pem.as_bytes()), localhost(), Conn::Keep);
+    let server = serve_with(&ca, ok_response(pem.as_bytes()), localhost(), mode);
     let url = format!("https://{}", server.addr);
     prefetch_server_ca(&url, T).0.unwrap();
+    (pem, server, url)
+}
+
+#[test]
+fn a_promotion_checks_on_the_connection_its_prefetch_left_open() {
+    let (pem, server, url) = prefetched(Conn::Keep);
     let (checked, times) = check_server_ca_timed(&url, &pinning(&pem), T);
     assert_eq!(
         checked.unwrap(),
@@ -510,16 +517,7 @@ fn a_promotion_checks_on_the_connection_its_prefetch_left_open() {
 
 #[test]
 fn a_kept_connection_that_went_silent_is_given_up_for_a_new_one() {
-    let ca = root("k3s-server-ca");
-    let pem = ca.pem();
-    let server = serve_with(
-        &ca,
-        ok_response(pem.as_bytes()),
-        localhost(),
-        Conn::Silent(1),
-    );
-    let url = format!("https://{}", server.addr);
-    prefetch_server_ca(&url, T).0.unwrap();
+    let (pem, server, url) = prefetched(Conn::Silent(1));
     let start = Instant::now();
     let (checked, times) = check_server_ca_timed(&url, &pinning(&pem), T);
     assert!(checked.is_ok(), "{checked:?}");
@@ -538,11 +536,7 @@ fn a_kept_connection_that_went_silent_is_given_up_for_a_new_one() {
 
 #[test]
 fn a_kept_connection_that_serves_another_bundle_is_checked_on_a_new_one() {
-    let ca = root("k3s-server-ca");
-    let pem = ca.pem();
-    let server = serve_with(&ca, ok_response(pem.as_bytes()), localhost(), Conn::Keep);
-    let url = format!("https://{}", server.addr);
-    prefetch_server_ca(&url, T).0.unwrap();
+    let (_, server, url) = prefetched(Conn::Keep);
     // The bundle no longer signs the server's certificate: what the open connection
     // shows is not taken for what a new one would; the check asks again and refuses.
     let served = root("served-ca").pem();
