@@ -56,10 +56,10 @@ const K3S_WARM: &str = "k3s-warm";
 /// How long a prepared run waits after [`K3S_WARM`] before it promotes: the same for
 /// every image, and long enough for the warm-ups PID1 starts after it.
 pub const SETTLE: Duration = Duration::from_secs(10);
-/// Warm-ups that PID1 may run after [`K3S_WARM`]: the page-in of its binary (main before
-/// issue 15 item 2's third pass) and the CA check's dry run (after it). A prepared run
-/// records which of them had ended when it promoted.
-const WARM_UPS: [&str; 2] = ["join-warm", "check-warm"];
+/// Warm-ups that PID1 may run after [`K3S_WARM`]: the CA check's dry run and the
+/// rehearsal of the preparation beside it (`init/src/join/warm.rs`; an image before
+/// them has neither). A prepared run records which of them had ended when it promoted.
+const WARM_UPS: [&str; 2] = ["check-warm", "prepare-warm"];
 /// PID1's line when its standby prefetch checked a server's CA (`init/src/join/warm.rs`).
 const PREFETCHED: &str = "[basalt] prefetch: ";
 /// PID1's note on how its promotion's check went (`resumed`, `prefetched`).
@@ -1224,7 +1224,7 @@ mod tests {
         assert!(
             prepared_part.contains(&format!(
                 "  {:<42}0 of 2 runs\n",
-                "join-warm ended before the apply"
+                "prepare-warm ended before the apply"
             )),
             "{text}"
         );

@@ -93,11 +93,7 @@ impl Host for NodeHost {
     }
 
     fn node_ip(&self, config: &MachineConfig) -> Option<IpAddr> {
-        // A static address of the config first; else what the network has now.
-        let configured = config.network.addresses.iter().map(|c| c.addr);
-        configured
-            .chain(crate::net::addresses().into_iter().map(|(a, _)| a))
-            .find(|a| a.is_ipv4() && !a.is_loopback())
+        node_ip(config)
     }
 
     fn stage_k3s_config(&self, json: &str) -> Result<Box<dyn Commit>, JoinError> {
@@ -137,6 +133,70 @@ impl Host for NodeHost {
             .ok();
         Some(agent_run_of(run, cert, SystemTime::now()))
     }
+}
+
+/// K3s's `node-ip`: a static address of the config first; else what the network has now.
+fn node_ip(config: &MachineConfig) -> Option<IpAddr> {
+    let configured = config.network.addresses.iter().map(|c| c.addr);
+    configured
+        .chain(crate::net::addresses().into_iter().map(|(a, _)| a))
+        .find(|a| a.is_ipv4() && !a.is_loopback())
+}
+
+/// A promotion's config, for [`rehearse_prepare`]: a `[cluster]`, labels and a taint,
+/// so that every part of K3s's config is rendered. Its token pins no real CA.
+const REHEARSAL_CONFIG: &str = r#"version = 1
+[node]
+hostname = "rehearsal"
+labels = { "example.com/pool" = "warm", app = "" }
+taints = ["dedicated=warm:NoSchedule"]
+[cluster]
+server = "https://127.0.0.1:6443"
+token = "K100000000000000000000000000000000000000000000000000000000000000000::server:rehearsal"
+provider_id = "hcloud://1"
+[api]
+ca = """
+-----BEGIN CERTIFICATE-----
+MIIB
+-----END CERTIFICATE-----
+"""
+cert = """
+-----BEGIN CERTIFICATE-----
+MIIB
+-----END CERTIFICATE-----
+"""
+key = """
+-----BEGIN PRIVATE KEY-----
+MC4C
+-----END PRIVATE KEY-----
+"""
+"#;
+
+/// The file name the rehearsal writes aside (and removes) in its folder.
+pub const REHEARSAL_FILE: &str = "k3s-config-rehearsal.yaml";
+
+/// Runs once, in standby, what a promotion's preparation runs beside its CA check
+/// (`Joiner::prepare_agent`): the node's address read, K3s's config rendered from a
+/// config with a `[cluster]` ([`REHEARSAL_CONFIG`]) and written aside, as a secret and
+/// unsynced, into `dir`, then removed. Under QEMU's TCG the first run of this code costs
+/// 7–14 ms of translation and page faults on the promotion's path (BENCHMARKS.md, issue 15
+/// item 2); run here first, the promotion finds it translated and paged in. Writes
+/// nothing that stays. Returns the rendered config.
+pub fn rehearse_prepare(dir: &Path) -> Result<String, JoinError> {
+    let config = MachineConfig::parse(REHEARSAL_CONFIG)
+        .map_err(|e| JoinError::Start(format!("the rehearsal's config: {e}")))?;
+    let json = config
+        .k3s_config_json(node_ip(&config))
+        .ok_or_else(|| JoinError::Start("the rehearsal's config has no [cluster]".into()))?;
+    let staged = StagedSecret::stage(
+        dir.join(REHEARSAL_FILE),
+        json.as_bytes(),
+        JoinError::Write,
+        false,
+    )?;
+    // Dropped uncommitted: the file written aside is removed.
+    drop(staged);
+    Ok(json)
 }
 
 /// The supervisor's view of the agent and the kubelet certificate's mtime, as of `now`.
@@ -539,5 +599,44 @@ mod tests {
         let r = tempfile::tempdir().expect("tempdir");
         link_airgap_images(r.path()).expect("nothing to do");
         assert!(!r.path().join(K3S_IMAGES_DIR).exists());
+    }
+
+    #[test]
+    fn the_rehearsal_renders_every_key_and_leaves_nothing_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json = rehearse_prepare(dir.path()).expect("rehearsed");
+        let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+        assert_eq!(v["server"], "https://127.0.0.1:6443");
+        assert_eq!(v["node-name"], "rehearsal");
+        assert_eq!(
+            v["node-label"],
+            serde_json::json!(["app=", "example.com/pool=warm"])
+        );
+        assert_eq!(
+            v["node-taint"],
+            serde_json::json!(["dedicated=warm:NoSchedule"])
+        );
+        assert_eq!(
+            v["kubelet-arg"],
+            serde_json::json!(["provider-id=hcloud://1"])
+        );
+        assert!(v["token"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("::server:rehearsal")));
+        let left: Vec<_> = fs::read_dir(dir.path()).expect("dir").collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn a_rehearsal_that_cannot_write_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let not_a_dir = dir.path().join("file");
+        fs::write(&not_a_dir, "x").expect("file");
+        let err = rehearse_prepare(&not_a_dir).expect_err("its folder is a file");
+        let text = crate::pid1::console::chain(&err);
+        assert!(
+            text.contains(&not_a_dir.join(REHEARSAL_FILE).display().to_string()),
+            "{text}"
+        );
     }
 }

@@ -11,6 +11,10 @@
 //! every later check reuses. Its failure only leaves the promotion slower: it is printed,
 //! never fatal.
 //!
+//! The same thread then rehearses the promotion's own preparation beside its check
+//! (`prepare-warm`): the node's address read, and K3s's config rendered from a config with
+//! a `[cluster]` and written aside on tmpfs, then removed.
+//!
 //! Then, for as long as the node is in standby, the same thread fetches and checks the CA
 //! of each server the config names in `standby.servers` ([`set_servers`]), and again every
 //! [`REFRESH`] ([`basalt_api::k3s::prefetch_server_ca`]): a promotion into one of them
@@ -53,10 +57,33 @@ pub fn spawn() {
                 console::chain(&e)
             )),
         }
+        rehearse();
         prefetch_forever();
     });
     if let Err(e) = spawned {
         console::warn(&format!("{STEP}: start its thread: {e}"));
+    }
+}
+
+/// The step's name in the boot timeline for the rehearsal of a promotion's preparation
+/// (`[basalt] step prepare-warm …`).
+pub const PREPARE_STEP: &str = "prepare-warm";
+/// Where the rehearsal writes its copy of K3s's config aside: tmpfs, removed at once.
+const REHEARSAL_DIR: &str = "/run/basalt";
+
+/// The promotion's work beside its check, run once ([`super::node::rehearse_prepare`]).
+fn rehearse() {
+    let rehearsed = console::timed(PREPARE_STEP, || {
+        super::node::rehearse_prepare(std::path::Path::new(REHEARSAL_DIR))
+    });
+    match rehearsed {
+        Ok(bytes) => console::info(&format!(
+            "{PREPARE_STEP}: K3s's config rendered and written aside ({bytes} bytes, removed)"
+        )),
+        Err(e) => console::warn(&format!(
+            "{PREPARE_STEP}: {} (a promotion's preparation runs cold)",
+            console::chain(&e)
+        )),
     }
 }
 
