@@ -37,14 +37,8 @@ const NICE: libc::c_int = 10;
 /// Starts the warm-up in a thread of its own at nice [`NICE`].
 pub fn spawn() {
     let spawned = std::thread::Builder::new().name(STEP.into()).spawn(|| {
-        let tid = nix::unistd::gettid().as_raw() as libc::id_t;
-        // SAFETY: setpriority with PRIO_PROCESS and a thread id sets that thread's
-        // nice value only; it reads and writes no memory of ours.
-        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, NICE) } != 0 {
-            console::warn(&format!(
-                "{STEP}: nice {NICE}: {}",
-                std::io::Error::last_os_error()
-            ));
+        if let Err(e) = nice_this_thread(NICE) {
+            console::warn(&format!("{STEP}: nice {NICE}: {e}"));
         }
         let warmed = console::timed(STEP, || basalt_api::k3s::warm_up(super::CHECK_TIMEOUT));
         match warmed {
@@ -63,6 +57,17 @@ pub fn spawn() {
     if let Err(e) = spawned {
         console::warn(&format!("{STEP}: start its thread: {e}"));
     }
+}
+
+/// Sets the calling thread's nice value (Linux: a thread's own, not its process's).
+fn nice_this_thread(nice: libc::c_int) -> std::io::Result<()> {
+    let tid = nix::unistd::gettid().as_raw() as libc::id_t;
+    // SAFETY: setpriority with PRIO_PROCESS and a thread id sets that thread's nice
+    // value only; it reads and writes no memory of ours.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The step's name in the boot timeline for the rehearsal of a promotion's preparation
