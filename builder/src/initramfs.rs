@@ -14,8 +14,9 @@ pub enum InitramfsError {
     TooLarge(String),
 }
 
-/// The tree of the initramfs.
-pub fn tree(init: &Path, kver: &str, moddir: &Path, modules: &[&Module]) -> Tree {
+/// The tree of the initramfs. `dep` is the `modules.dep` of `modules`
+/// ([`crate::kmod::ModuleGraph::depmod_files`]): stage 1 loads them in parallel along it.
+pub fn tree(init: &Path, kver: &str, moddir: &Path, modules: &[&Module], dep: &str) -> Tree {
     let mut t = Tree::default();
     for dir in ["dev", "proc", "sys", "run", "newroot", "tmp"] {
         t.dir(dir, 0o755);
@@ -33,6 +34,7 @@ pub fn tree(init: &Path, kver: &str, moddir: &Path, modules: &[&Module]) -> Tree
         list.push('\n');
     }
     t.bytes("etc/basalt/initrd-modules", list, 0o644);
+    t.bytes(&format!("lib/modules/{kver}/modules.dep"), dep, 0o644);
     t
 }
 
@@ -132,7 +134,8 @@ mod tests {
             rel_path: "kernel/drivers/md/dm-mod.ko".into(),
             depends: vec![],
         };
-        let t = tree(Path::new("/x/init"), "6.1.0-1", Path::new("/m"), &[&m]);
+        let dep = "kernel/drivers/md/dm-mod.ko:\n";
+        let t = tree(Path::new("/x/init"), "6.1.0-1", Path::new("/m"), &[&m], dep);
         assert_eq!(
             t.nodes["etc/basalt/initrd-modules"].content,
             Content::Bytes(b"/lib/modules/6.1.0-1/kernel/drivers/md/dm-mod.ko\n".to_vec())
@@ -140,6 +143,10 @@ mod tests {
         assert_eq!(
             t.nodes["lib/modules/6.1.0-1/kernel/drivers/md/dm-mod.ko"].content,
             Content::File("/m/kernel/drivers/md/dm-mod.ko".into())
+        );
+        assert_eq!(
+            t.nodes["lib/modules/6.1.0-1/modules.dep"].content,
+            Content::Bytes(dep.as_bytes().to_vec())
         );
     }
 }

@@ -85,12 +85,21 @@ pub fn initramfs(ctx: &Ctx, kernel: &Kernel) -> Result<Initramfs, BuildError> {
             &ctx.inputs["kernel"].sha256,
             &ctx.stage1.sha256,
             &modules.join(","),
+            // Since stage 1 loads in parallel: the initramfs carries a modules.dep.
+            "modules.dep",
             env!("CARGO_PKG_VERSION"),
         ],
     );
     let (dir, reused) = ctx.store.get_or_make("initramfs", &key, |dir| {
+        let dep = graph.subset(&closure).depmod_files()?.dep;
         initramfs::write(
-            &initramfs::tree(&ctx.stage1.path, &kernel.version, &kernel.moddir, &closure),
+            &initramfs::tree(
+                &ctx.stage1.path,
+                &kernel.version,
+                &kernel.moddir,
+                &closure,
+                &dep,
+            ),
             &dir.join("initrd.img"),
         )
         .map_err(BuildError::from)

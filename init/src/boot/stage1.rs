@@ -2,6 +2,7 @@
 
 use crate::boot::mounts::{self, MountError};
 use crate::kmod::modules::{self, ModuleError};
+use crate::kmod::parallel::{Finit, Loader};
 use crate::pid1::console;
 use crate::storage::dm;
 use crate::storage::partition::{self, PartitionError};
@@ -58,6 +59,8 @@ pub enum Stage1Error {
 /// The machine below stage 1: syscalls, device-mapper and where /proc, /sys, /dev are.
 pub struct Env<'a> {
     pub sys: &'a mut dyn System,
+    /// Loads the initramfs's modules (several at once).
+    pub loader: &'a dyn Loader,
     pub dm: &'a mut dyn VerityOpener,
     pub root: PathBuf,
     pub disk_timeout: Duration,
@@ -99,6 +102,7 @@ pub fn run() -> ! {
     };
     let mut env = Env {
         sys: &mut sys,
+        loader: &Finit,
         dm: &mut dm,
         root: PathBuf::from("/"),
         disk_timeout: DISK_TIMEOUT,
@@ -133,9 +137,13 @@ pub fn boot(env: &mut Env<'_>) -> Result<BootParams, Stage1Error> {
         .map_err(|e| Stage1Error::Cmdline(cmdline_path, e))?;
     let params = BootParams::parse(&cmdline)?;
 
-    modules::load_list(env.sys, &env.root, Path::new(modules::INITRD_MODULES))?;
+    console::timed("initrd-modules", || {
+        modules::load_list(env.loader, &env.root, Path::new(modules::INITRD_MODULES))
+    })?;
     let partition = params.slot.partition_name();
-    let part = partition::wait(&env.root.join("sys"), partition, env.disk_timeout)?;
+    let part = console::timed("disk-wait", || {
+        partition::wait(&env.root.join("sys"), partition, env.disk_timeout)
+    })?;
     let device = format!("{} ({}:{})", part.name, part.major, part.minor);
 
     let table = dm::verity_params(&format!("{}:{}", part.major, part.minor), &params.verity);
@@ -254,9 +262,30 @@ mod tests {
         }
     }
 
+    /// Records the modules loaded, in the order loaded.
+    #[derive(Default)]
+    struct Loads(std::sync::Mutex<Vec<PathBuf>>);
+
+    impl Loader for Loads {
+        fn load(&self, path: &Path) -> std::io::Result<()> {
+            self.0.lock().expect("lock").push(path.to_path_buf());
+            Ok(())
+        }
+    }
+
     fn run(root: &Path, sys: &mut Recording, dm: &mut FakeDm) -> Result<BootParams, Stage1Error> {
+        run_loading(root, sys, &Loads::default(), dm)
+    }
+
+    fn run_loading(
+        root: &Path,
+        sys: &mut Recording,
+        loads: &Loads,
+        dm: &mut FakeDm,
+    ) -> Result<BootParams, Stage1Error> {
         boot(&mut Env {
             sys,
+            loader: loads,
             dm,
             root: root.into(),
             disk_timeout: Duration::from_millis(30),
@@ -294,7 +323,13 @@ mod tests {
         std::fs::create_dir_all(p.join("etc/basalt")).expect("mkdir");
         std::fs::write(
             p.join("etc/basalt/initrd-modules"),
-            "/m/dm-mod.ko\n/m/dm-verity.ko\n",
+            "/lib/modules/6.1.0-t/kernel/dm-mod.ko\n/lib/modules/6.1.0-t/kernel/dm-verity.ko\n",
+        )
+        .expect("write");
+        std::fs::create_dir_all(p.join("lib/modules/6.1.0-t")).expect("mkdir");
+        std::fs::write(
+            p.join("lib/modules/6.1.0-t/modules.dep"),
+            "kernel/dm-mod.ko:\nkernel/dm-verity.ko: kernel/dm-mod.ko\n",
         )
         .expect("write");
         root
@@ -309,17 +344,17 @@ mod tests {
             opened: vec![],
             status: "V",
         };
-        assert_eq!(run(p, &mut sys, &mut dm).expect("boots"), params());
+        let loads = Loads::default();
+        assert_eq!(
+            run_loading(p, &mut sys, &loads, &mut dm).expect("boots"),
+            params()
+        );
 
-        let modules: Vec<_> = sys
-            .calls
-            .iter()
-            .filter_map(|c| match c {
-                Call::LoadModule(m) => Some(m.clone()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(modules, [p.join("m/dm-mod.ko"), p.join("m/dm-verity.ko")]);
+        let moddir = p.join("lib/modules/6.1.0-t/kernel");
+        assert_eq!(
+            loads.0.into_inner().expect("lock"),
+            [moddir.join("dm-mod.ko"), moddir.join("dm-verity.ko")]
+        );
         assert_eq!(
             dm.opened,
             [(
