@@ -358,6 +358,12 @@ fn a_standby_node_checks_its_servers_ca_ahead_and_its_promotion_uses_it() -> any
         "[basalt] check-warm: the CA check ran against a loopback server",
         BOOT,
     )?;
+    // Then the promotion's preparation, rehearsed on tmpfs (`init/src/join/node.rs`).
+    expect_line(
+        &mut vm,
+        "[basalt] prepare-warm: K3s's config rendered and written aside (",
+        BOOT,
+    )?;
     // The hash K3s pins for the double's one self-signed CA: the bytes as served (the
     // independent oracle is sha2 over the double's PEM, not basalt's hash code).
     let ca_hash = sha(server.ca_pem());
