@@ -82,8 +82,9 @@ fn rehearse() {
         super::node::rehearse_prepare(std::path::Path::new(REHEARSAL_DIR))
     });
     match rehearsed {
-        Ok(bytes) => console::info(&format!(
-            "{PREPARE_STEP}: K3s's config rendered and written aside ({bytes} bytes, removed)"
+        Ok(json) => console::info(&format!(
+            "{PREPARE_STEP}: K3s's config rendered and written aside ({} bytes, removed)",
+            json.len()
         )),
         Err(e) => console::warn(&format!(
             "{PREPARE_STEP}: {} (a promotion's preparation runs cold)",

@@ -22,7 +22,7 @@ pub enum ModuleError {
     NotUnderModules(PathBuf, String),
     #[error("module index")]
     Index(#[source] ModprobeError),
-    #[error("{}", match more { 0 => String::new(), n => format!("{n} more module(s) failed; the first") })]
+    #[error("load the initramfs's modules{}", match more { 0 => String::new(), n => format!(" ({n} more failed besides this one)") })]
     Load {
         #[source]
         first: ParallelError,
@@ -199,6 +199,10 @@ mod tests {
         };
         let err = load_list(&kernel, dir.path(), Path::new(INITRD_MODULES)).unwrap_err();
         let text = chain(&err);
+        assert!(
+            text.starts_with("load the initramfs's modules (1 more failed besides this one): "),
+            "{text}"
+        );
         assert!(text.contains("dm_mod"), "{text}");
         assert!(text.contains("dm-mod.ko"), "{text}");
         let loaded = kernel.loaded.into_inner().expect("lock");
